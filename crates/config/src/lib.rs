@@ -3,7 +3,25 @@
 //! engine can use without further checks.
 //!
 //! Sizes are strings such as `"50MB"`, durations strings such as `"5m"`,
-//! bandwidths strings such as `"1.5Mbps"`.
+//! bandwidths strings such as `"1.5Mbps"`. The unit parsers are public
+//! ([`parse_size`], [`parse_duration`], [`parse_bandwidth`], [`parse_window`],
+//! [`normalize_host`]) for tools that write configs, such as the LISTSERV importer.
+//!
+//! Small liberties beyond `DESIGN.md`: unit keys also take a bare TOML number
+//! (`max_age = 3600` is seconds, `max_message_size = 1048576` bytes), a route
+//! `sender = "<>"` means the null sender like `""`, and a window may end at `24:00`.
+
+#![warn(missing_docs)]
+
+mod describe;
+mod raw;
+mod units;
+mod validate;
+
+pub use units::{
+    format_bandwidth, format_duration, format_size, normalize_host, parse_bandwidth,
+    parse_duration, parse_size, parse_window,
+};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -101,7 +119,8 @@ pub struct Admin {
 /// `[defaults]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Defaults {
-    /// `list_pool`: pool for `owner-*@` senders no route claims. Default `-`... see validation: must be a known pool.
+    /// `list_pool`: pool for `owner-*@` senders no route claims; always a known pool.
+    /// Default `A` when `[pool.A]` is declared, else `-`.
     pub list_pool: String,
     /// `fallback`: site-wide fallback hosts ("host:port"; port defaults to 25).
     pub fallback: Vec<String>,
@@ -220,14 +239,25 @@ impl Config {
 
     /// Parses and validates config text; `path` is used in errors only.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let _ = (text, path);
-        todo!("config parsing")
+        validate::build(text, path)
     }
 
     /// The human summary `poolrelay check --print` shows: listeners, pools
     /// with the upstreams and workers that serve them, upstreams, routes in order.
     pub fn describe(&self) -> String {
-        todo!("describe")
+        describe::describe(self)
+    }
+
+    /// Pool names in display order: named pools sorted, then `-`.
+    pub fn pool_names(&self) -> Vec<String> {
+        validate::pool_order(&self.pools)
+    }
+
+    /// The upstreams whose workers serve `pool`, in file order.
+    pub fn upstreams_for<'a>(&'a self, pool: &'a str) -> impl Iterator<Item = &'a Upstream> + 'a {
+        self.upstreams
+            .iter()
+            .filter(move |u| u.pools.iter().any(|p| p == pool))
     }
 
     /// Retry schedule of a pool (its own or the defaults).
@@ -246,3 +276,31 @@ impl Config {
             .unwrap_or(self.defaults.max_age)
     }
 }
+
+/// Whether `name` is a valid pool name: `-`, or one or more of `[A-Za-z0-9_]`
+/// (LISTSERV's pools are the single letters `A`-`Z`).
+pub fn is_valid_pool_name(name: &str) -> bool {
+    name == DEFAULT_POOL
+        || (!name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+}
+
+impl TlsMode {
+    /// The config spelling: `opportunistic`, `required`, `implicit` or `off`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Opportunistic => "opportunistic",
+            TlsMode::Required => "required",
+            TlsMode::Implicit => "implicit",
+            TlsMode::Off => "off",
+        }
+    }
+}
+
+impl std::fmt::Display for TlsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,7 +1,12 @@
 //! The inbound SMTP session as a state machine: bytes in, replies and
 //! finished transactions out. The tokio code around it only moves bytes.
 
-use std::net::SocketAddr;
+use crate::data::{DataDecoder, DataError, DataStatus};
+use crate::date::rfc5322_date;
+use smtp_proto::{Error as ProtoError, MailFrom, RcptTo, Request};
+use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
+use std::time::SystemTime;
 
 /// Limits and identity for one inbound session.
 #[derive(Debug, Clone)]
@@ -75,45 +80,1181 @@ pub enum Output {
     Close,
 }
 
+/// After this many refused commands the session is closed with 421 4.7.0,
+/// so a confused or hostile client cannot keep a slot forever.
+pub const MAX_ERRORS: u32 = 20;
+
+/// At most this many rejections are kept for [`Session::take_rejections`]
+/// when the caller does not collect them.
+const MAX_KEPT_REJECTIONS: usize = 256;
+
+/// Why the session refused something, for metrics and logs
+/// (`poolrelay_smtp_rejections_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Rejection {
+    /// Unparseable command or parameter (500/501/555).
+    Syntax,
+    /// Command out of sequence (503).
+    Sequence,
+    /// Command we do not implement (502/504).
+    Unimplemented,
+    /// Command line over the limit, or ended by a bare LF (500 5.5.2).
+    LineTooLong,
+    /// Malformed or empty address (501 5.1.x, 553 5.6.7).
+    BadAddress,
+    /// RCPT from a client that may not relay (554 5.7.1).
+    RelayDenied,
+    /// RCPT beyond max_recipients (452 4.5.3).
+    TooManyRecipients,
+    /// SIZE= or content over the limit (552 5.3.4).
+    MessageTooLarge,
+    /// Bare CR or LF in the content: possible SMTP smuggling (554 5.6.0).
+    BareLineEnding,
+    /// The session was closed after [`MAX_ERRORS`] errors (421 4.7.0).
+    TooManyErrors,
+}
+
+impl Rejection {
+    /// A stable label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejection::Syntax => "syntax",
+            Rejection::Sequence => "sequence",
+            Rejection::Unimplemented => "unimplemented",
+            Rejection::LineTooLong => "line_too_long",
+            Rejection::BadAddress => "bad_address",
+            Rejection::RelayDenied => "relay_denied",
+            Rejection::TooManyRecipients => "too_many_recipients",
+            Rejection::MessageTooLarge => "message_too_large",
+            Rejection::BareLineEnding => "bare_line_ending",
+            Rejection::TooManyErrors => "too_many_errors",
+        }
+    }
+}
+
+/// The envelope sender and its parameters, from MAIL until the
+/// transaction ends.
+#[derive(Debug, Clone)]
+struct MailState {
+    sender: String,
+    envid: Option<String>,
+    ret: Option<Ret>,
+    body_8bit: bool,
+    smtputf8: bool,
+}
+
+#[derive(Debug)]
+enum State {
+    /// Reading command lines.
+    Command,
+    /// Reading message content after 354.
+    Data(DataDecoder),
+    /// A transaction was handed out; waiting for queued()/queue_failed().
+    AwaitQueue,
+    /// QUIT or a fatal error: input is dropped.
+    Closed,
+}
+
 /// One inbound SMTP session.
 pub struct Session {
-    _private: (),
+    config: SessionConfig,
+    peer: SocketAddr,
+    /// Bytes received but not yet processed (a partial line, or input
+    /// after a finished message while the caller queues it).
+    pending: Vec<u8>,
+    state: State,
+    /// Discarding the rest of an over-long line up to its LF.
+    discarding: bool,
+    helo: Option<String>,
+    esmtp: bool,
+    mail: Option<MailState>,
+    recipients: Vec<Recipient>,
+    /// The message being received: Received: header, then content.
+    message: Vec<u8>,
+    errors: u32,
+    rejections: Vec<Rejection>,
 }
 
 impl Session {
     /// Starts a session; returns it and the 220 banner to send.
     pub fn new(config: SessionConfig, peer: SocketAddr) -> (Session, Vec<u8>) {
-        let _ = (config, peer);
-        todo!()
+        let banner = format!("220 {} ESMTP poolrelay\r\n", config.hostname).into_bytes();
+        let session = Session {
+            config,
+            peer,
+            pending: Vec::new(),
+            state: State::Command,
+            discarding: false,
+            helo: None,
+            esmtp: false,
+            mail: None,
+            recipients: Vec::new(),
+            message: Vec::new(),
+            errors: 0,
+            rejections: Vec::new(),
+        };
+        (session, banner)
     }
 
     /// Feeds bytes read from the client (may be empty, to resume after a
     /// Message). Consumes all of `input` into the session's buffer and
     /// processes as much as it can.
+    ///
+    /// Replies to consecutive commands are coalesced into one
+    /// [`Output::Reply`] so that a pipelined batch costs one write. After an
+    /// [`Output::Message`] nothing more is processed (input is kept) until
+    /// [`Session::queued`] or [`Session::queue_failed`], then `feed(&[])`.
+    /// After [`Output::Close`] all input is dropped.
     pub fn feed(&mut self, input: &[u8]) -> Vec<Output> {
-        let _ = input;
-        todo!()
+        let mut out = Vec::new();
+        if self.pending.is_empty() {
+            // Common case: no leftover, so process the caller's bytes in
+            // place and keep only what could not be used yet.
+            let used = self.process(input, &mut out);
+            if let Some(rest) = input.get(used..) {
+                self.pending.extend_from_slice(rest);
+            }
+        } else {
+            let mut buf = std::mem::take(&mut self.pending);
+            buf.extend_from_slice(input);
+            let used = self.process(&buf, &mut out);
+            buf.drain(..used.min(buf.len()));
+            self.pending = buf;
+        }
+        out
     }
 
     /// The message was queued durably under `queue_id`: returns the 250 reply.
     pub fn queued(&mut self, queue_id: &str) -> Vec<u8> {
-        let _ = queue_id;
-        todo!()
+        self.end_await();
+        format!("250 2.0.0 Ok: queued as {}\r\n", printable(queue_id)).into_bytes()
     }
 
     /// Queueing failed: returns `452 4.3.1` with `reason`.
     pub fn queue_failed(&mut self, reason: &str) -> Vec<u8> {
-        let _ = reason;
-        todo!()
+        self.end_await();
+        format!("452 4.3.1 {}\r\n", printable(reason)).into_bytes()
     }
 
     /// True while receiving message content (the caller uses the DATA timeout).
     pub fn in_data(&self) -> bool {
-        todo!()
+        matches!(self.state, State::Data(_))
     }
 
     /// The reply to send when the command or data timeout fires (421 4.4.2).
     pub fn timeout_reply(&self) -> Vec<u8> {
-        todo!()
+        format!("421 4.4.2 {} timeout, closing\r\n", self.config.hostname).into_bytes()
+    }
+
+    /// True after QUIT or too many errors: the caller closes the connection.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    /// The HELO/EHLO name, once given.
+    pub fn helo(&self) -> Option<&str> {
+        self.helo.as_deref()
+    }
+
+    /// Rejections since the last call, oldest first, for metrics (at most
+    /// a few hundred are kept if never collected).
+    pub fn take_rejections(&mut self) -> Vec<Rejection> {
+        std::mem::take(&mut self.rejections)
+    }
+
+    fn end_await(&mut self) {
+        if matches!(self.state, State::AwaitQueue) {
+            self.state = State::Command;
+        }
+        self.reset_transaction();
+    }
+
+    fn reset_transaction(&mut self) {
+        self.mail = None;
+        self.recipients.clear();
+        self.message = Vec::new();
+    }
+
+    /// Processes `input`; returns how many bytes were used.
+    fn process(&mut self, input: &[u8], out: &mut Vec<Output>) -> usize {
+        let mut pos = 0;
+        loop {
+            let rest = input.get(pos..).unwrap_or_default();
+            match &mut self.state {
+                State::Closed => return input.len(),
+                State::AwaitQueue => return pos,
+                State::Data(decoder) => {
+                    let (used, status) = decoder.feed(rest, &mut self.message);
+                    pos += used;
+                    match status {
+                        DataStatus::More => return pos,
+                        DataStatus::Done(result) => self.finish_data(result, out),
+                    }
+                }
+                State::Command => {
+                    if rest.is_empty() {
+                        return pos;
+                    }
+                    let lf = memchr::memchr(b'\n', rest);
+                    if self.discarding {
+                        match lf {
+                            Some(i) => {
+                                self.discarding = false;
+                                pos += i + 1;
+                                continue;
+                            }
+                            None => return input.len(),
+                        }
+                    }
+                    let Some(i) = lf else {
+                        if rest.len() > self.config.max_line_length {
+                            // Reply now and drop the line as it arrives, so
+                            // an endless line costs no memory.
+                            self.discarding = true;
+                            self.refuse(
+                                out,
+                                Rejection::LineTooLong,
+                                b"500 5.5.2 line too long\r\n",
+                            );
+                            return input.len();
+                        }
+                        return pos;
+                    };
+                    let line = &rest[..=i];
+                    pos += i + 1;
+                    if line.len() > self.config.max_line_length {
+                        self.refuse(out, Rejection::LineTooLong, b"500 5.5.2 line too long\r\n");
+                    } else if !line.ends_with(b"\r\n") {
+                        self.refuse(
+                            out,
+                            Rejection::LineTooLong,
+                            b"500 5.5.2 command line must end with CRLF\r\n",
+                        );
+                    } else {
+                        self.command(line, out);
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish_data(&mut self, result: Result<(), DataError>, out: &mut Vec<Output>) {
+        match result {
+            Ok(()) => {
+                let Some(mail) = self.mail.take() else {
+                    // Unreachable by construction (DATA needs MAIL); refuse
+                    // rather than invent an envelope.
+                    self.state = State::Command;
+                    self.reset_transaction();
+                    push_reply(out, b"451 4.3.0 internal error: no envelope\r\n");
+                    return;
+                };
+                let transaction = Transaction {
+                    helo: self.helo.clone().unwrap_or_default(),
+                    peer: self.peer,
+                    sender: mail.sender,
+                    recipients: std::mem::take(&mut self.recipients),
+                    envid: mail.envid,
+                    ret: mail.ret,
+                    body_8bit: mail.body_8bit,
+                    smtputf8: mail.smtputf8,
+                    message: std::mem::take(&mut self.message),
+                };
+                self.reset_transaction();
+                self.state = State::AwaitQueue;
+                out.push(Output::Message(Box::new(transaction)));
+            }
+            Err(error) => {
+                self.state = State::Command;
+                self.reset_transaction();
+                let reason = match error {
+                    DataError::BareLineEnding => Rejection::BareLineEnding,
+                    DataError::TooLarge => Rejection::MessageTooLarge,
+                };
+                self.refuse(out, reason, error.reply());
+            }
+        }
+    }
+
+    /// Sends a refusal, counts it, and closes the session after too many.
+    fn refuse(&mut self, out: &mut Vec<Output>, reason: Rejection, reply: &[u8]) {
+        push_reply(out, reply);
+        self.note(reason);
+        // Over-limit recipients and sizes are normal client behaviour (it
+        // retries the rest later), not a sign of a broken peer.
+        if !matches!(
+            reason,
+            Rejection::TooManyRecipients | Rejection::MessageTooLarge
+        ) {
+            self.errors += 1;
+        }
+        if self.errors >= MAX_ERRORS && !matches!(self.state, State::Closed) {
+            let bye = format!(
+                "421 4.7.0 {} too many errors, closing\r\n",
+                self.config.hostname
+            );
+            push_reply(out, bye.as_bytes());
+            self.note(Rejection::TooManyErrors);
+            self.close(out);
+        }
+    }
+
+    fn note(&mut self, reason: Rejection) {
+        if self.rejections.len() < MAX_KEPT_REJECTIONS {
+            self.rejections.push(reason);
+        }
+    }
+
+    fn close(&mut self, out: &mut Vec<Output>) {
+        self.state = State::Closed;
+        self.reset_transaction();
+        out.push(Output::Close);
+    }
+
+    fn command(&mut self, line: &[u8], out: &mut Vec<Output>) {
+        let mut bytes = line.iter();
+        let request = match Request::parse(&mut bytes) {
+            Ok(request) => request,
+            Err(error) => {
+                let (reason, reply) = parse_error_reply(&error);
+                self.refuse(out, reason, reply.as_bytes());
+                return;
+            }
+        };
+        match request {
+            Request::Ehlo { host } => {
+                self.helo = Some(host.into_owned());
+                self.esmtp = true;
+                self.reset_transaction();
+                let reply = self.ehlo_reply();
+                push_reply(out, reply.as_bytes());
+            }
+            Request::Helo { host } => {
+                self.helo = Some(host.into_owned());
+                self.esmtp = false;
+                self.reset_transaction();
+                let reply = format!("250 {}\r\n", self.config.hostname);
+                push_reply(out, reply.as_bytes());
+            }
+            Request::Mail { from } => self.mail_from(from, empty_path(line), out),
+            Request::Rcpt { to } => self.rcpt_to(to, empty_path(line), out),
+            Request::Data => self.data(out),
+            Request::Rset => {
+                self.reset_transaction();
+                push_reply(out, b"250 2.0.0 Ok\r\n");
+            }
+            Request::Noop { .. } => push_reply(out, b"250 2.0.0 Ok\r\n"),
+            Request::Quit => {
+                let reply = format!("221 2.0.0 {} closing\r\n", self.config.hostname);
+                push_reply(out, reply.as_bytes());
+                self.close(out);
+            }
+            Request::Vrfy { .. } => push_reply(
+                out,
+                b"252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery\r\n",
+            ),
+            Request::Help { .. } => {
+                push_reply(out, b"214 2.0.0 poolrelay: see RFC 5321\r\n");
+            }
+            Request::Lhlo { .. } => {
+                self.refuse(
+                    out,
+                    Rejection::Syntax,
+                    b"500 5.5.1 command unrecognized\r\n",
+                );
+            }
+            // Not offered in EHLO: STARTTLS, AUTH, BDAT, EXPN, ETRN, ATRN, BURL.
+            _ => self.refuse(
+                out,
+                Rejection::Unimplemented,
+                b"502 5.5.1 command not implemented\r\n",
+            ),
+        }
+    }
+
+    fn ehlo_reply(&self) -> String {
+        format!(
+            "250-{}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n\
+             250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250 DSN\r\n",
+            self.config.hostname, self.config.max_message_size
+        )
+    }
+
+    /// `empty`: the path was literally `<>` (smtp-proto also returns an
+    /// empty address for `<postmaster>`).
+    fn mail_from(&mut self, from: MailFrom<Cow<'_, str>>, empty: bool, out: &mut Vec<Output>) {
+        if self.helo.is_none() {
+            self.refuse(
+                out,
+                Rejection::Sequence,
+                b"503 5.5.1 send HELO or EHLO first\r\n",
+            );
+            return;
+        }
+        if self.mail.is_some() {
+            self.refuse(
+                out,
+                Rejection::Sequence,
+                b"503 5.5.1 nested MAIL command\r\n",
+            );
+            return;
+        }
+        if from.flags & smtp_proto::MAIL_BODY_BINARYMIME != 0 {
+            // BINARYMIME needs BDAT, which is not offered.
+            self.refuse(
+                out,
+                Rejection::Unimplemented,
+                b"504 5.5.4 BODY=BINARYMIME not supported\r\n",
+            );
+            return;
+        }
+        if from.flags & smtp_proto::MAIL_REQUIRETLS != 0 {
+            // Not offered: we could not honour it downstream.
+            self.refuse(
+                out,
+                Rejection::Syntax,
+                b"555 5.5.4 unsupported parameter REQUIRETLS\r\n",
+            );
+            return;
+        }
+        if from.address.is_empty() && !empty {
+            // A reverse-path is a full mailbox or <>; "postmaster" alone
+            // must not turn into the null sender (which is never bounced).
+            self.refuse(
+                out,
+                Rejection::BadAddress,
+                b"501 5.1.7 bad sender address syntax\r\n",
+            );
+            return;
+        }
+        let smtputf8 = from.flags & smtp_proto::MAIL_SMTPUTF8 != 0;
+        if !smtputf8 && !from.address.is_ascii() {
+            self.refuse(
+                out,
+                Rejection::BadAddress,
+                b"553 5.6.7 non-ASCII address requires SMTPUTF8\r\n",
+            );
+            return;
+        }
+        if from.size as u64 > self.config.max_message_size {
+            self.refuse(
+                out,
+                Rejection::MessageTooLarge,
+                b"552 5.3.4 message size exceeds fixed maximum\r\n",
+            );
+            return;
+        }
+        let ret = if from.flags & smtp_proto::MAIL_RET_FULL != 0 {
+            Some(Ret::Full)
+        } else if from.flags & smtp_proto::MAIL_RET_HDRS != 0 {
+            Some(Ret::Headers)
+        } else {
+            None
+        };
+        self.mail = Some(MailState {
+            sender: from.address.into_owned(),
+            envid: from.env_id.map(Cow::into_owned),
+            ret,
+            body_8bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
+            smtputf8,
+        });
+        self.recipients.clear();
+        push_reply(out, b"250 2.1.0 Ok\r\n");
+    }
+
+    /// `empty`: the path was literally `<>`, else an empty address is
+    /// smtp-proto's rendering of `<postmaster>`.
+    fn rcpt_to(&mut self, to: RcptTo<Cow<'_, str>>, empty: bool, out: &mut Vec<Output>) {
+        let Some(mail) = &self.mail else {
+            self.refuse(out, Rejection::Sequence, b"503 5.5.1 need MAIL command\r\n");
+            return;
+        };
+        if to.address.is_empty() && !empty {
+            // A relay has no local mailboxes, not even postmaster.
+            self.refuse(
+                out,
+                Rejection::BadAddress,
+                b"550 5.1.1 <postmaster>: no local mailboxes, relay only\r\n",
+            );
+            return;
+        }
+        if to.address.is_empty() {
+            self.refuse(
+                out,
+                Rejection::BadAddress,
+                b"501 5.1.3 bad recipient address syntax\r\n",
+            );
+            return;
+        }
+        if !mail.smtputf8 && !to.address.is_ascii() {
+            self.refuse(
+                out,
+                Rejection::BadAddress,
+                b"553 5.6.7 non-ASCII address requires SMTPUTF8\r\n",
+            );
+            return;
+        }
+        if !self.config.relay_allowed {
+            let reply = format!(
+                "554 5.7.1 <{}>: relay access denied\r\n",
+                printable(&to.address)
+            );
+            self.refuse(out, Rejection::RelayDenied, reply.as_bytes());
+            return;
+        }
+        if self.recipients.len() >= self.config.max_recipients {
+            self.refuse(
+                out,
+                Rejection::TooManyRecipients,
+                b"452 4.5.3 too many recipients\r\n",
+            );
+            return;
+        }
+        let notify = to.flags
+            & (smtp_proto::RCPT_NOTIFY_SUCCESS
+                | smtp_proto::RCPT_NOTIFY_FAILURE
+                | smtp_proto::RCPT_NOTIFY_DELAY
+                | smtp_proto::RCPT_NOTIFY_NEVER);
+        self.recipients.push(Recipient {
+            address: to.address.into_owned(),
+            orcpt: to.orcpt.map(|o| format!("rfc822;{o}")),
+            notify,
+        });
+        push_reply(out, b"250 2.1.5 Ok\r\n");
+    }
+
+    fn data(&mut self, out: &mut Vec<Output>) {
+        if self.mail.is_none() {
+            self.refuse(out, Rejection::Sequence, b"503 5.5.1 need MAIL command\r\n");
+            return;
+        }
+        if self.recipients.is_empty() {
+            self.refuse(
+                out,
+                Rejection::Sequence,
+                b"554 5.5.1 no valid recipients\r\n",
+            );
+            return;
+        }
+        // The header goes in first so the content is never copied again.
+        self.message = self.received_header(SystemTime::now());
+        self.state = State::Data(DataDecoder::new(self.config.max_message_size));
+        push_reply(out, b"354 End data with <CR><LF>.<CR><LF>\r\n");
+    }
+
+    /// Our trace header (RFC 5321 §4.4), protocol name per RFC 3848/6531.
+    fn received_header(&self, now: SystemTime) -> Vec<u8> {
+        let helo = self.helo.as_deref().map(header_safe).unwrap_or_default();
+        let ip = match self.peer.ip() {
+            IpAddr::V4(v4) => format!("[{v4}]"),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => format!("[{v4}]"),
+                None => format!("[IPv6:{v6}]"),
+            },
+        };
+        let smtputf8 = self.mail.as_ref().is_some_and(|m| m.smtputf8);
+        let protocol = match (self.esmtp, smtputf8) {
+            (false, _) => "SMTP",
+            (true, false) => "ESMTP",
+            (true, true) => "UTF8SMTP",
+        };
+        let mut header = format!(
+            "Received: from {helo} ({ip})\r\n\tby {} (poolrelay) with {protocol}",
+            header_safe(&self.config.hostname)
+        );
+        if let [only] = self.recipients.as_slice() {
+            header.push_str(&format!("\r\n\tfor <{}>", header_safe(&only.address)));
+        }
+        header.push_str(&format!("; {}\r\n", rfc5322_date(now)));
+        header.into_bytes()
+    }
+}
+
+/// Whether the path after `FROM:`/`TO:` is literally `<>`.
+fn empty_path(line: &[u8]) -> bool {
+    let Some(colon) = memchr::memchr(b':', line) else {
+        return false;
+    };
+    let rest = line.get(colon + 1..).unwrap_or_default();
+    let start = rest.iter().position(|&b| b != b' ').unwrap_or(rest.len());
+    rest.get(start..).is_some_and(|r| r.starts_with(b"<>"))
+}
+
+/// Appends a reply to the last [`Output::Reply`], or starts one.
+fn push_reply(out: &mut Vec<Output>, reply: &[u8]) {
+    if let Some(Output::Reply(bytes)) = out.last_mut() {
+        bytes.extend_from_slice(reply);
+    } else {
+        out.push(Output::Reply(reply.to_vec()));
+    }
+}
+
+fn parse_error_reply(error: &ProtoError) -> (Rejection, String) {
+    match error {
+        ProtoError::UnknownCommand => (
+            Rejection::Syntax,
+            "500 5.5.1 command unrecognized\r\n".into(),
+        ),
+        ProtoError::InvalidSenderAddress => (
+            Rejection::BadAddress,
+            "501 5.1.7 bad sender address syntax\r\n".into(),
+        ),
+        ProtoError::InvalidRecipientAddress => (
+            Rejection::BadAddress,
+            "501 5.1.3 bad recipient address syntax\r\n".into(),
+        ),
+        ProtoError::SyntaxError { syntax } => {
+            (Rejection::Syntax, format!("501 5.5.4 syntax: {syntax}\r\n"))
+        }
+        ProtoError::InvalidParameter { param } => (
+            Rejection::Syntax,
+            format!("501 5.5.4 invalid {param} parameter\r\n"),
+        ),
+        ProtoError::UnsupportedParameter { param } => (
+            Rejection::Syntax,
+            format!("555 5.5.4 unsupported parameter {}\r\n", printable(param)),
+        ),
+        _ => (Rejection::Syntax, "501 5.5.4 syntax error\r\n".into()),
+    }
+}
+
+/// Client-supplied text echoed in a reply: no control characters, so it
+/// can never end the reply line early.
+fn printable(text: &str) -> String {
+    text.chars()
+        .take(256)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// Client-supplied text in our Received: header: printable ASCII without
+/// the characters that would change its structure (comments, `;`).
+fn header_safe(text: &str) -> String {
+    text.chars()
+        .take(256)
+        .map(|c| {
+            if c.is_ascii_graphic() && !matches!(c, '(' | ')' | ';' | '\\' | '<' | '>') {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> SessionConfig {
+        SessionConfig {
+            hostname: "relay.test".into(),
+            max_message_size: 1000,
+            max_recipients: 3,
+            max_line_length: 100,
+            relay_allowed: true,
+        }
+    }
+
+    fn peer() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 40000))
+    }
+
+    /// Everything the client would see, and every transaction queued.
+    #[derive(Default)]
+    struct Seen {
+        replies: String,
+        messages: Vec<Transaction>,
+        closed: bool,
+    }
+
+    /// Drives a session like the listener would: writes replies, queues
+    /// messages as "Q1", "Q2"…, resumes with feed(&[]).
+    fn drive(session: &mut Session, outputs: Vec<Output>, seen: &mut Seen) {
+        let mut pending = outputs;
+        while !pending.is_empty() {
+            let mut resumed = Vec::new();
+            for output in pending {
+                match output {
+                    Output::Reply(bytes) => seen.replies.push_str(&String::from_utf8_lossy(&bytes)),
+                    Output::Message(t) => {
+                        seen.messages.push(*t);
+                        let id = format!("Q{}", seen.messages.len());
+                        let reply = session.queued(&id);
+                        seen.replies.push_str(&String::from_utf8_lossy(&reply));
+                        resumed = session.feed(&[]);
+                    }
+                    Output::Close => seen.closed = true,
+                }
+            }
+            pending = resumed;
+        }
+    }
+
+    fn run_with(config: SessionConfig, input: &[u8], byte_by_byte: bool) -> Seen {
+        let (mut session, banner) = Session::new(config, peer());
+        let mut seen = Seen {
+            replies: String::from_utf8_lossy(&banner).into_owned(),
+            ..Seen::default()
+        };
+        if byte_by_byte {
+            for b in input {
+                let out = session.feed(std::slice::from_ref(b));
+                drive(&mut session, out, &mut seen);
+            }
+        } else {
+            let out = session.feed(input);
+            drive(&mut session, out, &mut seen);
+        }
+        seen
+    }
+
+    fn run(input: &[u8]) -> Seen {
+        run_with(config(), input, false)
+    }
+
+    /// Reply codes (with enhanced code when present) in order.
+    fn codes(replies: &str) -> Vec<String> {
+        replies
+            .split("\r\n")
+            .filter(|l| l.len() >= 4 && &l[3..4] == " ")
+            .map(|l| {
+                let mut parts = l.splitn(3, ' ');
+                let code = parts.next().unwrap_or_default();
+                match parts.next() {
+                    Some(e) if e.chars().next().is_some_and(|c| c.is_ascii_digit()) => {
+                        format!("{code} {e}")
+                    }
+                    _ => code.to_string(),
+                }
+            })
+            .collect()
+    }
+
+    fn content(t: &Transaction) -> &[u8] {
+        // Skip our Received: header (its continuation lines start with a tab).
+        let mut pos = 0;
+        let m = &t.message;
+        loop {
+            let eol = m[pos..].windows(2).position(|w| w == b"\r\n").unwrap() + pos + 2;
+            pos = eol;
+            if m.get(pos) != Some(&b'\t') {
+                return &m[pos..];
+            }
+        }
+    }
+
+    const TXN: &[u8] = b"EHLO client.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\n\
+RCPT TO:<z@y.test>\r\nDATA\r\nSubject: hi\r\n\r\nbody\r\n.\r\nQUIT\r\n";
+
+    #[test]
+    fn pipelined_transaction_in_one_buffer() {
+        let (mut session, banner) = Session::new(config(), peer());
+        assert_eq!(banner, b"220 relay.test ESMTP poolrelay\r\n");
+        let out = session.feed(TXN);
+        // One coalesced reply for the pipelined commands, then the message;
+        // QUIT waits until the message is queued.
+        assert_eq!(out.len(), 2, "{out:?}");
+        let Output::Reply(replies) = &out[0] else {
+            panic!("{out:?}")
+        };
+        let replies = String::from_utf8_lossy(replies);
+        assert!(replies.starts_with("250-relay.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n"));
+        for cap in ["8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"] {
+            assert!(replies.contains(&format!("250-{cap}\r\n")), "{replies}");
+        }
+        assert!(replies.contains("250 DSN\r\n"));
+        assert_eq!(
+            codes(&replies),
+            ["250", "250 2.1.0", "250 2.1.5", "250 2.1.5", "354"]
+        );
+        let Output::Message(t) = &out[1] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(t.helo, "client.test");
+        assert_eq!(t.sender, "a@b.test");
+        let rcpts: Vec<_> = t.recipients.iter().map(|r| r.address.as_str()).collect();
+        assert_eq!(rcpts, ["x@y.test", "z@y.test"]);
+        assert_eq!(content(t), b"Subject: hi\r\n\r\nbody\r\n");
+        assert!(!session.in_data());
+        assert!(session.feed(b"").is_empty(), "waits for queued()");
+        assert_eq!(session.queued("ABC"), b"250 2.0.0 Ok: queued as ABC\r\n");
+        let out = session.feed(&[]);
+        assert_eq!(
+            out,
+            [
+                Output::Reply(b"221 2.0.0 relay.test closing\r\n".to_vec()),
+                Output::Close
+            ]
+        );
+        assert!(session.is_closed());
+    }
+
+    #[test]
+    fn nothing_is_processed_while_a_message_waits() {
+        let (mut session, _) = Session::new(config(), peer());
+        let out = session.feed(TXN);
+        assert!(matches!(out.last(), Some(Output::Message(_))));
+        assert!(session.feed(b"NOOP\r\n").is_empty());
+        assert_eq!(
+            session.queue_failed("disk full"),
+            b"452 4.3.1 disk full\r\n"
+        );
+        let out = session.feed(&[]);
+        assert_eq!(
+            out,
+            [
+                Output::Reply(b"221 2.0.0 relay.test closing\r\n".to_vec()),
+                Output::Close
+            ]
+        );
+    }
+
+    #[test]
+    fn byte_by_byte_matches_one_buffer() {
+        let whole = run(TXN);
+        let bytes = run_with(config(), TXN, true);
+        assert_eq!(whole.replies, bytes.replies);
+        assert_eq!(whole.messages.len(), 1);
+        assert_eq!(bytes.messages.len(), 1);
+        assert_eq!(content(&whole.messages[0]), content(&bytes.messages[0]));
+        assert!(whole.closed && bytes.closed);
+    }
+
+    #[test]
+    fn random_chunks_match_one_buffer() {
+        let mut input = Vec::new();
+        for _ in 0..3 {
+            input.extend_from_slice(
+                b"MAIL FROM:<>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n..a\r\nb\r\n.\r\nNOOP\r\n",
+            );
+        }
+        let mut full = b"EHLO c\r\n".to_vec();
+        full.extend_from_slice(&input);
+        let expect = run(&full);
+        assert_eq!(expect.messages.len(), 3);
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..200 {
+            let (mut session, banner) = Session::new(config(), peer());
+            let mut seen = Seen {
+                replies: String::from_utf8_lossy(&banner).into_owned(),
+                ..Seen::default()
+            };
+            let mut pos = 0;
+            while pos < full.len() {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let n = 1 + (seed % 9) as usize;
+                let end = (pos + n).min(full.len());
+                let out = session.feed(&full[pos..end]);
+                drive(&mut session, out, &mut seen);
+                pos = end;
+            }
+            assert_eq!(seen.replies, expect.replies);
+            assert_eq!(seen.messages.len(), 3);
+            for t in &seen.messages {
+                assert_eq!(content(t), b".a\r\nb\r\n");
+            }
+        }
+    }
+
+    #[test]
+    fn null_sender_and_parameters_are_kept() {
+        let seen = run(
+            b"EHLO c\r\nMAIL FROM:<> BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=QQ+2B1\r\n\
+RCPT TO:<x@y.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;o@y.test\r\nDATA\r\nx\r\n.\r\n",
+        );
+        assert_eq!(
+            codes(&seen.replies)[2..],
+            ["250 2.1.0", "250 2.1.5", "354", "250 2.0.0"]
+        );
+        let t = &seen.messages[0];
+        assert_eq!(t.sender, "");
+        assert!(t.body_8bit && t.smtputf8);
+        assert_eq!(t.ret, Some(Ret::Headers));
+        assert_eq!(t.envid.as_deref(), Some("QQ+1"));
+        let r = &t.recipients[0];
+        assert_eq!(r.orcpt.as_deref(), Some("rfc822;o@y.test"));
+        assert_eq!(
+            r.notify,
+            smtp_proto::RCPT_NOTIFY_SUCCESS | smtp_proto::RCPT_NOTIFY_FAILURE
+        );
+        assert!(t.message.starts_with(b"Received: from c ([127.0.0.1])\r\n\tby relay.test (poolrelay) with UTF8SMTP\r\n\tfor <x@y.test>; "));
+    }
+
+    #[test]
+    fn received_header_format() {
+        let seen =
+            run(b"HELO c(x)\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nRCPT TO:<z@y>\r\nDATA\r\n.\r\n");
+        let t = &seen.messages[0];
+        let text = String::from_utf8_lossy(&t.message);
+        let (head, date) = text.split_once("; ").unwrap();
+        assert_eq!(
+            head,
+            "Received: from c?x? ([127.0.0.1])\r\n\tby relay.test (poolrelay) with SMTP"
+        );
+        assert!(date.ends_with(" +0000\r\n"), "{date}");
+        assert_eq!(content(t), b"");
+    }
+
+    #[test]
+    fn ipv6_peer_in_received() {
+        let (mut s, _) = Session::new(config(), "[2001:db8::1]:25".parse().unwrap());
+        let mut seen = Seen::default();
+        let out = s.feed(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n.\r\n");
+        drive(&mut s, out, &mut seen);
+        assert!(
+            seen.messages[0]
+                .message
+                .starts_with(b"Received: from c ([IPv6:2001:db8::1])")
+        );
+    }
+
+    #[test]
+    fn size_limit_at_mail_and_in_data() {
+        let seen = run(
+            b"EHLO c\r\nMAIL FROM:<a@b> SIZE=1001\r\nMAIL FROM:<a@b> SIZE=1000\r\n\
+RCPT TO:<x@y>\r\nDATA\r\n",
+        );
+        assert_eq!(
+            codes(&seen.replies)[2..],
+            ["552 5.3.4", "250 2.1.0", "250 2.1.5", "354"]
+        );
+        let mut big = b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n".to_vec();
+        for _ in 0..30 {
+            big.extend_from_slice(&[b'x'; 48]);
+            big.extend_from_slice(b"\r\n");
+        }
+        big.extend_from_slice(b".\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\nsmall\r\n.\r\n");
+        for bytewise in [false, true] {
+            let seen = run_with(config(), &big, bytewise);
+            assert_eq!(
+                codes(&seen.replies)[2..],
+                [
+                    "250 2.1.0",
+                    "250 2.1.5",
+                    "354",
+                    "552 5.3.4",
+                    "250 2.1.0",
+                    "250 2.1.5",
+                    "354",
+                    "250 2.0.0"
+                ]
+            );
+            assert_eq!(seen.messages.len(), 1);
+            assert_eq!(content(&seen.messages[0]), b"small\r\n");
+        }
+    }
+
+    #[test]
+    fn max_recipients() {
+        let seen = run(
+            b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<1@y>\r\nRCPT TO:<2@y>\r\n\
+RCPT TO:<3@y>\r\nRCPT TO:<4@y>\r\nDATA\r\n.\r\n",
+        );
+        assert_eq!(
+            codes(&seen.replies)[2..],
+            [
+                "250 2.1.0",
+                "250 2.1.5",
+                "250 2.1.5",
+                "250 2.1.5",
+                "452 4.5.3",
+                "354",
+                "250 2.0.0"
+            ]
+        );
+        assert_eq!(seen.messages[0].recipients.len(), 3);
+    }
+
+    #[test]
+    fn relay_denied() {
+        let config = SessionConfig {
+            relay_allowed: false,
+            ..config()
+        };
+        let seen = run_with(
+            config,
+            b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n",
+            false,
+        );
+        assert!(
+            seen.replies
+                .contains("554 5.7.1 <x@y.test>: relay access denied\r\n")
+        );
+        assert_eq!(codes(&seen.replies).last().unwrap(), "554 5.5.1");
+        assert!(seen.messages.is_empty());
+    }
+
+    #[test]
+    fn line_too_long() {
+        let mut input = b"EHLO c\r\nNOOP ".to_vec();
+        input.extend_from_slice(&[b'x'; 200]);
+        input.extend_from_slice(b"\r\nNOOP\r\n");
+        for bytewise in [false, true] {
+            let seen = run_with(config(), &input, bytewise);
+            assert_eq!(codes(&seen.replies)[2..], ["500 5.5.2", "250 2.0.0"]);
+        }
+        // Exactly at the limit (CRLF included) is fine.
+        let mut input = b"NOOP ".to_vec();
+        input.extend_from_slice(&[b'x'; 93]);
+        input.extend_from_slice(b"\r\n");
+        assert_eq!(input.len(), 100);
+        assert_eq!(codes(&run(&input).replies)[1..], ["250 2.0.0"]);
+    }
+
+    #[test]
+    fn bare_lf_command_line() {
+        let seen = run(b"NOOP\nNOOP\r\n");
+        assert_eq!(codes(&seen.replies)[1..], ["500 5.5.2", "250 2.0.0"]);
+    }
+
+    #[test]
+    fn smuggling_attempts_are_refused_and_the_session_stays_in_sync() {
+        for fake in [&b"\n.\n"[..], b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r.\r\n"] {
+            let mut input = b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\nfirst".to_vec();
+            input.extend_from_slice(fake);
+            input.extend_from_slice(
+                b"MAIL FROM:<evil@x>\r\nRCPT TO:<victim@y>\r\nDATA\r\nsmuggled\r\n.\r\n",
+            );
+            input.extend_from_slice(b"MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\ngood\r\n.\r\n");
+            for bytewise in [false, true] {
+                let seen = run_with(config(), &input, bytewise);
+                assert_eq!(
+                    codes(&seen.replies)[2..],
+                    [
+                        "250 2.1.0",
+                        "250 2.1.5",
+                        "354",
+                        "554 5.6.0",
+                        "250 2.1.0",
+                        "250 2.1.5",
+                        "354",
+                        "250 2.0.0"
+                    ],
+                    "{fake:?}"
+                );
+                assert_eq!(seen.messages.len(), 1, "{fake:?}");
+                assert_eq!(seen.messages[0].sender, "a@b");
+                assert_eq!(content(&seen.messages[0]), b"good\r\n");
+            }
+        }
+    }
+
+    #[test]
+    fn dot_unstuffing() {
+        let seen =
+            run(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n..\r\n...x\r\n.y\r\n.\r\n");
+        assert_eq!(content(&seen.messages[0]), b".\r\n..x\r\ny\r\n");
+    }
+
+    #[test]
+    fn sequence_errors() {
+        let seen = run(
+            b"MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\nHELO c\r\nDATA\r\n\
+MAIL FROM:<a@b>\r\nMAIL FROM:<a@b>\r\nDATA\r\nRCPT TO:<>\r\nRSET\r\nRCPT TO:<x@y>\r\n",
+        );
+        assert_eq!(
+            codes(&seen.replies)[1..],
+            [
+                "503 5.5.1",
+                "503 5.5.1",
+                "503 5.5.1",
+                "250",
+                "503 5.5.1",
+                "250 2.1.0",
+                "503 5.5.1",
+                "554 5.5.1",
+                "501 5.1.3",
+                "250 2.0.0",
+                "503 5.5.1"
+            ]
+        );
+    }
+
+    #[test]
+    fn other_commands() {
+        let seen = run(
+            b"EHLO c\r\nVRFY x\r\nHELP\r\nNOOP\r\nSTARTTLS\r\nAUTH PLAIN\r\nBDAT 10 LAST\r\n\
+EXPN x\r\nFOO\r\nMAIL TO:<x>\r\nMAIL FROM:<a@b> FOO=1\r\nQUIT\r\nNOOP\r\n",
+        );
+        assert_eq!(
+            codes(&seen.replies)[2..],
+            [
+                "252 2.5.0",
+                "214 2.0.0",
+                "250 2.0.0",
+                "502 5.5.1",
+                "502 5.5.1",
+                "502 5.5.1",
+                "502 5.5.1",
+                "500 5.5.1",
+                "501 5.5.4",
+                "555 5.5.4",
+                "221 2.0.0"
+            ]
+        );
+        assert!(seen.closed);
+    }
+
+    #[test]
+    fn too_many_errors_closes() {
+        let mut input = Vec::new();
+        for _ in 0..25 {
+            input.extend_from_slice(b"FOO\r\n");
+        }
+        let (mut session, _) = Session::new(config(), peer());
+        let out = session.feed(&input);
+        assert_eq!(out.last(), Some(&Output::Close));
+        let Output::Reply(r) = &out[0] else { panic!() };
+        let r = String::from_utf8_lossy(r);
+        assert_eq!(codes(&r).len(), MAX_ERRORS as usize + 1);
+        assert!(r.ends_with("421 4.7.0 relay.test too many errors, closing\r\n"));
+        assert!(
+            session
+                .take_rejections()
+                .contains(&Rejection::TooManyErrors)
+        );
+        assert!(session.feed(b"NOOP\r\n").is_empty());
+    }
+
+    #[test]
+    fn non_ascii_needs_smtputf8() {
+        let seen = run(
+            "EHLO c\r\nMAIL FROM:<ä@b>\r\nMAIL FROM:<ä@b> SMTPUTF8\r\nRCPT TO:<ö@y>\r\n".as_bytes(),
+        );
+        assert_eq!(
+            codes(&seen.replies)[2..],
+            ["553 5.6.7", "250 2.1.0", "250 2.1.5"]
+        );
+    }
+
+    #[test]
+    fn timeout_and_state() {
+        let (mut session, _) = Session::new(config(), peer());
+        assert_eq!(
+            session.timeout_reply(),
+            b"421 4.4.2 relay.test timeout, closing\r\n"
+        );
+        session.feed(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\npartial");
+        assert!(session.in_data());
+        assert_eq!(session.helo(), Some("c"));
+    }
+
+    #[test]
+    fn postmaster_is_not_the_null_sender() {
+        let seen =
+            run(b"EHLO c\r\nMAIL FROM:<postmaster>\r\nMAIL FROM: <>\r\nRCPT TO:<Postmaster>\r\n");
+        assert_eq!(
+            codes(&seen.replies)[2..],
+            ["501 5.1.7", "250 2.1.0", "550 5.1.1"]
+        );
+    }
+
+    #[test]
+    fn ehlo_resets_the_transaction() {
+        let seen = run(b"EHLO c\r\nMAIL FROM:<a@b>\r\nEHLO d\r\nRCPT TO:<x@y>\r\n");
+        assert_eq!(codes(&seen.replies).last().unwrap(), "503 5.5.1");
     }
 }

@@ -4,11 +4,15 @@
 //!
 //! This crate knows SMTP, never pools or queues.
 
+#![warn(missing_docs)]
+
 pub mod data;
+pub mod date;
 pub mod inbound;
 pub mod outbound;
 pub mod reply;
 
-pub use inbound::{Output, Session, SessionConfig, Transaction};
-pub use outbound::{Client, ClientError, DeliveryReport, OutboundEnvelope};
+pub use data::{DataDecoder, DataEncoder, DataError, DataStatus};
+pub use inbound::{Output, Recipient, Rejection, Ret, Session, SessionConfig, Transaction};
+pub use outbound::{Capabilities, Client, ClientError, DeliveryReport, OutboundEnvelope, Timeouts};
 pub use reply::Reply;

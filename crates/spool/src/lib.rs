@@ -264,7 +264,10 @@ impl FjallSpool {
     /// Opens (creating or recovering) the spool in `dir`, and starts its writer thread.
     pub fn open(dir: &Path) -> Result<FjallSpool, SpoolError> {
         std::fs::create_dir_all(dir).map_err(|e| {
-            SpoolError::Storage(format!("cannot create spool directory {}: {e}", dir.display()))
+            SpoolError::Storage(format!(
+                "cannot create spool directory {}: {e}",
+                dir.display()
+            ))
         })?;
         let db = Database::builder(dir)
             .cache_size(32 * 1024 * 1024)
@@ -274,8 +277,9 @@ impl FjallSpool {
                 SpoolError::Storage(format!("cannot open spool in {}: {e}", dir.display()))
             })?;
         let bodies = db.keyspace("bodies", || {
-            KeyspaceCreateOptions::default()
-                .with_kv_separation(Some(KvSeparationOptions::default().separation_threshold(512)))
+            KeyspaceCreateOptions::default().with_kv_separation(Some(
+                KvSeparationOptions::default().separation_threshold(512),
+            ))
         })?;
         let mut envelopes = HashMap::new();
         for name in db.list_keyspace_names() {
@@ -610,16 +614,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ids = rt().block_on(async {
             let spool = FjallSpool::open(dir.path()).unwrap();
-            let a = spool.append(envelope("A"), b"hello".to_vec()).await.unwrap();
-            let b = spool.append(envelope("-"), b"world".to_vec()).await.unwrap();
+            let a = spool
+                .append(envelope("A"), b"hello".to_vec())
+                .await
+                .unwrap();
+            let b = spool
+                .append(envelope("-"), b"world".to_vec())
+                .await
+                .unwrap();
             assert!(b > a, "ids grow with acceptance");
             vec![a, b]
         });
         let spool = FjallSpool::open(dir.path()).unwrap();
         let mut seen = Vec::new();
-        spool.recover(&mut |id, env| seen.push((id, env.pool))).unwrap();
+        spool
+            .recover(&mut |id, env| seen.push((id, env.pool)))
+            .unwrap();
         seen.sort();
-        assert_eq!(seen, vec![(ids[0], "A".to_string()), (ids[1], "-".to_string())]);
+        assert_eq!(
+            seen,
+            vec![(ids[0], "A".to_string()), (ids[1], "-".to_string())]
+        );
         assert_eq!(&*spool.body(ids[0]).unwrap().unwrap(), b"hello");
     }
 

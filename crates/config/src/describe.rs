@@ -1,0 +1,259 @@
+//! The human summary of a resolved config (`poolrelay check --print`).
+
+use std::fmt::Write as _;
+
+use crate::units::{format_bandwidth, format_duration, format_size};
+use crate::{Config, DEFAULT_POOL, Route, Upstream};
+
+fn plural(n: usize, one: &str, many: &str) -> String {
+    if n == 1 {
+        format!("{n} {one}")
+    } else {
+        format!("{n} {many}")
+    }
+}
+
+fn durations(steps: &[std::time::Duration]) -> String {
+    steps
+        .iter()
+        .map(|d| format_duration(*d))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `sender X  and recipient Y ...` for a route's matchers.
+fn matchers(r: &Route) -> String {
+    let mut parts = Vec::new();
+    if let Some(l) = &r.listener {
+        parts.push(format!("listener {l}"));
+    }
+    if let Some(s) = &r.sender {
+        if s.is_empty() {
+            parts.push("sender <> (null sender)".to_string());
+        } else {
+            parts.push(format!("sender {s}"));
+        }
+    }
+    if let Some(s) = &r.recipient {
+        parts.push(format!("recipient {s}"));
+    }
+    if let Some(h) = &r.header {
+        parts.push(format!("header {}: {}", h.name, h.value));
+    }
+    if parts.is_empty() {
+        "everything else (catch-all)".to_string()
+    } else {
+        parts.join(" and ")
+    }
+}
+
+/// How an upstream uses its window: `00:00-05:00 (else failover)` or `(idle outside)`.
+fn window_note(u: &Upstream) -> Option<String> {
+    let w = u.window?;
+    let outside = if u.failover.is_empty() {
+        "idle outside"
+    } else {
+        "failover hosts outside"
+    };
+    Some(format!("{w} ({outside})"))
+}
+
+pub(crate) fn describe(c: &Config) -> String {
+    let mut o = String::new();
+    // Writing to a String cannot fail; the results are ignored on purpose.
+    let _ = writeln!(o, "config: {}", c.source.display());
+    let s = &c.server;
+    let _ = writeln!(
+        o,
+        "spool: {}   hostname: {}   timezone: {}",
+        s.spool_dir.display(),
+        s.hostname,
+        s.timezone.as_deref().unwrap_or("local")
+    );
+    let _ = writeln!(
+        o,
+        "sessions: max {}   command timeout {}   data timeout {}   max line {} bytes",
+        s.max_sessions,
+        format_duration(s.command_timeout),
+        format_duration(s.data_timeout),
+        s.max_line_length
+    );
+    if !s.hosts.is_empty() {
+        let hosts: Vec<String> = s.hosts.iter().map(|(k, v)| format!("{k} -> {v}")).collect();
+        let _ = writeln!(o, "hosts (instead of DNS): {}", hosts.join(", "));
+    }
+    let _ = writeln!(
+        o,
+        "admin: {}   {}",
+        c.admin.address,
+        match &c.admin.token_file {
+            Some(p) => format!("token from {}", p.display()),
+            None => "no token_file".to_string(),
+        }
+    );
+
+    let _ = writeln!(o, "listeners:");
+    for l in &c.listeners {
+        let addr = l.address.to_string();
+        let title = if l.name == addr {
+            addr
+        } else {
+            format!("{} ({addr})", l.name)
+        };
+        let nets: Vec<String> = l.relay_from.iter().map(|n| n.to_string()).collect();
+        let pinned = l
+            .pool
+            .as_deref()
+            .map(|p| format!("  pool {p} (pinned)"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "  {title}{pinned}  relay_from {}  max {}, {} rcpts",
+            if nets.is_empty() {
+                "nobody".to_string()
+            } else {
+                nets.join(", ")
+            },
+            format_size(l.max_message_size),
+            l.max_recipients
+        );
+    }
+
+    let _ = writeln!(o, "pools:");
+    let names = c.pool_names();
+    let name_w = names.iter().map(|n| n.len()).max().unwrap_or(1).max(3);
+    let desc_w = c
+        .pools
+        .values()
+        .map(|p| p.description.chars().count())
+        .max()
+        .unwrap_or(0)
+        .min(40);
+    for name in &names {
+        let Some(p) = c.pools.get(name) else { continue };
+        let serving: Vec<&Upstream> = c.upstreams_for(name).collect();
+        let served = if serving.is_empty() {
+            "served by nobody: mail waits".to_string()
+        } else {
+            let total: usize = serving.iter().map(|u| u.workers).sum();
+            let each: Vec<String> = serving
+                .iter()
+                .map(|u| match u.window {
+                    Some(w) => format!(
+                        "{} ({}, {w})",
+                        u.host,
+                        plural(u.workers, "worker", "workers")
+                    ),
+                    None => format!("{} ({})", u.host, plural(u.workers, "worker", "workers")),
+                })
+                .collect();
+            if serving.len() == 1 {
+                format!("served by {}", each.join(", "))
+            } else {
+                format!(
+                    "served by {} = {}",
+                    each.join(", "),
+                    plural(total, "worker", "workers")
+                )
+            }
+        };
+        let mut extra = String::new();
+        if let Some(r) = p.rate_limit {
+            let _ = write!(extra, "   rate {}", format_bandwidth(r));
+        }
+        if let Some(m) = p.max_messages_per_second {
+            let _ = write!(extra, "   max {m} msg/s");
+        }
+        if let Some(m) = p.max_recipients_per_hour {
+            let _ = write!(extra, "   max {m} rcpts/h");
+        }
+        let _ = writeln!(
+            o,
+            "  {name:<name_w$}  {:<desc_w$}  {served}{extra}   retry {}   max_age {}",
+            p.description,
+            durations(c.retry_for(name)),
+            format_duration(c.max_age_for(name)),
+        );
+    }
+
+    let _ = writeln!(o, "upstreams:");
+    if c.upstreams.is_empty() {
+        let _ = writeln!(o, "  none: no pool is delivered");
+    }
+    for u in &c.upstreams {
+        let mut line = format!(
+            "  {}  {}  pools {}",
+            u.host,
+            plural(u.workers, "worker", "workers"),
+            u.pools.join(", ")
+        );
+        if !u.failover.is_empty() {
+            let _ = write!(line, "  failover {}", u.failover.join(", "));
+        }
+        if let Some(w) = window_note(u) {
+            let _ = write!(line, "  window {w}");
+        }
+        let _ = write!(
+            line,
+            "  tls {}  {} msgs/connection, idle {}, connect {}  (line {})",
+            u.tls,
+            u.max_messages_per_connection,
+            format_duration(u.idle_timeout),
+            format_duration(u.connect_timeout),
+            u.line
+        );
+        let _ = writeln!(o, "{line}");
+    }
+
+    let d = &c.defaults;
+    let _ = writeln!(
+        o,
+        "fallback: {}",
+        if d.fallback.is_empty() {
+            "none".to_string()
+        } else {
+            d.fallback.join(", ")
+        }
+    );
+    let _ = writeln!(
+        o,
+        "defaults: list_pool {}   retry {} (last step repeats)   max_age {}   rate_limit {}",
+        d.list_pool,
+        durations(&d.retry),
+        format_duration(d.max_age),
+        d.rate_limit
+            .map(|r| format!("{} server-wide", format_bandwidth(r)))
+            .unwrap_or_else(|| "none".to_string())
+    );
+
+    let _ = writeln!(o, "routes (first match wins):");
+    for l in c.listeners.iter().filter(|l| l.pool.is_some()) {
+        let _ = writeln!(
+            o,
+            "  listener {} -> {} (pinned by the listener)",
+            l.name,
+            l.pool.as_deref().unwrap_or(DEFAULT_POOL)
+        );
+    }
+    for (i, r) in c.routes.iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "  {}. line {}  {}  -> {}",
+            i + 1,
+            r.line,
+            matchers(r),
+            r.pool
+        );
+    }
+    let catch_all = c.routes.last().is_some_and(|r| {
+        r.sender.is_none() && r.recipient.is_none() && r.header.is_none() && r.listener.is_none()
+    });
+    if !catch_all {
+        let _ = writeln!(
+            o,
+            "  unmatched: owner-*@* -> {} (defaults.list_pool), else -> {DEFAULT_POOL}",
+            d.list_pool
+        );
+    }
+    o
+}

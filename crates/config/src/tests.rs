@@ -1,0 +1,781 @@
+//! Parsing and validation tests: the full example, defaults, and one test
+//! per validation error checking the line and that the message names the fix.
+
+use super::*;
+
+const FULL: &str = r#"# poolrelay example
+[server]
+hostname = "relay.example.org"
+spool_dir = "/var/spool/poolrelay"
+timezone = "Europe/Paris"
+max_sessions = 200
+command_timeout = "2m"
+data_timeout = "90s"
+max_line_length = 4096
+hosts = { "SCOOBY.example.org" = "127.0.0.1:2600", backup = "::1" }
+
+[[listener]]
+address = "127.0.0.1:2525"
+relay_from = ["127.0.0.0/8", "::1/128", "192.0.2.7"]
+max_message_size = "20MB"
+max_recipients = 500
+
+[[listener]]
+name = "emergency"
+address = "127.0.0.1:2526"
+pool = "B"
+
+[admin]
+address = "127.0.0.1:9100"
+token_file = "/etc/poolrelay/token"
+
+[defaults]
+list_pool = "A"
+fallback = ["fallback.example.org"]
+retry = ["1m", "10m", "1h"]
+max_age = "3d"
+rate_limit = "12Mbps"
+
+[pool.A]
+description = "list postings"
+rate_limit = "1.5Mbps"
+
+[pool.B]
+description = "emergency lists"
+retry = ["30s", "1m"]
+max_age = "1d"
+max_messages_per_second = 50
+max_recipients_per_hour = 100000
+
+[pool.bulk_news]
+
+[pool."-"]
+description = "command replies"
+
+[[upstream]]
+host = "SCOOBY.example.org:25"
+workers = 2
+pools = ["A", "-"]
+failover = ["backup.example.org", "[2001:db8::1]:2525"]
+window = "22:00-05:00"
+tls = "required"
+max_messages_per_connection = 50
+idle_timeout = "30s"
+connect_timeout = "5s"
+
+[[upstream]]
+host = "192.0.2.25"
+
+[[route]]
+pool = "B"
+sender = "owner-emergency@*"
+
+[[route]]
+pool = "bulk_news"
+header = { name = "List-Id", value = "*news*" }
+listener = "127.0.0.1:2525"
+
+[[route]]
+pool = "-"
+sender = ""
+recipient = "*@example.org"
+
+[[route]]
+pool = "A"
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("test.toml"))
+}
+
+/// The error of `text`, asserting it is on `line` and its message contains every `needles`.
+#[track_caller]
+fn err(text: &str, line: usize, needles: &[&str]) -> ConfigError {
+    let e = match parse(text) {
+        Ok(_) => panic!("expected an error on line {line}, but the config parsed"),
+        Err(e) => e,
+    };
+    assert_eq!(e.line, line, "wrong line for: {e}");
+    for n in needles {
+        assert!(e.message.contains(n), "message lacks {n:?}: {e}");
+    }
+    assert_eq!(e.file, Path::new("test.toml"));
+    e
+}
+
+const LISTENER: &str = "[[listener]]\naddress = \"127.0.0.1:2525\"\n";
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+#[test]
+fn full_example() {
+    let c = parse(FULL).unwrap();
+    assert_eq!(c.source, Path::new("test.toml"));
+    assert_eq!(
+        c.server,
+        Server {
+            hostname: "relay.example.org".into(),
+            spool_dir: "/var/spool/poolrelay".into(),
+            timezone: Some("Europe/Paris".into()),
+            max_sessions: 200,
+            command_timeout: secs(120),
+            data_timeout: secs(90),
+            max_line_length: 4096,
+            hosts: [
+                ("backup".to_string(), "::1".to_string()),
+                (
+                    "scooby.example.org".to_string(),
+                    "127.0.0.1:2600".to_string()
+                ),
+            ]
+            .into(),
+        }
+    );
+    assert_eq!(
+        c.listeners,
+        vec![
+            Listener {
+                name: "127.0.0.1:2525".into(),
+                address: "127.0.0.1:2525".parse().unwrap(),
+                relay_from: vec![
+                    "127.0.0.0/8".parse().unwrap(),
+                    "::1/128".parse().unwrap(),
+                    "192.0.2.7/32".parse().unwrap(),
+                ],
+                pool: None,
+                max_message_size: 20 << 20,
+                max_recipients: 500,
+                line: 12,
+            },
+            Listener {
+                name: "emergency".into(),
+                address: "127.0.0.1:2526".parse().unwrap(),
+                relay_from: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
+                pool: Some("B".into()),
+                max_message_size: 50 << 20,
+                max_recipients: 1000,
+                line: 18,
+            },
+        ]
+    );
+    assert_eq!(
+        c.admin,
+        Admin {
+            address: "127.0.0.1:9100".parse().unwrap(),
+            token_file: Some("/etc/poolrelay/token".into()),
+        }
+    );
+    assert_eq!(
+        c.defaults,
+        Defaults {
+            list_pool: "A".into(),
+            fallback: vec!["fallback.example.org:25".into()],
+            retry: vec![secs(60), secs(600), secs(3600)],
+            max_age: secs(3 * 86400),
+            rate_limit: Some(12_000_000),
+        }
+    );
+    assert_eq!(c.pool_names(), ["A", "B", "bulk_news", "-"]);
+    assert_eq!(
+        c.pools["A"],
+        Pool {
+            name: "A".into(),
+            description: "list postings".into(),
+            rate_limit: Some(1_500_000),
+            retry: None,
+            max_age: None,
+            max_messages_per_second: None,
+            max_recipients_per_hour: None,
+            line: 34,
+        }
+    );
+    assert_eq!(
+        c.pools["B"],
+        Pool {
+            name: "B".into(),
+            description: "emergency lists".into(),
+            rate_limit: None,
+            retry: Some(vec![secs(30), secs(60)]),
+            max_age: Some(secs(86400)),
+            max_messages_per_second: Some(50.0),
+            max_recipients_per_hour: Some(100_000),
+            line: 38,
+        }
+    );
+    assert_eq!(c.pools["bulk_news"].description, "");
+    assert_eq!(c.pools["bulk_news"].line, 45);
+    assert_eq!(c.pools["-"].description, "command replies");
+    assert_eq!(c.pools["-"].line, 47);
+    assert_eq!(
+        c.upstreams,
+        vec![
+            Upstream {
+                host: "scooby.example.org:25".into(),
+                workers: 2,
+                pools: vec!["A".into(), "-".into()],
+                failover: vec!["backup.example.org:25".into(), "[2001:db8::1]:2525".into()],
+                window: Some(Window {
+                    start_minute: 22 * 60,
+                    end_minute: 5 * 60,
+                }),
+                tls: TlsMode::Required,
+                max_messages_per_connection: 50,
+                idle_timeout: secs(30),
+                connect_timeout: secs(5),
+                line: 50,
+            },
+            Upstream {
+                host: "192.0.2.25:25".into(),
+                workers: 1,
+                pools: vec!["A".into(), "B".into(), "bulk_news".into(), "-".into()],
+                failover: vec![],
+                window: None,
+                tls: TlsMode::Opportunistic,
+                max_messages_per_connection: 100,
+                idle_timeout: secs(10),
+                connect_timeout: secs(30),
+                line: 61,
+            },
+        ]
+    );
+    assert_eq!(
+        c.routes,
+        vec![
+            Route {
+                pool: "B".into(),
+                sender: Some("owner-emergency@*".into()),
+                recipient: None,
+                header: None,
+                listener: None,
+                line: 64,
+            },
+            Route {
+                pool: "bulk_news".into(),
+                sender: None,
+                recipient: None,
+                header: Some(HeaderMatch {
+                    name: "List-Id".into(),
+                    value: "*news*".into(),
+                }),
+                listener: Some("127.0.0.1:2525".into()),
+                line: 68,
+            },
+            Route {
+                pool: "-".into(),
+                sender: Some(String::new()),
+                recipient: Some("*@example.org".into()),
+                header: None,
+                listener: None,
+                line: 73,
+            },
+            Route {
+                pool: "A".into(),
+                sender: None,
+                recipient: None,
+                header: None,
+                listener: None,
+                line: 78,
+            },
+        ]
+    );
+    assert_eq!(c.retry_for("B"), [secs(30), secs(60)]);
+    assert_eq!(c.retry_for("A"), [secs(60), secs(600), secs(3600)]);
+    assert_eq!(c.max_age_for("B"), secs(86400));
+    assert_eq!(c.max_age_for("-"), secs(3 * 86400));
+    let serving_b: Vec<&str> = c.upstreams_for("B").map(|u| u.host.as_str()).collect();
+    assert_eq!(serving_b, ["192.0.2.25:25"]);
+}
+
+#[test]
+fn minimal_config_gets_the_defaults() {
+    let c = parse(LISTENER).unwrap();
+    assert!(!c.server.hostname.is_empty());
+    assert_eq!(c.server.spool_dir, Path::new("var/spool"));
+    assert_eq!(c.server.timezone, None);
+    assert_eq!(c.server.max_sessions, 1000);
+    assert_eq!(c.server.command_timeout, secs(300));
+    assert_eq!(c.server.data_timeout, secs(180));
+    assert_eq!(c.server.max_line_length, 2048);
+    assert!(c.server.hosts.is_empty());
+    let l = &c.listeners[0];
+    assert_eq!(l.name, "127.0.0.1:2525");
+    assert_eq!(l.line, 1);
+    assert_eq!(
+        l.relay_from,
+        vec![
+            "127.0.0.0/8".parse::<IpNet>().unwrap(),
+            "::1/128".parse().unwrap()
+        ]
+    );
+    assert_eq!(
+        (l.pool.as_deref(), l.max_message_size, l.max_recipients),
+        (None, 50 << 20, 1000)
+    );
+    assert_eq!(
+        c.admin.address,
+        "127.0.0.1:9025".parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(c.admin.token_file, None);
+    assert_eq!(c.defaults.list_pool, "-");
+    assert!(c.defaults.fallback.is_empty());
+    let retry: Vec<u64> = c.defaults.retry.iter().map(|d| d.as_secs()).collect();
+    assert_eq!(retry, [60, 300, 900, 1800, 3600, 7200, 14400]);
+    assert_eq!(c.defaults.max_age, secs(5 * 86400));
+    assert_eq!(c.defaults.rate_limit, None);
+    assert_eq!(c.pools.len(), 1);
+    assert_eq!(c.pools["-"].line, 0);
+    assert_eq!(
+        c.pools["-"].description,
+        "default pool: command replies, rejections, bounces"
+    );
+    assert!(c.upstreams.is_empty() && c.routes.is_empty());
+}
+
+#[test]
+fn list_pool_defaults_to_a_when_declared() {
+    let c = parse(&format!("{LISTENER}[pool.A]\n")).unwrap();
+    assert_eq!(c.defaults.list_pool, "A");
+}
+
+#[test]
+fn other_table_styles_and_number_units() {
+    let text = format!(
+        "pool.C.description = \"dotted\"\nserver.hostname = \"x.example\"\n{LISTENER}\
+         [[route]]\npool = \"C\"\nsender = \"<>\"\n[route.header]\nname = \"X-A\"\nvalue = \"b\"\n"
+    );
+    let c = parse(&text).unwrap();
+    assert_eq!(c.pools["C"].description, "dotted");
+    assert_eq!(c.pools["C"].line, 1);
+    assert_eq!(c.server.hostname, "x.example");
+    assert_eq!(c.routes[0].sender.as_deref(), Some(""));
+    assert_eq!(
+        c.routes[0].header.as_ref().map(|h| h.name.as_str()),
+        Some("X-A")
+    );
+    let c = parse(&format!(
+        "{LISTENER}[pool]\nD = {{ rate_limit = 800 }}\nE.max_age = 3600\n\n[defaults]\nmax_age = 60\n"
+    ))
+    .unwrap();
+    assert_eq!(c.pools["D"].rate_limit, Some(800));
+    assert_eq!(c.pools["D"].line, 4);
+    assert_eq!(c.pools["E"].max_age, Some(secs(3600)));
+    assert_eq!(c.pools["E"].line, 5);
+    assert_eq!(c.defaults.max_age, secs(60));
+    // Errors inside a dotted pool still point at their line.
+    err(
+        &format!("pool.C.description = \"x\"\npool.C.max_age = \"soon\"\n{LISTENER}"),
+        2,
+        &["pool.C.max_age", "\"5d\""],
+    );
+    err(
+        &format!("\npool.C.descr = \"x\"\n{LISTENER}"),
+        2,
+        &["unknown key `descr`", "description"],
+    );
+    // Dotted keys below a table header belong to that table.
+    err(
+        &format!("{LISTENER}pool.C.description = \"x\"\n"),
+        3,
+        &["plain value", "before any [table]"],
+    );
+}
+
+#[test]
+fn toml_syntax_and_unknown_keys() {
+    err(&format!("{LISTENER}\n[server\n"), 4, &[]);
+    err(
+        &format!("{LISTENER}adress = \"x\"\n"),
+        3,
+        &[
+            "unknown key `adress`",
+            "(did you mean `address`?)",
+            "relay_from",
+        ],
+    );
+    err(
+        &format!("{LISTENER}[admin]\ntoken = \"x\"\n"),
+        4,
+        &["unknown key `token`", "token_file"],
+    );
+    err(
+        &format!("{LISTENER}[upstream]\nhost = \"x\"\n"),
+        3,
+        &["[[upstream]]"],
+    );
+    err(
+        &format!("{LISTENER}[[upstream]]\nworkers = 2\n"),
+        3,
+        &["missing key `host`", "host = \""],
+    );
+    err(
+        &format!("{LISTENER}[[route]]\nsender = \"a\"\n"),
+        3,
+        &["missing key `pool`", "pool = \"A\""],
+    );
+    err(
+        &format!("{LISTENER}max_recipients = \"many\"\n"),
+        3,
+        &["plain number"],
+    );
+    err(
+        &format!("{LISTENER}[server]\nhostname = 7\n"),
+        4,
+        &["double quotes"],
+    );
+    err(
+        &format!("{LISTENER}[nonsense]\n"),
+        3,
+        &["unknown key `nonsense`", "upstream"],
+    );
+    err(
+        &format!("{LISTENER}relay_from = \"10.0.0.0/8\"\n"),
+        3,
+        &["write a list, e.g. [\"10.0.0.0/8\"]"],
+    );
+    err(
+        &format!("{LISTENER}[[route]]\npool = \"-\"\nheader = 5\n"),
+        5,
+        &["expected a table", "{ key"],
+    );
+    err(
+        &format!("{LISTENER}[[route]]\npool = \"-\"\nheader = {{ name = \"X\" }}\n"),
+        5,
+        &["missing key `value`"],
+    );
+}
+
+#[test]
+fn no_listener() {
+    err(
+        "[server]\nhostname = \"a.example\"\n",
+        0,
+        &["[[listener]]", "address = "],
+    );
+}
+
+#[test]
+fn unknown_pools() {
+    err(
+        &format!("{LISTENER}[pool.A]\n[pool.B]\n[[route]]\npool = \"Q\"\n"),
+        6,
+        &["route pool \"Q\" is not a known pool; declare [pool.Q] or use one of: A, B, -"],
+    );
+    err(
+        &format!("{LISTENER}pool = \"a\"\n[pool.A]\n"),
+        3,
+        &["listener pool \"a\"", "did you mean \"A\"", "[pool.a]"],
+    );
+    err(
+        &format!(
+            "{LISTENER}[pool.A]\n[[upstream]]\nhost = \"x\"\npools = [\n  \"A\",\n  \"Z\",\n]\n"
+        ),
+        8,
+        &["upstream pools entry \"Z\"", "[pool.Z]", "A, -"],
+    );
+    err(
+        &format!("{LISTENER}[defaults]\nlist_pool = \"A\"\n"),
+        4,
+        &["defaults.list_pool \"A\"", "[pool.A]"],
+    );
+    err(
+        &format!("{LISTENER}[[route]]\npool = \"a b\"\n"),
+        4,
+        &["not a pool name", "one letter A-Z"],
+    );
+}
+
+#[test]
+fn duplicate_listeners() {
+    err(
+        &format!("{LISTENER}\n[[listener]]\nname = \"x\"\naddress = \"127.0.0.1:2525\"\n"),
+        6,
+        &["already used by the listener on line 1", "its own address"],
+    );
+    err(
+        &format!(
+            "{LISTENER}name = \"x\"\n[[listener]]\nname = \"x\"\naddress = \"127.0.0.1:2526\"\n"
+        ),
+        5,
+        &[
+            "listener name \"x\" is already used by the listener on line 1",
+            "another name",
+        ],
+    );
+    err(
+        &format!("{LISTENER}[[listener]]\naddress = \"localhost:25\"\n"),
+        4,
+        &["not an IP address with a port", "\"127.0.0.1:2525\""],
+    );
+    err(
+        &format!("{LISTENER}[admin]\naddress = \"127.0.0.1:2525\"\n"),
+        4,
+        &["listener on line 1", "own port"],
+    );
+}
+
+#[test]
+fn bad_cidr() {
+    err(
+        &format!("{LISTENER}relay_from = [\n  \"10.0.0.0/8\",\n  \"10.0.0.0/33\",\n]\n"),
+        5,
+        &["\"10.0.0.0/33\" is not an IP network", "\"192.0.2.0/24\""],
+    );
+    err(
+        &format!("{LISTENER}relay_from = [\"nope\"]\n"),
+        3,
+        &["\"nope\"", "\"192.0.2.1\""],
+    );
+    err(
+        &format!("{LISTENER}relay_from = []\n"),
+        1,
+        &["refuse every client", "omit it"],
+    );
+}
+
+#[test]
+fn bad_units() {
+    err(
+        &format!("{LISTENER}max_message_size = \"50XB\"\n"),
+        3,
+        &["max_message_size", "\"50MB\"", "\"512KB\""],
+    );
+    err(
+        &format!("{LISTENER}[server]\ncommand_timeout = \"5 mins later\"\n"),
+        4,
+        &["command_timeout", "\"30s\""],
+    );
+    err(
+        &format!("{LISTENER}[defaults]\nmax_age = \"0s\"\n"),
+        4,
+        &["defaults.max_age", "longer than zero"],
+    );
+    err(
+        &format!("{LISTENER}[defaults]\nretry = [\"1m\",\n \"5x\"]\n"),
+        5,
+        &["defaults.retry", "\"5x\"", "\"5m\""],
+    );
+    err(
+        &format!("{LISTENER}[defaults]\nretry = []\n"),
+        4,
+        &["defaults.retry is empty", "retry = [\"1m\""],
+    );
+    err(
+        &format!("{LISTENER}[defaults]\nrate_limit = \"12MB/s\"\n"),
+        4,
+        &["defaults.rate_limit", "\"12Mbps\""],
+    );
+    err(
+        &format!("{LISTENER}[pool.A]\nrate_limit = \"fast\"\n"),
+        4,
+        &["pool.A.rate_limit", "\"150kbps\""],
+    );
+    err(
+        &format!("{LISTENER}[pool.A]\nretry = []\n"),
+        4,
+        &["pool.A.retry is empty"],
+    );
+    err(
+        &format!("{LISTENER}[pool.A]\nmax_messages_per_second = 0\n"),
+        4,
+        &["above zero"],
+    );
+    err(
+        &format!("{LISTENER}[pool.A]\nmax_recipients_per_hour = 0\n"),
+        4,
+        &["1 or more"],
+    );
+    err(
+        &format!("{LISTENER}[[upstream]]\nhost = \"x\"\nwindow = \"5am-6am\"\n"),
+        5,
+        &["upstream window", "\"00:00-05:00\""],
+    );
+    err(
+        &format!("{LISTENER}[[upstream]]\nhost = \"x\"\nwindow = \"05:00-05:00\"\n"),
+        5,
+        &["same time", "omit the window"],
+    );
+    err(
+        &format!("{LISTENER}[[upstream]]\nhost = \"x\"\nidle_timeout = \"x\"\n"),
+        5,
+        &["idle_timeout"],
+    );
+    err(
+        &format!("{LISTENER}[[upstream]]\nhost = \"x\"\ntls = \"starttls\"\n"),
+        5,
+        &["\"opportunistic\"", "\"implicit\""],
+    );
+    err(
+        &format!("{LISTENER}[[upstream]]\nhost = \"bad host\"\n"),
+        4,
+        &["upstream host", "\"name:port\""],
+    );
+    err(
+        &format!("{LISTENER}[[upstream]]\nhost = \"x\"\nfailover = [\"x:0\"]\n"),
+        5,
+        &["upstream failover", "port"],
+    );
+    err(
+        &format!("{LISTENER}[defaults]\nfallback = [\"a b\"]\n"),
+        4,
+        &["defaults.fallback", "\"name:port\""],
+    );
+    err(
+        &format!("{LISTENER}[server]\nmax_line_length = 100\n"),
+        4,
+        &["max_line_length = 512 or more"],
+    );
+    err(
+        &format!("{LISTENER}[server]\nhosts = {{ x = \"nowhere\" }}\n"),
+        4,
+        &["server.hosts", "\"192.0.2.1\""],
+    );
+    err(
+        &format!("{LISTENER}[server]\nhostname = \"not a name\"\n"),
+        4,
+        &["hostname = \"relay.example.org\""],
+    );
+}
+
+#[test]
+fn bad_pool_names() {
+    err(
+        &format!("{LISTENER}\n[pool.\"a-b\"]\n"),
+        4,
+        &["pool name \"a-b\" is not valid", "one letter A-Z"],
+    );
+    err(
+        &format!("{LISTENER}[pool.\"\"]\n"),
+        3,
+        &["pool name \"\" is not valid"],
+    );
+}
+
+#[test]
+fn route_listener_must_exist() {
+    err(
+        &format!("{LISTENER}name = \"inbound\"\n[[route]]\npool = \"-\"\nlistener = \"inbond\"\n"),
+        6,
+        &[
+            "route listener \"inbond\" names no listener",
+            "did you mean \"inbound\"",
+            "inbound",
+        ],
+    );
+}
+
+#[test]
+fn upstream_workers_and_pools() {
+    err(
+        &format!("{LISTENER}[[upstream]]\nhost = \"x\"\nworkers = 0\n"),
+        5,
+        &["workers = 0", "workers = 1 or more"],
+    );
+    err(
+        &format!("{LISTENER}[[upstream]]\nhost = \"x\"\npools = []\n"),
+        5,
+        &["upstream serves no pool", "omit pools to serve every pool"],
+    );
+    err(
+        &format!("{LISTENER}[[upstream]]\nhost = \"x\"\npools = [\"*\"]\n"),
+        5,
+        &["omit pools"],
+    );
+    err(
+        &format!("{LISTENER}[[upstream]]\nhost = \"x\"\npools = [\"-\", \"-\"]\n"),
+        5,
+        &["twice"],
+    );
+    err(
+        &format!("{LISTENER}[[upstream]]\nhost = \"x\"\nmax_messages_per_connection = 0\n"),
+        5,
+        &["1 or more"],
+    );
+}
+
+#[test]
+fn catch_all_must_be_last() {
+    err(
+        &format!("{LISTENER}[[route]]\npool = \"-\"\n\n[[route]]\npool = \"-\"\nsender = \"x\"\n"),
+        3,
+        &["no matcher", "line 6", "move it to the end"],
+    );
+    err(
+        &format!(
+            "{LISTENER}[[route]]\npool = \"-\"\nheader = {{ name = \"Sub ject:\", value = \"x\" }}\n"
+        ),
+        5,
+        &["header field name", "List-Id"],
+    );
+}
+
+#[test]
+fn first_error_in_file_order_wins() {
+    // The route error (line 5) comes after the listener error (line 3) in the
+    // file although routes are validated last.
+    err(
+        &format!("{LISTENER}max_recipients = 0\n[[route]]\npool = \"Q\"\n"),
+        3,
+        &["max_recipients"],
+    );
+}
+
+#[test]
+fn error_display_names_file_and_line() {
+    let e = err(&format!("{LISTENER}[[route]]\npool = \"Q\"\n"), 4, &[]);
+    assert!(
+        e.to_string().starts_with("test.toml:4: route pool \"Q\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn load_reads_the_file() {
+    let e = Config::load(Path::new("/nonexistent/poolrelay.toml")).unwrap_err();
+    assert_eq!(e.line, 0);
+    assert!(e.message.contains("cannot read"));
+}
+
+#[test]
+fn describe_lists_everything() {
+    let c = parse(FULL).unwrap();
+    let d = c.describe();
+    for needle in [
+        "config: test.toml",
+        "hostname: relay.example.org",
+        "127.0.0.1:2525  relay_from 127.0.0.0/8, ::1/128, 192.0.2.7/32  max 20MB, 500 rcpts",
+        "emergency (127.0.0.1:2526)  pool B (pinned)",
+        "served by scooby.example.org:25 (2 workers, 22:00-05:00), 192.0.2.25:25 (1 worker) = 3 workers",
+        "served by 192.0.2.25:25 (1 worker)   max 50 msg/s",
+        "retry 30s 1m   max_age 1d",
+        "scooby.example.org:25  2 workers  pools A, -  failover backup.example.org:25, [2001:db8::1]:2525  window 22:00-05:00 (failover hosts outside)  tls required",
+        "192.0.2.25:25  1 worker  pools A, B, bulk_news, -",
+        "fallback: fallback.example.org:25",
+        "rate_limit 12Mbps server-wide",
+        "listener emergency -> B",
+        "1. line 64  sender owner-emergency@*  -> B",
+        "2. line 68  listener 127.0.0.1:2525 and header List-Id: *news*  -> bulk_news",
+        "3. line 73  sender <> (null sender) and recipient *@example.org  -> -",
+        "4. line 78  everything else (catch-all)  -> A",
+    ] {
+        assert!(d.contains(needle), "describe lacks {needle:?}:\n{d}");
+    }
+    assert!(!d.contains("unmatched"), "{d}");
+    let pools_at = d.find("pools:").unwrap();
+    let order: Vec<usize> = ["  A ", "  B ", "  bulk_news ", "  -  "]
+        .iter()
+        .map(|p| d[pools_at..].find(p).unwrap())
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{d}");
+
+    let minimal = parse(LISTENER).unwrap().describe();
+    assert!(
+        minimal.contains("served by nobody: mail waits"),
+        "{minimal}"
+    );
+    assert!(
+        minimal.contains("unmatched: owner-*@* -> - (defaults.list_pool), else -> -"),
+        "{minimal}"
+    );
+}

@@ -1,0 +1,283 @@
+//! Decides the pool of a message: the listener's pinned pool, else the first
+//! `[[route]]` whose matchers all match, else `defaults.list_pool` for
+//! `owner-*@` senders, else `-`.
+
+use poolrelay_config::{Config, DEFAULT_POOL, Route};
+
+/// What the classifier looks at.
+pub struct Facts<'a> {
+    /// Name of the listener that accepted the message.
+    pub listener: &'a str,
+    /// The listener's pinned pool, if any.
+    pub pinned_pool: Option<&'a str>,
+    /// Envelope sender; empty for `<>`.
+    pub sender: &'a str,
+    /// Envelope recipients.
+    pub recipients: &'a [&'a str],
+    /// The message bytes (only the header section is read).
+    pub message: &'a [u8],
+}
+
+/// The decision and why it was made, for the per-message log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// The pool the message goes to.
+    pub pool: String,
+    /// Line of the route that matched; 0 when none did.
+    pub route_line: usize,
+    /// Short reason: "listener", "route", "list_pool", "default".
+    pub reason: &'static str,
+}
+
+/// The routes of one config, ready to match.
+#[derive(Debug, Clone)]
+pub struct Classifier {
+    routes: Vec<Route>,
+    list_pool: String,
+}
+
+impl Classifier {
+    /// Builds the classifier from a validated config.
+    pub fn new(config: &Config) -> Classifier {
+        Classifier {
+            routes: config.routes.clone(),
+            list_pool: config.defaults.list_pool.clone(),
+        }
+    }
+
+    /// Classifies one message. All its recipients stay together in one pool.
+    pub fn classify(&self, facts: &Facts<'_>) -> Decision {
+        if let Some(pool) = facts.pinned_pool {
+            return Decision {
+                pool: pool.to_string(),
+                route_line: 0,
+                reason: "listener",
+            };
+        }
+        let mut headers: Option<Vec<(String, String)>> = None;
+        for route in &self.routes {
+            if route_matches(route, facts, &mut headers) {
+                return Decision {
+                    pool: route.pool.clone(),
+                    route_line: route.line,
+                    reason: "route",
+                };
+            }
+        }
+        if glob_match("owner-*@*", facts.sender) {
+            Decision {
+                pool: self.list_pool.clone(),
+                route_line: 0,
+                reason: "list_pool",
+            }
+        } else {
+            Decision {
+                pool: DEFAULT_POOL.to_string(),
+                route_line: 0,
+                reason: "default",
+            }
+        }
+    }
+}
+
+fn route_matches(
+    route: &Route,
+    facts: &Facts<'_>,
+    headers: &mut Option<Vec<(String, String)>>,
+) -> bool {
+    if let Some(listener) = &route.listener
+        && listener != facts.listener
+    {
+        return false;
+    }
+    if let Some(sender) = &route.sender {
+        let matched = if sender.is_empty() {
+            facts.sender.is_empty()
+        } else {
+            glob_match(sender, facts.sender)
+        };
+        if !matched {
+            return false;
+        }
+    }
+    if let Some(pattern) = &route.recipient
+        && !facts.recipients.iter().any(|r| glob_match(pattern, r))
+    {
+        return false;
+    }
+    if let Some(header) = &route.header {
+        // Parsed lazily: most routes match on the envelope alone.
+        let parsed = headers.get_or_insert_with(|| parse_headers(facts.message));
+        return parsed.iter().any(|(name, value)| {
+            name.eq_ignore_ascii_case(&header.name) && glob_match(&header.value, value)
+        });
+    }
+    true
+}
+
+/// Case-insensitive glob: `*` any run of characters, `?` one character.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().flat_map(char::to_lowercase).collect();
+    let t: Vec<char> = text.chars().flat_map(char::to_lowercase).collect();
+    // Iterative matcher with one backtrack point: linear in practice, no recursion.
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == '*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+/// The header fields of a message, unfolded, in order. Stops at the first
+/// empty line; tolerates a message without a body.
+pub fn parse_headers(message: &[u8]) -> Vec<(String, String)> {
+    let mut fields: Vec<(String, String)> = Vec::new();
+    for raw_line in message.split(|&b| b == b'\n') {
+        let line = raw_line.strip_suffix(b"\r").unwrap_or(raw_line);
+        if line.is_empty() {
+            break;
+        }
+        let text = String::from_utf8_lossy(line);
+        if line[0] == b' ' || line[0] == b'\t' {
+            if let Some((_, value)) = fields.last_mut() {
+                value.push(' ');
+                value.push_str(text.trim());
+            }
+            continue;
+        }
+        if let Some((name, value)) = text.split_once(':') {
+            fields.push((name.trim().to_string(), value.trim().to_string()));
+        }
+    }
+    fields
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use poolrelay_config::HeaderMatch;
+
+    fn route(pool: &str, line: usize) -> Route {
+        Route {
+            pool: pool.into(),
+            sender: None,
+            recipient: None,
+            header: None,
+            listener: None,
+            line,
+        }
+    }
+
+    fn classifier(routes: Vec<Route>) -> Classifier {
+        Classifier {
+            routes,
+            list_pool: "A".into(),
+        }
+    }
+
+    fn facts<'a>(sender: &'a str, rcpts: &'a [&'a str], message: &'a [u8]) -> Facts<'a> {
+        Facts {
+            listener: "main",
+            pinned_pool: None,
+            sender,
+            recipients: rcpts,
+            message,
+        }
+    }
+
+    #[test]
+    fn globs_are_case_insensitive_and_anchored() {
+        assert!(glob_match("owner-*@*", "OWNER-list@Example.org"));
+        assert!(!glob_match("owner-*@*", "xowner-list@example.org"));
+        assert!(glob_match("*@example.org", "a@EXAMPLE.ORG"));
+        assert!(glob_match("a?c", "abc"));
+        assert!(!glob_match("a?c", "abbc"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("*a*b*", "xxaxxbxx"));
+    }
+
+    #[test]
+    fn first_matching_route_wins() {
+        let mut r1 = route("B", 10);
+        r1.sender = Some("owner-emergency@*".into());
+        let mut r2 = route("C", 20);
+        r2.sender = Some("owner-*@*".into());
+        let c = classifier(vec![r1, r2]);
+        let d = c.classify(&facts("owner-emergency@lists.test", &["x@y"], b""));
+        assert_eq!((d.pool.as_str(), d.route_line), ("B", 10));
+        let d = c.classify(&facts("owner-big@lists.test", &["x@y"], b""));
+        assert_eq!((d.pool.as_str(), d.route_line), ("C", 20));
+    }
+
+    #[test]
+    fn unmatched_owner_mail_goes_to_list_pool_and_the_rest_to_default() {
+        let c = classifier(vec![]);
+        assert_eq!(c.classify(&facts("owner-x@h", &[], b"")).pool, "A");
+        assert_eq!(c.classify(&facts("", &[], b"")).pool, "-");
+        assert_eq!(c.classify(&facts("joe@h", &[], b"")).pool, "-");
+    }
+
+    #[test]
+    fn empty_sender_pattern_matches_only_the_null_sender() {
+        let mut r = route("Z", 1);
+        r.sender = Some(String::new());
+        let c = classifier(vec![r]);
+        assert_eq!(c.classify(&facts("", &[], b"")).pool, "Z");
+        assert_eq!(c.classify(&facts("a@b", &[], b"")).pool, "-");
+    }
+
+    #[test]
+    fn header_matcher_reads_folded_headers_only() {
+        let mut r = route("B", 5);
+        r.header = Some(HeaderMatch {
+            name: "sender".into(),
+            value: "*<EMERGENCY@lists.test>".into(),
+        });
+        let c = classifier(vec![r]);
+        let msg = b"Subject: hi\r\nSender: Emergency list\r\n <emergency@LISTS.test>\r\n\r\nSender: no\r\n";
+        assert_eq!(c.classify(&facts("owner-emergency@x", &[], msg)).pool, "B");
+        let body_only = b"Subject: hi\r\n\r\nSender: <emergency@lists.test>\r\n";
+        assert_eq!(
+            c.classify(&facts("owner-emergency@x", &[], body_only)).pool,
+            "A"
+        );
+    }
+
+    #[test]
+    fn pinned_listener_overrides_routes() {
+        let mut r = route("C", 1);
+        r.sender = Some("*".into());
+        let c = classifier(vec![r]);
+        let mut f = facts("owner-x@h", &[], b"");
+        f.pinned_pool = Some("B");
+        assert_eq!(c.classify(&f).pool, "B");
+    }
+
+    #[test]
+    fn recipient_matcher_matches_any_recipient() {
+        let mut r = route("R", 1);
+        r.recipient = Some("*@vip.test".into());
+        let c = classifier(vec![r]);
+        assert_eq!(
+            c.classify(&facts("a@b", &["x@y", "boss@VIP.test"], b""))
+                .pool,
+            "R"
+        );
+        assert_eq!(c.classify(&facts("a@b", &["x@y"], b"")).pool, "-");
+    }
+}

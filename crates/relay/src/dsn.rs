@@ -1,0 +1,245 @@
+//! Delivery status notifications (RFC 3464): a multipart/report from `<>`
+//! to the envelope sender, queued in pool `-`. Never built for a message
+//! whose sender is `<>` (the caller checks), so bounces cannot loop.
+
+use poolrelay_config::DEFAULT_POOL;
+use poolrelay_smtp::inbound::rfc5322_date;
+use poolrelay_spool::{Envelope, QueueId, Recipient, RecipientState, format_id, now_ms};
+
+/// RCPT NOTIFY=NEVER (smtp-proto's bit).
+const NOTIFY_NEVER: u64 = 1 << 3;
+/// RCPT NOTIFY=FAILURE.
+const NOTIFY_FAILURE: u64 = 1 << 1;
+
+/// Whether a bounced recipient asked (or by default gets) a failure DSN.
+fn wants_failure_dsn(r: &Recipient) -> bool {
+    if r.notify == 0 {
+        return true;
+    }
+    r.notify & NOTIFY_NEVER == 0 && r.notify & NOTIFY_FAILURE != 0
+}
+
+/// Builds the failure DSN for the recipients of `original` in state
+/// Bounced that have not been reported yet (their `last_reply` is what the
+/// report says). Returns None when no recipient wants one.
+pub fn failure(
+    hostname: &str,
+    id: QueueId,
+    original: &Envelope,
+    remote: &str,
+    message: &[u8],
+) -> Option<(Envelope, Vec<u8>)> {
+    let failed: Vec<&Recipient> = original
+        .recipients
+        .iter()
+        .filter(|r| r.state == RecipientState::Bounced && wants_failure_dsn(r))
+        .collect();
+    if failed.is_empty() || original.sender.is_empty() {
+        return None;
+    }
+    let boundary = format!("{}/{}", format_id(id), hostname);
+    let date = rfc5322_date(now_ms() / 1000);
+    let mut out = String::new();
+    out.push_str(&format!(
+        "From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n\
+         To: <{sender}>\r\n\
+         Subject: Undelivered Mail Returned to Sender\r\n\
+         Date: {date}\r\n\
+         Message-ID: <{id}.{now}.dsn@{hostname}>\r\n\
+         Auto-Submitted: auto-replied\r\n\
+         MIME-Version: 1.0\r\n\
+         Content-Type: multipart/report; report-type=delivery-status;\r\n\
+         \tboundary=\"{boundary}\"\r\n\r\n\
+         This is a MIME-encapsulated message.\r\n\r\n\
+         --{boundary}\r\n\
+         Content-Description: Notification\r\n\
+         Content-Type: text/plain; charset=utf-8\r\n\r\n\
+         This is the mail system at host {hostname}.\r\n\r\n\
+         Your message could not be delivered to one or more recipients.\r\n\r\n",
+        sender = original.sender,
+        id = format_id(id),
+        now = now_ms(),
+    ));
+    for r in &failed {
+        out.push_str(&format!(
+            "<{}>: {}\r\n",
+            r.address,
+            r.last_reply.as_deref().unwrap_or("failed")
+        ));
+    }
+    out.push_str(&format!(
+        "\r\n--{boundary}\r\n\
+         Content-Description: Delivery report\r\n\
+         Content-Type: message/delivery-status\r\n\r\n\
+         Reporting-MTA: dns; {hostname}\r\n\
+         X-Poolrelay-Queue-ID: {id}\r\n",
+        id = format_id(id)
+    ));
+    if let Some(envid) = &original.envid {
+        out.push_str(&format!("Original-Envelope-Id: {envid}\r\n"));
+    }
+    out.push_str(&format!(
+        "Arrival-Date: {}\r\n",
+        rfc5322_date(original.accepted_ms / 1000)
+    ));
+    for r in &failed {
+        let reply = r.last_reply.as_deref().unwrap_or("");
+        out.push_str(&format!("\r\nFinal-Recipient: rfc822; {}\r\n", r.address));
+        if let Some(orcpt) = &r.orcpt {
+            out.push_str(&format!("Original-Recipient: {orcpt}\r\n"));
+        }
+        out.push_str(&format!(
+            "Action: failed\r\nStatus: {}\r\nRemote-MTA: dns; {}\r\nDiagnostic-Code: smtp; {}\r\n",
+            status_of(reply),
+            remote,
+            one_line(reply)
+        ));
+    }
+    let (content_type, attached) = if original.ret_full {
+        ("message/rfc822", message)
+    } else {
+        ("text/rfc822-headers", header_section(message))
+    };
+    out.push_str(&format!(
+        "\r\n--{boundary}\r\nContent-Description: Undelivered message\r\nContent-Type: {content_type}\r\n\r\n"
+    ));
+    let mut bytes = out.into_bytes();
+    bytes.extend_from_slice(attached);
+    if !bytes.ends_with(b"\r\n") {
+        bytes.extend_from_slice(b"\r\n");
+    }
+    bytes.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let envelope = Envelope {
+        pool: DEFAULT_POOL.to_string(),
+        sender: String::new(),
+        recipients: vec![Recipient {
+            address: original.sender.clone(),
+            orcpt: None,
+            notify: 0,
+            state: RecipientState::Pending,
+            last_reply: None,
+        }],
+        accepted_ms: now_ms(),
+        attempts: 0,
+        next_attempt_ms: 0,
+        size: bytes.len() as u64,
+        listener: "dsn".to_string(),
+        client: "local".to_string(),
+        route_line: 0,
+        envid: None,
+        ret_full: false,
+        body_8bit: true,
+        smtputf8: false,
+    };
+    Some((envelope, bytes))
+}
+
+/// The enhanced status code in a reply text ("550 5.1.1 no such user" ->
+/// "5.1.1"), else derived from the basic code.
+fn status_of(reply: &str) -> String {
+    for word in reply.split_whitespace().take(3) {
+        let parts: Vec<&str> = word.split('.').collect();
+        if parts.len() == 3
+            && matches!(parts[0], "2" | "4" | "5")
+            && parts[1..]
+                .iter()
+                .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
+        {
+            // An expiry keeps its 4.4.7: "failed" with a transient code is how
+            // Postfix reports it too, and what the operator greps for.
+            return word.to_string();
+        }
+    }
+    "5.0.0".to_string()
+}
+
+fn one_line(text: &str) -> String {
+    text.replace(['\r', '\n'], " ")
+}
+
+/// The header section of a message, through its empty line.
+fn header_section(message: &[u8]) -> &[u8] {
+    match message.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(end) => &message[..end + 2],
+        None => message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(sender: &str, notify: u64) -> Envelope {
+        Envelope {
+            pool: "A".into(),
+            sender: sender.into(),
+            recipients: vec![
+                Recipient {
+                    address: "ok@x.test".into(),
+                    orcpt: None,
+                    notify,
+                    state: RecipientState::Delivered,
+                    last_reply: Some("250 2.0.0 ok".into()),
+                },
+                Recipient {
+                    address: "gone@x.test".into(),
+                    orcpt: Some("rfc822;gone@x.test".into()),
+                    notify,
+                    state: RecipientState::Bounced,
+                    last_reply: Some("550 5.1.1 no such user".into()),
+                },
+            ],
+            accepted_ms: now_ms(),
+            attempts: 1,
+            next_attempt_ms: 0,
+            size: 10,
+            listener: "l".into(),
+            client: "c".into(),
+            route_line: 0,
+            envid: Some("ENV1".into()),
+            ret_full: false,
+            body_8bit: false,
+            smtputf8: false,
+        }
+    }
+
+    #[test]
+    fn failure_dsn_reports_only_bounced_recipients_with_their_status() {
+        let msg = b"Subject: hello\r\nMessage-ID: <1@x>\r\n\r\nsecret body\r\n";
+        let (env, bytes) = failure(
+            "relay.test",
+            42,
+            &envelope("owner-l@x.test", 0),
+            "up.test",
+            msg,
+        )
+        .unwrap();
+        let text = String::from_utf8(bytes).unwrap();
+        assert_eq!(env.sender, "");
+        assert_eq!(env.pool, "-");
+        assert_eq!(env.recipients[0].address, "owner-l@x.test");
+        assert!(text.contains("Content-Type: multipart/report; report-type=delivery-status;"));
+        assert!(text.contains("Final-Recipient: rfc822; gone@x.test"));
+        assert!(!text.contains("Final-Recipient: rfc822; ok@x.test"));
+        assert!(text.contains("Status: 5.1.1"));
+        assert!(text.contains("Original-Envelope-Id: ENV1"));
+        assert!(text.contains("Subject: hello"));
+        assert!(
+            !text.contains("secret body"),
+            "RET=HDRS by default: headers only"
+        );
+    }
+
+    #[test]
+    fn notify_never_and_null_sender_get_no_dsn() {
+        assert!(failure("h", 1, &envelope("a@b", NOTIFY_NEVER), "u", b"").is_none());
+        assert!(failure("h", 1, &envelope("", 0), "u", b"").is_none());
+    }
+
+    #[test]
+    fn expiry_keeps_its_4_4_7_status() {
+        assert_eq!(status_of("4.4.7 message expired"), "4.4.7");
+        assert_eq!(status_of("550 5.1.1 x"), "5.1.1");
+        assert_eq!(status_of("550 no"), "5.0.0");
+    }
+}

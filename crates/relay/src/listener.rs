@@ -1,0 +1,242 @@
+//! Listeners: accept SMTP connections, run one [`Session`] per connection,
+//! classify each finished transaction and append it to the spool. The 250
+//! for the final dot is written only after the spool says the message is
+//! fsynced; a spool failure answers `452 4.3.1` and nothing is queued.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use poolrelay_config::{Config, Listener};
+use poolrelay_smtp::inbound::{Output, Ret, Session, SessionConfig, Transaction};
+use poolrelay_spool::{
+    Envelope, FjallSpool, QueueId, Recipient, RecipientState, Spool, format_id, now_ms,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+
+use crate::classifier::{Classifier, Facts};
+
+/// Called for every message once it is durable, with its id and pool: how
+/// later stages learn of new mail without the listener knowing them.
+pub type OnQueued = Arc<dyn Fn(QueueId, &str) + Send + Sync>;
+
+/// What every session of every listener shares.
+pub struct Inbound {
+    /// The running config.
+    pub config: Arc<Config>,
+    /// The routes.
+    pub classifier: Classifier,
+    /// Where accepted mail goes.
+    pub spool: FjallSpool,
+    /// Notified of each queued message.
+    pub on_queued: OnQueued,
+    /// Caps concurrent sessions over all listeners (`server.max_sessions`).
+    pub sessions: Arc<Semaphore>,
+    /// Becomes true when the relay stops accepting.
+    pub stopping: watch::Receiver<bool>,
+}
+
+/// Binds every configured listener, failing with the address on error.
+pub async fn bind_all(config: &Config) -> anyhow::Result<Vec<(Listener, TcpListener)>> {
+    let mut bound = Vec::new();
+    for l in &config.listeners {
+        let socket = TcpListener::bind(l.address).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {} (listener {:?}): {e}",
+                l.address,
+                l.name
+            )
+        })?;
+        bound.push((l.clone(), socket));
+    }
+    Ok(bound)
+}
+
+/// Accepts connections until the relay stops.
+pub async fn serve(inbound: Arc<Inbound>, listener: Listener, socket: TcpListener) {
+    let listener = Arc::new(listener);
+    let mut stopping = inbound.stopping.clone();
+    loop {
+        let accepted = tokio::select! {
+            a = socket.accept() => a,
+            _ = stopping.changed() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(listener = %listener.name, "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let inbound = inbound.clone();
+        let listener = listener.clone();
+        tokio::spawn(async move {
+            let Ok(permit) = inbound.sessions.clone().try_acquire_owned() else {
+                refuse(
+                    stream,
+                    &inbound.config.server.hostname,
+                    "421 4.3.2 too many connections, try again later",
+                )
+                .await;
+                return;
+            };
+            if let Err(e) = session(&inbound, &listener, stream, peer).await {
+                tracing::debug!(listener = %listener.name, client = %peer, "session ended: {e}");
+            }
+            drop(permit);
+        });
+    }
+    tracing::info!(listener = %listener.name, "stopped accepting");
+}
+
+async fn refuse(mut stream: TcpStream, hostname: &str, reply: &str) {
+    let _ = stream
+        .write_all(format!("{} {hostname}\r\n", reply).as_bytes())
+        .await;
+    let _ = stream.shutdown().await;
+}
+
+async fn session(
+    inbound: &Inbound,
+    listener: &Listener,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let (mut reader, mut writer) = stream.into_split();
+    let server = &inbound.config.server;
+    let relay_allowed = listener
+        .relay_from
+        .iter()
+        .any(|net| net.contains(&peer.ip()));
+    let (mut session, banner) = Session::new(
+        SessionConfig {
+            hostname: server.hostname.clone(),
+            max_message_size: listener.max_message_size,
+            max_recipients: listener.max_recipients,
+            max_line_length: server.max_line_length,
+            relay_allowed,
+        },
+        peer,
+    );
+    writer.write_all(&banner).await?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut out: Vec<u8> = Vec::with_capacity(4096);
+    loop {
+        let limit = if session.in_data() {
+            server.data_timeout
+        } else {
+            server.command_timeout
+        };
+        let n = match tokio::time::timeout(limit, reader.read(&mut buf)).await {
+            Ok(Ok(0)) => return Ok(()),
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                writer.write_all(&session.timeout_reply()).await?;
+                return Ok(());
+            }
+        };
+        let mut outputs = session.feed(&buf[..n]);
+        let mut close = false;
+        loop {
+            let mut resume = false;
+            for output in outputs {
+                match output {
+                    Output::Reply(bytes) => out.extend_from_slice(&bytes),
+                    Output::Message(tx) => {
+                        let reply = queue(inbound, listener, &mut session, *tx).await;
+                        out.extend_from_slice(&reply);
+                        resume = true;
+                    }
+                    Output::Close => close = true,
+                }
+            }
+            if !resume || close {
+                break;
+            }
+            outputs = session.feed(&[]);
+        }
+        if !out.is_empty() {
+            writer.write_all(&out).await?;
+            out.clear();
+        }
+        if close {
+            let _ = writer.shutdown().await;
+            return Ok(());
+        }
+    }
+}
+
+/// Classifies and spools one transaction; returns the reply to the final dot.
+async fn queue(
+    inbound: &Inbound,
+    listener: &Listener,
+    session: &mut Session,
+    tx: Transaction,
+) -> Vec<u8> {
+    let recipients: Vec<&str> = tx.recipients.iter().map(|r| r.address.as_str()).collect();
+    let decision = inbound.classifier.classify(&Facts {
+        listener: &listener.name,
+        pinned_pool: listener.pool.as_deref(),
+        sender: &tx.sender,
+        recipients: &recipients,
+        message: &tx.message,
+    });
+    let envelope = Envelope {
+        pool: decision.pool.clone(),
+        sender: tx.sender.clone(),
+        recipients: tx
+            .recipients
+            .iter()
+            .map(|r| Recipient {
+                address: r.address.clone(),
+                orcpt: r.orcpt.clone(),
+                notify: r.notify,
+                state: RecipientState::Pending,
+                last_reply: None,
+            })
+            .collect(),
+        accepted_ms: now_ms(),
+        attempts: 0,
+        next_attempt_ms: 0,
+        size: tx.message.len() as u64,
+        listener: listener.name.clone(),
+        client: tx.peer.to_string(),
+        route_line: decision.route_line,
+        envid: tx.envid.clone(),
+        ret_full: tx.ret == Some(Ret::Full),
+        body_8bit: tx.body_8bit,
+        smtputf8: tx.smtputf8,
+    };
+    let size = tx.message.len();
+    let rcpt_count = tx.recipients.len();
+    match inbound.spool.append(envelope, tx.message).await {
+        Ok(id) => {
+            let id_text = format_id(id);
+            tracing::info!(
+                target: "poolrelay::accept",
+                queue_id = %id_text,
+                client = %tx.peer,
+                sender = %tx.sender,
+                recipients = rcpt_count,
+                size,
+                pool = %decision.pool,
+                classified_by = decision.reason,
+                route_line = decision.route_line,
+                listener = %listener.name,
+                "accepted"
+            );
+            (inbound.on_queued)(id, &decision.pool);
+            session.queued(&id_text)
+        }
+        Err(e) => {
+            tracing::error!(client = %tx.peer, sender = %tx.sender, "refused a message because the spool failed: {e}");
+            session.queue_failed("spool write failed, try again later")
+        }
+    }
+}

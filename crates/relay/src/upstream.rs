@@ -1,0 +1,154 @@
+//! Upstream hosts: name resolution and health. A host that refused, timed
+//! out or answered 421 is marked down and skipped; once its backoff has
+//! passed, one worker probes it, so a down host costs one probe per backoff
+//! interval instead of one timeout per message.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// First backoff after a host goes down.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// Longest backoff between probes of a down host.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Clone, Copy)]
+struct Down {
+    /// No worker tries the host before this instant.
+    until: Instant,
+    /// Interval to use after the next failure.
+    backoff: Duration,
+}
+
+/// Health of every upstream host by "host:port", shared by all workers.
+#[derive(Default)]
+pub struct Health {
+    down: Mutex<HashMap<String, Down>>,
+}
+
+impl Health {
+    /// An empty table: every host is presumed up.
+    pub fn new() -> Health {
+        Health::default()
+    }
+
+    /// Whether a worker may use `host` now. For a down host whose backoff has
+    /// passed, the first caller gets `true` (it is the probe) and the others
+    /// keep skipping it until the probe's outcome is known.
+    pub fn claim(&self, host: &str) -> bool {
+        let mut map = self.down.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get_mut(host) {
+            None => true,
+            Some(d) if Instant::now() >= d.until => {
+                // Reserve the probe: others wait one more backoff interval.
+                d.until = Instant::now() + d.backoff;
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    /// Records a connection-level failure of `host`.
+    pub fn mark_down(&self, host: &str) {
+        let mut map = self.down.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let entry = map.entry(host.to_string()).or_insert(Down {
+            until: now,
+            backoff: FIRST_BACKOFF,
+        });
+        entry.until = now + entry.backoff;
+        entry.backoff = (entry.backoff * 2).min(MAX_BACKOFF);
+    }
+
+    /// Records that `host` answered.
+    pub fn mark_up(&self, host: &str) {
+        let mut map = self.down.lock().unwrap_or_else(|e| e.into_inner());
+        map.remove(host);
+    }
+
+    /// Whether `host` is currently considered up.
+    pub fn is_up(&self, host: &str) -> bool {
+        let map = self.down.lock().unwrap_or_else(|e| e.into_inner());
+        !map.contains_key(host)
+    }
+}
+
+/// Resolves "host:port" to addresses: the `[server] hosts` map first (so tests
+/// and migrations can point example names at local sinks), then the system resolver.
+pub async fn resolve(
+    host_port: &str,
+    hosts: &BTreeMap<String, String>,
+) -> Result<Vec<SocketAddr>, String> {
+    if let Ok(addr) = host_port.parse::<SocketAddr>() {
+        return Ok(vec![addr]);
+    }
+    let (name, port) = split_host_port(host_port)?;
+    if let Some(mapped) = hosts.get(&name.to_ascii_lowercase()) {
+        if let Ok(addr) = mapped.parse::<SocketAddr>() {
+            return Ok(vec![addr]);
+        }
+        if let Ok(ip) = mapped.parse::<std::net::IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, port)]);
+        }
+        return Err(format!(
+            "[server] hosts maps {name} to {mapped:?}, which is neither an IP nor IP:port"
+        ));
+    }
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), port))
+        .await
+        .map_err(|e| format!("cannot resolve {name}: {e}"))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("{name} has no address"));
+    }
+    Ok(addrs)
+}
+
+fn split_host_port(host_port: &str) -> Result<(String, u16), String> {
+    let (name, port) = host_port
+        .rsplit_once(':')
+        .ok_or_else(|| format!("upstream {host_port:?} has no port"))?;
+    let port = port
+        .parse::<u16>()
+        .map_err(|_| format!("upstream {host_port:?} has a bad port"))?;
+    Ok((name.trim_matches(['[', ']']).to_string(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_down_host_is_probed_by_one_worker_per_backoff() {
+        let h = Health::new();
+        assert!(h.claim("a:25"));
+        h.mark_down("a:25");
+        assert!(!h.claim("a:25"), "skipped while backing off");
+        assert!(!h.is_up("a:25"));
+        h.mark_up("a:25");
+        assert!(h.claim("a:25"));
+    }
+
+    #[tokio::test]
+    async fn hosts_map_overrides_dns() {
+        let mut hosts = BTreeMap::new();
+        hosts.insert(
+            "scooby.example.org".to_string(),
+            "127.0.0.9:2600".to_string(),
+        );
+        hosts.insert("scrappy.example.org".to_string(), "127.0.0.8".to_string());
+        assert_eq!(
+            resolve("scooby.example.org:25", &hosts).await,
+            Ok(vec!["127.0.0.9:2600".parse().unwrap()])
+        );
+        assert_eq!(
+            resolve("scrappy.example.org:25", &hosts).await,
+            Ok(vec!["127.0.0.8:25".parse().unwrap()])
+        );
+        assert_eq!(
+            resolve("127.0.0.1:26", &hosts).await,
+            Ok(vec!["127.0.0.1:26".parse().unwrap()])
+        );
+    }
+}

@@ -1,0 +1,133 @@
+//! `poolrelay check`: validation with file:line errors, and `--print`.
+
+use std::time::Duration;
+
+use poolrelay_tests::poolrelay;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn write_config(dir: &tempfile::TempDir, text: &str) -> String {
+    let path = dir.path().join("poolrelay.toml");
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    path.to_string_lossy().into_owned()
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"))
+}
+
+#[test]
+fn check_print_shows_pools_upstreams_and_routes() {
+    let dir = tempdir();
+    let path = write_config(
+        &dir,
+        r#"[server]
+hostname = "relay.test"
+spool_dir = "spool"
+
+[[listener]]
+address = "127.0.0.1:2525"
+
+[admin]
+address = "127.0.0.1:9025"
+
+[defaults]
+list_pool = "bulk_lane"
+
+[pool.bulk_lane]
+description = "list postings"
+[pool.urgent]
+description = "emergency lists"
+
+[[upstream]]
+host = "127.0.0.1:2601"
+workers = 2
+pools = ["bulk_lane", "-"]
+
+[[upstream]]
+host = "127.0.0.1:2602"
+pools = ["urgent"]
+
+[[route]]
+pool = "urgent"
+sender = "owner-emergency@*"
+"#,
+    );
+    let out = poolrelay(&["check", "-c", &path, "--print"], DEADLINE);
+    assert!(
+        out.status.success(),
+        "poolrelay check --print on a valid config:\n{out}"
+    );
+    for needle in [
+        "bulk_lane",
+        "urgent",
+        "127.0.0.1:2601",
+        "127.0.0.1:2602",
+        "owner-emergency@*",
+    ] {
+        assert!(
+            out.stdout.contains(needle),
+            "check --print output lacks {needle:?}:\n{out}"
+        );
+    }
+}
+
+#[test]
+fn check_reports_unknown_pool_in_route_with_file_and_line() {
+    let dir = tempdir();
+    let text = r#"[server]
+hostname = "relay.test"
+spool_dir = "spool"
+
+[[listener]]
+address = "127.0.0.1:2525"
+
+[defaults]
+list_pool = "A"
+
+[pool.A]
+
+[[upstream]]
+host = "127.0.0.1:2601"
+pools = ["A", "-"]
+
+[[route]]
+pool = "A"
+sender = "owner-biglist@*"
+
+[[route]]
+pool = "Q"
+sender = "owner-emergency@*"
+"#;
+    let path = write_config(&dir, text);
+    // The second [[route]] and its pool key: either line names the mistake.
+    let line_of = |needle: &str| {
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| l.trim() == needle)
+            .map(|(i, _)| i + 1)
+            .last()
+            .unwrap_or_else(|| panic!("{needle:?} not in the test config"))
+    };
+    let route_line = line_of("[[route]]");
+    let pool_line = line_of("pool = \"Q\"");
+    let out = poolrelay(&["check", "-c", &path], DEADLINE);
+    assert!(
+        !out.status.success(),
+        "check must fail on a route naming an unknown pool:\n{out}"
+    );
+    assert!(
+        !out.stderr.contains("panicked"),
+        "check must report, not panic:\n{out}"
+    );
+    let at_route = format!("{path}:{route_line}");
+    let at_pool = format!("{path}:{pool_line}");
+    assert!(
+        out.stderr.contains(&format!("{at_route}:")) || out.stderr.contains(&format!("{at_pool}:")),
+        "stderr must name {at_route} (the [[route]]) or {at_pool} (its pool key):\n{out}"
+    );
+    assert!(
+        out.stderr.contains('Q'),
+        "the error should name the unknown pool Q:\n{out}"
+    );
+}
