@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use poolrelay_tests::{Relay, Sink, SmtpClient, SmtpError, free_addr, message, unique_id};
+use poolrelay_tests::{
+    POLL_INTERVAL, Relay, Sink, SmtpClient, SmtpError, free_addr, message, poll_until, unique_id,
+};
 
 const THREADS: usize = 5;
 /// Upper bound per client, so the test is bounded even if the kill is late.
@@ -123,14 +125,19 @@ fn every_message_acknowledged_before_kill9_is_delivered_after_restart() {
 
     let acked = &ledger.acked;
     let arrived_ids = || sink.message_ids().into_iter().collect::<BTreeSet<String>>();
-    relay.wait_until(
-        &format!(
-            "all {} acknowledged messages at the sink after the restart",
-            acked.len()
-        ),
-        Duration::from_secs(90),
-        || arrived_ids().is_superset(acked),
-    );
+    if !poll_until(Duration::from_secs(90), POLL_INTERVAL, || {
+        arrived_ids().is_superset(acked)
+    }) {
+        let arrived = arrived_ids();
+        let missing: Vec<_> = acked.difference(&arrived).collect();
+        panic!(
+            "after the restart, {} of {} acknowledged messages never reached the upstream within 90 s \
+             (250 must mean durable): {missing:?}\n{}",
+            missing.len(),
+            acked.len(),
+            relay.logs()
+        );
+    }
 
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for id in sink.message_ids() {

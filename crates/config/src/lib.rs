@@ -5,7 +5,9 @@
 //! Sizes are strings such as `"50MB"`, durations strings such as `"5m"`,
 //! bandwidths strings such as `"1.5Mbps"`. The unit parsers are public
 //! ([`parse_size`], [`parse_duration`], [`parse_bandwidth`], [`parse_window`],
-//! [`normalize_host`]) for tools that write configs, such as the LISTSERV importer.
+//! [`normalize_host`]) for tools that write configs, such as the LISTSERV importer
+//! ([`import_listserv`]), which turns a LISTSERV `site.cfg` and list headers
+//! into a commented config of this format.
 //!
 //! Small liberties beyond `DESIGN.md`: unit keys also take a bare TOML number
 //! (`max_age = 3600` is seconds, `max_message_size = 1048576` bytes), a route
@@ -14,10 +16,12 @@
 #![warn(missing_docs)]
 
 mod describe;
+mod listserv;
 mod raw;
 mod units;
 mod validate;
 
+pub use listserv::{Import, ImportOptions, import_listserv, parse_list_arg};
 pub use units::{
     format_bandwidth, format_duration, format_size, normalize_host, parse_bandwidth,
     parse_duration, parse_size, parse_window,

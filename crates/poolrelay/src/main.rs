@@ -1,6 +1,9 @@
 //! The `poolrelay` binary: command line, logging, signals, wiring.
 
+mod admin;
+mod queue;
 mod sink;
+mod telemetry;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,9 +47,22 @@ enum Command {
     },
     /// A tiny SMTP sink for trying a setup: accepts everything, prints a line per message.
     Sink(sink::Args),
+    /// Inspect and act on the queue of a running relay (via its admin API).
+    Queue {
+        #[command(flatten)]
+        target: queue::Target,
+        #[command(subcommand)]
+        command: queue::QueueCommand,
+    },
+    /// Make a running relay re-read its config (same as SIGHUP).
+    Reload {
+        #[command(flatten)]
+        target: queue::Target,
+    },
 }
 
-fn config_path(given: Option<PathBuf>) -> PathBuf {
+/// The config file: the one given, else $POOLRELAY_CONFIG, else config/poolrelay.toml.
+pub fn config_path(given: Option<PathBuf>) -> PathBuf {
     given
         .or_else(|| std::env::var_os("POOLRELAY_CONFIG").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("config/poolrelay.toml"))
@@ -94,7 +110,12 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime().and_then(|rt| rt.block_on(run(config))) {
+            if let Some(tz) = &config.server.timezone {
+                // SAFETY: no other thread exists yet (the runtime is built below),
+                // so nothing can read the environment concurrently.
+                unsafe { std::env::set_var("TZ", tz) };
+            }
+            match runtime().and_then(|rt| rt.block_on(run(config, path))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("poolrelay: {e:#}");
@@ -102,6 +123,8 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Queue { target, command } => ExitCode::from(queue::run(&target, command) as u8),
+        Command::Reload { target } => ExitCode::from(queue::reload(&target) as u8),
         Command::Sink(args) => match runtime().and_then(|rt| rt.block_on(sink::run(args))) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -118,13 +141,63 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
-    let running = poolrelay_relay::start(config).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+/// How long sessions and deliveries get to finish on SIGTERM.
+const GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+
+async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let metrics = telemetry::install()?;
+    let token = admin::read_token(&config)?;
+    let admin_address = config.admin.address;
+    let admin_socket = tokio::net::TcpListener::bind(admin_address)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on the admin address {admin_address}: {e}"))?;
+    let relay = std::sync::Arc::new(poolrelay_relay::start(config).await?);
+    let admin = std::sync::Arc::new(admin::Admin {
+        relay: relay.clone(),
+        metrics,
+        token,
+        config_path: path.clone(),
+    });
+    let admin_task = tokio::spawn(admin::serve(admin, admin_socket));
+    tracing::info!(admin = %admin_address, "poolrelay running");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            _ = hup.recv() => {
+                match reload(&relay, &path).await {
+                    Ok(msg) => tracing::info!("SIGHUP: {msg}"),
+                    Err(msg) => tracing::error!("SIGHUP: {msg}"),
+                }
+            }
+        }
     }
-    running.shutdown().await;
+    // A second signal ends the process at once; what got a 250 is fsynced already.
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+    admin_task.abort();
+    match std::sync::Arc::try_unwrap(relay) {
+        Ok(relay) => relay.shutdown(GRACE).await,
+        Err(_) => tracing::warn!("admin requests still running; exiting without waiting for them"),
+    }
     Ok(())
+}
+
+/// Re-reads the config file and applies it; the old config stays on any error.
+pub async fn reload(
+    relay: &poolrelay_relay::Running,
+    path: &std::path::Path,
+) -> Result<String, String> {
+    let config = Config::load(path).map_err(|e| format!("reload refused, old config kept: {e}"))?;
+    relay.reload(config).await
 }

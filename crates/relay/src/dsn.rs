@@ -4,7 +4,46 @@
 
 use poolrelay_config::DEFAULT_POOL;
 use poolrelay_smtp::inbound::rfc5322_date;
-use poolrelay_spool::{Envelope, QueueId, Recipient, RecipientState, format_id, now_ms};
+use poolrelay_spool::{
+    Envelope, FjallSpool, QueueId, Recipient, RecipientState, Spool, format_id, now_ms,
+};
+
+use crate::scheduler::Scheduler;
+
+/// Queues a failure DSN for the recipients of `original` that bounced,
+/// in pool `-`, unless the sender is `<>` (logged and dropped: never bounce a bounce).
+pub async fn queue_failure(
+    spool: &FjallSpool,
+    scheduler: &Scheduler,
+    hostname: &str,
+    id: QueueId,
+    original: &Envelope,
+    remote: &str,
+) {
+    let id_text = format_id(id);
+    if original.sender.is_empty() {
+        tracing::info!(queue_id = %id_text, "bounce of a message from <> dropped (never bounce a bounce)");
+        return;
+    }
+    let body = match spool.body(id) {
+        Ok(Some(b)) => b,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::error!(queue_id = %id_text, "cannot read the message for its DSN: {e}");
+            return;
+        }
+    };
+    let Some((envelope, message)) = failure(hostname, id, original, remote, &body) else {
+        return;
+    };
+    match spool.append(envelope, message).await {
+        Ok(dsn_id) => {
+            tracing::info!(queue_id = %id_text, dsn = %format_id(dsn_id), to = %original.sender, "DSN queued in pool -");
+            scheduler.enqueue(dsn_id, DEFAULT_POOL, 0);
+        }
+        Err(e) => tracing::error!(queue_id = %id_text, "cannot queue the DSN: {e}"),
+    }
+}
 
 /// RCPT NOTIFY=NEVER (smtp-proto's bit).
 const NOTIFY_NEVER: u64 = 1 << 3;

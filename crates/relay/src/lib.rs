@@ -5,13 +5,17 @@
 //! [`start`] wires them for one config and returns a [`Running`] relay.
 
 pub mod classifier;
+pub mod control;
 pub mod dsn;
+pub mod limits;
 pub mod listener;
 pub mod scheduler;
 pub mod upstream;
 pub mod worker;
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use poolrelay_config::Config;
 use poolrelay_spool::{FjallSpool, Spool, now_ms};
@@ -19,10 +23,17 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use crate::classifier::Classifier;
-use crate::listener::{Inbound, OnQueued};
+use crate::limits::Limits;
+use crate::listener::{Inbound, OnQueued, Rules};
 use crate::scheduler::Scheduler;
 use crate::upstream::Health;
-use crate::worker::Shared;
+use crate::worker::{Generation, Shared};
+
+/// The workers of one config generation.
+struct Workers {
+    stop: watch::Sender<bool>,
+    handles: Vec<JoinHandle<()>>,
+}
 
 /// A running relay.
 pub struct Running {
@@ -32,27 +43,148 @@ pub struct Running {
     pub scheduler: Arc<Scheduler>,
     /// Upstream health, for metrics.
     pub health: Arc<Health>,
-    /// The config it runs.
-    pub config: Arc<Config>,
-    stop: watch::Sender<bool>,
+    inbound: Arc<Inbound>,
+    shared: Arc<Shared>,
+    stopping: watch::Sender<bool>,
     listeners: Vec<JoinHandle<()>>,
-    workers: Vec<JoinHandle<()>>,
+    workers: Mutex<Workers>,
+    listeners_bound: bool,
 }
 
 impl Running {
-    /// Stops accepting, stops the workers, and lets the spool writer finish.
-    pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        for l in self.listeners {
-            let _ = l.await;
+    /// The config currently in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.inbound.rules().config.clone()
+    }
+
+    /// Whether the relay can take mail: spool writable and listeners bound.
+    pub fn ready(&self) -> bool {
+        self.listeners_bound && self.spool.is_writable() && !*self.stopping.borrow()
+    }
+
+    /// Applies a new config without dropping sessions or queued mail: new
+    /// routes at once, new workers (upstreams, windows, limits) after the
+    /// old ones finish the message in hand. Refused, with the old config
+    /// kept, when it removes a pool that still holds mail or changes listeners.
+    pub async fn reload(&self, new: Config) -> Result<String, String> {
+        let old = self.config();
+        let counts = self.scheduler.counts();
+        let mut orphaned: Vec<String> = counts
+            .iter()
+            .filter(|(pool, c)| !new.pools.contains_key(*pool) && c.ready + c.deferred > 0)
+            .map(|(pool, c)| format!("{pool} ({} messages)", c.ready + c.deferred))
+            .collect();
+        if !orphaned.is_empty() {
+            orphaned.sort();
+            return Err(format!(
+                "reload refused: the new config drops pools that still hold mail: {}; keep them (e.g. held, with no upstream) until they are empty, or move the mail first",
+                orphaned.join(", ")
+            ));
         }
-        for w in &self.workers {
-            w.abort();
+        let old_listeners: BTreeSet<_> = old.listeners.iter().map(|l| l.address).collect();
+        let new_listeners: BTreeSet<_> = new.listeners.iter().map(|l| l.address).collect();
+        if old_listeners != new_listeners {
+            return Err(
+                "reload refused: listener addresses changed; that needs a restart".to_string(),
+            );
         }
-        for w in self.workers {
-            let _ = w.await;
+        let new = Arc::new(new);
+        *self
+            .inbound
+            .rules
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(Rules {
+            config: new.clone(),
+            classifier: Classifier::new(&new),
+        });
+        let fresh = spawn_workers(&self.shared, &new, &self.health);
+        let old_workers = {
+            let mut guard = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::replace(&mut *guard, fresh)
+        };
+        let _ = old_workers.stop.send(true);
+        // Old workers finish the message in hand; the new ones start at once.
+        tokio::spawn(async move {
+            for h in old_workers.handles {
+                let _ = h.await;
+            }
+        });
+        self.scheduler.wake_all();
+        Ok(format!(
+            "reloaded {}: {} pools, {} upstreams, {} routes",
+            new.source.display(),
+            new.pools.len(),
+            new.upstreams.len(),
+            new.routes.len()
+        ))
+    }
+
+    /// Graceful stop: new connections get 421 4.3.2, sessions get `grace`
+    /// to finish their transaction, workers finish the message in flight.
+    /// Everything that got a 250 is already fsynced, so an early exit is safe.
+    pub async fn shutdown(self, grace: Duration) {
+        let _ = self.stopping.send(true);
+        let deadline = tokio::time::Instant::now() + grace;
+        let workers = {
+            let mut guard = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::replace(
+                &mut *guard,
+                Workers {
+                    stop: watch::channel(true).0,
+                    handles: Vec::new(),
+                },
+            )
+        };
+        let _ = workers.stop.send(true);
+        let max = self.config().server.max_sessions;
+        let sessions = self.inbound.sessions.clone();
+        let drained = tokio::time::timeout_at(deadline, async {
+            // Every permit back means every session has ended.
+            let _all = sessions.acquire_many(max as u32).await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("grace period over with sessions still open; closing them");
+        }
+        for h in workers.handles {
+            if tokio::time::timeout_at(deadline, h).await.is_err() {
+                tracing::warn!("grace period over with a delivery in flight; it stays queued");
+                break;
+            }
+        }
+        for l in &self.listeners {
+            l.abort();
+        }
+        tracing::info!("stopped");
+    }
+}
+
+fn spawn_workers(shared: &Arc<Shared>, config: &Arc<Config>, health: &Health) -> Workers {
+    let (stop, stop_rx) = watch::channel(false);
+    let generation = Arc::new(Generation {
+        config: config.clone(),
+        limits: Limits::new(config),
+        stop: stop_rx,
+    });
+    let mut handles = Vec::new();
+    for upstream in &config.upstreams {
+        health.register(&upstream.host);
+        for h in &upstream.failover {
+            health.register(h);
+        }
+        for i in 0..upstream.workers {
+            handles.push(tokio::spawn(worker::run(
+                shared.clone(),
+                generation.clone(),
+                upstream.clone(),
+                i,
+            )));
         }
     }
+    for h in &config.defaults.fallback {
+        health.register(h);
+    }
+    Workers { stop, handles }
 }
 
 /// Opens the spool, recovers its mail into the scheduler, binds the
@@ -64,25 +196,29 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .await
         .map_err(|e| anyhow::anyhow!("spool open task failed: {e}"))??;
     let scheduler = Arc::new(Scheduler::new());
+    let started = std::time::Instant::now();
     let recovered = recover(&spool, &scheduler).await?;
     tracing::info!(
         spool = %config.server.spool_dir.display(),
         messages = recovered,
+        seconds = format_args!("{:.3}", started.elapsed().as_secs_f64()),
         "spool recovered"
     );
     let bound = listener::bind_all(&config).await?;
-    let (stop, stopping) = watch::channel(false);
+    let (stopping, stopping_rx) = watch::channel(false);
     let on_queued: OnQueued = {
         let scheduler = scheduler.clone();
         Arc::new(move |id, pool| scheduler.enqueue(id, pool, 0))
     };
     let inbound = Arc::new(Inbound {
-        config: config.clone(),
-        classifier: Classifier::new(&config),
+        rules: RwLock::new(Arc::new(Rules {
+            config: config.clone(),
+            classifier: Classifier::new(&config),
+        })),
         spool: spool.clone(),
         on_queued,
         sessions: Arc::new(Semaphore::new(config.server.max_sessions)),
-        stopping,
+        stopping: stopping_rx,
     });
     let mut listeners = Vec::new();
     for (l, socket) in bound {
@@ -91,32 +227,23 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     let health = Arc::new(Health::new());
     let shared = Arc::new(Shared {
-        config: config.clone(),
         spool: spool.clone(),
         scheduler: scheduler.clone(),
         health: health.clone(),
     });
-    let mut workers = Vec::new();
-    for upstream in &config.upstreams {
-        for i in 0..upstream.workers {
-            workers.push(tokio::spawn(worker::run(
-                shared.clone(),
-                upstream.clone(),
-                i,
-            )));
-        }
-    }
+    let workers = spawn_workers(&shared, &config, &health);
     Ok(Running {
         spool,
         scheduler,
         health,
-        config,
-        stop,
+        inbound,
+        shared,
+        stopping,
         listeners,
-        workers,
+        workers: Mutex::new(workers),
+        listeners_bound: true,
     })
 }
-
 /// Loads every queued message with a pending recipient into the scheduler.
 async fn recover(spool: &FjallSpool, scheduler: &Arc<Scheduler>) -> anyhow::Result<usize> {
     let spool = spool.clone();

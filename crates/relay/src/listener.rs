@@ -4,7 +4,7 @@
 //! fsynced; a spool failure answers `452 4.3.1` and nothing is queued.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use poolrelay_config::{Config, Listener};
@@ -22,12 +22,19 @@ use crate::classifier::{Classifier, Facts};
 /// later stages learn of new mail without the listener knowing them.
 pub type OnQueued = Arc<dyn Fn(QueueId, &str) + Send + Sync>;
 
-/// What every session of every listener shares.
-pub struct Inbound {
+/// The config and routes sessions use; swapped whole on reload, so a
+/// session sees either the old or the new one, never a mix.
+pub struct Rules {
     /// The running config.
     pub config: Arc<Config>,
-    /// The routes.
+    /// Its routes.
     pub classifier: Classifier,
+}
+
+/// What every session of every listener shares.
+pub struct Inbound {
+    /// Current config and routes.
+    pub rules: RwLock<Arc<Rules>>,
     /// Where accepted mail goes.
     pub spool: FjallSpool,
     /// Notified of each queued message.
@@ -54,15 +61,19 @@ pub async fn bind_all(config: &Config) -> anyhow::Result<Vec<(Listener, TcpListe
     Ok(bound)
 }
 
-/// Accepts connections until the relay stops.
+impl Inbound {
+    /// The current rules.
+    pub fn rules(&self) -> Arc<Rules> {
+        self.rules.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Accepts connections until the task is dropped. Once the relay is
+/// stopping, new connections get `421 4.3.2` while running sessions finish.
 pub async fn serve(inbound: Arc<Inbound>, listener: Listener, socket: TcpListener) {
     let listener = Arc::new(listener);
-    let mut stopping = inbound.stopping.clone();
     loop {
-        let accepted = tokio::select! {
-            a = socket.accept() => a,
-            _ = stopping.changed() => break,
-        };
+        let accepted = socket.accept().await;
         let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
@@ -75,28 +86,38 @@ pub async fn serve(inbound: Arc<Inbound>, listener: Listener, socket: TcpListene
         let inbound = inbound.clone();
         let listener = listener.clone();
         tokio::spawn(async move {
-            let Ok(permit) = inbound.sessions.clone().try_acquire_owned() else {
+            let hostname = inbound.rules().config.server.hostname.clone();
+            if *inbound.stopping.borrow() {
                 refuse(
                     stream,
-                    &inbound.config.server.hostname,
-                    "421 4.3.2 too many connections, try again later",
+                    &format!("421 4.3.2 {hostname} shutting down, try again later"),
+                )
+                .await;
+                return;
+            }
+            let Ok(permit) = inbound.sessions.clone().try_acquire_owned() else {
+                metrics::counter!("poolrelay_smtp_rejections_total", "listener" => listener.name.clone(), "reason" => "too_many_sessions").increment(1);
+                refuse(
+                    stream,
+                    &format!("421 4.3.2 {hostname} too many connections, try again later"),
                 )
                 .await;
                 return;
             };
+            let gauge =
+                metrics::gauge!("poolrelay_smtp_sessions", "listener" => listener.name.clone());
+            gauge.increment(1.0);
             if let Err(e) = session(&inbound, &listener, stream, peer).await {
                 tracing::debug!(listener = %listener.name, client = %peer, "session ended: {e}");
             }
+            gauge.decrement(1.0);
             drop(permit);
         });
     }
-    tracing::info!(listener = %listener.name, "stopped accepting");
 }
 
-async fn refuse(mut stream: TcpStream, hostname: &str, reply: &str) {
-    let _ = stream
-        .write_all(format!("{} {hostname}\r\n", reply).as_bytes())
-        .await;
+async fn refuse(mut stream: TcpStream, reply: &str) {
+    let _ = stream.write_all(format!("{reply}\r\n").as_bytes()).await;
     let _ = stream.shutdown().await;
 }
 
@@ -108,7 +129,8 @@ async fn session(
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let (mut reader, mut writer) = stream.into_split();
-    let server = &inbound.config.server;
+    let rules = inbound.rules();
+    let server = &rules.config.server;
     let relay_allowed = listener
         .relay_from
         .iter()
@@ -142,6 +164,7 @@ async fn session(
             }
         };
         let mut outputs = session.feed(&buf[..n]);
+        count_rejections(&mut session, &listener.name);
         let mut close = false;
         loop {
             let mut resume = false;
@@ -160,6 +183,7 @@ async fn session(
                 break;
             }
             outputs = session.feed(&[]);
+            count_rejections(&mut session, &listener.name);
         }
         if !out.is_empty() {
             writer.write_all(&out).await?;
@@ -172,6 +196,12 @@ async fn session(
     }
 }
 
+fn count_rejections(session: &mut Session, listener: &str) {
+    for r in session.take_rejections() {
+        metrics::counter!("poolrelay_smtp_rejections_total", "listener" => listener.to_string(), "reason" => r.label()).increment(1);
+    }
+}
+
 /// Classifies and spools one transaction; returns the reply to the final dot.
 async fn queue(
     inbound: &Inbound,
@@ -180,7 +210,8 @@ async fn queue(
     tx: Transaction,
 ) -> Vec<u8> {
     let recipients: Vec<&str> = tx.recipients.iter().map(|r| r.address.as_str()).collect();
-    let decision = inbound.classifier.classify(&Facts {
+    let rules = inbound.rules();
+    let decision = rules.classifier.classify(&Facts {
         listener: &listener.name,
         pinned_pool: listener.pool.as_deref(),
         sender: &tx.sender,
@@ -231,6 +262,7 @@ async fn queue(
                 listener = %listener.name,
                 "accepted"
             );
+            metrics::counter!("poolrelay_received_messages_total", "listener" => listener.name.clone(), "pool" => decision.pool.clone()).increment(1);
             (inbound.on_queued)(id, &decision.pool);
             session.queued(&id_text)
         }

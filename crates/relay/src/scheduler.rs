@@ -22,15 +22,47 @@ pub struct Job {
     pub pool: String,
 }
 
-#[derive(Default)]
 struct PoolQueue {
     ready: BTreeSet<QueueId>,
     deferred: BinaryHeap<Reverse<(u64, QueueId)>>,
     in_flight: usize,
     held: bool,
+    /// Messages finished per second over the last minute, as a ring indexed by second.
+    recent: [u32; 60],
+    /// The Unix second each ring slot was last written in.
+    recent_at: [u64; 60],
+}
+
+impl Default for PoolQueue {
+    fn default() -> Self {
+        PoolQueue {
+            ready: BTreeSet::new(),
+            deferred: BinaryHeap::new(),
+            in_flight: 0,
+            held: false,
+            recent: [0; 60],
+            recent_at: [0; 60],
+        }
+    }
 }
 
 impl PoolQueue {
+    fn count_delivered(&mut self, now_sec: u64) {
+        let slot = (now_sec % 60) as usize;
+        if self.recent_at[slot] != now_sec {
+            self.recent_at[slot] = now_sec;
+            self.recent[slot] = 0;
+        }
+        self.recent[slot] += 1;
+    }
+
+    fn delivered_last_minute(&self, now_sec: u64) -> u64 {
+        (0..60)
+            .filter(|&i| now_sec.saturating_sub(self.recent_at[i]) < 60)
+            .map(|i| u64::from(self.recent[i]))
+            .sum()
+    }
+
     /// Moves every deferred message whose time has come to `ready`.
     fn promote(&mut self, now: u64) {
         while let Some(Reverse((due, id))) = self.deferred.peek().copied() {
@@ -56,6 +88,8 @@ pub struct PoolCounts {
     pub held: bool,
     /// Oldest queued message id (ids encode the accept time).
     pub oldest: Option<QueueId>,
+    /// Messages that left the queue delivered in the last 60 seconds.
+    pub delivered_last_minute: u64,
 }
 
 /// The scheduler shared by the listeners (which add mail) and the workers (which take it).
@@ -96,6 +130,17 @@ impl Scheduler {
             if let Some(q) = pools.get_mut(&job.pool) {
                 q.in_flight = q.in_flight.saturating_sub(1);
             }
+        });
+    }
+
+    /// Counts a message of `pool` delivered, for the last-minute rate.
+    pub fn delivered(&self, pool: &str) {
+        let now_sec = now_ms() / 1000;
+        self.with(|pools| {
+            pools
+                .entry(pool.to_string())
+                .or_default()
+                .count_delivered(now_sec)
         });
     }
 
@@ -150,6 +195,7 @@ impl Scheduler {
                         in_flight: q.in_flight,
                         held: q.held,
                         oldest,
+                        delivered_last_minute: q.delivered_last_minute(now / 1000),
                     };
                     (name.clone(), counts)
                 })
@@ -157,17 +203,21 @@ impl Scheduler {
         })
     }
 
-    /// Takes the oldest ready message of the given pools, or None when none is ready.
-    pub fn try_take(&self, pools: &[String]) -> Option<Job> {
+    /// Takes the oldest ready message of the given pools for which
+    /// `eligible` says yes (rate limits), or None when none is ready.
+    pub fn try_take(&self, pools: &[String], eligible: &dyn Fn(&str) -> bool) -> Option<Job> {
         let now = now_ms();
         self.with(|all| {
             let mut best: Option<(QueueId, &str)> = None;
             for name in pools {
                 let Some(q) = all.get_mut(name) else { continue };
-                if q.held {
+                if q.held || q.ready.is_empty() && q.deferred.is_empty() {
                     continue;
                 }
                 q.promote(now);
+                if q.ready.is_empty() || !eligible(name) {
+                    continue;
+                }
                 if let Some(&id) = q.ready.first()
                     && best.is_none_or(|(b, _)| id < b)
                 {
@@ -197,8 +247,16 @@ impl Scheduler {
         })
     }
 
-    /// Waits for a ready message of the given pools, at most `idle` long.
-    pub async fn next(&self, pools: &[String], idle: Duration) -> Option<Job> {
+    /// Waits for a ready, eligible message of the given pools, at most
+    /// `idle` long, re-checking at least every `recheck` (for rate limits
+    /// and windows, which change with time rather than with events).
+    pub async fn next(
+        &self,
+        pools: &[String],
+        idle: Duration,
+        recheck: Duration,
+        eligible: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Option<Job> {
         let deadline = tokio::time::Instant::now() + idle;
         loop {
             // Register for wake-ups before looking, so an enqueue between the
@@ -206,10 +264,10 @@ impl Scheduler {
             let notified = self.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(job) = self.try_take(pools) {
+            if let Some(job) = self.try_take(pools, eligible) {
                 return Some(job);
             }
-            let mut until = deadline;
+            let mut until = deadline.min(tokio::time::Instant::now() + recheck);
             if let Some(due) = self.next_due_in(pools) {
                 until = until.min(tokio::time::Instant::now() + due);
             }
@@ -233,6 +291,8 @@ impl Scheduler {
 mod tests {
     use super::*;
 
+    const ALL: fn(&str) -> bool = |_| true;
+
     fn pools(names: &[&str]) -> Vec<String> {
         names.iter().map(|s| s.to_string()).collect()
     }
@@ -243,9 +303,12 @@ mod tests {
         s.enqueue(30, "A", 0);
         s.enqueue(10, "B", 0);
         s.enqueue(20, "A", 0);
-        assert_eq!(s.try_take(&pools(&["A"])).map(|j| j.id), Some(20));
-        assert_eq!(s.try_take(&pools(&["A", "B"])).map(|j| j.id), Some(10));
-        assert_eq!(s.try_take(&pools(&["B"])), None);
+        assert_eq!(s.try_take(&pools(&["A"]), &ALL).map(|j| j.id), Some(20));
+        assert_eq!(
+            s.try_take(&pools(&["A", "B"]), &ALL).map(|j| j.id),
+            Some(10)
+        );
+        assert_eq!(s.try_take(&pools(&["B"]), &ALL), None);
     }
 
     #[test]
@@ -253,10 +316,10 @@ mod tests {
         let s = Scheduler::new();
         s.enqueue(1, "A", now_ms() + 60_000);
         s.enqueue(2, "A", 0);
-        assert_eq!(s.try_take(&pools(&["A"])).map(|j| j.id), Some(2));
-        assert_eq!(s.try_take(&pools(&["A"])), None);
+        assert_eq!(s.try_take(&pools(&["A"]), &ALL).map(|j| j.id), Some(2));
+        assert_eq!(s.try_take(&pools(&["A"]), &ALL), None);
         s.flush("A");
-        assert_eq!(s.try_take(&pools(&["A"])).map(|j| j.id), Some(1));
+        assert_eq!(s.try_take(&pools(&["A"]), &ALL).map(|j| j.id), Some(1));
     }
 
     #[test]
@@ -264,18 +327,25 @@ mod tests {
         let s = Scheduler::new();
         s.enqueue(1, "B", 0);
         s.set_held("B", true);
-        assert_eq!(s.try_take(&pools(&["B"])), None);
+        assert_eq!(s.try_take(&pools(&["B"]), &ALL), None);
         assert_eq!(s.counts()["B"].ready, 1);
         s.set_held("B", false);
-        assert!(s.try_take(&pools(&["B"])).is_some());
+        assert!(s.try_take(&pools(&["B"]), &ALL).is_some());
     }
 
     #[tokio::test]
     async fn a_waiting_worker_wakes_on_enqueue() {
         let s = std::sync::Arc::new(Scheduler::new());
         let s2 = s.clone();
-        let waiter =
-            tokio::spawn(async move { s2.next(&pools(&["A"]), Duration::from_secs(10)).await });
+        let waiter = tokio::spawn(async move {
+            s2.next(
+                &pools(&["A"]),
+                Duration::from_secs(10),
+                Duration::from_secs(10),
+                &|_| true,
+            )
+            .await
+        });
         tokio::time::sleep(Duration::from_millis(20)).await;
         s.enqueue(7, "A", 0);
         let job = tokio::time::timeout(Duration::from_secs(5), waiter).await;

@@ -59,12 +59,23 @@ impl Health {
         });
         entry.until = now + entry.backoff;
         entry.backoff = (entry.backoff * 2).min(MAX_BACKOFF);
+        metrics::gauge!("poolrelay_upstream_up", "upstream" => host.to_string()).set(0.0);
+    }
+
+    /// Publishes `host` as up before anything is known (so the gauge exists from the start).
+    pub fn register(&self, host: &str) {
+        if self.is_up(host) {
+            metrics::gauge!("poolrelay_upstream_up", "upstream" => host.to_string()).set(1.0);
+        }
     }
 
     /// Records that `host` answered.
     pub fn mark_up(&self, host: &str) {
         let mut map = self.down.lock().unwrap_or_else(|e| e.into_inner());
-        map.remove(host);
+        if map.remove(host).is_some() {
+            tracing::info!(upstream = %host, "upstream answers again");
+        }
+        metrics::gauge!("poolrelay_upstream_up", "upstream" => host.to_string()).set(1.0);
     }
 
     /// Whether `host` is currently considered up.

@@ -8,19 +8,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
+
 use poolrelay_config::{Config, Upstream};
 use poolrelay_smtp::Reply;
-use poolrelay_smtp::outbound::{Client, ClientError, OutboundEnvelope, Timeouts};
-use poolrelay_spool::{Envelope, FjallSpool, QueueId, RecipientState, Spool, format_id, now_ms};
+use poolrelay_smtp::outbound::{Client, ClientError, OutboundEnvelope, RecipientDsn, Timeouts};
+use poolrelay_spool::{Envelope, FjallSpool, RecipientState, Spool, format_id, now_ms};
 
 use crate::dsn;
+use crate::limits::Limits;
 use crate::scheduler::{Job, Scheduler};
 use crate::upstream::{Health, resolve};
 
-/// What every worker shares.
+/// What every worker shares, whatever the config generation.
 pub struct Shared {
-    /// The running config.
-    pub config: Arc<Config>,
     /// The spool.
     pub spool: FjallSpool,
     /// The in-memory index.
@@ -29,39 +30,135 @@ pub struct Shared {
     pub health: Arc<Health>,
 }
 
+/// The workers of one config: replaced as a whole on reload.
+pub struct Generation {
+    /// The config these workers run.
+    pub config: Arc<Config>,
+    /// Its rate limits.
+    pub limits: Limits,
+    /// Becomes true when these workers must finish their message and stop.
+    pub stop: watch::Receiver<bool>,
+}
+
 /// An open connection and where it goes.
 struct Connection {
     client: Client,
     host: String,
     addr: SocketAddr,
     messages: usize,
+    _counted: Counted,
 }
 
-/// One worker's loop; runs until the task is aborted.
-pub async fn run(shared: Arc<Shared>, upstream: Upstream, index: usize) {
+/// Keeps `poolrelay_upstream_connections` right however a connection ends.
+struct Counted(metrics::Gauge);
+
+impl Counted {
+    fn new(pools: &[String], host: &str) -> Counted {
+        let gauge = metrics::gauge!("poolrelay_upstream_connections", "pool" => pools.join(","), "upstream" => host.to_string());
+        gauge.increment(1.0);
+        Counted(gauge)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// One worker's loop; returns when its generation is told to stop, after
+/// finishing the message in hand.
+pub async fn run(
+    shared: Arc<Shared>,
+    generation: Arc<Generation>,
+    upstream: Upstream,
+    index: usize,
+) {
     let mut conn: Option<Connection> = None;
-    let hosts = candidate_hosts(&shared.config, &upstream);
+    let mut stop = generation.stop.clone();
+    let all_hosts = candidate_hosts(&generation.config, &upstream, true);
+    let off_window_hosts = candidate_hosts(&generation.config, &upstream, false);
+    // Windows and rate limits change with the clock, not with events: re-check often.
+    let recheck = if generation.limits.any() {
+        Duration::from_millis(20)
+    } else if upstream.window.is_some() {
+        Duration::from_millis(500)
+    } else {
+        upstream.idle_timeout
+    };
+    let eligible = |pool: &str| generation.limits.wait(pool).is_zero();
     loop {
-        let Some(job) = shared
-            .scheduler
-            .next(&upstream.pools, upstream.idle_timeout)
-            .await
-        else {
+        if *stop.borrow() {
+            break;
+        }
+        let in_window = upstream
+            .window
+            .is_none_or(|w| w.contains(local_minute_of_day()));
+        let hosts = if in_window {
+            &all_hosts
+        } else {
+            &off_window_hosts
+        };
+        if hosts.is_empty() {
+            // Outside the window with no failover: idle, the mail waits.
+            if let Some(c) = conn.take() {
+                c.client.quit().await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        let next =
+            shared
+                .scheduler
+                .next(&upstream.pools, upstream.idle_timeout, recheck, &eligible);
+        let job = tokio::select! {
+            job = next => job,
+            _ = stop.changed() => None,
+        };
+        let Some(job) = job else {
             if let Some(c) = conn.take() {
                 tracing::debug!(upstream = %c.host, worker = index, "closing idle connection");
                 c.client.quit().await;
             }
             continue;
         };
-        deliver(&shared, &upstream, &hosts, &mut conn, &job).await;
+        deliver(&shared, &generation, &upstream, hosts, &mut conn, &job).await;
         shared.scheduler.finished(&job);
+    }
+    if let Some(c) = conn.take() {
+        c.client.quit().await;
     }
 }
 
+/// Minute of the day in local time (`TZ`, which `server.timezone` sets), for windows.
+fn local_minute_of_day() -> u16 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as libc::time_t)
+        .unwrap_or(0);
+    // SAFETY: localtime_r writes only into the tm we own; both pointers are valid.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let ok = unsafe { !libc::localtime_r(&now, &mut tm).is_null() };
+    if !ok {
+        return ((now / 60) % 1440) as u16;
+    }
+    (tm.tm_hour * 60 + tm.tm_min) as u16
+}
+
 /// The hosts to try in order: the entry's host, its failover hosts, then the
-/// site fallback, without repeats.
-fn candidate_hosts(config: &Config, upstream: &Upstream) -> Vec<String> {
-    let mut hosts = vec![upstream.host.clone()];
+/// site fallback, without repeats. Outside the entry's window the host itself
+/// is skipped, and an entry without failover hosts gets none (it idles).
+fn candidate_hosts(config: &Config, upstream: &Upstream, in_window: bool) -> Vec<String> {
+    if !in_window && upstream.failover.is_empty() {
+        return Vec::new();
+    }
+    let mut hosts = Vec::new();
+    if in_window {
+        hosts.push(upstream.host.clone());
+    }
     for h in upstream.failover.iter().chain(&config.defaults.fallback) {
         if !hosts.contains(h) {
             hosts.push(h.clone());
@@ -80,6 +177,7 @@ enum Attempt {
 
 async fn deliver(
     shared: &Shared,
+    generation: &Generation,
     upstream: &Upstream,
     hosts: &[String],
     conn: &mut Option<Connection>,
@@ -119,11 +217,24 @@ async fn deliver(
             .collect(),
         body_8bit: envelope.body_8bit,
         smtputf8: envelope.smtputf8,
+        envid: envelope.envid.clone(),
+        ret_full: envelope.ret_full.then_some(true),
+        dsn: pending
+            .iter()
+            .map(|&i| RecipientDsn {
+                notify: envelope.recipients[i].notify,
+                orcpt: envelope.recipients[i].orcpt.clone(),
+            })
+            .collect(),
     };
     envelope.attempts += 1;
+    generation
+        .limits
+        .charge(&job.pool, envelope.size, pending.len());
     let mut counts = Counts::default();
     let attempt = attempt(
         shared,
+        generation,
         upstream,
         hosts,
         conn,
@@ -157,7 +268,7 @@ async fn deliver(
     let delay = now_ms().saturating_sub(envelope.accepted_ms) as f64 / 1000.0;
     let expired = !envelope.is_done()
         && Duration::from_millis(now_ms().saturating_sub(envelope.accepted_ms))
-            >= shared.config.max_age_for(&job.pool);
+            >= generation.config.max_age_for(&job.pool);
     if expired {
         for r in envelope
             .recipients
@@ -197,19 +308,42 @@ async fn deliver(
         reply = %last_reply,
         "delivery attempt"
     );
+    record_metrics(&job.pool, &host, &counts);
     if counts.bounced > 0 {
-        bounce(shared, job.id, &envelope, &host).await;
+        dsn::queue_failure(
+            &shared.spool,
+            &shared.scheduler,
+            &generation.config.server.hostname,
+            job.id,
+            &envelope,
+            &host,
+        )
+        .await;
     }
     if envelope.is_done() {
         finish(shared, job, &envelope).await;
     } else {
-        let due = next_attempt(&shared.config, &job.pool, envelope.attempts);
+        let due = next_attempt(&generation.config, &job.pool, envelope.attempts);
         envelope.next_attempt_ms = due;
         if let Err(e) = shared.spool.update(job.id, &job.pool, envelope).await {
             // The old envelope is still on disk: at worst some recipients get it twice.
             tracing::error!(queue_id = %id_text, "cannot record the attempt in the spool: {e}");
         }
         shared.scheduler.enqueue(job.id, &job.pool, due);
+    }
+}
+
+fn record_metrics(pool: &str, host: &str, counts: &Counts) {
+    let pool = pool.to_string();
+    if counts.done > 0 {
+        metrics::counter!("poolrelay_delivered_recipients_total", "pool" => pool.clone(), "upstream" => host.to_string()).increment(counts.done as u64);
+    }
+    if counts.deferred > 0 {
+        metrics::counter!("poolrelay_deferred_recipients_total", "pool" => pool.clone(), "upstream" => host.to_string()).increment(counts.deferred as u64);
+    }
+    if counts.bounced > 0 {
+        metrics::counter!("poolrelay_bounced_recipients_total", "pool" => pool)
+            .increment(counts.bounced as u64);
     }
 }
 
@@ -239,35 +373,12 @@ fn load(shared: &Shared, job: &Job) -> Result<Option<(Envelope, poolrelay_spool:
     Ok(envelope.zip(body))
 }
 
-async fn finish(shared: &Shared, job: &Job, _envelope: &Envelope) {
+async fn finish(shared: &Shared, job: &Job, envelope: &Envelope) {
+    let seconds = now_ms().saturating_sub(envelope.accepted_ms) as f64 / 1000.0;
+    metrics::histogram!("poolrelay_delivery_seconds", "pool" => job.pool.clone()).record(seconds);
+    shared.scheduler.delivered(&job.pool);
     if let Err(e) = shared.spool.remove(job.id, &job.pool).await {
         tracing::error!(queue_id = %format_id(job.id), "cannot remove a delivered message from the spool: {e}; it may be sent again after a restart");
-    }
-}
-
-/// Queues a DSN for the recipients that just bounced, unless the sender is `<>`.
-async fn bounce(shared: &Shared, id: QueueId, envelope: &Envelope, remote: &str) {
-    if envelope.sender.is_empty() {
-        tracing::info!(queue_id = %format_id(id), "bounce of a message from <> dropped (never bounce a bounce)");
-        return;
-    }
-    let body = match shared.spool.body(id) {
-        Ok(Some(b)) => b,
-        _ => return,
-    };
-    let Some((dsn_envelope, dsn_message)) =
-        dsn::failure(&shared.config.server.hostname, id, envelope, remote, &body)
-    else {
-        return;
-    };
-    match shared.spool.append(dsn_envelope, dsn_message).await {
-        Ok(dsn_id) => {
-            tracing::info!(queue_id = %format_id(id), dsn = %format_id(dsn_id), to = %envelope.sender, "DSN queued in pool -");
-            shared
-                .scheduler
-                .enqueue(dsn_id, poolrelay_config::DEFAULT_POOL, 0);
-        }
-        Err(e) => tracing::error!(queue_id = %format_id(id), "cannot queue the DSN: {e}"),
     }
 }
 
@@ -287,6 +398,7 @@ fn next_attempt(config: &Config, pool: &str, attempts: u32) -> u64 {
 
 async fn attempt(
     shared: &Shared,
+    generation: &Generation,
     upstream: &Upstream,
     hosts: &[String],
     conn: &mut Option<Connection>,
@@ -305,7 +417,7 @@ async fn attempt(
                 last_error = format!("{host} is down; waiting for its next probe");
                 continue;
             }
-            match open(shared, upstream, host).await {
+            match open(generation, upstream, host).await {
                 Ok(c) => {
                     shared.health.mark_up(host);
                     *conn = Some(c);
@@ -324,7 +436,7 @@ async fn attempt(
         {
             tracing::debug!(upstream = %host, "RSET failed ({e}); reconnecting");
             *conn = None;
-            match open(shared, upstream, host).await {
+            match open(generation, upstream, host).await {
                 Ok(fresh) => *conn = Some(fresh),
                 Err(e) => {
                     shared.health.mark_down(host);
@@ -379,26 +491,37 @@ async fn attempt(
 /// timeouts, broken connections and 421.
 fn marks_down(e: &ClientError) -> bool {
     match e {
-        ClientError::Connect { .. } | ClientError::Timeout { .. } | ClientError::Io(_) => true,
+        ClientError::Connect { .. }
+        | ClientError::Timeout { .. }
+        | ClientError::Io(_)
+        | ClientError::Tls(_) => true,
+        // Bad credentials are our configuration's fault, not the host's health.
+        ClientError::Auth(_) => false,
         ClientError::Rejected { reply, .. } => reply.code == 421,
     }
 }
 
-async fn open(shared: &Shared, upstream: &Upstream, host: &str) -> Result<Connection, String> {
-    let addrs = resolve(host, &shared.config.server.hosts).await?;
+async fn open(
+    generation: &Generation,
+    upstream: &Upstream,
+    host: &str,
+) -> Result<Connection, String> {
+    let config = &generation.config;
+    let addrs = resolve(host, &config.server.hosts).await?;
     let timeouts = Timeouts {
         connect: upstream.connect_timeout,
         ..Timeouts::default()
     };
     let mut last = String::new();
     for addr in addrs {
-        match Client::connect(addr, &shared.config.server.hostname, timeouts).await {
+        match Client::connect(addr, &config.server.hostname, timeouts).await {
             Ok(client) => {
                 return Ok(Connection {
                     client,
                     host: host.to_string(),
                     addr,
                     messages: 0,
+                    _counted: Counted::new(&upstream.pools, host),
                 });
             }
             Err(e) => last = format!("upstream {host} ({addr}): {e}"),

@@ -1,20 +1,11 @@
 //! RFC 5322 dates for our Received: header and for DSNs, formatted here
-//! from `SystemTime` in UTC so the crate needs no date library.
+//! in UTC so the crate needs no date library.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// `Thu, 1 Jan 1970 00:00:00 +0000` (RFC 5322 §3.3), always UTC; times
-/// before 1970 print as the epoch.
-pub fn rfc5322_date(time: SystemTime) -> String {
-    let secs = time
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    from_unix_secs(secs)
-}
-
-/// `Thu, 1 Jan 1970 00:00:00 +0000` from seconds since the epoch.
-fn from_unix_secs(unix_secs: u64) -> String {
+/// `Thu, 1 Jan 1970 00:00:00 +0000` (RFC 5322 §3.3) for seconds since
+/// the Unix epoch, always UTC.
+pub fn rfc5322_date(unix_secs: u64) -> String {
     const DAYS: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
@@ -31,6 +22,13 @@ fn from_unix_secs(unix_secs: u64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// Seconds since the Unix epoch; a clock before 1970 reads as the epoch.
+pub fn unix_secs(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Days since 1970-01-01 to (year, month 1-12, day 1-31), proleptic
@@ -54,7 +52,7 @@ mod tests {
     use std::time::Duration;
 
     fn at(secs: u64) -> String {
-        rfc5322_date(UNIX_EPOCH + Duration::from_secs(secs))
+        rfc5322_date(unix_secs(UNIX_EPOCH + Duration::from_secs(secs)))
     }
 
     #[test]

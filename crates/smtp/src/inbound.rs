@@ -2,11 +2,14 @@
 //! finished transactions out. The tokio code around it only moves bytes.
 
 use crate::data::{DataDecoder, DataError, DataStatus};
-use crate::date::rfc5322_date;
+use crate::date::unix_secs;
 use smtp_proto::{Error as ProtoError, MailFrom, RcptTo, Request};
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::time::SystemTime;
+
+/// Kept here too: callers import it from this module.
+pub use crate::date::rfc5322_date;
 
 /// Limits and identity for one inbound session.
 #[derive(Debug, Clone)]
@@ -665,7 +668,7 @@ impl Session {
         if let [only] = self.recipients.as_slice() {
             header.push_str(&format!("\r\n\tfor <{}>", header_safe(&only.address)));
         }
-        header.push_str(&format!("; {}\r\n", rfc5322_date(now)));
+        header.push_str(&format!("; {}\r\n", rfc5322_date(unix_secs(now))));
         header.into_bytes()
     }
 }

@@ -11,8 +11,12 @@ pub mod date;
 pub mod inbound;
 pub mod outbound;
 pub mod reply;
+mod tls;
 
 pub use data::{DataDecoder, DataEncoder, DataError, DataStatus};
 pub use inbound::{Output, Recipient, Rejection, Ret, Session, SessionConfig, Transaction};
-pub use outbound::{Capabilities, Client, ClientError, DeliveryReport, OutboundEnvelope, Timeouts};
+pub use outbound::{
+    Capabilities, Client, ClientError, ConnectOptions, Credentials, DeliveryReport,
+    OutboundEnvelope, RecipientDsn, Timeouts, TlsMode,
+};
 pub use reply::Reply;

@@ -327,6 +327,39 @@ impl FjallSpool {
             .unwrap_or_default()
     }
 
+    /// Up to `limit` messages of `pool` with ids above `after`, oldest first
+    /// (paging for the admin API).
+    pub fn list(
+        &self,
+        pool: &str,
+        after: Option<QueueId>,
+        limit: usize,
+    ) -> Result<Vec<(QueueId, Envelope)>, SpoolError> {
+        let ks = self.stores.envelopes_of(pool)?;
+        let start = after.map_or(0, |a| a.saturating_add(1));
+        let mut out = Vec::new();
+        for guard in ks.range(start.to_be_bytes()..) {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = guard.into_inner()?;
+            if let Some(id) = key_to_id(&key) {
+                out.push((id, decode(id, &value)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Finds the pool a message is queued in, looking at every pool keyspace.
+    pub fn find(&self, id: QueueId) -> Result<Option<Envelope>, SpoolError> {
+        for pool in self.pools() {
+            if let Some(env) = self.envelope(id, &pool)? {
+                return Ok(Some(env));
+            }
+        }
+        Ok(None)
+    }
+
     /// Whether the store still accepts writes (false after a failed fsync).
     pub fn is_writable(&self) -> bool {
         !self.stores.failed.load(Ordering::Relaxed)
@@ -553,7 +586,10 @@ fn commit_batch(stores: &Stores, ops: &mut Vec<Op>, last_id: &mut QueueId) {
             },
         }
     }
-    if let Err(e) = batch.commit() {
+    let started = std::time::Instant::now();
+    let committed = batch.commit();
+    metrics::histogram!("poolrelay_spool_commit_seconds").record(started.elapsed().as_secs_f64());
+    if let Err(e) = committed {
         tracing::error!("spool: commit failed: {e}");
         stores.failed.store(true, Ordering::Relaxed);
         failed = Some(SpoolError::Storage(e.to_string()));

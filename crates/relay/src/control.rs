@@ -1,0 +1,310 @@
+//! The operator's moves on a running relay (the admin API and `poolrelay
+//! queue` call these): look at pools and messages, hold and release a pool,
+//! flush, delete, move and bounce messages.
+//!
+//! A message being delivered right now cannot be changed: the call answers
+//! [`ControlError::Busy`] and the operator tries again.
+
+use poolrelay_spool::{
+    Envelope, QueueId, RecipientState, Spool, SpoolError, format_id, now_ms, parse_id,
+};
+use serde::Serialize;
+
+use crate::Running;
+use crate::classifier::parse_headers;
+use crate::dsn;
+
+/// Why an operator call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No such message or pool.
+    #[error("{0}")]
+    NotFound(String),
+    /// The message is being delivered right now.
+    #[error("{0}")]
+    Busy(String),
+    /// The request makes no sense (bad id, unknown target pool).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The spool failed.
+    #[error("{0}")]
+    Spool(#[from] SpoolError),
+}
+
+/// One pool in `queue summary`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolSummary {
+    /// Pool name.
+    pub pool: String,
+    /// Description from the config.
+    pub description: String,
+    /// Ready (including in flight).
+    pub ready: usize,
+    /// Deferred.
+    pub deferred: usize,
+    /// Being delivered now.
+    pub in_flight: usize,
+    /// Held.
+    pub held: bool,
+    /// Age of the oldest queued message, seconds.
+    pub oldest_age_seconds: f64,
+    /// Messages delivered in the last minute.
+    pub delivered_last_minute: u64,
+    /// Whether the pool is in the running config (false: left over from an older one).
+    pub configured: bool,
+}
+
+/// One message in `queue list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MessageSummary {
+    /// Queue id.
+    pub id: String,
+    /// Pool.
+    pub pool: String,
+    /// Envelope sender ("" = null sender).
+    pub sender: String,
+    /// Recipient count.
+    pub recipients: usize,
+    /// Pending recipients.
+    pub pending: usize,
+    /// Delivered recipients.
+    pub delivered: usize,
+    /// Bounced recipients.
+    pub bounced: usize,
+    /// Size, bytes.
+    pub size: u64,
+    /// Seconds since accepted.
+    pub age_seconds: f64,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// Seconds until the next attempt (0 = due).
+    pub next_attempt_in_seconds: f64,
+    /// The last upstream reply seen for a pending recipient.
+    pub last_reply: Option<String>,
+}
+
+/// One message in `queue show`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MessageDetail {
+    /// The summary.
+    #[serde(flatten)]
+    pub summary: MessageSummary,
+    /// The full envelope.
+    pub envelope: Envelope,
+    /// Header fields, unfolded, in order.
+    pub headers: Vec<(String, String)>,
+}
+
+fn summarize(id: QueueId, env: &Envelope) -> MessageSummary {
+    let count = |s: RecipientState| env.recipients.iter().filter(|r| r.state == s).count();
+    let now = now_ms();
+    MessageSummary {
+        id: format_id(id),
+        pool: env.pool.clone(),
+        sender: env.sender.clone(),
+        recipients: env.recipients.len(),
+        pending: count(RecipientState::Pending),
+        delivered: count(RecipientState::Delivered),
+        bounced: count(RecipientState::Bounced),
+        size: env.size,
+        age_seconds: now.saturating_sub(env.accepted_ms) as f64 / 1000.0,
+        attempts: env.attempts,
+        next_attempt_in_seconds: env.next_attempt_ms.saturating_sub(now) as f64 / 1000.0,
+        last_reply: env.pending().find_map(|r| r.last_reply.clone()),
+    }
+}
+
+/// Parses a queue id from the API path.
+pub fn id_from(text: &str) -> Result<QueueId, ControlError> {
+    parse_id(text).ok_or_else(|| {
+        ControlError::BadRequest(format!("{text:?} is not a queue id (16 hex digits)"))
+    })
+}
+
+impl Running {
+    /// Every pool with its counts: configured pools, plus any left over in the spool.
+    pub fn pool_summaries(&self) -> Vec<PoolSummary> {
+        let config = self.config();
+        let counts = self.scheduler.counts();
+        let mut names: Vec<String> = config.pools.keys().cloned().collect();
+        for name in counts.keys().chain(self.spool.pools().iter()) {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+        let now = now_ms();
+        names
+            .into_iter()
+            .map(|name| {
+                let c = counts.get(&name).copied().unwrap_or_default();
+                PoolSummary {
+                    description: config
+                        .pools
+                        .get(&name)
+                        .map(|p| p.description.clone())
+                        .unwrap_or_default(),
+                    configured: config.pools.contains_key(&name),
+                    ready: c.ready,
+                    deferred: c.deferred,
+                    in_flight: c.in_flight,
+                    held: c.held,
+                    oldest_age_seconds: c
+                        .oldest
+                        .map(|id| now.saturating_sub(id >> 16) as f64 / 1000.0)
+                        .unwrap_or(0.0),
+                    delivered_last_minute: c.delivered_last_minute,
+                    pool: name,
+                }
+            })
+            .collect()
+    }
+
+    /// Messages of a pool, oldest first, after `after` (paging).
+    pub fn list_messages(
+        &self,
+        pool: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<MessageSummary>, ControlError> {
+        let after = after.map(id_from).transpose()?;
+        Ok(self
+            .spool
+            .list(pool, after, limit)?
+            .iter()
+            .map(|(id, env)| summarize(*id, env))
+            .collect())
+    }
+
+    /// One message with its envelope and headers.
+    pub fn show_message(&self, id: &str) -> Result<MessageDetail, ControlError> {
+        let id = id_from(id)?;
+        let envelope = self.find(id)?;
+        let headers = self
+            .spool
+            .body(id)?
+            .map(|b| parse_headers(&b))
+            .unwrap_or_default();
+        Ok(MessageDetail {
+            summary: summarize(id, &envelope),
+            envelope,
+            headers,
+        })
+    }
+
+    fn find(&self, id: QueueId) -> Result<Envelope, ControlError> {
+        self.spool
+            .find(id)?
+            .ok_or_else(|| ControlError::NotFound(format!("no queued message {}", format_id(id))))
+    }
+
+    /// Takes a message out of the scheduler so the operator can change it.
+    fn claim(&self, id: QueueId) -> Result<Envelope, ControlError> {
+        let envelope = self.find(id)?;
+        if !self.scheduler.forget(id, &envelope.pool) {
+            return Err(ControlError::Busy(format!(
+                "message {} is being delivered right now; try again in a moment",
+                format_id(id)
+            )));
+        }
+        Ok(envelope)
+    }
+
+    /// Holds or releases a pool.
+    pub fn hold_pool(&self, pool: &str, held: bool) -> Result<(), ControlError> {
+        self.known_pool(pool)?;
+        self.scheduler.set_held(pool, held);
+        tracing::info!(
+            pool,
+            held,
+            "pool {}",
+            if held { "held" } else { "released" }
+        );
+        Ok(())
+    }
+
+    /// Retries every deferred message of a pool now.
+    pub fn flush_pool(&self, pool: &str) -> Result<(), ControlError> {
+        self.known_pool(pool)?;
+        self.scheduler.flush(pool);
+        tracing::info!(pool, "pool flushed");
+        Ok(())
+    }
+
+    fn known_pool(&self, pool: &str) -> Result<(), ControlError> {
+        if self.config().pools.contains_key(pool) || self.spool.pools().iter().any(|p| p == pool) {
+            Ok(())
+        } else {
+            Err(ControlError::NotFound(format!("no pool {pool:?}")))
+        }
+    }
+
+    /// Retries one message now.
+    pub fn flush_message(&self, id: &str) -> Result<(), ControlError> {
+        let id = id_from(id)?;
+        let envelope = self.claim(id)?;
+        self.scheduler.enqueue(id, &envelope.pool, 0);
+        tracing::info!(queue_id = %format_id(id), "message flushed");
+        Ok(())
+    }
+
+    /// Deletes one message, without a DSN.
+    pub async fn delete_message(&self, id: &str) -> Result<(), ControlError> {
+        let id = id_from(id)?;
+        let envelope = self.claim(id)?;
+        if let Err(e) = self.spool.remove(id, &envelope.pool).await {
+            self.scheduler
+                .enqueue(id, &envelope.pool, envelope.next_attempt_ms);
+            return Err(e.into());
+        }
+        tracing::info!(queue_id = %format_id(id), pool = %envelope.pool, "message deleted by the operator");
+        Ok(())
+    }
+
+    /// Moves one message to another pool, ready now.
+    pub async fn move_message(&self, id: &str, to: &str) -> Result<(), ControlError> {
+        let id = id_from(id)?;
+        if !self.config().pools.contains_key(to) {
+            return Err(ControlError::BadRequest(format!(
+                "no pool {to:?} in the running config"
+            )));
+        }
+        let mut envelope = self.claim(id)?;
+        let from = envelope.pool.clone();
+        envelope.pool = to.to_string();
+        envelope.next_attempt_ms = 0;
+        if let Err(e) = self.spool.update(id, &from, envelope).await {
+            self.scheduler.enqueue(id, &from, 0);
+            return Err(e.into());
+        }
+        self.scheduler.enqueue(id, to, 0);
+        tracing::info!(queue_id = %format_id(id), from = %from, to, "message moved by the operator");
+        Ok(())
+    }
+
+    /// Bounces one message now: a DSN for every pending recipient, then removal.
+    pub async fn bounce_message(&self, id: &str) -> Result<(), ControlError> {
+        let id = id_from(id)?;
+        let mut envelope = self.claim(id)?;
+        for r in envelope
+            .recipients
+            .iter_mut()
+            .filter(|r| r.state == RecipientState::Pending)
+        {
+            r.state = RecipientState::Bounced;
+            r.last_reply = Some("5.0.0 returned to sender by the postmaster".to_string());
+        }
+        let config = self.config();
+        dsn::queue_failure(
+            &self.spool,
+            &self.scheduler,
+            &config.server.hostname,
+            id,
+            &envelope,
+            "none",
+        )
+        .await;
+        self.spool.remove(id, &envelope.pool).await?;
+        tracing::info!(queue_id = %format_id(id), pool = %envelope.pool, "message bounced by the operator");
+        Ok(())
+    }
+}
