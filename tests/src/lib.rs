@@ -225,8 +225,12 @@ struct Proc {
 }
 
 impl Proc {
-    fn spawn(mut cmd: Command, what: &str) -> Proc {
-        cmd.stdin(Stdio::null());
+    fn spawn(cmd: Command, what: &str) -> Proc {
+        Proc::spawn_with_stdin(cmd, what, Stdio::null())
+    }
+
+    fn spawn_with_stdin(mut cmd: Command, what: &str, stdin: Stdio) -> Proc {
+        cmd.stdin(stdin);
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {what} ({cmd:?}): {e}"));
@@ -501,6 +505,71 @@ impl Relay {
     /// [`Relay::send_via`] the first listener.
     pub fn send(&self, from: &str, rcpts: &[&str], message: &str) -> Reply {
         self.send_via(self.listen, from, rcpts, message)
+    }
+
+    /// `http://<admin address>`, for `poolrelay queue --admin`.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin)
+    }
+
+    /// The relay's log (its stderr, where it logs) of every start so far.
+    pub fn log_text(&self) -> String {
+        String::from_utf8_lossy(&fs::read(&self.stderr_path).unwrap_or_default()).into_owned()
+    }
+
+    /// `GET /metrics` on the admin address; panics, with the logs, unless 200.
+    pub fn scrape(&self) -> String {
+        let r = http_get(self.admin, "/metrics").unwrap_or_else(|e| {
+            panic!(
+                "GET http://{}/metrics failed: {e}\n{}",
+                self.admin,
+                self.logs()
+            )
+        });
+        assert_eq!(
+            r.status,
+            200,
+            "GET /metrics answered {}: {}\n{}",
+            r.status,
+            r.body,
+            self.logs()
+        );
+        r.body
+    }
+
+    /// Sends signal `sig` (a name kill(1) knows: `HUP`, `TERM`, `INT`) to
+    /// the relay's PID. Panics when the relay is not running (so a stale PID
+    /// is never signalled).
+    pub fn signal(&mut self, sig: &str) {
+        if let Some(status) = self.proc.exited() {
+            panic!(
+                "cannot send SIG{sig}: the relay already exited with {status}\n{}",
+                self.logs()
+            );
+        }
+        let pid = self
+            .proc
+            .pid()
+            .unwrap_or_else(|| panic!("cannot send SIG{sig}: the relay is not running"));
+        let mut cmd = Command::new("kill");
+        cmd.arg("-s").arg(sig).arg(pid.to_string());
+        let out = run_with_deadline(
+            cmd,
+            &format!("kill -s {sig} {pid}"),
+            Duration::from_secs(10),
+        );
+        assert!(out.status.success(), "kill -s {sig} {pid}: {out}");
+    }
+
+    /// Waits until the relay process exits by itself; its exit status, or
+    /// `None` when `deadline` passed first (it is still running then).
+    pub fn wait_exit(&mut self, deadline: Duration) -> Option<ExitStatus> {
+        let mut status = None;
+        poll_until(deadline, POLL_INTERVAL, || {
+            status = self.proc.exited();
+            status.is_some()
+        });
+        status
     }
 
     /// SIGKILL the relay (no chance to clean up) and reap it.
@@ -1094,13 +1163,17 @@ impl fmt::Display for CommandOutput {
 
 /// Runs `cmd` (stdin empty, stdout and stderr captured to files) and waits
 /// for it; kills it and panics when it runs longer than `deadline`.
-pub fn run_with_deadline(mut cmd: Command, what: &str, deadline: Duration) -> CommandOutput {
+pub fn run_with_deadline(cmd: Command, what: &str, deadline: Duration) -> CommandOutput {
+    run_command(cmd, Stdio::null(), what, deadline)
+}
+
+fn run_command(mut cmd: Command, stdin: Stdio, what: &str, deadline: Duration) -> CommandOutput {
     let dir = new_tempdir("poolrelay-cmd-");
     let out_path = dir.path().join("stdout");
     let err_path = dir.path().join("stderr");
     let (o, e) = log_files(&append_file(&out_path), &append_file(&err_path));
     cmd.stdout(o).stderr(e);
-    let mut proc = Proc::spawn(cmd, what);
+    let mut proc = Proc::spawn_with_stdin(cmd, what, stdin);
     let mut status = None;
     let finished = poll_until(deadline, POLL_INTERVAL, || {
         status = proc.exited();
@@ -1124,6 +1197,43 @@ pub fn run_with_deadline(mut cmd: Command, what: &str, deadline: Duration) -> Co
     }
 }
 
+/// Like [`run_with_deadline`], with `input` on the command's stdin.
+pub fn run_with_input(cmd: Command, input: &[u8], what: &str, deadline: Duration) -> CommandOutput {
+    let dir = new_tempdir("poolrelay-cmd-");
+    let in_path = dir.path().join("stdin");
+    fs::write(&in_path, input)
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", in_path.display()));
+    let stdin =
+        File::open(&in_path).unwrap_or_else(|e| panic!("cannot open {}: {e}", in_path.display()));
+    run_command(cmd, Stdio::from(stdin), what, deadline)
+}
+
+/// Where Prometheus's `promtool` is.
+pub const PROMTOOL: &str = "/usr/bin/promtool";
+
+/// Runs `promtool ARGS` (with `stdin`, if any) and waits at most `deadline`.
+/// Panics (the test fails) when promtool is not installed.
+pub fn promtool(args: &[&str], stdin: Option<&[u8]>, deadline: Duration) -> CommandOutput {
+    if !Path::new(PROMTOOL).is_file() {
+        panic!(
+            "{PROMTOOL} is missing: install Debian package prometheus (apt-get install prometheus)"
+        );
+    }
+    let mut cmd = Command::new(PROMTOOL);
+    cmd.args(args);
+    let what = format!("promtool {}", args.join(" "));
+    match stdin {
+        Some(input) => run_with_input(cmd, input, &what, deadline),
+        None => run_with_deadline(cmd, &what, deadline),
+    }
+}
+
+/// The workspace root (where `deploy/`, `crates/` and `tests/` are).
+pub fn workspace_root() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    p.canonicalize().unwrap_or(p)
+}
+
 /// Runs `/usr/sbin/smtp-source ARGS 127.0.0.1:PORT` (e.g. `["-s", "10",
 /// "-m", "2000", "-f", "a@b", "-t", "c@d"]`) and waits for it to finish;
 /// kills it and panics when it takes longer than `deadline`. Panics (the
@@ -1144,6 +1254,244 @@ pub fn poolrelay(args: &[&str], deadline: Duration) -> CommandOutput {
     let mut cmd = Command::new(binary());
     cmd.args(args);
     run_with_deadline(cmd, &format!("poolrelay {}", args.join(" ")), deadline)
+}
+
+// ---------------------------------------------------------------------------
+// HTTP (the admin API) and the Prometheus text format
+// ---------------------------------------------------------------------------
+
+/// One HTTP response.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// Header fields, names lower-cased, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body (chunked transfer coding removed).
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The first header field `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl fmt::Display for HttpResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HTTP {}: {}", self.status, self.body.trim_end())
+    }
+}
+
+/// One HTTP/1.1 request over a plain `TcpStream` (`Connection: close`,
+/// empty body, 10 s timeouts), with extra header lines `headers`.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> io::Result<HttpResponse> {
+    let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if method != "GET" && method != "HEAD" {
+        request.push_str("Content-Length: 0\r\n");
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes())?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    parse_http_response(&raw)
+}
+
+/// `GET path` (see [`http_request`]).
+pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<HttpResponse> {
+    http_request(addr, "GET", path, &[])
+}
+
+fn parse_http_response(raw: &[u8]) -> io::Result<HttpResponse> {
+    let bad = |why: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "malformed HTTP response ({why}): {:?}",
+                String::from_utf8_lossy(&raw[..raw.len().min(200)])
+            ),
+        )
+    };
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no end of header"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let body = &raw[split + 4..];
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| bad("no status"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked {
+        dechunk(body).ok_or_else(|| bad("bad chunked body"))?
+    } else {
+        body.to_vec()
+    };
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+fn dechunk(mut rest: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = rest.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = String::from_utf8_lossy(&rest[..eol]).into_owned();
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        rest = &rest[eol + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(rest.get(..size)?);
+        rest = rest.get(size + 2..)?;
+    }
+}
+
+/// One sample of the Prometheus text exposition format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// Metric name, e.g. `poolrelay_delivery_seconds_bucket`.
+    pub name: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Value.
+    pub value: f64,
+}
+
+impl Sample {
+    /// True when every `(name, value)` of `want` is one of its labels.
+    pub fn matches(&self, want: &[(&str, &str)]) -> bool {
+        want.iter()
+            .all(|(k, v)| self.labels.get(*k).map(String::as_str) == Some(*v))
+    }
+}
+
+/// Parses Prometheus text format (comments skipped). Panics on a line it
+/// cannot read, quoting it.
+pub fn parse_metrics(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        out.push(
+            parse_sample(line).unwrap_or_else(|| panic!("cannot parse the metrics line {line:?}")),
+        );
+    }
+    out
+}
+
+fn parse_sample(line: &str) -> Option<Sample> {
+    let name_end = line.find(['{', ' '])?;
+    let name = line[..name_end].to_string();
+    let mut labels = BTreeMap::new();
+    let mut rest = &line[name_end..];
+    if let Some(r) = rest.strip_prefix('{') {
+        let mut chars = r.char_indices().peekable();
+        let mut end = None;
+        loop {
+            while chars.peek().is_some_and(|(_, c)| *c == ',' || *c == ' ') {
+                chars.next();
+            }
+            match chars.peek() {
+                Some((i, '}')) => {
+                    end = Some(*i + 1);
+                    break;
+                }
+                None => break,
+                _ => {}
+            }
+            let mut key = String::new();
+            for (_, c) in chars.by_ref() {
+                if c == '=' {
+                    break;
+                }
+                key.push(c);
+            }
+            if chars.next().map(|(_, c)| c) != Some('"') {
+                return None;
+            }
+            let mut value = String::new();
+            loop {
+                match chars.next()?.1 {
+                    '\\' => match chars.next()?.1 {
+                        'n' => value.push('\n'),
+                        c => value.push(c),
+                    },
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+            labels.insert(key.trim().to_string(), value);
+        }
+        rest = &r[end?..];
+    }
+    let value = match rest.split_whitespace().next()? {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v.parse().ok()?,
+    };
+    Some(Sample {
+        name,
+        labels,
+        value,
+    })
+}
+
+/// The sum of the samples named `name` whose labels include `labels`;
+/// `None` when there is no such sample.
+pub fn metric_sum(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = false;
+    let sum = samples
+        .iter()
+        .filter(|s| s.name == name && s.matches(labels))
+        .inspect(|_| found = true)
+        .map(|s| s.value)
+        .sum();
+    found.then_some(sum)
+}
+
+/// The metric family names in a scrape: every sample name, and for
+/// histogram and summary series also the name without `_bucket`, `_sum`
+/// or `_count`.
+pub fn metric_names(samples: &[Sample]) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for s in samples {
+        names.insert(s.name.clone());
+        for suffix in ["_bucket", "_sum", "_count"] {
+            if let Some(base) = s.name.strip_suffix(suffix) {
+                names.insert(base.to_string());
+            }
+        }
+    }
+    names
 }
 
 // ---------------------------------------------------------------------------
@@ -1488,6 +1836,29 @@ mod tests {
         assert_eq!(m.to, vec!["a@b".to_string(), "c@d".to_string()]);
         assert_eq!(m.subject().as_deref(), Some("hi there"));
         assert_eq!(m.message_id().as_deref(), Some("id@x"));
+    }
+
+    #[test]
+    fn metrics_and_http_parsing() {
+        let text = "# HELP x y\n# TYPE a_total counter\na_total{pool=\"A\",up=\"h:1\"} 7\n\
+                    a_total{pool=\"B\",up=\"h:2\"} 3\nh_bucket{le=\"+Inf\"} 2\nh_sum 0.5\n\
+                    g{l=\"q\\\"x\"} +Inf\nbare 1 1700000000\n";
+        let m = parse_metrics(text);
+        assert_eq!(m.len(), 6);
+        assert_eq!(metric_sum(&m, "a_total", &[("pool", "A")]), Some(7.0));
+        assert_eq!(metric_sum(&m, "a_total", &[]), Some(10.0));
+        assert_eq!(metric_sum(&m, "a_total", &[("pool", "C")]), None);
+        assert_eq!(m[4].labels["l"], "q\"x");
+        assert_eq!(m[4].value, f64::INFINITY);
+        assert_eq!(metric_sum(&m, "bare", &[]), Some(1.0));
+        let names = metric_names(&m);
+        assert!(names.contains("h") && names.contains("h_bucket") && names.contains("a_total"));
+        let r = parse_http_response(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        )
+        .expect("response");
+        assert_eq!((r.status, r.body.as_str()), (200, "abcde"));
+        assert_eq!(r.header("transfer-encoding"), Some("chunked"));
     }
 
     #[test]

@@ -134,6 +134,9 @@ pub struct Defaults {
     pub max_age: Duration,
     /// `rate_limit`: server-wide bandwidth in bits per second.
     pub rate_limit: Option<u64>,
+    /// `delay_warning`: send a "delayed" DSN once a message has waited this
+    /// long (to recipients that asked NOTIFY=DELAY, or by default). Off when None.
+    pub delay_warning: Option<Duration>,
 }
 
 /// `[pool.NAME]`.
@@ -200,8 +203,65 @@ pub struct Upstream {
     pub idle_timeout: Duration,
     /// `connect_timeout`, default 30s.
     pub connect_timeout: Duration,
+    /// Reply timeouts per SMTP stage (`greeting_timeout`, `ehlo_timeout`,
+    /// `mail_timeout`, `rcpt_timeout`, `data_init_timeout`,
+    /// `data_block_timeout`, `data_end_timeout`); RFC 5321 §4.5.3.2 defaults.
+    pub timeouts: StageTimeouts,
+    /// `tls_verify`: check the upstream's certificate against its name. Default true.
+    pub tls_verify: bool,
+    /// `tls_ca_file`: extra trusted CA certificates (PEM) for a private smarthost.
+    pub tls_ca_file: Option<PathBuf>,
+    /// `auth = { username, password_file }`: AUTH PLAIN/LOGIN towards this upstream.
+    pub auth: Option<UpstreamAuth>,
+    /// `auth_plaintext`: allow AUTH without TLS. Default false.
+    pub auth_plaintext: bool,
+    /// `mx`: when `host` has no port, deliver to its MX hosts. Default false.
+    pub mx: bool,
     /// Line of the `[[upstream]]` header.
     pub line: usize,
+}
+
+/// Reply timeouts per SMTP stage of an upstream (RFC 5321 §4.5.3.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StageTimeouts {
+    /// 220 greeting, default 5m.
+    pub greeting: Duration,
+    /// EHLO/HELO, default 5m.
+    pub ehlo: Duration,
+    /// MAIL, default 5m.
+    pub mail: Duration,
+    /// RCPT, default 5m.
+    pub rcpt: Duration,
+    /// DATA's 354, default 2m.
+    pub data_init: Duration,
+    /// Each block of the message written, default 3m.
+    pub data_block: Duration,
+    /// The reply to the final dot, default 10m.
+    pub data_end: Duration,
+}
+
+impl Default for StageTimeouts {
+    fn default() -> Self {
+        let m = |n: u64| Duration::from_secs(n * 60);
+        StageTimeouts {
+            greeting: m(5),
+            ehlo: m(5),
+            mail: m(5),
+            rcpt: m(5),
+            data_init: m(2),
+            data_block: m(3),
+            data_end: m(10),
+        }
+    }
+}
+
+/// Credentials for AUTH towards an upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamAuth {
+    /// User name.
+    pub username: String,
+    /// File holding the password (read at start and on reload; trailing newline ignored).
+    pub password_file: PathBuf,
 }
 
 /// A header matcher of a route: `header = { name = "Sender", value = "*@x" }`.

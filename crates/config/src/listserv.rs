@@ -144,10 +144,11 @@ impl Source {
     /// The file name alone: comments in the generated config stay the same
     /// wherever the input files were.
     fn short(&self) -> String {
-        self.path.file_name().map_or_else(
+        let name = self.path.file_name().map_or_else(
             || self.path.display().to_string(),
             |n| n.to_string_lossy().into_owned(),
-        )
+        );
+        c(&name)
     }
 
     fn err(&self, line: usize, message: String) -> ConfigError {
@@ -193,11 +194,14 @@ struct ListPool {
     origin: Origin,
 }
 
+/// Per-pool caps of `SMTP_RATE_LIMIT`, in bits per second, in the order written.
+type PoolCaps = Vec<(String, u64)>;
+
 /// `SMTP_RATE_LIMIT`.
 #[derive(Debug)]
 struct Rates {
     server: Option<u64>,
-    pools: Vec<(String, u64)>,
+    pools: PoolCaps,
     origin: Origin,
 }
 
@@ -439,9 +443,9 @@ fn cap(s: &str) -> Result<u64, String> {
 }
 
 /// `SMTP_RATE_LIMIT=12Mbps AB:1.5Mbps C:150kbps`.
-fn parse_rates(value: &str) -> Result<(Option<u64>, Vec<(String, u64)>), String> {
+fn parse_rates(value: &str) -> Result<(Option<u64>, PoolCaps), String> {
     let mut server = None;
-    let mut pools: Vec<(String, u64)> = Vec::new();
+    let mut pools: PoolCaps = Vec::new();
     for token in value.split_whitespace() {
         match token.split_once(':') {
             Some((letters, bw)) => {
@@ -984,7 +988,7 @@ impl PoolUse {
         }
         if !self.whole.is_empty() {
             parts.push(format!(
-                "mail of {} (Delivery-Pool)",
+                "list mail of {} (Delivery-Pool)",
                 some_names(&self.whole)
             ));
         }
@@ -1000,11 +1004,16 @@ impl PoolUse {
                 some_names(&self.admin)
             ));
         }
+        if parts.is_empty() {
+            // Named only by worker lines or rate limits: say so rather than
+            // leave the description empty.
+            parts.push(format!("LISTSERV pool {name}"));
+        }
         if !self.forwards.is_empty() {
             parts.push(format!("served by {}", some_names(&self.forwards)));
         }
-        if parts.is_empty() {
-            parts.push(format!("LISTSERV pool {name} (SMTP_RATE_LIMIT)"));
+        if self.rate.is_some() {
+            parts.push("capped by SMTP_RATE_LIMIT".to_string());
         }
         parts.join("; ")
     }
@@ -1116,10 +1125,13 @@ fn render(
         ));
         let failover = f.failover.join(", then ");
         match (f.window, f.failover.is_empty()) {
-            (Some(w), false) => comment.push(format!(
-                "Inside {w} (local time) through {}; the rest of the day, and whenever it is down, through {failover}.",
-                f.host
-            )),
+            (Some(w), false) => {
+                comment.push(format!(
+                    "Inside {w} (local time) through {}; the rest of the day,",
+                    f.host
+                ));
+                comment.push(format!("and whenever it is down, through {failover}."));
+            }
             (Some(w), true) => comment.push(format!(
                 "Only inside {w} (local time); outside it these workers idle and their mail waits."
             )),
@@ -1271,11 +1283,11 @@ fn render(
     );
     let _ = writeln!(
         o,
-        "# give poolrelay a second address, point LISTSERV's pool-{example} workers{example_forward}"
+        "# give poolrelay a second address and point LISTSERV's pool-{example} workers at it{example_forward}."
     );
     let _ = writeln!(
         o,
-        "# at it, and uncomment. Everything accepted there goes to pool {example}, whatever the routes say."
+        "# Everything accepted there goes to pool {example}, whatever the routes say:"
     );
     let _ = writeln!(
         o,
@@ -1294,11 +1306,10 @@ fn render(
     let _ = writeln!(o, "\n[defaults]");
     match &site.list_pool {
         Some(lp) => {
+            let _ = writeln!(o, "# {}  ({})", c(&lp.origin.text), at(&lp.origin));
             let _ = writeln!(
                 o,
-                "# {}  ({}): list mail (owner-*@ senders) no route below claims.",
-                c(&lp.origin.text),
-                at(&lp.origin)
+                "# The pool of list mail (owner-*@ senders) that no route below claims."
             );
             if lp.postings != lp.admin {
                 let _ = writeln!(
@@ -1325,23 +1336,22 @@ fn render(
         }
     }
     if let Some((host, origin)) = &site.fallback {
+        let _ = writeln!(o, "# {}  ({})", c(&origin.text), at(origin));
         let _ = writeln!(
             o,
-            "# {}  ({}): the site fallback when a worker's hosts cannot be reached.",
-            c(&origin.text),
-            at(origin)
+            "# The site fallback, used when a worker's own hosts cannot be reached."
         );
         let _ = writeln!(o, "fallback = [{}]", q(host));
     }
     if let Some(r) = &site.rates
         && let Some(bps) = r.server
     {
+        let _ = writeln!(o, "# {}  ({})", c(&r.origin.text), at(&r.origin));
         let _ = writeln!(
             o,
-            "# {}  ({}): server-wide cap; each message is held to it and to its pool's cap.",
-            c(&r.origin.text),
-            at(&r.origin)
+            "# The server-wide cap; each message is held to it and to its pool's cap,"
         );
+        let _ = writeln!(o, "# whichever is stricter at the moment.");
         let _ = writeln!(o, "rate_limit = {}", q(&format_bandwidth(bps)));
     }
     let _ = writeln!(
@@ -1527,12 +1537,15 @@ fn build_routes(
         let (hosts, whence) = match (&l.address, &site.domains) {
             (Some((_, host, line)), _) => (
                 vec![host.clone()],
-                format!("its List-Address ({}:{line})", l.file),
+                format!("Host: its List-Address ({}:{line}).", l.file),
             ),
-            (None, Some((hosts, _))) => (hosts.clone(), "each MYDOMAIN host".to_string()),
+            (None, Some((hosts, _))) => (
+                hosts.clone(),
+                "Hosts: each MYDOMAIN host (no List-Address).".to_string(),
+            ),
             (None, None) => (
                 vec!["*".to_string()],
-                "any host: no List-Address and no MYDOMAIN".to_string(),
+                "Host: any (no List-Address, no MYDOMAIN).".to_string(),
             ),
         };
         let why = match (&l.delivery, &site.list_pool) {
@@ -1553,9 +1566,9 @@ fn build_routes(
             if x == y {
                 let mut comment = Vec::new();
                 if first {
-                    comment.push(format!("List {}: {why}.", l.name));
+                    comment.push(format!("List {}: {why}. {whence}", l.name));
                     comment.push(format!(
-                        "All its mail comes from owner-{local}@ ({whence}) and goes to pool {x}."
+                        "Postings and administrative mail both come from owner-{local}@: pool {x}."
                     ));
                 }
                 out.push(RouteOut {
@@ -1573,11 +1586,10 @@ fn build_routes(
             };
             let mut comment = Vec::new();
             if first {
-                comment.push(format!("List {}: {why}.", l.name));
+                comment.push(format!("List {}: {why}. {whence}", l.name));
                 comment.push(format!(
-                    "Postings come from owner-{local}@ ({whence}) with a Sender: header naming {local}@"
+                    "Postings come from owner-{local}@ with a Sender: header naming {local}@: pool {x}."
                 ));
-                comment.push(format!("and go to pool {x}."));
             } else {
                 comment.push(format!("List {}, postings via {host}: pool {x}.", l.name));
             }

@@ -68,6 +68,7 @@ pub(crate) struct RawDefaults {
     pub retry: Option<Spanned<Vec<Unit>>>,
     pub max_age: Option<Unit>,
     pub rate_limit: Option<Unit>,
+    pub delay_warning: Option<Unit>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,6 +94,25 @@ pub(crate) struct RawUpstream {
     pub max_messages_per_connection: Option<Int>,
     pub idle_timeout: Option<Unit>,
     pub connect_timeout: Option<Unit>,
+    pub greeting_timeout: Option<Unit>,
+    pub ehlo_timeout: Option<Unit>,
+    pub mail_timeout: Option<Unit>,
+    pub rcpt_timeout: Option<Unit>,
+    pub data_init_timeout: Option<Unit>,
+    pub data_block_timeout: Option<Unit>,
+    pub data_end_timeout: Option<Unit>,
+    pub tls_verify: Option<Spanned<bool>>,
+    pub tls_ca_file: Option<Str>,
+    pub auth: Option<Located<RawAuth>>,
+    pub auth_plaintext: Option<Spanned<bool>>,
+    pub mx: Option<Spanned<bool>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAuth {
+    pub username: Str,
+    pub password_file: Str,
 }
 
 #[derive(Debug, Deserialize)]

@@ -175,6 +175,7 @@ fn full_example() {
             retry: vec![secs(60), secs(600), secs(3600)],
             max_age: secs(3 * 86400),
             rate_limit: Some(12_000_000),
+            delay_warning: None,
         }
     );
     assert_eq!(c.pool_names(), ["A", "B", "bulk_news", "-"]);
@@ -224,6 +225,12 @@ fn full_example() {
                 max_messages_per_connection: 50,
                 idle_timeout: secs(30),
                 connect_timeout: secs(5),
+                timeouts: StageTimeouts::default(),
+                tls_verify: true,
+                tls_ca_file: None,
+                auth: None,
+                auth_plaintext: false,
+                mx: false,
                 line: 50,
             },
             Upstream {
@@ -236,6 +243,12 @@ fn full_example() {
                 max_messages_per_connection: 100,
                 idle_timeout: secs(10),
                 connect_timeout: secs(30),
+                timeouts: StageTimeouts::default(),
+                tls_verify: true,
+                tls_ca_file: None,
+                auth: None,
+                auth_plaintext: false,
+                mx: false,
                 line: 61,
             },
         ]

@@ -17,7 +17,7 @@ use crate::units::{
 };
 use crate::{
     Admin, Config, ConfigError, DEFAULT_POOL, Defaults, HeaderMatch, Listener, Pool, Route, Server,
-    TlsMode, Upstream, is_valid_pool_name,
+    StageTimeouts, TlsMode, Upstream, UpstreamAuth, is_valid_pool_name,
 };
 
 /// Description of the pool `-` when the config gives none.
@@ -693,6 +693,7 @@ impl Ctx<'_> {
                 .collect(),
             max_age: Duration::from_secs(5 * 86400),
             rate_limit: None,
+            delay_warning: None,
         };
         let Some(raw) = raw else {
             return d;
@@ -720,6 +721,9 @@ impl Ctx<'_> {
         }
         if let Some(v) = &raw.rate_limit {
             d.rate_limit = self.rate("defaults.rate_limit", v);
+        }
+        if let Some(v) = &raw.delay_warning {
+            d.delay_warning = self.positive_duration("defaults.delay_warning", v);
         }
         d
     }
@@ -818,7 +822,51 @@ impl Ctx<'_> {
                     .unwrap_or_default(),
                 None => Duration::from_secs(30),
             };
+            let defaults = StageTimeouts::default();
+            let mut stage = |key: &str, v: &Option<Unit>, default: Duration| match v {
+                Some(v) => self.positive_duration(key, v).unwrap_or(default),
+                None => default,
+            };
+            let timeouts = StageTimeouts {
+                greeting: stage("greeting_timeout", &r.greeting_timeout, defaults.greeting),
+                ehlo: stage("ehlo_timeout", &r.ehlo_timeout, defaults.ehlo),
+                mail: stage("mail_timeout", &r.mail_timeout, defaults.mail),
+                rcpt: stage("rcpt_timeout", &r.rcpt_timeout, defaults.rcpt),
+                data_init: stage(
+                    "data_init_timeout",
+                    &r.data_init_timeout,
+                    defaults.data_init,
+                ),
+                data_block: stage(
+                    "data_block_timeout",
+                    &r.data_block_timeout,
+                    defaults.data_block,
+                ),
+                data_end: stage("data_end_timeout", &r.data_end_timeout, defaults.data_end),
+            };
+            let tls_ca_file = r
+                .tls_ca_file
+                .as_ref()
+                .and_then(|v| self.path("upstream tls_ca_file", v));
+            let auth = match &r.auth {
+                Some(a) => {
+                    let a = &a.value;
+                    let username = a.username.get_ref().clone();
+                    self.path("upstream auth.password_file", &a.password_file)
+                        .map(|password_file| UpstreamAuth {
+                            username,
+                            password_file,
+                        })
+                }
+                None => None,
+            };
             out.push(Upstream {
+                timeouts,
+                tls_verify: r.tls_verify.as_ref().is_none_or(|v| *v.get_ref()),
+                tls_ca_file,
+                auth,
+                auth_plaintext: r.auth_plaintext.as_ref().is_some_and(|v| *v.get_ref()),
+                mx: r.mx.as_ref().is_some_and(|v| *v.get_ref()),
                 host,
                 workers,
                 pools: pool_list,

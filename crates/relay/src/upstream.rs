@@ -86,10 +86,13 @@ impl Health {
 }
 
 /// Resolves "host:port" to addresses: the `[server] hosts` map first (so tests
-/// and migrations can point example names at local sinks), then the system resolver.
+/// and migrations can point example names at local sinks), then DNS: the
+/// name's MX hosts in preference order when `mx` is set, else its A/AAAA
+/// records. Every address is returned so the caller can try them all.
 pub async fn resolve(
     host_port: &str,
     hosts: &BTreeMap<String, String>,
+    mx: bool,
 ) -> Result<Vec<SocketAddr>, String> {
     if let Ok(addr) = host_port.parse::<SocketAddr>() {
         return Ok(vec![addr]);
@@ -106,12 +109,43 @@ pub async fn resolve(
             "[server] hosts maps {name} to {mapped:?}, which is neither an IP nor IP:port"
         ));
     }
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), port))
-        .await
-        .map_err(|e| format!("cannot resolve {name}: {e}"))?
-        .collect();
+    let resolver = hickory_resolver::Resolver::builder_tokio()
+        .map_err(|e| format!("cannot read the system resolver config: {e}"))?
+        .build();
+    let mut targets = Vec::new();
+    if mx {
+        let lookup = resolver
+            .mx_lookup(name.as_str())
+            .await
+            .map_err(|e| format!("MX lookup of {name} failed: {e}"))?;
+        let mut records: Vec<(u16, String)> = lookup
+            .iter()
+            .map(|r| {
+                (
+                    r.preference(),
+                    r.exchange().to_utf8().trim_end_matches('.').to_string(),
+                )
+            })
+            .collect();
+        records.sort();
+        targets.extend(records.into_iter().map(|(_, host)| host));
+    }
+    if targets.is_empty() {
+        // No MX (or not asked): the name itself (RFC 5321 §5.1 implicit MX).
+        targets.push(name.clone());
+    }
+    let mut addrs = Vec::new();
+    for target in &targets {
+        match resolver.lookup_ip(target.as_str()).await {
+            Ok(ips) => addrs.extend(ips.iter().map(|ip| SocketAddr::new(ip, port))),
+            Err(e) => tracing::debug!("cannot resolve {target}: {e}"),
+        }
+    }
     if addrs.is_empty() {
-        return Err(format!("{name} has no address"));
+        return Err(format!(
+            "{name} has no address (tried {})",
+            targets.join(", ")
+        ));
     }
     Ok(addrs)
 }
@@ -150,15 +184,15 @@ mod tests {
         );
         hosts.insert("scrappy.example.org".to_string(), "127.0.0.8".to_string());
         assert_eq!(
-            resolve("scooby.example.org:25", &hosts).await,
+            resolve("scooby.example.org:25", &hosts, false).await,
             Ok(vec!["127.0.0.9:2600".parse().unwrap()])
         );
         assert_eq!(
-            resolve("scrappy.example.org:25", &hosts).await,
+            resolve("scrappy.example.org:25", &hosts, false).await,
             Ok(vec!["127.0.0.8:25".parse().unwrap()])
         );
         assert_eq!(
-            resolve("127.0.0.1:26", &hosts).await,
+            resolve("127.0.0.1:26", &hosts, false).await,
             Ok(vec!["127.0.0.1:26".parse().unwrap()])
         );
     }

@@ -10,9 +10,12 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use poolrelay_config::{Config, Upstream};
+use poolrelay_config::{Config, TlsMode, Upstream};
 use poolrelay_smtp::Reply;
-use poolrelay_smtp::outbound::{Client, ClientError, OutboundEnvelope, RecipientDsn, Timeouts};
+use poolrelay_smtp::outbound::{
+    Client, ClientError, ConnectOptions, Credentials, OutboundEnvelope, RecipientDsn, Timeouts,
+    TlsMode as SmtpTls,
+};
 use poolrelay_spool::{Envelope, FjallSpool, RecipientState, Spool, format_id, now_ms};
 
 use crate::dsn;
@@ -507,15 +510,13 @@ async fn open(
     host: &str,
 ) -> Result<Connection, String> {
     let config = &generation.config;
-    let addrs = resolve(host, &config.server.hosts).await?;
-    let timeouts = Timeouts {
-        connect: upstream.connect_timeout,
-        ..Timeouts::default()
-    };
+    let addrs = resolve(host, &config.server.hosts, upstream.mx).await?;
+    let options = connect_options(upstream, host)?;
     let mut last = String::new();
     for addr in addrs {
-        match Client::connect(addr, &config.server.hostname, timeouts).await {
+        match Client::connect_with(addr, &config.server.hostname, &options).await {
             Ok(client) => {
+                tracing::debug!(upstream = %host, %addr, tls = client.is_tls(), "connected");
                 return Ok(Connection {
                     client,
                     host: host.to_string(),
@@ -528,4 +529,52 @@ async fn open(
         }
     }
     Err(last)
+}
+
+/// TLS, AUTH and timeouts for one upstream host, from its `[[upstream]]` entry.
+fn connect_options(upstream: &Upstream, host: &str) -> Result<ConnectOptions, String> {
+    let t = upstream.timeouts;
+    let auth = match &upstream.auth {
+        Some(a) => {
+            let password = std::fs::read_to_string(&a.password_file).map_err(|e| {
+                format!(
+                    "cannot read auth.password_file {} for upstream {host}: {e}",
+                    a.password_file.display()
+                )
+            })?;
+            Some(Credentials {
+                username: a.username.clone(),
+                password: password.trim_end_matches(['\r', '\n']).to_string(),
+                allow_plaintext: upstream.auth_plaintext,
+            })
+        }
+        None => None,
+    };
+    let server_name = host
+        .rsplit_once(':')
+        .map_or(host, |(name, _)| name)
+        .trim_matches(['[', ']'])
+        .to_string();
+    Ok(ConnectOptions {
+        tls: match upstream.tls {
+            TlsMode::Opportunistic => SmtpTls::Opportunistic,
+            TlsMode::Required => SmtpTls::Required,
+            TlsMode::Implicit => SmtpTls::Implicit,
+            TlsMode::Off => SmtpTls::Off,
+        },
+        verify: upstream.tls_verify,
+        server_name,
+        ca_file: upstream.tls_ca_file.clone(),
+        auth,
+        timeouts: Timeouts {
+            connect: upstream.connect_timeout,
+            greeting: t.greeting,
+            ehlo: t.ehlo,
+            mail: t.mail,
+            rcpt: t.rcpt,
+            data_init: t.data_init,
+            data_block: t.data_block,
+            data_end: t.data_end,
+        },
+    })
 }

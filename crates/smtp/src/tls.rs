@@ -90,10 +90,22 @@ impl TlsSetup {
     }
 }
 
-/// The SNI / verification name: a DNS name or an IP literal (brackets and
-/// a trailing dot allowed), the peer's address when empty.
+/// The SNI / verification name: a DNS name or an IP literal (brackets, a
+/// trailing dot and a `:port` suffix tolerated), the peer's address when
+/// empty.
 fn server_name_for(name: &str, peer: SocketAddr) -> Result<ServerName<'static>, ClientError> {
-    let trimmed = name.trim().trim_end_matches('.');
+    let mut trimmed = name.trim();
+    if let Ok(addr) = trimmed.parse::<SocketAddr>() {
+        return Ok(ServerName::IpAddress(addr.ip().into()));
+    }
+    if let Some((host, port)) = trimmed.rsplit_once(':')
+        && !host.contains(':')
+        && !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+    {
+        trimmed = host;
+    }
+    let trimmed = trimmed.trim_end_matches('.');
     let trimmed = trimmed
         .strip_prefix('[')
         .and_then(|n| n.strip_suffix(']'))
@@ -162,5 +174,24 @@ impl ServerCertVerifier for AcceptAnyCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_names() {
+        let peer: SocketAddr = "192.0.2.7:25".parse().unwrap();
+        let name = |n: &str| server_name_for(n, peer).map(|s| s.to_str().into_owned());
+        assert_eq!(name("up.test").unwrap(), "up.test");
+        assert_eq!(name("up.test.").unwrap(), "up.test");
+        assert_eq!(name("up.test:587").unwrap(), "up.test");
+        assert_eq!(name("").unwrap(), "192.0.2.7");
+        assert_eq!(name("[2001:db8::1]").unwrap(), "2001:db8::1");
+        assert_eq!(name("[2001:db8::1]:465").unwrap(), "2001:db8::1");
+        assert_eq!(name("198.51.100.1").unwrap(), "198.51.100.1");
+        assert!(name("bad name").is_err());
     }
 }
