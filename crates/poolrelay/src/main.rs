@@ -54,11 +54,46 @@ enum Command {
         #[command(subcommand)]
         command: queue::QueueCommand,
     },
+    /// Turn a LISTSERV site.cfg (and list headers) into a poolrelay config on stdout.
+    ImportListserv {
+        /// LISTSERV's site configuration file.
+        site_cfg: PathBuf,
+        /// List header files, named LISTNAME.list.
+        list_headers: Vec<PathBuf>,
+        /// A list header under another file name: --list NAME=FILE (repeatable).
+        #[arg(long = "list", value_parser = poolrelay_config::parse_list_arg)]
+        lists: Vec<(String, PathBuf)>,
+        /// Give every upstream host this port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Map a host name to an address in server.hosts: --host NAME=IP[:PORT] (repeatable).
+        #[arg(long = "host", value_parser = parse_host_arg)]
+        hosts: Vec<(String, String)>,
+        /// Address of the generated listener (default 127.0.0.1:2525).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Address of the generated admin API (default 127.0.0.1:9025).
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+        /// Spool directory of the generated config.
+        #[arg(long)]
+        spool_dir: Option<PathBuf>,
+        /// Only report: warnings, then the resolved pools, workers and routes.
+        #[arg(long)]
+        check: bool,
+    },
     /// Make a running relay re-read its config (same as SIGHUP).
     Reload {
         #[command(flatten)]
         target: queue::Target,
     },
+}
+
+fn parse_host_arg(arg: &str) -> Result<(String, String), String> {
+    let (name, addr) = arg
+        .split_once('=')
+        .ok_or_else(|| format!("--host {arg:?}: write NAME=IP or NAME=IP:PORT"))?;
+    Ok((name.trim().to_string(), addr.trim().to_string()))
 }
 
 /// The config file: the one given, else $POOLRELAY_CONFIG, else config/poolrelay.toml.
@@ -124,6 +159,43 @@ fn main() -> ExitCode {
             }
         }
         Command::Queue { target, command } => ExitCode::from(queue::run(&target, command) as u8),
+        Command::ImportListserv {
+            site_cfg,
+            list_headers,
+            lists,
+            port,
+            hosts,
+            listen,
+            admin,
+            spool_dir,
+            check,
+        } => {
+            let options = poolrelay_config::ImportOptions {
+                port,
+                lists,
+                hosts,
+                listen,
+                admin,
+                spool_dir,
+            };
+            match poolrelay_config::import_listserv(&site_cfg, &list_headers, &options) {
+                Ok(import) => {
+                    for w in &import.warnings {
+                        eprintln!("warning: {w}");
+                    }
+                    if check {
+                        print!("{}", import.config.describe());
+                    } else {
+                        print!("{}", import.toml);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Reload { target } => ExitCode::from(queue::reload(&target) as u8),
         Command::Sink(args) => match runtime().and_then(|rt| rt.block_on(sink::run(args))) {
             Ok(()) => ExitCode::SUCCESS,

@@ -341,8 +341,8 @@ fn print_json_or_error(a: Answer) -> i32 {
 
 fn print_summary(body: &Value) {
     println!(
-        "{:<8} {:>8} {:>9} {:>6} {:>9} {:>12} {:>9}  {}",
-        "POOL", "READY", "DEFERRED", "HELD", "INFLIGHT", "OLDEST", "SENT/MIN", "DESCRIPTION"
+        "{:<8} {:>8} {:>9} {:>6} {:>9} {:>12} {:>9}  DESCRIPTION",
+        "POOL", "READY", "DEFERRED", "HELD", "INFLIGHT", "OLDEST", "SENT/MIN"
     );
     for p in body.as_array().into_iter().flatten() {
         let held = p["held"].as_bool().unwrap_or(false);
@@ -406,8 +406,8 @@ fn list(api: &Api, pool: Option<String>, json: bool, limit: usize) -> Result<i32
         return Ok(0);
     }
     println!(
-        "{:<17} {:<6} {:>8} {:>9} {:>5} {:>8}  {}",
-        "QUEUE ID", "POOL", "SIZE", "AGE", "TRIES", "PENDING", "SENDER / LAST REPLY"
+        "{:<17} {:<6} {:>8} {:>9} {:>5} {:>8}  SENDER / LAST REPLY",
+        "QUEUE ID", "POOL", "SIZE", "AGE", "TRIES", "PENDING"
     );
     for m in &all {
         let sender = m["sender"].as_str().unwrap_or("");

@@ -285,6 +285,13 @@ impl Running {
     pub async fn bounce_message(&self, id: &str) -> Result<(), ControlError> {
         let id = id_from(id)?;
         let mut envelope = self.claim(id)?;
+        let pending: Vec<usize> = envelope
+            .recipients
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.state == RecipientState::Pending)
+            .map(|(i, _)| i)
+            .collect();
         for r in envelope
             .recipients
             .iter_mut()
@@ -294,13 +301,17 @@ impl Running {
             r.last_reply = Some("5.0.0 returned to sender by the postmaster".to_string());
         }
         let config = self.config();
-        dsn::queue_failure(
+        dsn::queue_report(
             &self.spool,
             &self.scheduler,
             &config.server.hostname,
-            id,
-            &envelope,
-            "none",
+            dsn::Subject {
+                id,
+                original: &envelope,
+                recipients: &pending,
+                action: dsn::Action::Failed,
+                remote: "none",
+            },
         )
         .await;
         self.spool.remove(id, &envelope.pool).await?;

@@ -10,16 +10,44 @@ use poolrelay_spool::{
 
 use crate::scheduler::Scheduler;
 
-/// Queues a failure DSN for the recipients of `original` that bounced,
-/// in pool `-`, unless the sender is `<>` (logged and dropped: never bounce a bounce).
-pub async fn queue_failure(
+/// What a DSN reports about its recipients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Failed permanently or expired: "Action: failed".
+    Failed,
+    /// Still trying after `delay_warning`: "Action: delayed".
+    Delayed,
+}
+
+/// What one DSN is about.
+pub struct Subject<'a> {
+    /// The original message's queue id.
+    pub id: QueueId,
+    /// Its envelope, with the recipients' final replies.
+    pub original: &'a Envelope,
+    /// Indexes into `original.recipients` to report.
+    pub recipients: &'a [usize],
+    /// Failed or delayed.
+    pub action: Action,
+    /// The upstream that answered, for Remote-MTA.
+    pub remote: &'a str,
+}
+
+/// Queues a DSN in pool `-`, unless the sender is `<>` (logged and
+/// dropped: never bounce a bounce).
+pub async fn queue_report(
     spool: &FjallSpool,
     scheduler: &Scheduler,
     hostname: &str,
-    id: QueueId,
-    original: &Envelope,
-    remote: &str,
+    subject: Subject<'_>,
 ) {
+    let Subject {
+        id,
+        original,
+        recipients,
+        action,
+        remote,
+    } = subject;
     let id_text = format_id(id);
     if original.sender.is_empty() {
         tracing::info!(queue_id = %id_text, "bounce of a message from <> dropped (never bounce a bounce)");
@@ -33,7 +61,9 @@ pub async fn queue_failure(
             return;
         }
     };
-    let Some((envelope, message)) = failure(hostname, id, original, remote, &body) else {
+    let Some((envelope, message)) =
+        report(action, hostname, id, original, recipients, remote, &body)
+    else {
         return;
     };
     match spool.append(envelope, message).await {
@@ -49,30 +79,51 @@ pub async fn queue_failure(
 const NOTIFY_NEVER: u64 = 1 << 3;
 /// RCPT NOTIFY=FAILURE.
 const NOTIFY_FAILURE: u64 = 1 << 1;
+/// RCPT NOTIFY=DELAY.
+const NOTIFY_DELAY: u64 = 1 << 2;
 
-/// Whether a bounced recipient asked (or by default gets) a failure DSN.
-fn wants_failure_dsn(r: &Recipient) -> bool {
+/// Whether a recipient asked for (or by default gets) this kind of DSN
+/// (RFC 3461 §4.1: without NOTIFY, failures are reported and delays may be).
+fn wants(r: &Recipient, action: Action) -> bool {
     if r.notify == 0 {
         return true;
     }
-    r.notify & NOTIFY_NEVER == 0 && r.notify & NOTIFY_FAILURE != 0
+    let bit = match action {
+        Action::Failed => NOTIFY_FAILURE,
+        Action::Delayed => NOTIFY_DELAY,
+    };
+    r.notify & NOTIFY_NEVER == 0 && r.notify & bit != 0
 }
 
-/// Builds the failure DSN for the recipients of `original` in state
-/// Bounced that have not been reported yet (their `last_reply` is what the
-/// report says). Returns None when no recipient wants one.
-pub fn failure(
+/// Builds the DSN about `recipients` (indexes into `original.recipients`;
+/// each one's `last_reply` is what the report says). Returns None when no
+/// recipient wants one or the sender is `<>`.
+pub fn report(
+    action: Action,
     hostname: &str,
     id: QueueId,
     original: &Envelope,
+    recipients: &[usize],
     remote: &str,
     message: &[u8],
 ) -> Option<(Envelope, Vec<u8>)> {
-    let failed: Vec<&Recipient> = original
-        .recipients
+    let failed: Vec<&Recipient> = recipients
         .iter()
-        .filter(|r| r.state == RecipientState::Bounced && wants_failure_dsn(r))
+        .filter_map(|&i| original.recipients.get(i))
+        .filter(|r| wants(r, action))
         .collect();
+    let (subject, summary, action_word) = match action {
+        Action::Failed => (
+            "Undelivered Mail Returned to Sender",
+            "Your message could not be delivered to one or more recipients.",
+            "failed",
+        ),
+        Action::Delayed => (
+            "Delayed Mail (still being retried)",
+            "Your message has not been delivered yet to one or more recipients.\r\nThe mail system will keep trying; no action is needed from you.",
+            "delayed",
+        ),
+    };
     if failed.is_empty() || original.sender.is_empty() {
         return None;
     }
@@ -82,7 +133,7 @@ pub fn failure(
     out.push_str(&format!(
         "From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n\
          To: <{sender}>\r\n\
-         Subject: Undelivered Mail Returned to Sender\r\n\
+         Subject: {subject}\r\n\
          Date: {date}\r\n\
          Message-ID: <{id}.{now}.dsn@{hostname}>\r\n\
          Auto-Submitted: auto-replied\r\n\
@@ -94,7 +145,7 @@ pub fn failure(
          Content-Description: Notification\r\n\
          Content-Type: text/plain; charset=utf-8\r\n\r\n\
          This is the mail system at host {hostname}.\r\n\r\n\
-         Your message could not be delivered to one or more recipients.\r\n\r\n",
+         {summary}\r\n\r\n",
         sender = original.sender,
         id = format_id(id),
         now = now_ms(),
@@ -128,7 +179,7 @@ pub fn failure(
             out.push_str(&format!("Original-Recipient: {orcpt}\r\n"));
         }
         out.push_str(&format!(
-            "Action: failed\r\nStatus: {}\r\nRemote-MTA: dns; {}\r\nDiagnostic-Code: smtp; {}\r\n",
+            "Action: {action_word}\r\nStatus: {}\r\nRemote-MTA: dns; {}\r\nDiagnostic-Code: smtp; {}\r\n",
             status_of(reply),
             remote,
             one_line(reply)
@@ -169,6 +220,7 @@ pub fn failure(
         ret_full: false,
         body_8bit: true,
         smtputf8: false,
+        delay_warned: false,
     };
     Some((envelope, bytes))
 }
@@ -239,16 +291,19 @@ mod tests {
             ret_full: false,
             body_8bit: false,
             smtputf8: false,
+            delay_warned: false,
         }
     }
 
     #[test]
     fn failure_dsn_reports_only_bounced_recipients_with_their_status() {
         let msg = b"Subject: hello\r\nMessage-ID: <1@x>\r\n\r\nsecret body\r\n";
-        let (env, bytes) = failure(
+        let (env, bytes) = report(
+            Action::Failed,
             "relay.test",
             42,
             &envelope("owner-l@x.test", 0),
+            &[1],
             "up.test",
             msg,
         )
@@ -271,8 +326,26 @@ mod tests {
 
     #[test]
     fn notify_never_and_null_sender_get_no_dsn() {
-        assert!(failure("h", 1, &envelope("a@b", NOTIFY_NEVER), "u", b"").is_none());
-        assert!(failure("h", 1, &envelope("", 0), "u", b"").is_none());
+        let never = envelope("a@b", NOTIFY_NEVER);
+        assert!(report(Action::Failed, "h", 1, &never, &[1], "u", b"").is_none());
+        assert!(report(Action::Failed, "h", 1, &envelope("", 0), &[1], "u", b"").is_none());
+        let failure_only = envelope("a@b", NOTIFY_FAILURE);
+        assert!(report(Action::Delayed, "h", 1, &failure_only, &[1], "u", b"").is_none());
+        let (_, delayed) = report(
+            Action::Delayed,
+            "h",
+            1,
+            &envelope("a@b", NOTIFY_DELAY),
+            &[1],
+            "u",
+            b"",
+        )
+        .unwrap();
+        assert!(
+            String::from_utf8(delayed)
+                .unwrap()
+                .contains("Action: delayed")
+        );
     }
 
     #[test]

@@ -243,6 +243,7 @@ async fn queue(
         ret_full: tx.ret == Some(Ret::Full),
         body_8bit: tx.body_8bit,
         smtputf8: tx.smtputf8,
+        delay_warned: false,
     };
     let size = tx.message.len();
     let rcpt_count = tx.recipients.len();

@@ -312,16 +312,51 @@ async fn deliver(
         "delivery attempt"
     );
     record_metrics(&job.pool, &host, &counts);
-    if counts.bounced > 0 {
-        dsn::queue_failure(
+    let hostname = &generation.config.server.hostname;
+    let bounced_now: Vec<usize> = pending
+        .iter()
+        .copied()
+        .filter(|&i| envelope.recipients[i].state == RecipientState::Bounced)
+        .collect();
+    if !bounced_now.is_empty() {
+        dsn::queue_report(
             &shared.spool,
             &shared.scheduler,
-            &generation.config.server.hostname,
-            job.id,
-            &envelope,
-            &host,
+            hostname,
+            dsn::Subject {
+                id: job.id,
+                original: &envelope,
+                recipients: &bounced_now,
+                action: dsn::Action::Failed,
+                remote: &host,
+            },
         )
         .await;
+    }
+    if let Some(warn_after) = generation.config.defaults.delay_warning
+        && !envelope.delay_warned
+        && !envelope.is_done()
+        && Duration::from_millis(now_ms().saturating_sub(envelope.accepted_ms)) >= warn_after
+    {
+        let still: Vec<usize> = pending
+            .iter()
+            .copied()
+            .filter(|&i| envelope.recipients[i].state == RecipientState::Pending)
+            .collect();
+        dsn::queue_report(
+            &shared.spool,
+            &shared.scheduler,
+            hostname,
+            dsn::Subject {
+                id: job.id,
+                original: &envelope,
+                recipients: &still,
+                action: dsn::Action::Delayed,
+                remote: &host,
+            },
+        )
+        .await;
+        envelope.delay_warned = true;
     }
     if envelope.is_done() {
         finish(shared, job, &envelope).await;
@@ -399,6 +434,9 @@ fn next_attempt(config: &Config, pool: &str, attempts: u32) -> u64 {
     now_ms() + ms - ms / 10 + jitter
 }
 
+// The arguments are the worker's context plus this message; bundling them
+// would only move the list elsewhere.
+#[allow(clippy::too_many_arguments)]
 async fn attempt(
     shared: &Shared,
     generation: &Generation,
@@ -459,10 +497,10 @@ async fn attempt(
                     }
                 }
                 let host = c.host.clone();
-                if c.messages >= upstream.max_messages_per_connection {
-                    if let Some(c) = conn.take() {
-                        c.client.quit().await;
-                    }
+                if c.messages >= upstream.max_messages_per_connection
+                    && let Some(c) = conn.take()
+                {
+                    c.client.quit().await;
                 }
                 return Attempt::Answered { host };
             }

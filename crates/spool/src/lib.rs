@@ -119,6 +119,9 @@ pub struct Envelope {
     /// SMTPUTF8 was given.
     #[serde(default)]
     pub smtputf8: bool,
+    /// A "delayed" DSN was sent (at most one per message).
+    #[serde(default)]
+    pub delay_warned: bool,
 }
 
 impl Envelope {
@@ -636,6 +639,7 @@ mod tests {
             ret_full: false,
             body_8bit: false,
             smtputf8: false,
+            delay_warned: false,
         }
     }
 
