@@ -349,15 +349,20 @@ fn print_summary(body: &Value) {
         println!(
             "{:<8} {:>8} {:>9} {:>6} {:>9} {:>12} {:>9}  {}",
             p["pool"].as_str().unwrap_or("?"),
-            p["ready"],
-            p["deferred"],
+            num(&p["ready"]),
+            num(&p["deferred"]),
             if held { "yes" } else { "no" },
-            p["in_flight"],
+            num(&p["in_flight"]),
             age(p["oldest_age_seconds"].as_f64().unwrap_or(0.0)),
-            p["delivered_last_minute"],
+            num(&p["delivered_last_minute"]),
             p["description"].as_str().unwrap_or("")
         );
     }
+}
+
+/// A JSON number as text, so table widths apply (Value's Display ignores them).
+fn num(v: &Value) -> String {
+    v.as_u64().map_or_else(|| v.to_string(), |n| n.to_string())
 }
 
 fn age(seconds: f64) -> String {
@@ -415,11 +420,11 @@ fn list(api: &Api, pool: Option<String>, json: bool, limit: usize) -> Result<i32
             "{:<17} {:<6} {:>8} {:>9} {:>5} {:>4}/{:<3}  <{}>",
             m["id"].as_str().unwrap_or("?"),
             m["pool"].as_str().unwrap_or("?"),
-            m["size"],
+            num(&m["size"]),
             age(m["age_seconds"].as_f64().unwrap_or(0.0)),
-            m["attempts"],
-            m["pending"],
-            m["recipients"],
+            num(&m["attempts"]),
+            num(&m["pending"]),
+            num(&m["recipients"]),
             sender
         );
         if let Some(reply) = m["last_reply"].as_str() {

@@ -126,7 +126,7 @@ impl Running {
     pub fn pool_summaries(&self) -> Vec<PoolSummary> {
         let config = self.config();
         let counts = self.scheduler.counts();
-        let mut names: Vec<String> = config.pools.keys().cloned().collect();
+        let mut names: Vec<String> = config.pool_names();
         for name in counts.keys().chain(self.spool.pools().iter()) {
             if !names.contains(name) {
                 names.push(name.clone());
