@@ -244,15 +244,19 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         listeners_bound: true,
     })
 }
-/// Loads every queued message with a pending recipient into the scheduler.
+/// Loads every queued message with a pending recipient into the scheduler,
+/// and removes records whose recipients were all done (a crash between the
+/// last delivery and the removal leaves them behind).
 async fn recover(spool: &FjallSpool, scheduler: &Arc<Scheduler>) -> anyhow::Result<usize> {
-    let spool = spool.clone();
-    let scheduler = scheduler.clone();
-    let count = tokio::task::spawn_blocking(move || {
+    let reader = spool.clone();
+    let index = scheduler.clone();
+    let (count, finished) = tokio::task::spawn_blocking(move || {
         let mut count = 0usize;
+        let mut finished = Vec::new();
         let now = now_ms();
-        spool.recover(&mut |id, envelope| {
+        reader.recover(&mut |id, envelope| {
             if envelope.is_done() {
+                finished.push((id, envelope.pool));
                 return;
             }
             let due = if envelope.next_attempt_ms > now {
@@ -260,12 +264,15 @@ async fn recover(spool: &FjallSpool, scheduler: &Arc<Scheduler>) -> anyhow::Resu
             } else {
                 0
             };
-            scheduler.enqueue(id, &envelope.pool, due);
+            index.enqueue(id, &envelope.pool, due);
             count += 1;
         })?;
-        Ok::<_, poolrelay_spool::SpoolError>(count)
+        Ok::<_, poolrelay_spool::SpoolError>((count, finished))
     })
     .await
     .map_err(|e| anyhow::anyhow!("spool recovery task failed: {e}"))??;
+    for (id, pool) in finished {
+        spool.remove(id, &pool).await?;
+    }
     Ok(count)
 }
