@@ -1874,3 +1874,20 @@ mod tests {
         assert!(m.raw.starts_with("Received: by relay.test"), "{:?}", m.raw);
     }
 }
+
+// ---------------------------------------------------------------------------
+// Delivery engine tests (issue 3): scripted upstreams, a throwaway Postfix
+// as upstream, delivery log lines and DSN parsing. Each lives in its own
+// module file.
+// ---------------------------------------------------------------------------
+
+pub mod delivery;
+pub mod postfix_upstream;
+pub mod scripted;
+
+// ---------------------------------------------------------------------------
+// LISTSERV parity tests (issue 4): reference configurations, import-listserv,
+// LISTSERV-shaped mail and a pipelined bulk sender. In its own module file.
+// ---------------------------------------------------------------------------
+
+pub mod listserv;

@@ -257,11 +257,9 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         tracing::warn!("second signal: exiting now");
         std::process::exit(130);
     });
+    // The admin API stays up during the grace period: /readyz says 503.
+    relay.shutdown(GRACE).await;
     admin_task.abort();
-    match std::sync::Arc::try_unwrap(relay) {
-        Ok(relay) => relay.shutdown(GRACE).await,
-        Err(_) => tracing::warn!("admin requests still running; exiting without waiting for them"),
-    }
     Ok(())
 }
 

@@ -80,6 +80,10 @@ fn describe() {
     );
     describe_gauge!("poolrelay_build_info", "Build information.");
     describe_gauge!(
+        "poolrelay_ready",
+        "1 when the spool is writable and listeners are bound (what /readyz answers)."
+    );
+    describe_gauge!(
         "process_resident_memory_bytes",
         "Resident memory of the relay."
     );
@@ -104,6 +108,7 @@ pub fn refresh(relay: &Running) {
         metrics::gauge!("poolrelay_queue_oldest_age_seconds", "pool" => pool.pool.clone())
             .set(pool.oldest_age_seconds);
     }
+    metrics::gauge!("poolrelay_ready").set(if relay.ready() { 1.0 } else { 0.0 });
     if let Some(rss) = resident_bytes() {
         metrics::gauge!("process_resident_memory_bytes").set(rss as f64);
     }

@@ -122,7 +122,7 @@ impl Running {
     /// Graceful stop: new connections get 421 4.3.2, sessions get `grace`
     /// to finish their transaction, workers finish the message in flight.
     /// Everything that got a 250 is already fsynced, so an early exit is safe.
-    pub async fn shutdown(self, grace: Duration) {
+    pub async fn shutdown(&self, grace: Duration) {
         let _ = self.stopping.send(true);
         let deadline = tokio::time::Instant::now() + grace;
         let workers = {

@@ -148,13 +148,31 @@ async fn session(
     writer.write_all(&banner).await?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut out: Vec<u8> = Vec::with_capacity(4096);
+    let mut stopping = inbound.stopping.clone();
     loop {
+        if *stopping.borrow() && !session.in_transaction() {
+            // Shutting down: an idle session is told so rather than held open.
+            writer
+                .write_all(
+                    format!(
+                        "421 4.3.2 {} shutting down, try again later\r\n",
+                        server.hostname
+                    )
+                    .as_bytes(),
+                )
+                .await?;
+            return Ok(());
+        }
         let limit = if session.in_data() {
             server.data_timeout
         } else {
             server.command_timeout
         };
-        let n = match tokio::time::timeout(limit, reader.read(&mut buf)).await {
+        let read = tokio::select! {
+            r = tokio::time::timeout(limit, reader.read(&mut buf)) => r,
+            _ = stopping.changed(), if !*stopping.borrow() => continue,
+        };
+        let n = match read {
             Ok(Ok(0)) => return Ok(()),
             Ok(Ok(n)) => n,
             Ok(Err(e)) => return Err(e),

@@ -53,19 +53,30 @@ struct Connection {
 }
 
 /// Keeps `poolrelay_upstream_connections` right however a connection ends.
-struct Counted(metrics::Gauge);
+/// A connection counts once for each pool its workers serve: it is a
+/// connection available to each of them.
+struct Counted(Vec<metrics::Gauge>);
 
 impl Counted {
     fn new(pools: &[String], host: &str) -> Counted {
-        let gauge = metrics::gauge!("poolrelay_upstream_connections", "pool" => pools.join(","), "upstream" => host.to_string());
-        gauge.increment(1.0);
-        Counted(gauge)
+        let gauges: Vec<metrics::Gauge> = pools
+            .iter()
+            .map(|pool| {
+                metrics::gauge!("poolrelay_upstream_connections", "pool" => pool.clone(), "upstream" => host.to_string())
+            })
+            .collect();
+        for g in &gauges {
+            g.increment(1.0);
+        }
+        Counted(gauges)
     }
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.decrement(1.0);
+        for g in &self.0 {
+            g.decrement(1.0);
+        }
     }
 }
 

@@ -249,6 +249,12 @@ impl Session {
         format!("421 4.4.2 {} timeout, closing\r\n", self.config.hostname).into_bytes()
     }
 
+    /// True from MAIL until the transaction ends (queued, refused or RSET):
+    /// a stopping server lets such a session finish before closing it.
+    pub fn in_transaction(&self) -> bool {
+        self.mail.is_some() || !matches!(self.state, State::Command | State::Closed)
+    }
+
     /// True after QUIT or too many errors: the caller closes the connection.
     pub fn is_closed(&self) -> bool {
         matches!(self.state, State::Closed)
