@@ -64,10 +64,11 @@ fn uid_gid_of(user: &str) -> (u32, u32) {
     let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
     for line in passwd.lines() {
         let f: Vec<&str> = line.split(':').collect();
-        if f.len() > 3 && f[0] == user {
-            if let (Ok(u), Ok(g)) = (f[2].parse(), f[3].parse()) {
-                return (u, g);
-            }
+        if f.len() > 3
+            && f[0] == user
+            && let (Ok(u), Ok(g)) = (f[2].parse(), f[3].parse())
+        {
+            return (u, g);
         }
     }
     panic!("user {user} is not in /etc/passwd: {POSTFIX_MISSING}");

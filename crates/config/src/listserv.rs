@@ -1579,17 +1579,18 @@ fn build_routes(
                 });
                 continue;
             }
-            let sender_header = if host == "*" {
-                format!("*{local}@*")
-            } else {
-                format!("*{local}@{host}*")
-            };
+            // Anchored globs: `Sender: LIST@host` or `Sender: Name <LIST@host>`,
+            // never `owner-LIST@host` (which must stay administrative mail).
+            let address = format!("{local}@{host}");
             let mut comment = Vec::new();
             if first {
                 comment.push(format!("List {}: {why}. {whence}", l.name));
                 comment.push(format!(
                     "Postings come from owner-{local}@ with a Sender: header naming {local}@: pool {x}."
                 ));
+                comment.push(
+                    "Two routes: a bare Sender: address, then one with a display name.".to_string(),
+                );
             } else {
                 comment.push(format!("List {}, postings via {host}: pool {x}.", l.name));
             }
@@ -1597,7 +1598,13 @@ fn build_routes(
                 comment,
                 pool: x.clone(),
                 sender: sender.clone(),
-                header: Some(sender_header),
+                header: Some(address.clone()),
+            });
+            out.push(RouteOut {
+                comment: Vec::new(),
+                pool: x.clone(),
+                sender: sender.clone(),
+                header: Some(format!("*<{address}>")),
             });
             out.push(RouteOut {
                 comment: vec![

@@ -49,6 +49,14 @@ impl Health {
         }
     }
 
+    /// How long until `host` may be tried: zero when it is up or its probe is due.
+    pub fn wait(&self, host: &str) -> Duration {
+        let map = self.down.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(host)
+            .map(|d| d.until.saturating_duration_since(Instant::now()))
+            .unwrap_or_default()
+    }
+
     /// Records a connection-level failure of `host`.
     pub fn mark_down(&self, host: &str) {
         let mut map = self.down.lock().unwrap_or_else(|e| e.into_inner());

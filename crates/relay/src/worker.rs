@@ -124,6 +124,20 @@ pub async fn run(
             }
             continue;
         }
+        let wait = hosts
+            .iter()
+            .map(|h| shared.health.wait(h))
+            .min()
+            .unwrap_or_default();
+        if !wait.is_zero() {
+            // Every host of this entry is down: leave the mail to workers
+            // that can deliver it, and come back when a probe is due.
+            tokio::select! {
+                _ = tokio::time::sleep(wait.min(Duration::from_secs(1))) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
         let next =
             shared
                 .scheduler
@@ -272,6 +286,32 @@ async fn deliver(
     let (host, last_reply) = match &attempt {
         Attempt::Answered { host } => (host.clone(), summary_reply(&envelope)),
         Attempt::NoHost(reason) => {
+            let age = Duration::from_millis(now_ms().saturating_sub(envelope.accepted_ms));
+            let all_down = hosts.iter().all(|h| !shared.health.wait(h).is_zero());
+            if all_down && age < generation.config.max_age_for(&job.pool) {
+                // Every host of this entry is down: that says nothing about the
+                // message. It goes back as ready, without spending an attempt,
+                // for workers whose hosts are up; this entry's workers idle
+                // until a probe is due (see `run`).
+                let pending_count = pending.len();
+                tracing::info!(
+                    target: "poolrelay::delivery",
+                    queue_id = %id_text,
+                    pool = %job.pool,
+                    upstream = %upstream.host,
+                    done = 0,
+                    deferred = pending_count,
+                    bounced = 0,
+                    status = "deferred",
+                    delay = format_args!("{:.3}", age.as_secs_f64()),
+                    attempt = envelope.attempts - 1,
+                    reply = %reason,
+                    "delivery attempt (no host reachable: back in the queue, attempt not counted)"
+                );
+                metrics::counter!("poolrelay_deferred_recipients_total", "pool" => job.pool.clone(), "upstream" => upstream.host.clone()).increment(pending_count as u64);
+                shared.scheduler.enqueue(job.id, &job.pool, 0);
+                return;
+            }
             for &i in &pending {
                 envelope.recipients[i].last_reply = Some(reason.clone());
             }
@@ -460,24 +500,32 @@ async fn attempt(
 ) -> Attempt {
     let mut last_error = String::from("no upstream host available");
     for host in hosts {
-        let reuse = conn.as_ref().is_some_and(|c| &c.host == host);
+        let reuse = conn
+            .as_ref()
+            .is_some_and(|c| &c.host == host && c.client.is_usable());
         if !reuse {
-            if let Some(c) = conn.take() {
-                c.client.quit().await;
-            }
+            // Skip a down host before touching the open connection: while the
+            // primary is down, the failover connection stays in use.
             if !shared.health.claim(host) {
                 last_error = format!("{host} is down; waiting for its next probe");
                 continue;
+            }
+            if let Some(c) = conn.take() {
+                c.client.quit().await;
             }
             match open(generation, upstream, host).await {
                 Ok(c) => {
                     shared.health.mark_up(host);
                     *conn = Some(c);
                 }
-                Err(e) => {
-                    tracing::warn!(upstream = %host, "{e}; trying the next host");
-                    shared.health.mark_down(host);
-                    last_error = e;
+                Err(failure) => {
+                    if failure.host_unwell {
+                        tracing::warn!(upstream = %host, "{}; marking it down, trying the next host", failure.message);
+                        shared.health.mark_down(host);
+                    } else {
+                        tracing::warn!(upstream = %host, "{}; trying the next host", failure.message);
+                    }
+                    last_error = failure.message;
                     continue;
                 }
             }
@@ -490,9 +538,11 @@ async fn attempt(
             *conn = None;
             match open(generation, upstream, host).await {
                 Ok(fresh) => *conn = Some(fresh),
-                Err(e) => {
-                    shared.health.mark_down(host);
-                    last_error = e;
+                Err(failure) => {
+                    if failure.host_unwell {
+                        shared.health.mark_down(host);
+                    }
+                    last_error = failure.message;
                     continue;
                 }
             }
@@ -553,15 +603,33 @@ fn marks_down(e: &ClientError) -> bool {
     }
 }
 
+/// Why no connection could be opened, and whether that says the host is unwell.
+struct OpenFailure {
+    message: String,
+    /// False for our own trouble (bad credentials, unreadable password file).
+    host_unwell: bool,
+}
+
 async fn open(
     generation: &Generation,
     upstream: &Upstream,
     host: &str,
-) -> Result<Connection, String> {
+) -> Result<Connection, OpenFailure> {
     let config = &generation.config;
-    let addrs = resolve(host, &config.server.hosts, upstream.mx).await?;
-    let options = connect_options(upstream, host)?;
-    let mut last = String::new();
+    let addrs = resolve(host, &config.server.hosts, upstream.mx)
+        .await
+        .map_err(|message| OpenFailure {
+            message,
+            host_unwell: true,
+        })?;
+    let options = connect_options(upstream, host).map_err(|message| OpenFailure {
+        message,
+        host_unwell: false,
+    })?;
+    let mut last = OpenFailure {
+        message: format!("upstream {host} has no address"),
+        host_unwell: true,
+    };
     for addr in addrs {
         match Client::connect_with(addr, &config.server.hostname, &options).await {
             Ok(client) => {
@@ -574,7 +642,12 @@ async fn open(
                     _counted: Counted::new(&upstream.pools, host),
                 });
             }
-            Err(e) => last = format!("upstream {host} ({addr}): {e}"),
+            Err(e) => {
+                last = OpenFailure {
+                    message: format!("upstream {host} ({addr}): {e}"),
+                    host_unwell: marks_down(&e),
+                }
+            }
         }
     }
     Err(last)

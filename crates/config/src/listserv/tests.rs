@@ -308,7 +308,8 @@ fn reference_3_backscatter_isolation_with_posting_and_admin_pools() {
         [
             route("-", "", None),
             route("-", "listserv@*", None),
-            route("B", "owner-emergency@*", Some("*emergency@*")),
+            route("B", "owner-emergency@*", Some("emergency@*")),
+            route("B", "owner-emergency@*", Some("*<emergency@*>")),
             route("A", "owner-emergency@*", None),
         ]
     );
@@ -693,7 +694,12 @@ fn list_header_with_several_keywords_on_one_line() {
             route(
                 "B",
                 "owner-news@listserv.example.com",
-                Some("*news@listserv.example.com*")
+                Some("news@listserv.example.com")
+            ),
+            route(
+                "B",
+                "owner-news@listserv.example.com",
+                Some("*<news@listserv.example.com>")
             ),
             route("A", "owner-news@listserv.example.com", None),
         ]
@@ -727,13 +733,23 @@ fn list_address_forms_and_mydomain_hosts() {
             route(
                 "C",
                 "owner-alerts@a.example.org",
-                Some("*alerts@a.example.org*")
+                Some("alerts@a.example.org")
+            ),
+            route(
+                "C",
+                "owner-alerts@a.example.org",
+                Some("*<alerts@a.example.org>")
             ),
             route("D", "owner-alerts@a.example.org", None),
             route(
                 "C",
                 "owner-alerts@b.example.org",
-                Some("*alerts@b.example.org*")
+                Some("alerts@b.example.org")
+            ),
+            route(
+                "C",
+                "owner-alerts@b.example.org",
+                Some("*<alerts@b.example.org>")
             ),
             route("D", "owner-alerts@b.example.org", None),
         ]
@@ -767,7 +783,8 @@ fn default_list_pool_with_an_admin_pool() {
     assert_eq!(
         routes(&c)[2..],
         [
-            route("A", "owner-news@*", Some("*news@*")),
+            route("A", "owner-news@*", Some("news@*")),
+            route("A", "owner-news@*", Some("*<news@*>")),
             route("B", "owner-news@*", None),
             route("C", "owner-alerts@*", None),
         ]
@@ -853,7 +870,8 @@ fn files_are_read_and_errors_name_them() {
     assert_eq!(
         routes(&i.config)[2..],
         [
-            route("B", "owner-emergency@*", Some("*emergency@*")),
+            route("B", "owner-emergency@*", Some("emergency@*")),
+            route("B", "owner-emergency@*", Some("*<emergency@*>")),
             route("A", "owner-emergency@*", None),
             route("B", "owner-alerts@*", None),
         ]
