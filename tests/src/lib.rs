@@ -52,10 +52,15 @@ const POSTFIX_MISSING: &str = "install Debian package postfix (apt-get install p
 // ---------------------------------------------------------------------------
 
 /// The `poolrelay` binary under test: `$POOLRELAY_BIN`, else
-/// `<workspace>/target/debug/poolrelay`. Panics when it does not exist.
+/// `$CARGO_TARGET_DIR/debug/poolrelay`, else `<workspace>/target/debug/poolrelay`.
+/// Panics when it does not exist.
 pub fn binary() -> PathBuf {
-    let path = match std::env::var_os("POOLRELAY_BIN") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
+    let path = match (
+        std::env::var_os("POOLRELAY_BIN"),
+        std::env::var_os("CARGO_TARGET_DIR"),
+    ) {
+        (Some(p), _) if !p.is_empty() => PathBuf::from(p),
+        (_, Some(t)) if !t.is_empty() => PathBuf::from(t).join("debug/poolrelay"),
         _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/poolrelay"),
     };
     if !path.is_file() {
