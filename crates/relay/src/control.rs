@@ -285,13 +285,7 @@ impl Running {
     pub async fn bounce_message(&self, id: &str) -> Result<(), ControlError> {
         let id = id_from(id)?;
         let mut envelope = self.claim(id)?;
-        let pending: Vec<usize> = envelope
-            .recipients
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.state == RecipientState::Pending)
-            .map(|(i, _)| i)
-            .collect();
+        let pending = envelope.pending_indexes();
         for r in envelope
             .recipients
             .iter_mut()

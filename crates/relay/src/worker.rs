@@ -226,13 +226,7 @@ async fn deliver(
             return;
         }
     };
-    let pending: Vec<usize> = envelope
-        .recipients
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.state == RecipientState::Pending)
-        .map(|(i, _)| i)
-        .collect();
+    let pending = envelope.pending_indexes();
     if pending.is_empty() {
         finish(shared, job, &envelope).await;
         return;

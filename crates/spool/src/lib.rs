@@ -132,6 +132,16 @@ impl Envelope {
             .filter(|r| r.state == RecipientState::Pending)
     }
 
+    /// Indexes of the recipients still to be delivered, in RCPT order.
+    pub fn pending_indexes(&self) -> Vec<usize> {
+        self.recipients
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.state == RecipientState::Pending)
+            .map(|(i, _)| i)
+            .collect()
+    }
+
     /// True when no recipient is pending: the message can leave the spool.
     pub fn is_done(&self) -> bool {
         self.pending().next().is_none()
