@@ -248,14 +248,23 @@ impl Stores {
         {
             return Ok(ks.clone());
         }
-        let ks = self
-            .db
-            .keyspace(&keyspace_name(pool), KeyspaceCreateOptions::default)?;
+        let ks = self.db.keyspace(&keyspace_name(pool), envelope_options)?;
         if let Ok(mut map) = self.envelopes.write() {
             map.insert(pool.to_string(), ks.clone());
         }
         Ok(ks)
     }
+}
+
+/// Memtable size of the bodies keyspace.
+const BODY_MEMTABLE: u64 = 16 * 1024 * 1024;
+/// Memtable size of each pool's envelope keyspace (envelopes are small).
+const ENVELOPE_MEMTABLE: u64 = 4 * 1024 * 1024;
+/// All memtables together, sealed ones waiting for flush included.
+const WRITE_BUFFER_BUDGET: u64 = 64 * 1024 * 1024;
+
+fn envelope_options() -> KeyspaceCreateOptions {
+    KeyspaceCreateOptions::default().max_memtable_size(ENVELOPE_MEMTABLE)
 }
 
 fn keyspace_name(pool: &str) -> String {
@@ -282,8 +291,12 @@ impl FjallSpool {
                 dir.display()
             ))
         })?;
+        // Memory stays bounded however much is queued: small memtables and
+        // one write-buffer budget for all keyspaces (fjall's defaults allow
+        // 64 MiB per keyspace, which made RSS grow past 300 MiB).
         let db = Database::builder(dir)
             .cache_size(32 * 1024 * 1024)
+            .max_write_buffer_size(Some(WRITE_BUFFER_BUDGET))
             .manual_journal_persist(true)
             .open()
             .map_err(|e| {
@@ -297,7 +310,7 @@ impl FjallSpool {
         let mut envelopes = HashMap::new();
         for name in db.list_keyspace_names() {
             if let Some(pool) = name.strip_prefix("env.") {
-                let ks = db.keyspace(&name, KeyspaceCreateOptions::default)?;
+                let ks = db.keyspace(&name, envelope_options)?;
                 envelopes.insert(pool.to_string(), ks);
             }
         }
