@@ -22,6 +22,13 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+# Side by side with a throwaway Postfix on loopback (bench/run.py; needs
+# Debian's postfix for smtp-source). Prints a table, writes target/bench/results.json.
+# BENCH_SCALE=0.01 is the CI smoke size; BENCH_MICRO=0 skips criterion.
+bench:
+	$(CARGO) build --release -p poolrelay
+	BENCH_NO_BUILD=1 python3 bench/run.py
+
 clean:
 	$(CARGO) clean
 	rm -rf var
