@@ -260,8 +260,6 @@ impl Stores {
 const BODY_MEMTABLE: u64 = 16 * 1024 * 1024;
 /// Memtable size of each pool's envelope keyspace (envelopes are small).
 const ENVELOPE_MEMTABLE: u64 = 4 * 1024 * 1024;
-/// All memtables together, sealed ones waiting for flush included.
-const WRITE_BUFFER_BUDGET: u64 = 64 * 1024 * 1024;
 
 fn envelope_options() -> KeyspaceCreateOptions {
     KeyspaceCreateOptions::default().max_memtable_size(ENVELOPE_MEMTABLE)
@@ -291,21 +289,22 @@ impl FjallSpool {
                 dir.display()
             ))
         })?;
-        // Memory stays bounded however much is queued: small memtables and
-        // one write-buffer budget for all keyspaces (fjall's defaults allow
-        // 64 MiB per keyspace, which made RSS grow past 300 MiB).
+        // Memory stays bounded however much is queued: small memtables
+        // (fjall's default allows 64 MiB per keyspace, which made RSS grow
+        // past 300 MiB with a million messages queued).
         let db = Database::builder(dir)
             .cache_size(32 * 1024 * 1024)
-            .max_write_buffer_size(Some(WRITE_BUFFER_BUDGET))
             .manual_journal_persist(true)
             .open()
             .map_err(|e| {
                 SpoolError::Storage(format!("cannot open spool in {}: {e}", dir.display()))
             })?;
         let bodies = db.keyspace("bodies", || {
-            KeyspaceCreateOptions::default().with_kv_separation(Some(
-                KvSeparationOptions::default().separation_threshold(512),
-            ))
+            KeyspaceCreateOptions::default()
+                .max_memtable_size(BODY_MEMTABLE)
+                .with_kv_separation(Some(
+                    KvSeparationOptions::default().separation_threshold(512),
+                ))
         })?;
         let mut envelopes = HashMap::new();
         for name in db.list_keyspace_names() {
