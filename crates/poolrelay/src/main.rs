@@ -219,6 +219,7 @@ const GRACE: std::time::Duration = std::time::Duration::from_secs(20);
 async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let metrics = telemetry::install()?;
+    telemetry::spawn_upkeep(metrics.clone());
     let token = admin::read_token(&config)?;
     let admin_address = config.admin.address;
     let admin_socket = tokio::net::TcpListener::bind(admin_address)

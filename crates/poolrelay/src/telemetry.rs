@@ -90,6 +90,18 @@ fn describe() {
     describe_gauge!("process_open_fds", "Open file descriptors of the relay.");
 }
 
+/// Folds recorded histogram samples into their buckets every few seconds,
+/// so memory stays bounded between scrapes (the exporter's upkeep).
+pub fn spawn_upkeep(handle: PrometheusHandle) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            handle.run_upkeep();
+        }
+    });
+}
+
 /// Updates the scrape-time gauges.
 pub fn refresh(relay: &Running) {
     for pool in relay.pool_summaries() {

@@ -115,18 +115,20 @@ fn route_matches(
     true
 }
 
-/// Case-insensitive glob: `*` any run of characters, `?` one character.
+/// Glob with ASCII case folding: `*` any run of bytes, `?` one byte.
+/// Works on bytes without allocating: classification runs for every
+/// message against every route, so this is on the hot path. (Non-ASCII
+/// bytes of SMTPUTF8 addresses compare exactly.)
 pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let p: Vec<char> = pattern.chars().flat_map(char::to_lowercase).collect();
-    let t: Vec<char> = text.chars().flat_map(char::to_lowercase).collect();
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
     // Iterative matcher with one backtrack point: linear in practice, no recursion.
     let (mut pi, mut ti) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+        if pi < p.len() && (p[pi] == b'?' || p[pi].eq_ignore_ascii_case(&t[ti])) {
             pi += 1;
             ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
+        } else if pi < p.len() && p[pi] == b'*' {
             star = Some((pi, ti));
             pi += 1;
         } else if let Some((sp, st)) = star {
@@ -137,7 +139,7 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
             return false;
         }
     }
-    while pi < p.len() && p[pi] == '*' {
+    while pi < p.len() && p[pi] == b'*' {
         pi += 1;
     }
     pi == p.len()
