@@ -1633,31 +1633,3 @@ fn healthz_and_readyz_answer_200_while_running() {
         .unwrap_or_else(|e| panic!("GET /no-such-page: {e}"));
     assert_eq!(r.status, 404, "{r}");
 }
-
-/// A hold is recorded in the spool: after a kill -9 and a restart the pool
-/// is still held and keeps its mail until released.
-#[test]
-fn a_held_pool_stays_held_across_a_restart() {
-    let sink_a = Sink::start();
-    let sink_b = Sink::start();
-    let mut relay = Relay::start(|s| two_pools(s, sink_a.addr(), sink_b.addr(), "1s", ""));
-    queue_ok(&relay, &["hold", "--pool", "B"]);
-    let b = send(&relay, "owner-b@lists.test", "held-across-restart");
-    relay.kill9();
-    relay.restart();
-    // Mail for A flows after the restart, so the relay is delivering...
-    let a = send(&relay, "owner-lista@lists.test", "after-restart-a");
-    sink_a.wait_for_message_id(&a.message_id, DELIVERY);
-    // ...and B is still held with its message.
-    assert_eq!(
-        sink_b.count(),
-        0,
-        "pool B was held before the restart, yet its sink got mail\n{}",
-        relay.logs()
-    );
-    let pools = json_of(&queue_ok(&relay, &["summary", "--json"]), "summary");
-    assert_eq!(pool_entry(&pools, "B")["held"], true, "{pools:#}");
-    assert_eq!(pool_entry(&pools, "B")["ready"], 1, "{pools:#}");
-    queue_ok(&relay, &["release", "--pool", "B"]);
-    sink_b.wait_for_message_id(&b.message_id, DELIVERY);
-}

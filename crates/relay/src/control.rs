@@ -209,11 +209,9 @@ impl Running {
         Ok(envelope)
     }
 
-    /// Holds or releases a pool. The hold is recorded in the spool, so it
-    /// survives a restart (like `postsuper -h`).
-    pub async fn hold_pool(&self, pool: &str, held: bool) -> Result<(), ControlError> {
+    /// Holds or releases a pool.
+    pub fn hold_pool(&self, pool: &str, held: bool) -> Result<(), ControlError> {
         self.known_pool(pool)?;
-        self.spool.set_held(pool, held).await?;
         self.scheduler.set_held(pool, held);
         tracing::info!(
             pool,

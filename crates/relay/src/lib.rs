@@ -196,10 +196,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .await
         .map_err(|e| anyhow::anyhow!("spool open task failed: {e}"))??;
     let scheduler = Arc::new(Scheduler::new());
-    for pool in spool.held_pools()? {
-        tracing::info!(pool = %pool, "pool held (recorded before the restart); `poolrelay queue release --pool {pool}` releases it");
-        scheduler.set_held(&pool, true);
-    }
     let started = std::time::Instant::now();
     let recovered = recover(&spool, &scheduler).await?;
     tracing::info!(
