@@ -569,8 +569,11 @@ async fn attempt(
                     continue;
                 }
                 // A whole-transaction rejection (e.g. 4xx/5xx to MAIL) is an answer
-                // about this message, not about the host.
-                if let ClientError::Rejected { reply, .. } = &e {
+                // about this message, not about the host. A refused RSET (sent
+                // pipelined before MAIL) is about the connection: try again later.
+                if let ClientError::Rejected { reply, stage } = &e
+                    && *stage != "RSET"
+                {
                     for i in 0..outbound.recipients.len() {
                         apply(i, reply);
                     }

@@ -313,6 +313,10 @@ pub struct Client {
     /// False once an I/O error, timeout, 421 or protocol error happened:
     /// the SMTP state of the connection is then unknown.
     usable: bool,
+    /// An RSET asked for on a PIPELINING connection, not sent yet: it goes
+    /// out in the same write as the next MAIL and RCPTs (RFC 2920 allows
+    /// RSET in a group), saving a round trip per reused connection.
+    rset_pending: bool,
 }
 
 impl Client {
@@ -420,6 +424,7 @@ impl Client {
             caps: Capabilities::default(),
             tls,
             usable: true,
+            rset_pending: false,
         };
         let greeting = client.read_reply("greeting", timeouts.greeting).await?;
         if !greeting.is_positive() {
@@ -668,12 +673,30 @@ impl Client {
         let mut results = Vec::with_capacity(rcpts.len());
 
         if self.caps.pipelining {
-            // One write for MAIL and every RCPT, then the replies in order.
-            let mut batch = mail.into_bytes();
+            // One write for a pending RSET, MAIL and every RCPT, then the
+            // replies in order.
+            let rset = std::mem::take(&mut self.rset_pending);
+            let mut batch = if rset {
+                b"RSET\r\n".to_vec()
+            } else {
+                Vec::new()
+            };
+            batch.extend_from_slice(mail.as_bytes());
             for cmd in rcpts.iter().flatten() {
                 batch.extend_from_slice(cmd.as_bytes());
             }
             self.write(&batch, "MAIL", t.mail).await?;
+            if rset {
+                let reply = self.read_reply("RSET", t.mail).await?;
+                if !reply.is_positive() {
+                    // A server that refuses RSET is in a state we cannot reason about.
+                    self.usable = false;
+                    return Err(ClientError::Rejected {
+                        stage: "RSET",
+                        reply,
+                    });
+                }
+            }
             let mail_reply = self.read_reply("MAIL", t.mail).await?;
             self.expect_final(&mail_reply)?;
             if mail_reply.code == 421 {
@@ -779,6 +802,10 @@ impl Client {
     /// RSET between transactions on a reused connection.
     pub async fn rset(&mut self) -> Result<(), ClientError> {
         self.ensure_usable()?;
+        if self.caps.pipelining {
+            self.rset_pending = true;
+            return Ok(());
+        }
         let reply = self
             .command(b"RSET\r\n", "RSET", self.timeouts.mail)
             .await?;
