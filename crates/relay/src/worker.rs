@@ -105,10 +105,8 @@ pub async fn run(
         if *stop.borrow() {
             break;
         }
-        let in_window = upstream
-            .window
-            .is_none_or(|w| w.contains(local_minute_of_day()));
-        let hosts = if in_window {
+        let in_window = |u: &Upstream| u.window.is_none_or(|w| w.contains(local_minute_of_day()));
+        let hosts = if in_window(&upstream) {
             &all_hosts
         } else {
             &off_window_hosts
@@ -153,6 +151,18 @@ pub async fn run(
             }
             continue;
         };
+        // The wait for a job can outlast a window edge: decide the hosts
+        // again now, so an edge takes effect for the very next message.
+        let hosts = if in_window(&upstream) {
+            &all_hosts
+        } else {
+            &off_window_hosts
+        };
+        if hosts.is_empty() {
+            shared.scheduler.finished(&job);
+            shared.scheduler.enqueue(job.id, &job.pool, 0);
+            continue;
+        }
         deliver(&shared, &generation, &upstream, hosts, &mut conn, &job).await;
         shared.scheduler.finished(&job);
     }
