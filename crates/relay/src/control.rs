@@ -6,7 +6,7 @@
 //! [`ControlError::Busy`] and the operator tries again.
 
 use poolrelay_spool::{
-    Envelope, QueueId, RecipientState, Spool, SpoolError, format_id, now_ms, parse_id,
+    Envelope, QueueId, RecipientState, Reply, SpoolError, format_id, now_ms, parse_id,
 };
 use serde::Serialize;
 
@@ -79,7 +79,7 @@ pub struct MessageSummary {
     pub attempts: u32,
     /// Seconds until the next attempt (0 = due).
     pub next_attempt_in_seconds: f64,
-    /// The last upstream reply seen for a pending recipient.
+    /// The last reply seen for a pending recipient.
     pub last_reply: Option<String>,
 }
 
@@ -110,7 +110,9 @@ fn summarize(id: QueueId, env: &Envelope) -> MessageSummary {
         age_seconds: now.saturating_sub(env.accepted_ms) as f64 / 1000.0,
         attempts: env.attempts,
         next_attempt_in_seconds: env.next_attempt_ms.saturating_sub(now) as f64 / 1000.0,
-        last_reply: env.pending().find_map(|r| r.last_reply.clone()),
+        last_reply: env
+            .pending()
+            .find_map(|r| r.last_reply.as_ref().map(ToString::to_string)),
     }
 }
 
@@ -127,7 +129,7 @@ impl Running {
         let config = self.config();
         let counts = self.scheduler.counts();
         let mut names: Vec<String> = config.pool_names();
-        for name in counts.keys().chain(self.spool.pools().iter()) {
+        for name in counts.keys().chain(self.spool().pools().iter()) {
             if !names.contains(name) {
                 names.push(name.clone());
             }
@@ -167,12 +169,18 @@ impl Running {
         limit: usize,
     ) -> Result<Vec<MessageSummary>, ControlError> {
         let after = after.map(id_from).transpose()?;
-        Ok(self
-            .spool
-            .list(pool, after, limit)?
-            .iter()
-            .map(|(id, env)| summarize(*id, env))
-            .collect())
+        self.known_pool(pool)?;
+        let mut out = Vec::new();
+        for (id, env) in self.spool().list(pool, after, limit)? {
+            match env {
+                Ok(env) => out.push(summarize(id, &env)),
+                // One bad record must not hide the others: report and skip it.
+                Err(e) => {
+                    tracing::error!(queue_id = %format_id(id), pool, "{e}; skipped in the listing")
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// One message with its envelope and headers.
@@ -180,7 +188,7 @@ impl Running {
         let id = id_from(id)?;
         let envelope = self.find(id)?;
         let headers = self
-            .spool
+            .spool()
             .body(id)?
             .map(|b| parse_headers(&b))
             .unwrap_or_default();
@@ -192,7 +200,7 @@ impl Running {
     }
 
     fn find(&self, id: QueueId) -> Result<Envelope, ControlError> {
-        self.spool
+        self.spool()
             .find(id)?
             .ok_or_else(|| ControlError::NotFound(format!("no queued message {}", format_id(id))))
     }
@@ -231,7 +239,8 @@ impl Running {
     }
 
     fn known_pool(&self, pool: &str) -> Result<(), ControlError> {
-        if self.config().pools.contains_key(pool) || self.spool.pools().iter().any(|p| p == pool) {
+        if self.config().pools.contains_key(pool) || self.spool().pools().iter().any(|p| p == pool)
+        {
             Ok(())
         } else {
             Err(ControlError::NotFound(format!("no pool {pool:?}")))
@@ -242,7 +251,7 @@ impl Running {
     pub fn flush_message(&self, id: &str) -> Result<(), ControlError> {
         let id = id_from(id)?;
         let envelope = self.claim(id)?;
-        self.scheduler.enqueue(id, &envelope.pool, 0);
+        self.queue.requeue(id, &envelope.pool);
         tracing::info!(queue_id = %format_id(id), "message flushed");
         Ok(())
     }
@@ -251,7 +260,7 @@ impl Running {
     pub async fn delete_message(&self, id: &str) -> Result<(), ControlError> {
         let id = id_from(id)?;
         let envelope = self.claim(id)?;
-        if let Err(e) = self.spool.remove(id, &envelope.pool).await {
+        if let Err(e) = self.queue.remove(id, &envelope.pool).await {
             self.scheduler
                 .enqueue(id, &envelope.pool, envelope.next_attempt_ms);
             return Err(e.into());
@@ -272,11 +281,7 @@ impl Running {
         let from = envelope.pool.clone();
         envelope.pool = to.to_string();
         envelope.next_attempt_ms = 0;
-        if let Err(e) = self.spool.update(id, &from, envelope).await {
-            self.scheduler.enqueue(id, &from, 0);
-            return Err(e.into());
-        }
-        self.scheduler.enqueue(id, to, 0);
+        self.queue.store(id, &from, envelope, 0).await?;
         tracing::info!(queue_id = %format_id(id), from = %from, to, "message moved by the operator");
         Ok(())
     }
@@ -292,12 +297,15 @@ impl Running {
             .filter(|r| r.state == RecipientState::Pending)
         {
             r.state = RecipientState::Bounced;
-            r.last_reply = Some("5.0.0 returned to sender by the postmaster".to_string());
+            r.last_reply = Some(Reply::local(
+                550,
+                "5.0.0",
+                "returned to sender by the postmaster",
+            ));
         }
         let config = self.config();
         dsn::queue_report(
-            &self.spool,
-            &self.scheduler,
+            &self.queue,
             &config.server.hostname,
             dsn::Subject {
                 id,
@@ -308,7 +316,7 @@ impl Running {
             },
         )
         .await;
-        self.spool.remove(id, &envelope.pool).await?;
+        self.queue.remove(id, &envelope.pool).await?;
         tracing::info!(queue_id = %format_id(id), pool = %envelope.pool, "message bounced by the operator");
         Ok(())
     }

@@ -4,20 +4,11 @@
 
 use poolrelay_config::DEFAULT_POOL;
 use poolrelay_smtp::inbound::rfc5322_date;
-use poolrelay_spool::{
-    Envelope, FjallSpool, QueueId, Recipient, RecipientState, Spool, format_id, now_ms,
-};
+use poolrelay_smtp::reply::clean_text;
+use poolrelay_spool::{Envelope, QueueId, Recipient, RecipientState, Ret, format_id, now_ms};
 
-use crate::scheduler::Scheduler;
-
-/// What a DSN reports about its recipients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    /// Failed permanently or expired: "Action: failed".
-    Failed,
-    /// Still trying after `delay_warning`: "Action: delayed".
-    Delayed,
-}
+pub use crate::delivery::Action;
+use crate::queue::Queue;
 
 /// What one DSN is about.
 pub struct Subject<'a> {
@@ -35,12 +26,7 @@ pub struct Subject<'a> {
 
 /// Queues a DSN in pool `-`, unless the sender is `<>` (logged and
 /// dropped: never bounce a bounce).
-pub async fn queue_report(
-    spool: &FjallSpool,
-    scheduler: &Scheduler,
-    hostname: &str,
-    subject: Subject<'_>,
-) {
+pub async fn queue_report(queue: &Queue, hostname: &str, subject: Subject<'_>) {
     let Subject {
         id,
         original,
@@ -53,7 +39,7 @@ pub async fn queue_report(
         tracing::info!(queue_id = %id_text, "bounce of a message from <> dropped (never bounce a bounce)");
         return;
     }
-    let body = match spool.body(id) {
+    let body = match queue.spool().body(id) {
         Ok(Some(b)) => b,
         Ok(None) => return,
         Err(e) => {
@@ -66,10 +52,9 @@ pub async fn queue_report(
     else {
         return;
     };
-    match spool.append(envelope, message).await {
+    match queue.append(envelope, message).await {
         Ok(dsn_id) => {
             tracing::info!(queue_id = %id_text, dsn = %format_id(dsn_id), to = %original.sender, "DSN queued in pool -");
-            scheduler.enqueue(dsn_id, DEFAULT_POOL, 0);
         }
         Err(e) => tracing::error!(queue_id = %id_text, "cannot queue the DSN: {e}"),
     }
@@ -151,10 +136,14 @@ pub fn report(
         now = now_ms(),
     ));
     for r in &failed {
+        let reply = r
+            .last_reply
+            .as_ref()
+            .map_or_else(|| "failed".to_string(), ToString::to_string);
         out.push_str(&format!(
             "<{}>: {}\r\n",
-            r.address,
-            r.last_reply.as_deref().unwrap_or("failed")
+            clean_text(&r.address),
+            clean_text(&reply)
         ));
     }
     out.push_str(&format!(
@@ -166,26 +155,40 @@ pub fn report(
         id = format_id(id)
     ));
     if let Some(envid) = &original.envid {
-        out.push_str(&format!("Original-Envelope-Id: {envid}\r\n"));
+        // xtext (RFC 3464 §2.2.1): a CR LF in ENVID cannot start a field.
+        out.push_str(&format!("Original-Envelope-Id: {}\r\n", xtext(envid)));
     }
     out.push_str(&format!(
         "Arrival-Date: {}\r\n",
         rfc5322_date(original.accepted_ms / 1000)
     ));
     for r in &failed {
-        let reply = r.last_reply.as_deref().unwrap_or("");
-        out.push_str(&format!("\r\nFinal-Recipient: rfc822; {}\r\n", r.address));
-        if let Some(orcpt) = &r.orcpt {
-            out.push_str(&format!("Original-Recipient: {orcpt}\r\n"));
-        }
         out.push_str(&format!(
-            "Action: {action_word}\r\nStatus: {}\r\nRemote-MTA: dns; {}\r\nDiagnostic-Code: smtp; {}\r\n",
-            status_of(reply),
-            remote,
-            one_line(reply)
+            "\r\nFinal-Recipient: rfc822; {}\r\n",
+            clean_text(&r.address)
         ));
+        if let Some(orcpt) = &r.orcpt {
+            let (kind, address) = orcpt.split_once(';').unwrap_or(("rfc822", orcpt));
+            out.push_str(&format!(
+                "Original-Recipient: {}; {}\r\n",
+                xtext(kind.trim()),
+                xtext(address.trim())
+            ));
+        }
+        let (status, diagnostic) = match &r.last_reply {
+            Some(reply) => (reply.status(), reply.to_string()),
+            None if action == Action::Delayed => ("4.0.0".to_string(), String::new()),
+            None => ("5.0.0".to_string(), String::new()),
+        };
+        out.push_str(&format!(
+            "Action: {action_word}\r\nStatus: {status}\r\nRemote-MTA: dns; {}\r\n",
+            clean_text(remote)
+        ));
+        if !diagnostic.is_empty() {
+            out.push_str(&fold(&format!("Diagnostic-Code: smtp; {diagnostic}")));
+        }
     }
-    let (content_type, attached) = if original.ret_full {
+    let (content_type, attached) = if original.ret() == Some(Ret::Full) {
         ("message/rfc822", message)
     } else {
         ("text/rfc822-headers", header_section(message))
@@ -217,7 +220,8 @@ pub fn report(
         client: "local".to_string(),
         route_line: 0,
         envid: None,
-        ret_full: false,
+        ret: None,
+        legacy_ret_full: false,
         body_8bit: true,
         smtputf8: false,
         delay_warned: false,
@@ -225,27 +229,51 @@ pub fn report(
     Some((envelope, bytes))
 }
 
-/// The enhanced status code in a reply text ("550 5.1.1 no such user" ->
-/// "5.1.1"), else derived from the basic code.
-fn status_of(reply: &str) -> String {
-    for word in reply.split_whitespace().take(3) {
-        let parts: Vec<&str> = word.split('.').collect();
-        if parts.len() == 3
-            && matches!(parts[0], "2" | "4" | "5")
-            && parts[1..]
-                .iter()
-                .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
-        {
-            // An expiry keeps its 4.4.7: "failed" with a transient code is how
-            // Postfix reports it too, and what the operator greps for.
-            return word.to_string();
+/// xtext (RFC 3461 §4): `+XX` for `+`, `=`, controls and anything outside
+/// printable ASCII, so a value can never add a line or a field.
+pub fn xtext(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if (b'!'..=b'~').contains(&b) && b != b'+' && b != b'=' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("+{b:02X}"));
         }
     }
-    "5.0.0".to_string()
+    out
 }
 
-fn one_line(text: &str) -> String {
-    text.replace(['\r', '\n'], " ")
+/// One field, folded at spaces so no line exceeds 78 characters where
+/// possible and none ever exceeds 998 (RFC 5322 §2.1.1), ending in CRLF.
+fn fold(field: &str) -> String {
+    let mut out = String::new();
+    let mut line = String::new();
+    for word in field.split(' ') {
+        if !line.is_empty() && line.len() + 1 + word.len() > 78 {
+            out.push_str(&line);
+            out.push_str("\r\n");
+            line = String::from(" ");
+        } else if !line.is_empty() {
+            line.push(' ');
+        }
+        let mut word = word;
+        while line.len() + word.len() > 990 {
+            let cut = (990 - line.len()).max(1);
+            let cut = (0..=cut)
+                .rev()
+                .find(|&i| word.is_char_boundary(i))
+                .unwrap_or(0);
+            line.push_str(&word[..cut]);
+            out.push_str(&line);
+            out.push_str("\r\n");
+            line = String::from(" ");
+            word = &word[cut..];
+        }
+        line.push_str(word);
+    }
+    out.push_str(&line);
+    out.push_str("\r\n");
+    out
 }
 
 /// The header section of a message, through its empty line.
@@ -270,14 +298,14 @@ mod tests {
                     orcpt: None,
                     notify,
                     state: RecipientState::Delivered,
-                    last_reply: Some("250 2.0.0 ok".into()),
+                    last_reply: Some(reply(250, "2.0.0", "ok")),
                 },
                 Recipient {
                     address: "gone@x.test".into(),
                     orcpt: Some("rfc822;gone@x.test".into()),
                     notify,
                     state: RecipientState::Bounced,
-                    last_reply: Some("550 5.1.1 no such user".into()),
+                    last_reply: Some(reply(550, "5.1.1", "no such user")),
                 },
             ],
             accepted_ms: now_ms(),
@@ -288,7 +316,8 @@ mod tests {
             client: "c".into(),
             route_line: 0,
             envid: Some("ENV1".into()),
-            ret_full: false,
+            ret: None,
+            legacy_ret_full: false,
             body_8bit: false,
             smtputf8: false,
             delay_warned: false,
@@ -348,10 +377,99 @@ mod tests {
         );
     }
 
+    fn reply(code: u16, enhanced: &str, text: &str) -> poolrelay_smtp::Reply {
+        poolrelay_smtp::Reply {
+            code,
+            enhanced: Some(enhanced.into()),
+            text: text.into(),
+        }
+    }
+
+    fn text_of(env: &Envelope, action: Action) -> String {
+        let (_, bytes) = report(
+            action,
+            "h",
+            1,
+            env,
+            &[1],
+            "u",
+            b"Subject: s\r\n\r\nbody\r\n",
+        )
+        .unwrap();
+        String::from_utf8(bytes).unwrap()
+    }
+
     #[test]
-    fn expiry_keeps_its_4_4_7_status() {
-        assert_eq!(status_of("4.4.7 message expired"), "4.4.7");
-        assert_eq!(status_of("550 5.1.1 x"), "5.1.1");
-        assert_eq!(status_of("550 no"), "5.0.0");
+    fn status_comes_from_the_upstream_enhanced_code_else_from_its_class() {
+        let mut env = envelope("a@b", 0);
+        assert!(text_of(&env, Action::Failed).contains("Status: 5.1.1"));
+        env.recipients[1].last_reply = Some(poolrelay_smtp::Reply {
+            code: 554,
+            enhanced: None,
+            text: "no".into(),
+        });
+        assert!(text_of(&env, Action::Failed).contains("Status: 5.0.0"));
+        env.recipients[1].last_reply = Some(reply(451, "4.4.7", "message expired"));
+        assert!(text_of(&env, Action::Failed).contains("Status: 4.4.7"));
+        env.recipients[1].last_reply = Some(poolrelay_smtp::Reply {
+            code: 451,
+            enhanced: None,
+            text: "later".into(),
+        });
+        assert!(text_of(&env, Action::Delayed).contains("Status: 4.0.0"));
+    }
+
+    #[test]
+    fn envid_and_orcpt_cannot_add_fields_to_the_report() {
+        let mut env = envelope("a@b", 0);
+        env.envid = Some("abc\r\nFinal-Recipient: rfc822; forged@x".into());
+        env.recipients[1].orcpt = Some("rfc822;x@y\r\nAction: delivered".into());
+        let text = text_of(&env, Action::Failed);
+        let fields = |name: &str| text.split("\r\n").filter(|l| l.starts_with(name)).count();
+        assert_eq!(fields("Final-Recipient:"), 1, "{text}");
+        assert_eq!(fields("Action:"), 1, "{text}");
+        assert!(!text.contains("\r\nAction: delivered"));
+        assert!(
+            text.contains("Original-Envelope-Id: abc+0D+0AFinal-Recipient:+20rfc822;+20forged@x")
+        );
+    }
+
+    #[test]
+    fn ret_hdrs_and_no_ret_attach_headers_and_ret_full_the_whole_message() {
+        let mut env = envelope("a@b", 0);
+        for (ret, body_expected) in [
+            (None, false),
+            (Some(Ret::Headers), false),
+            (Some(Ret::Full), true),
+        ] {
+            env.ret = ret;
+            let text = text_of(&env, Action::Failed);
+            assert_eq!(text.contains("\r\nbody\r\n"), body_expected, "{ret:?}");
+            let kind = if body_expected {
+                "message/rfc822"
+            } else {
+                "text/rfc822-headers"
+            };
+            assert!(text.contains(kind), "{ret:?}");
+        }
+        env.legacy_ret_full = true;
+        env.ret = None;
+        assert!(text_of(&env, Action::Failed).contains("message/rfc822"));
+    }
+
+    #[test]
+    fn long_diagnostics_are_folded_under_998_characters() {
+        let mut env = envelope("a@b", 0);
+        env.recipients[1].last_reply = Some(reply(550, "5.1.1", &"x".repeat(3000)));
+        let text = text_of(&env, Action::Failed);
+        assert!(text.split("\r\n").all(|l| l.len() <= 998));
+        let folded = fold(&format!("Diagnostic-Code: smtp; {}", "word ".repeat(100)));
+        assert!(folded.split("\r\n").all(|l| l.len() <= 78));
+    }
+
+    #[test]
+    fn xtext_encodes_plus_equals_space_and_controls() {
+        assert_eq!(xtext("a+b=c d\r"), "a+2Bb+3Dc+20d+0D");
+        assert_eq!(xtext("plain@x.test"), "plain@x.test");
     }
 }

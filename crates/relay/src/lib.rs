@@ -1,14 +1,18 @@
-//! The engine: listeners accept and classify, the spool keeps, the
-//! scheduler orders, workers deliver. Data flows one way:
-//! listener -> classifier -> spool -> scheduler -> worker -> result (DSN).
+//! The engine: listeners accept and classify, the queue (spool + scheduler)
+//! keeps and orders, workers deliver, the decision core says what each
+//! attempt means. Data flows one way:
+//! listener -> classifier -> queue -> scheduler -> worker -> delivery -> result (DSN,
+//! which re-enters through the queue).
 //!
 //! [`start`] wires them for one config and returns a [`Running`] relay.
 
 pub mod classifier;
 pub mod control;
+pub mod delivery;
 pub mod dsn;
 pub mod limits;
 pub mod listener;
+pub mod queue;
 pub mod scheduler;
 pub mod upstream;
 pub mod worker;
@@ -19,12 +23,14 @@ use std::time::Duration;
 
 use poolrelay_config::Config;
 use poolrelay_spool::{FjallSpool, Spool, now_ms};
+
+use crate::queue::Queue;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use crate::classifier::Classifier;
 use crate::limits::Limits;
-use crate::listener::{Inbound, OnQueued, Rules};
+use crate::listener::{Inbound, Rules};
 use crate::scheduler::Scheduler;
 use crate::upstream::Health;
 use crate::worker::{Generation, Shared};
@@ -37,8 +43,8 @@ struct Workers {
 
 /// A running relay.
 pub struct Running {
-    /// The spool, for the admin API.
-    pub spool: FjallSpool,
+    /// The spool and the index together.
+    pub queue: Queue,
     /// The index, for the admin API and metrics.
     pub scheduler: Arc<Scheduler>,
     /// Upstream health, for metrics.
@@ -57,9 +63,14 @@ impl Running {
         self.inbound.rules().config.clone()
     }
 
+    /// The spool, for reads.
+    pub fn spool(&self) -> &dyn Spool {
+        self.queue.spool()
+    }
+
     /// Whether the relay can take mail: spool writable and listeners bound.
     pub fn ready(&self) -> bool {
-        self.listeners_bound && self.spool.is_writable() && !*self.stopping.borrow()
+        self.listeners_bound && self.spool().is_writable() && !*self.stopping.borrow()
     }
 
     /// Applies a new config without dropping sessions or queued mail: new
@@ -192,10 +203,13 @@ fn spawn_workers(shared: &Arc<Shared>, config: &Arc<Config>, health: &Health) ->
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let config = Arc::new(config);
     let spool_dir = config.server.spool_dir.clone();
-    let spool = tokio::task::spawn_blocking(move || FjallSpool::open(&spool_dir))
-        .await
-        .map_err(|e| anyhow::anyhow!("spool open task failed: {e}"))??;
+    let spool: Arc<dyn Spool> = Arc::new(
+        tokio::task::spawn_blocking(move || FjallSpool::open(&spool_dir))
+            .await
+            .map_err(|e| anyhow::anyhow!("spool open task failed: {e}"))??,
+    );
     let scheduler = Arc::new(Scheduler::new());
+    let queue = Queue::new(spool.clone(), scheduler.clone());
     let started = std::time::Instant::now();
     let recovered = recover(&spool, &scheduler).await?;
     tracing::info!(
@@ -206,17 +220,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     );
     let bound = listener::bind_all(&config).await?;
     let (stopping, stopping_rx) = watch::channel(false);
-    let on_queued: OnQueued = {
-        let scheduler = scheduler.clone();
-        Arc::new(move |id, pool| scheduler.enqueue(id, pool, 0))
-    };
     let inbound = Arc::new(Inbound {
         rules: RwLock::new(Arc::new(Rules {
             config: config.clone(),
             classifier: Classifier::new(&config),
         })),
-        spool: spool.clone(),
-        on_queued,
+        queue: queue.clone(),
         sessions: Arc::new(Semaphore::new(config.server.max_sessions)),
         stopping: stopping_rx,
     });
@@ -227,13 +236,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     let health = Arc::new(Health::new());
     let shared = Arc::new(Shared {
-        spool: spool.clone(),
-        scheduler: scheduler.clone(),
+        queue: queue.clone(),
         health: health.clone(),
     });
     let workers = spawn_workers(&shared, &config, &health);
     Ok(Running {
-        spool,
+        queue,
         scheduler,
         health,
         inbound,
@@ -247,7 +255,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 /// Loads every queued message with a pending recipient into the scheduler,
 /// and removes records whose recipients were all done (a crash between the
 /// last delivery and the removal leaves them behind).
-async fn recover(spool: &FjallSpool, scheduler: &Arc<Scheduler>) -> anyhow::Result<usize> {
+async fn recover(spool: &Arc<dyn Spool>, scheduler: &Arc<Scheduler>) -> anyhow::Result<usize> {
     let reader = spool.clone();
     let index = scheduler.clone();
     let (count, finished) = tokio::task::spawn_blocking(move || {

@@ -8,19 +8,14 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use poolrelay_config::{Config, Listener};
-use poolrelay_smtp::inbound::{Output, Ret, Session, SessionConfig, Transaction};
-use poolrelay_spool::{
-    Envelope, FjallSpool, QueueId, Recipient, RecipientState, Spool, format_id, now_ms,
-};
+use poolrelay_smtp::inbound::{Output, Session, SessionConfig, Transaction};
+use poolrelay_spool::{Envelope, Recipient, RecipientState, format_id, now_ms};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
 use crate::classifier::{Classifier, Facts};
-
-/// Called for every message once it is durable, with its id and pool: how
-/// later stages learn of new mail without the listener knowing them.
-pub type OnQueued = Arc<dyn Fn(QueueId, &str) + Send + Sync>;
+use crate::queue::Queue;
 
 /// The config and routes sessions use; swapped whole on reload, so a
 /// session sees either the old or the new one, never a mix.
@@ -36,9 +31,7 @@ pub struct Inbound {
     /// Current config and routes.
     pub rules: RwLock<Arc<Rules>>,
     /// Where accepted mail goes.
-    pub spool: FjallSpool,
-    /// Notified of each queued message.
-    pub on_queued: OnQueued,
+    pub queue: Queue,
     /// Caps concurrent sessions over all listeners (`server.max_sessions`).
     pub sessions: Arc<Semaphore>,
     /// Becomes true when the relay stops accepting.
@@ -258,14 +251,15 @@ async fn queue(
         client: tx.peer.to_string(),
         route_line: decision.route_line,
         envid: tx.envid.clone(),
-        ret_full: tx.ret == Some(Ret::Full),
+        ret: tx.ret,
+        legacy_ret_full: false,
         body_8bit: tx.body_8bit,
         smtputf8: tx.smtputf8,
         delay_warned: false,
     };
     let size = tx.message.len();
     let rcpt_count = tx.recipients.len();
-    match inbound.spool.append(envelope, tx.message).await {
+    match inbound.queue.append(envelope, tx.message).await {
         Ok(id) => {
             let id_text = format_id(id);
             tracing::info!(
@@ -282,7 +276,6 @@ async fn queue(
                 "accepted"
             );
             metrics::counter!("poolrelay_received_messages_total", "listener" => listener.name.clone(), "pool" => decision.pool.clone()).increment(1);
-            (inbound.on_queued)(id, &decision.pool);
             session.queued(&id_text)
         }
         Err(e) => {

@@ -1,8 +1,10 @@
-//! Workers: each `[[upstream]]` entry runs `workers` of them. A worker takes
-//! the oldest ready message of the pools its entry serves, delivers the
-//! pending recipients over a reused connection, and records the outcome per
-//! recipient: 2xx done, 4xx deferred on the pool's retry schedule, 5xx bounced.
-//! A message leaves the spool only when no recipient is pending.
+//! Workers, the I/O shell of delivery: each `[[upstream]]` entry runs
+//! `workers` of them. A worker takes the oldest ready message of the pools
+//! its entry serves, picks the hosts (entry, failover, site fallback;
+//! windows, health), runs the SMTP client over a reused connection, hands
+//! what happened to [`delivery::decide`] and applies the decision: store or
+//! remove the message, queue DSNs, log and count. No delivery policy lives
+//! here; it is all in `delivery.rs`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,24 +13,23 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use poolrelay_config::{Config, TlsMode, Upstream};
-use poolrelay_smtp::Reply;
 use poolrelay_smtp::outbound::{
     Client, ClientError, ConnectOptions, Credentials, OutboundEnvelope, RecipientDsn, Timeouts,
     TlsMode as SmtpTls,
 };
-use poolrelay_spool::{Envelope, FjallSpool, RecipientState, Spool, format_id, now_ms};
+use poolrelay_spool::{Envelope, Ret, format_id, now_ms};
 
+use crate::delivery::{self, Attempt, Decision, Next, Policy};
 use crate::dsn;
 use crate::limits::Limits;
-use crate::scheduler::{Job, Scheduler};
+use crate::queue::Queue;
+use crate::scheduler::Job;
 use crate::upstream::{Health, resolve};
 
 /// What every worker shares, whatever the config generation.
 pub struct Shared {
-    /// The spool.
-    pub spool: FjallSpool,
-    /// The in-memory index.
-    pub scheduler: Arc<Scheduler>,
+    /// The spool and the scheduler.
+    pub queue: Queue,
     /// Upstream host health.
     pub health: Arc<Health>,
 }
@@ -136,10 +137,12 @@ pub async fn run(
             }
             continue;
         }
-        let next =
-            shared
-                .scheduler
-                .next(&upstream.pools, upstream.idle_timeout, recheck, &eligible);
+        let next = shared.queue.scheduler().next(
+            &upstream.pools,
+            upstream.idle_timeout,
+            recheck,
+            &eligible,
+        );
         let job = tokio::select! {
             job = next => job,
             _ = stop.changed() => None,
@@ -159,12 +162,12 @@ pub async fn run(
             &off_window_hosts
         };
         if hosts.is_empty() {
-            shared.scheduler.finished(&job);
-            shared.scheduler.enqueue(job.id, &job.pool, 0);
+            shared.queue.scheduler().finished(&job);
+            shared.queue.requeue(job.id, &job.pool);
             continue;
         }
         deliver(&shared, &generation, &upstream, hosts, &mut conn, &job).await;
-        shared.scheduler.finished(&job);
+        shared.queue.scheduler().finished(&job);
     }
     if let Some(c) = conn.take() {
         c.client.quit().await;
@@ -205,14 +208,7 @@ fn candidate_hosts(config: &Config, upstream: &Upstream, in_window: bool) -> Vec
     hosts
 }
 
-/// Outcome of one attempt over one connection.
-enum Attempt {
-    /// The upstream answered the transaction (per-recipient replies applied).
-    Answered { host: String },
-    /// No host could take it; the reason for the log and the envelope.
-    NoHost(String),
-}
-
+/// Delivers one message: load it, attempt it, decide, apply.
 async fn deliver(
     shared: &Shared,
     generation: &Generation,
@@ -222,7 +218,7 @@ async fn deliver(
     job: &Job,
 ) {
     let id_text = format_id(job.id);
-    let (mut envelope, body) = match load(shared, job) {
+    let (envelope, body) = match load(shared, job) {
         Ok(Some(found)) => found,
         Ok(None) => {
             tracing::warn!(queue_id = %id_text, pool = %job.pool, "message vanished from the spool (deleted?)");
@@ -231,17 +227,42 @@ async fn deliver(
         Err(e) => {
             tracing::error!(queue_id = %id_text, pool = %job.pool, "cannot read from the spool: {e}; retrying in 60s");
             shared
-                .scheduler
+                .queue
+                .scheduler()
                 .enqueue(job.id, &job.pool, now_ms() + 60_000);
             return;
         }
     };
     let pending = envelope.pending_indexes();
-    if pending.is_empty() {
-        finish(shared, job, &envelope).await;
-        return;
+    if !pending.is_empty() {
+        generation
+            .limits
+            .charge(&job.pool, envelope.size, pending.len());
     }
-    let outbound = OutboundEnvelope {
+    let attempt = if pending.is_empty() {
+        // Left over by a crash between the last delivery and the removal.
+        Attempt::Answered {
+            host: upstream.host.clone(),
+            rcpt: Vec::new(),
+            data: None,
+        }
+    } else {
+        let outbound = outbound_envelope(&envelope, &pending);
+        attempt(shared, generation, upstream, hosts, conn, &outbound, &body).await
+    };
+    let config = &generation.config;
+    let policy = Policy {
+        retry: config.retry_for(&job.pool).to_vec(),
+        max_age: config.max_age_for(&job.pool),
+        delay_warning: config.defaults.delay_warning,
+    };
+    let decision = delivery::decide(job.id, &envelope, &pending, &attempt, &policy, now_ms());
+    apply(shared, generation, job, &envelope, attempt.host(), decision).await;
+}
+
+/// The transaction for the pending recipients of `envelope`.
+fn outbound_envelope(envelope: &Envelope, pending: &[usize]) -> OutboundEnvelope {
+    OutboundEnvelope {
         sender: envelope.sender.clone(),
         recipients: pending
             .iter()
@@ -250,7 +271,7 @@ async fn deliver(
         body_8bit: envelope.body_8bit,
         smtputf8: envelope.smtputf8,
         envid: envelope.envid.clone(),
-        ret_full: envelope.ret_full.then_some(true),
+        ret_full: envelope.ret().map(|r| r == Ret::Full),
         dsn: pending
             .iter()
             .map(|&i| RecipientDsn {
@@ -258,235 +279,110 @@ async fn deliver(
                 orcpt: envelope.recipients[i].orcpt.clone(),
             })
             .collect(),
-    };
-    envelope.attempts += 1;
-    generation
-        .limits
-        .charge(&job.pool, envelope.size, pending.len());
-    let mut counts = Counts::default();
-    let attempt = attempt(
-        shared,
-        generation,
-        upstream,
-        hosts,
-        conn,
-        &outbound,
-        &body,
-        &mut |i, reply| {
-            let rcpt = &mut envelope.recipients[pending[i]];
-            rcpt.last_reply = Some(reply.to_string());
-            if reply.is_positive() {
-                rcpt.state = RecipientState::Delivered;
-                counts.done += 1;
-            } else if reply.is_permanent() {
-                rcpt.state = RecipientState::Bounced;
-                counts.bounced += 1;
-            } else {
-                counts.deferred += 1;
-            }
-        },
-    )
-    .await;
-    let (host, last_reply) = match &attempt {
-        Attempt::Answered { host } => (host.clone(), summary_reply(&envelope)),
-        Attempt::NoHost(reason) => {
-            let age = Duration::from_millis(now_ms().saturating_sub(envelope.accepted_ms));
-            let all_down = hosts.iter().all(|h| !shared.health.wait(h).is_zero());
-            if all_down && age < generation.config.max_age_for(&job.pool) {
-                // Every host of this entry is down: that says nothing about the
-                // message. It goes back as ready, without spending an attempt,
-                // for workers whose hosts are up; this entry's workers idle
-                // until a probe is due (see `run`).
-                let pending_count = pending.len();
-                tracing::info!(
-                    target: "poolrelay::delivery",
-                    queue_id = %id_text,
-                    pool = %job.pool,
-                    upstream = %upstream.host,
-                    done = 0,
-                    deferred = pending_count,
-                    bounced = 0,
-                    status = "deferred",
-                    delay = format_args!("{:.3}", age.as_secs_f64()),
-                    attempt = envelope.attempts - 1,
-                    reply = %reason,
-                    "delivery attempt (no host reachable: back in the queue, attempt not counted)"
-                );
-                metrics::counter!("poolrelay_deferred_recipients_total", "pool" => job.pool.clone(), "upstream" => upstream.host.clone()).increment(pending_count as u64);
-                shared.scheduler.enqueue(job.id, &job.pool, 0);
-                return;
-            }
-            for &i in &pending {
-                envelope.recipients[i].last_reply = Some(reason.clone());
-            }
-            counts.deferred = pending.len();
-            (upstream.host.clone(), reason.clone())
-        }
-    };
-    let delay = now_ms().saturating_sub(envelope.accepted_ms) as f64 / 1000.0;
-    let expired = !envelope.is_done()
-        && Duration::from_millis(now_ms().saturating_sub(envelope.accepted_ms))
-            >= generation.config.max_age_for(&job.pool);
-    if expired {
-        for r in envelope
-            .recipients
-            .iter_mut()
-            .filter(|r| r.state == RecipientState::Pending)
-        {
-            r.state = RecipientState::Bounced;
-            r.last_reply = Some(format!(
-                "4.4.7 message expired after {:.0}s in the queue; last reply: {}",
-                delay,
-                r.last_reply.as_deref().unwrap_or("none")
-            ));
-            counts.bounced += 1;
-            counts.deferred = counts.deferred.saturating_sub(1);
-        }
     }
-    let status = if expired {
-        "expired"
-    } else if counts.deferred > 0 {
-        "deferred"
-    } else if counts.bounced > 0 {
-        "bounced"
-    } else {
-        "sent"
-    };
+}
+
+/// Carries out a decision: log, count, queue DSNs, then store, remove or
+/// requeue the message.
+async fn apply(
+    shared: &Shared,
+    generation: &Generation,
+    job: &Job,
+    before: &Envelope,
+    host: &str,
+    decision: Decision,
+) {
+    let id_text = format_id(job.id);
+    let summary = &decision.summary;
+    let age = Duration::from_millis(now_ms().saturating_sub(before.accepted_ms));
+    let reply = summary
+        .reply
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
     tracing::info!(
         target: "poolrelay::delivery",
         queue_id = %id_text,
         pool = %job.pool,
         upstream = %host,
-        done = counts.done,
-        deferred = counts.deferred,
-        bounced = counts.bounced,
-        status,
-        delay = format_args!("{delay:.3}"),
-        attempt = envelope.attempts,
-        reply = %last_reply,
-        "delivery attempt"
-    );
-    record_metrics(&job.pool, &host, &counts);
-    let hostname = &generation.config.server.hostname;
-    let bounced_now: Vec<usize> = pending
-        .iter()
-        .copied()
-        .filter(|&i| envelope.recipients[i].state == RecipientState::Bounced)
-        .collect();
-    if !bounced_now.is_empty() {
-        dsn::queue_report(
-            &shared.spool,
-            &shared.scheduler,
-            hostname,
-            dsn::Subject {
-                id: job.id,
-                original: &envelope,
-                recipients: &bounced_now,
-                action: dsn::Action::Failed,
-                remote: &host,
-            },
-        )
-        .await;
-    }
-    if let Some(warn_after) = generation.config.defaults.delay_warning
-        && !envelope.delay_warned
-        && !envelope.is_done()
-        && Duration::from_millis(now_ms().saturating_sub(envelope.accepted_ms)) >= warn_after
-    {
-        let still: Vec<usize> = pending
-            .iter()
-            .copied()
-            .filter(|&i| envelope.recipients[i].state == RecipientState::Pending)
-            .collect();
-        dsn::queue_report(
-            &shared.spool,
-            &shared.scheduler,
-            hostname,
-            dsn::Subject {
-                id: job.id,
-                original: &envelope,
-                recipients: &still,
-                action: dsn::Action::Delayed,
-                remote: &host,
-            },
-        )
-        .await;
-        envelope.delay_warned = true;
-    }
-    if envelope.is_done() {
-        finish(shared, job, &envelope).await;
-    } else {
-        let due = next_attempt(&generation.config, &job.pool, envelope.attempts);
-        envelope.next_attempt_ms = due;
-        if let Err(e) = shared.spool.update(job.id, &job.pool, envelope).await {
-            // The old envelope is still on disk: at worst some recipients get it twice.
-            tracing::error!(queue_id = %id_text, "cannot record the attempt in the spool: {e}");
+        delivered = summary.delivered,
+        deferred = summary.deferred,
+        bounced = summary.bounced,
+        status = summary.outcome.as_str(),
+        delay = format_args!("{:.3}", age.as_secs_f64()),
+        attempt = summary.attempt,
+        reply = %reply,
+        "{}",
+        if summary.counted {
+            "delivery attempt"
+        } else {
+            "delivery attempt (no host reachable: back in the queue, attempt not counted)"
         }
-        shared.scheduler.enqueue(job.id, &job.pool, due);
+    );
+    record_metrics(&job.pool, host, summary);
+    if summary.bounce_dropped {
+        tracing::info!(queue_id = %id_text, "bounce of a message from <> dropped (never bounce a bounce)");
+    }
+    for report in &decision.reports {
+        dsn::queue_report(
+            &shared.queue,
+            &generation.config.server.hostname,
+            dsn::Subject {
+                id: job.id,
+                original: &decision.envelope,
+                recipients: &report.recipients,
+                action: report.action,
+                remote: host,
+            },
+        )
+        .await;
+    }
+    match decision.next {
+        Next::Remove => {
+            let seconds = age.as_secs_f64();
+            metrics::histogram!("poolrelay_delivery_seconds", "pool" => job.pool.clone())
+                .record(seconds);
+            shared.queue.scheduler().delivered(&job.pool);
+            if let Err(e) = shared.queue.remove(job.id, &job.pool).await {
+                tracing::error!(queue_id = %id_text, "cannot remove a delivered message from the spool: {e}; it may be sent again after a restart");
+            }
+        }
+        Next::Requeue => shared.queue.requeue(job.id, &job.pool),
+        Next::RetryAt(_) => {
+            // On failure the old envelope is still on disk: at worst some
+            // recipients get the message twice.
+            if let Err(e) = shared
+                .queue
+                .store(job.id, &job.pool, decision.envelope, now_ms() + 60_000)
+                .await
+            {
+                tracing::error!(queue_id = %id_text, "cannot record the attempt in the spool: {e}");
+            }
+        }
     }
 }
 
-fn record_metrics(pool: &str, host: &str, counts: &Counts) {
+fn record_metrics(pool: &str, host: &str, summary: &delivery::Summary) {
     let pool = pool.to_string();
-    if counts.done > 0 {
-        metrics::counter!("poolrelay_delivered_recipients_total", "pool" => pool.clone(), "upstream" => host.to_string()).increment(counts.done as u64);
+    if summary.delivered > 0 {
+        metrics::counter!("poolrelay_delivered_recipients_total", "pool" => pool.clone(), "upstream" => host.to_string()).increment(summary.delivered as u64);
     }
-    if counts.deferred > 0 {
-        metrics::counter!("poolrelay_deferred_recipients_total", "pool" => pool.clone(), "upstream" => host.to_string()).increment(counts.deferred as u64);
+    if summary.deferred > 0 {
+        metrics::counter!("poolrelay_deferred_recipients_total", "pool" => pool.clone(), "upstream" => host.to_string()).increment(summary.deferred as u64);
     }
-    if counts.bounced > 0 {
+    if summary.bounced > 0 {
         metrics::counter!("poolrelay_bounced_recipients_total", "pool" => pool)
-            .increment(counts.bounced as u64);
+            .increment(summary.bounced as u64);
     }
-}
-
-#[derive(Default)]
-struct Counts {
-    done: usize,
-    deferred: usize,
-    bounced: usize,
-}
-
-/// The reply worth logging: the last one seen on a recipient still pending,
-/// else on any recipient.
-fn summary_reply(envelope: &Envelope) -> String {
-    envelope
-        .pending()
-        .chain(envelope.recipients.iter())
-        .find_map(|r| r.last_reply.clone())
-        .unwrap_or_default()
 }
 
 fn load(shared: &Shared, job: &Job) -> Result<Option<(Envelope, poolrelay_spool::Body)>, String> {
-    let envelope = shared
-        .spool
+    let spool = shared.queue.spool();
+    let envelope = spool
         .envelope(job.id, &job.pool)
         .map_err(|e| e.to_string())?;
-    let body = shared.spool.body(job.id).map_err(|e| e.to_string())?;
+    let body = spool.body(job.id).map_err(|e| e.to_string())?;
     Ok(envelope.zip(body))
-}
-
-async fn finish(shared: &Shared, job: &Job, envelope: &Envelope) {
-    let seconds = now_ms().saturating_sub(envelope.accepted_ms) as f64 / 1000.0;
-    metrics::histogram!("poolrelay_delivery_seconds", "pool" => job.pool.clone()).record(seconds);
-    shared.scheduler.delivered(&job.pool);
-    if let Err(e) = shared.spool.remove(job.id, &job.pool).await {
-        tracing::error!(queue_id = %format_id(job.id), "cannot remove a delivered message from the spool: {e}; it may be sent again after a restart");
-    }
-}
-
-/// When to try again: the pool's schedule step for this attempt (the last
-/// step repeats), with ±10% jitter so retries of a burst spread out.
-fn next_attempt(config: &Config, pool: &str, attempts: u32) -> u64 {
-    let schedule = config.retry_for(pool);
-    let step = schedule
-        .get((attempts as usize).saturating_sub(1))
-        .or(schedule.last())
-        .copied()
-        .unwrap_or(Duration::from_secs(60));
-    let ms = step.as_millis() as u64;
-    let jitter = (now_ms() ^ (attempts as u64).wrapping_mul(0x9E37_79B9)) % (ms / 5 + 1);
-    now_ms() + ms - ms / 10 + jitter
 }
 
 // The arguments are the worker's context plus this message; bundling them
@@ -500,7 +396,6 @@ async fn attempt(
     conn: &mut Option<Connection>,
     outbound: &OutboundEnvelope,
     body: &[u8],
-    apply: &mut (dyn FnMut(usize, &Reply) + Send),
 ) -> Attempt {
     let mut last_error = String::from("no upstream host available");
     for host in hosts {
@@ -555,19 +450,17 @@ async fn attempt(
         c.messages += 1;
         match c.client.send(outbound, body).await {
             Ok(report) => {
-                for i in 0..report.recipients.len() {
-                    // A reply to DATA applies to every recipient it covered.
-                    if let Some(reply) = report.outcome(i) {
-                        apply(i, reply);
-                    }
-                }
                 let host = c.host.clone();
                 if c.messages >= upstream.max_messages_per_connection
                     && let Some(c) = conn.take()
                 {
                     c.client.quit().await;
                 }
-                return Attempt::Answered { host };
+                return Attempt::Answered {
+                    host,
+                    rcpt: report.recipients,
+                    data: report.data,
+                };
             }
             Err(e) => {
                 let addr = c.addr;
@@ -581,19 +474,34 @@ async fn attempt(
                 // A whole-transaction rejection (e.g. 4xx/5xx to MAIL) is an answer
                 // about this message, not about the host. A refused RSET (sent
                 // pipelined before MAIL) is about the connection: try again later.
-                if let ClientError::Rejected { reply, stage } = &e
-                    && *stage != "RSET"
+                if let ClientError::Rejected { reply, stage } = e
+                    && stage != "RSET"
                 {
-                    for i in 0..outbound.recipients.len() {
-                        apply(i, reply);
-                    }
-                    return Attempt::Answered { host: host.clone() };
+                    return Attempt::Refused {
+                        host: host.clone(),
+                        reply,
+                    };
                 }
-                return Attempt::NoHost(last_error);
+                return no_connection(shared, upstream, hosts, last_error);
             }
         }
     }
-    Attempt::NoHost(last_error)
+    no_connection(shared, upstream, hosts, last_error)
+}
+
+/// No host took the transaction: whether every host is down now decides
+/// whether the attempt counts.
+fn no_connection(
+    shared: &Shared,
+    upstream: &Upstream,
+    hosts: &[String],
+    reason: String,
+) -> Attempt {
+    Attempt::NoConnection {
+        host: upstream.host.clone(),
+        reason,
+        every_host_down: hosts.iter().all(|h| !shared.health.wait(h).is_zero()),
+    }
 }
 
 /// Connection-level failures say the host is unwell: connect errors,

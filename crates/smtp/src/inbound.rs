@@ -26,8 +26,10 @@ pub struct SessionConfig {
     pub relay_allowed: bool,
 }
 
-/// The DSN RET parameter (RFC 3461).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The DSN RET parameter (RFC 3461): how much of the message a failure
+/// DSN returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Ret {
     /// RET=FULL.
     Full,

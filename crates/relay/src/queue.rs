@@ -1,0 +1,179 @@
+//! The one way into (and around) the queue: the spool keeps, the scheduler
+//! orders. Every new message (accepted by a listener, or a DSN) and every
+//! change of where a message stands (a retry time, an operator's move) goes
+//! through [`Queue`], which writes the spool first and schedules only once
+//! the write is durable, so the scheduler never holds an id the spool lost.
+
+use std::sync::Arc;
+
+use poolrelay_spool::{Envelope, QueueId, Spool, SpoolError};
+
+use crate::scheduler::Scheduler;
+
+/// The spool and the scheduler, used together.
+#[derive(Clone)]
+pub struct Queue {
+    spool: Arc<dyn Spool>,
+    scheduler: Arc<Scheduler>,
+}
+
+impl Queue {
+    /// A queue over `spool`, ordered by `scheduler`.
+    pub fn new(spool: Arc<dyn Spool>, scheduler: Arc<Scheduler>) -> Queue {
+        Queue { spool, scheduler }
+    }
+
+    /// The store, for reads.
+    pub fn spool(&self) -> &dyn Spool {
+        &*self.spool
+    }
+
+    /// The index, for taking jobs and counts.
+    pub fn scheduler(&self) -> &Arc<Scheduler> {
+        &self.scheduler
+    }
+
+    /// Stores a new message and makes it ready: resolves with its id once
+    /// it is durable (what a 250 promises).
+    pub async fn append(
+        &self,
+        envelope: Envelope,
+        message: Vec<u8>,
+    ) -> Result<QueueId, SpoolError> {
+        let pool = envelope.pool.clone();
+        let due = envelope.next_attempt_ms;
+        let id = self.spool.append(envelope, message).await?;
+        self.scheduler.enqueue(id, &pool, due);
+        Ok(id)
+    }
+
+    /// Stores a changed envelope (possibly in another pool) and schedules
+    /// the message at its `next_attempt_ms`. On failure the old record is
+    /// still on disk: the message is scheduled where it was, at
+    /// `fallback_due`, so it is never forgotten.
+    pub async fn store(
+        &self,
+        id: QueueId,
+        old_pool: &str,
+        envelope: Envelope,
+        fallback_due: u64,
+    ) -> Result<(), SpoolError> {
+        let pool = envelope.pool.clone();
+        let due = envelope.next_attempt_ms;
+        match self.spool.update(id, old_pool, envelope).await {
+            Ok(()) => {
+                self.scheduler.enqueue(id, &pool, due);
+                Ok(())
+            }
+            Err(e) => {
+                self.scheduler.enqueue(id, old_pool, fallback_due);
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes a message for good (all recipients done, or deleted).
+    pub async fn remove(&self, id: QueueId, pool: &str) -> Result<(), SpoolError> {
+        self.spool.remove(id, pool).await
+    }
+
+    /// Puts a message back as ready without writing anything (nothing
+    /// about it changed).
+    pub fn requeue(&self, id: QueueId, pool: &str) {
+        self.scheduler.enqueue(id, pool, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use poolrelay_spool::{MemorySpool, Recipient, RecipientState, now_ms};
+
+    fn envelope(pool: &str) -> Envelope {
+        Envelope {
+            pool: pool.into(),
+            sender: "s@x.test".into(),
+            recipients: vec![Recipient {
+                address: "r@x.test".into(),
+                orcpt: None,
+                notify: 0,
+                state: RecipientState::Pending,
+                last_reply: None,
+            }],
+            accepted_ms: now_ms(),
+            attempts: 0,
+            next_attempt_ms: 0,
+            size: 1,
+            listener: "l".into(),
+            client: "c".into(),
+            route_line: 0,
+            envid: None,
+            ret: None,
+            legacy_ret_full: false,
+            body_8bit: false,
+            smtputf8: false,
+            delay_warned: false,
+        }
+    }
+
+    fn queue() -> (Queue, MemorySpool) {
+        let spool = MemorySpool::new();
+        (
+            Queue::new(Arc::new(spool.clone()), Arc::new(Scheduler::new())),
+            spool,
+        )
+    }
+
+    const ALL: &(dyn Fn(&str) -> bool + Sync) = &|_| true;
+
+    #[tokio::test]
+    async fn an_appended_message_is_stored_then_ready() {
+        let (q, spool) = queue();
+        let id = q.append(envelope("A"), b"m".to_vec()).await.unwrap();
+        assert!(spool.envelope(id, "A").unwrap().is_some());
+        let job = q.scheduler().try_take(&["A".to_string()], ALL);
+        assert_eq!(job.map(|j| j.id), Some(id));
+    }
+
+    #[tokio::test]
+    async fn a_failed_append_schedules_nothing() {
+        let (q, spool) = queue();
+        spool.fail_writes(true);
+        assert!(q.append(envelope("A"), b"m".to_vec()).await.is_err());
+        assert_eq!(q.scheduler().try_take(&["A".to_string()], ALL), None);
+    }
+
+    #[tokio::test]
+    async fn a_stored_move_schedules_in_the_new_pool() {
+        let (q, spool) = queue();
+        let id = q.append(envelope("A"), b"m".to_vec()).await.unwrap();
+        assert!(q.scheduler().forget(id, "A"));
+        let mut env = spool.envelope(id, "A").unwrap().unwrap();
+        env.pool = "B".into();
+        q.store(id, "A", env, 0).await.unwrap();
+        assert!(spool.envelope(id, "B").unwrap().is_some());
+        assert_eq!(
+            q.scheduler()
+                .try_take(&["B".to_string()], ALL)
+                .map(|j| j.id),
+            Some(id)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_store_keeps_the_message_scheduled_where_it_was() {
+        let (q, spool) = queue();
+        let id = q.append(envelope("A"), b"m".to_vec()).await.unwrap();
+        assert!(q.scheduler().forget(id, "A"));
+        let mut env = spool.envelope(id, "A").unwrap().unwrap();
+        env.pool = "B".into();
+        spool.fail_writes(true);
+        assert!(q.store(id, "A", env, 0).await.is_err());
+        assert_eq!(
+            q.scheduler()
+                .try_take(&["A".to_string()], ALL)
+                .map(|j| j.id),
+            Some(id)
+        );
+    }
+}

@@ -1,0 +1,184 @@
+//! The envelope: everything about a queued message except its bytes.
+//! Stored as JSON; fields added later have serde defaults, and records
+//! written by older versions (reply as a string, `ret_full`) still load.
+
+use poolrelay_smtp::{Reply, Ret};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Where one recipient of a queued message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecipientState {
+    /// Not yet delivered: tried on the next attempt.
+    Pending,
+    /// An upstream accepted it.
+    Delivered,
+    /// Failed permanently (or expired); a DSN was queued if one was due.
+    Bounced,
+}
+
+/// One recipient of a queued message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recipient {
+    /// The address, without angle brackets.
+    pub address: String,
+    /// DSN ORCPT as received.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orcpt: Option<String>,
+    /// DSN NOTIFY flags as received (smtp-proto `RCPT_NOTIFY_*` bits, 0 = not given).
+    #[serde(default)]
+    pub notify: u64,
+    /// Where it stands.
+    pub state: RecipientState,
+    /// The last reply about it (an upstream's, or one made here when no
+    /// host answered or the message expired), for logs, the admin API and DSNs.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "reply_or_text"
+    )]
+    pub last_reply: Option<Reply>,
+}
+
+/// Everything about a queued message except its bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The pool the message is queued in.
+    pub pool: String,
+    /// Envelope sender; empty for the null sender.
+    pub sender: String,
+    /// Recipients with their states.
+    pub recipients: Vec<Recipient>,
+    /// When the 250 was sent, Unix ms.
+    pub accepted_ms: u64,
+    /// Delivery attempts so far.
+    pub attempts: u32,
+    /// Not to be tried before this time, Unix ms (0 = now).
+    pub next_attempt_ms: u64,
+    /// Message size in bytes.
+    pub size: u64,
+    /// Name of the listener that accepted it.
+    pub listener: String,
+    /// Client address that sent it.
+    pub client: String,
+    /// Line of the route that classified it (0 = no route matched).
+    #[serde(default)]
+    pub route_line: usize,
+    /// DSN ENVID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envid: Option<String>,
+    /// DSN RET as received: what a failure DSN returns (headers when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ret: Option<Ret>,
+    /// Records written before `ret` existed said only whether RET=FULL was
+    /// asked; read once, never written.
+    #[serde(default, rename = "ret_full", skip_serializing)]
+    pub legacy_ret_full: bool,
+    /// BODY=8BITMIME was given.
+    #[serde(default)]
+    pub body_8bit: bool,
+    /// SMTPUTF8 was given.
+    #[serde(default)]
+    pub smtputf8: bool,
+    /// A "delayed" DSN was sent (at most one per message).
+    #[serde(default)]
+    pub delay_warned: bool,
+}
+
+impl Envelope {
+    /// Recipients still to be delivered.
+    pub fn pending(&self) -> impl Iterator<Item = &Recipient> {
+        self.recipients
+            .iter()
+            .filter(|r| r.state == RecipientState::Pending)
+    }
+
+    /// Indexes of the recipients still to be delivered, in RCPT order.
+    pub fn pending_indexes(&self) -> Vec<usize> {
+        self.recipients
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.state == RecipientState::Pending)
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// True when no recipient is pending: the message can leave the spool.
+    pub fn is_done(&self) -> bool {
+        self.pending().next().is_none()
+    }
+
+    /// RET, including what records of older versions said.
+    pub fn ret(&self) -> Option<Ret> {
+        self.ret.or(self.legacy_ret_full.then_some(Ret::Full))
+    }
+}
+
+/// Reads `last_reply` as a typed reply, or as the "550 5.1.1 text" string
+/// older versions stored.
+fn reply_or_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Reply>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Stored {
+        Typed(Reply),
+        Text(String),
+    }
+    Ok(match Option::<Stored>::deserialize(d)? {
+        None => None,
+        Some(Stored::Typed(r)) => Some(r),
+        Some(Stored::Text(t)) => Some(parse_reply_text(&t)),
+    })
+}
+
+/// "550 5.1.1 no such user" -> a reply; text without a code becomes a 451.
+fn parse_reply_text(text: &str) -> Reply {
+    let mut words = text.splitn(2, ' ');
+    let first = words.next().unwrap_or_default();
+    let rest = words.next().unwrap_or_default();
+    let Some(code) = first.parse::<u16>().ok().filter(|c| (200..600).contains(c)) else {
+        return Reply {
+            code: 451,
+            enhanced: None,
+            text: text.to_string(),
+        }
+        .sanitized();
+    };
+    let (enhanced, text) = match rest.split_once(' ') {
+        Some((e, t)) if e.split('.').count() == 3 => (Some(e.to_string()), t.to_string()),
+        _ => (None, rest.to_string()),
+    };
+    Reply {
+        code,
+        enhanced,
+        text,
+    }
+    .sanitized()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_of_older_versions_still_load() {
+        let old = r#"{"pool":"A","sender":"s@x","recipients":[{"address":"a@x","state":"pending","last_reply":"450 4.2.0 busy"}],
+            "accepted_ms":1,"attempts":2,"next_attempt_ms":0,"size":3,"listener":"l","client":"c","ret_full":true}"#;
+        let env: Envelope = serde_json::from_str(old).unwrap();
+        let reply = env.recipients[0].last_reply.clone().unwrap();
+        assert_eq!(
+            (reply.code, reply.enhanced.as_deref()),
+            (450, Some("4.2.0"))
+        );
+        assert_eq!(reply.text, "busy");
+        assert_eq!(env.ret(), Some(Ret::Full));
+        let again: Envelope = serde_json::from_slice(&serde_json::to_vec(&env).unwrap()).unwrap();
+        assert_eq!(again.recipients[0].last_reply, Some(reply));
+    }
+
+    #[test]
+    fn reply_text_without_a_code_becomes_a_transient_reply() {
+        let r = parse_reply_text("connect to x: refused");
+        assert_eq!(r.code, 451);
+        assert_eq!(r.status(), "4.0.0");
+    }
+}

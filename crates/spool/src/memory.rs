@@ -1,0 +1,147 @@
+//! [`MemorySpool`]: the [`Spool`] contract kept in memory, for tests of the
+//! engine (queue, control) that must not touch a disk. Nothing survives the
+//! process; writes can be made to fail to play a full disk.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::{Body, Durable, Envelope, QueueId, Spool, SpoolError, now_ms};
+
+#[derive(Default)]
+struct State {
+    pools: HashMap<String, BTreeMap<QueueId, Envelope>>,
+    bodies: HashMap<QueueId, Body>,
+}
+
+/// An in-memory spool. Cloning shares the same contents.
+#[derive(Clone, Default)]
+pub struct MemorySpool {
+    state: Arc<Mutex<State>>,
+    last_id: Arc<AtomicU64>,
+    failing: Arc<AtomicBool>,
+}
+
+impl MemorySpool {
+    /// An empty spool.
+    pub fn new() -> MemorySpool {
+        MemorySpool::default()
+    }
+
+    /// While true, every write fails as a full disk would.
+    pub fn fail_writes(&self, failing: bool) {
+        self.failing.store(failing, Ordering::Relaxed);
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut guard)
+    }
+
+    fn write<T: Send + 'static>(&self, f: impl FnOnce(&mut State) -> T) -> Durable<T> {
+        let result = if self.failing.load(Ordering::Relaxed) {
+            Err(SpoolError::Storage(
+                "no space left on device (simulated)".into(),
+            ))
+        } else {
+            Ok(self.with(f))
+        };
+        Box::pin(async move { result })
+    }
+}
+
+impl Spool for MemorySpool {
+    fn append(&self, envelope: Envelope, message: Vec<u8>) -> Durable<QueueId> {
+        let candidate = now_ms() << 16;
+        let id = self
+            .last_id
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+                Some(candidate.max(last + 1))
+            })
+            .map_or(candidate, |last| candidate.max(last + 1));
+        self.write(move |s| {
+            s.bodies.insert(id, Body::from(message));
+            s.pools
+                .entry(envelope.pool.clone())
+                .or_default()
+                .insert(id, envelope);
+            id
+        })
+    }
+
+    fn update(&self, id: QueueId, old_pool: &str, envelope: Envelope) -> Durable<()> {
+        let old_pool = old_pool.to_string();
+        self.write(move |s| {
+            if let Some(p) = s.pools.get_mut(&old_pool) {
+                p.remove(&id);
+            }
+            s.pools
+                .entry(envelope.pool.clone())
+                .or_default()
+                .insert(id, envelope);
+        })
+    }
+
+    fn remove(&self, id: QueueId, pool: &str) -> Durable<()> {
+        let pool = pool.to_string();
+        self.write(move |s| {
+            if let Some(p) = s.pools.get_mut(&pool) {
+                p.remove(&id);
+            }
+            s.bodies.remove(&id);
+        })
+    }
+
+    fn envelope(&self, id: QueueId, pool: &str) -> Result<Option<Envelope>, SpoolError> {
+        Ok(self.with(|s| s.pools.get(pool).and_then(|p| p.get(&id).cloned())))
+    }
+
+    fn body(&self, id: QueueId) -> Result<Option<Body>, SpoolError> {
+        Ok(self.with(|s| s.bodies.get(&id).cloned()))
+    }
+
+    fn recover(&self, visit: &mut dyn FnMut(QueueId, Envelope)) -> Result<(), SpoolError> {
+        let all: Vec<(QueueId, Envelope)> = self.with(|s| {
+            s.pools
+                .values()
+                .flat_map(|p| p.iter().map(|(id, e)| (*id, e.clone())))
+                .collect()
+        });
+        for (id, env) in all {
+            visit(id, env);
+        }
+        Ok(())
+    }
+
+    fn count(&self, pool: &str) -> Result<usize, SpoolError> {
+        Ok(self.with(|s| s.pools.get(pool).map_or(0, BTreeMap::len)))
+    }
+
+    fn pools(&self) -> Vec<String> {
+        self.with(|s| s.pools.keys().cloned().collect())
+    }
+
+    fn list(
+        &self,
+        pool: &str,
+        after: Option<QueueId>,
+        limit: usize,
+    ) -> Result<Vec<(QueueId, Result<Envelope, SpoolError>)>, SpoolError> {
+        let start = after.map_or(0, |a| a.saturating_add(1));
+        Ok(self.with(|s| {
+            s.pools
+                .get(pool)
+                .map(|p| {
+                    p.range(start..)
+                        .take(limit)
+                        .map(|(id, e)| (*id, Ok(e.clone())))
+                        .collect()
+                })
+                .unwrap_or_default()
+        }))
+    }
+
+    fn is_writable(&self) -> bool {
+        !self.failing.load(Ordering::Relaxed)
+    }
+}
