@@ -184,7 +184,10 @@ impl Client {
         })
     }
 
-    /// RSET between transactions on a reused connection.
+    /// RSET between transactions on a reused connection. With PIPELINING
+    /// it is only noted and goes out in the next `send`'s first write,
+    /// saving a round trip; a refusal then comes from that `send`, at
+    /// [`stage::RSET`].
     pub async fn rset(&mut self) -> Result<(), ClientError> {
         self.ensure_usable()?;
         if self.caps.pipelining {
@@ -215,6 +218,7 @@ impl Client {
         let _ = timeout(Duration::from_secs(1), self.io.get_mut().shutdown()).await;
     }
 
+    /// Refuses to speak on a connection whose SMTP state is unknown.
     fn ensure_usable(&self) -> Result<(), ClientError> {
         if self.usable {
             Ok(())
@@ -226,6 +230,8 @@ impl Client {
         }
     }
 
+    /// `MAIL FROM:<sender>` with only the parameters the upstream
+    /// offered: others would get the whole transaction refused.
     fn mail_command(&self, envelope: &OutboundEnvelope, size: usize) -> String {
         let mut cmd = format!("MAIL FROM:<{}>", envelope.sender);
         if envelope.body_8bit && self.caps.eightbitmime {
@@ -278,6 +284,8 @@ impl Client {
         Some(cmd)
     }
 
+    /// One RCPT reply; 421 ends the session for every recipient, so it is
+    /// an error rather than this recipient's result.
     async fn rcpt_reply(&mut self) -> Result<Reply, ClientError> {
         let reply = self.read_reply(stage::RCPT, self.timeouts.rcpt).await?;
         self.expect_final(&reply)?;
@@ -301,6 +309,9 @@ impl Client {
         }
     }
 
+    /// Writes the dot-stuffed content and the final dot in blocks, each
+    /// within `data_block`: a slow but moving upstream is not cut off by
+    /// one timeout for the whole message.
     async fn write_body(&mut self, message: &[u8]) -> Result<(), ClientError> {
         let limit = self.timeouts.data_block;
         let mut encoder = DataEncoder::new();
