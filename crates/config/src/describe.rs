@@ -199,9 +199,22 @@ pub(crate) fn describe(c: &Config) -> String {
             u.tls,
             u.max_messages_per_connection,
             format_duration(u.idle_timeout),
-            format_duration(u.connect_timeout),
+            format_duration(u.timeouts.connect),
             u.line
         );
+        if let Some(a) = &u.auth {
+            let from = u
+                .auth_password_file
+                .as_ref()
+                .map(|p| format!(", password from {}", p.display()))
+                .unwrap_or_default();
+            let clear = if a.allow_plaintext {
+                ", also without TLS"
+            } else {
+                ""
+            };
+            let _ = write!(line, "\n    auth as {}{from}{clear}", a.username);
+        }
         let _ = writeln!(o, "{line}");
     }
 

@@ -1,6 +1,8 @@
-//! The poolrelay configuration: the TOML model of `DESIGN.md`, parsed with
-//! line-accurate errors and validated into a resolved [`Config`] that the
-//! engine can use without further checks.
+//! The poolrelay configuration: the TOML file, parsed with line-accurate
+//! errors and validated into a resolved [`Config`] that the engine can use
+//! without further checks. Settings the SMTP client takes as they are
+//! (TLS mode, stage timeouts, AUTH credentials) use the `poolrelay-smtp`
+//! types, so there is one type per concept from file to wire.
 //!
 //! Sizes are strings such as `"50MB"`, durations strings such as `"5m"`,
 //! bandwidths strings such as `"1.5Mbps"`. The unit parsers are public
@@ -9,7 +11,7 @@
 //! ([`import_listserv`]), which turns a LISTSERV `site.cfg` and list headers
 //! into a commented config of this format.
 //!
-//! Small liberties beyond `DESIGN.md`: unit keys also take a bare TOML number
+//! Conveniences: unit keys also take a bare TOML number
 //! (`max_age = 3600` is seconds, `max_message_size = 1048576` bytes), a route
 //! `sender = "<>"` means the null sender like `""`, and a window may end at `24:00`.
 
@@ -33,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use ipnet::IpNet;
+pub use poolrelay_smtp::outbound::{Credentials, Timeouts, TlsMode};
 
 /// The name of the default pool: command replies, rejections, bounces.
 pub const DEFAULT_POOL: &str = "-";
@@ -160,19 +163,6 @@ pub struct Pool {
     pub line: usize,
 }
 
-/// Outbound TLS policy of an upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsMode {
-    /// STARTTLS when offered, plain otherwise (default).
-    Opportunistic,
-    /// STARTTLS or fail temporarily.
-    Required,
-    /// TLS from the first byte (port 465).
-    Implicit,
-    /// Never TLS.
-    Off,
-}
-
 /// A time-of-day window, `"hh:mm-hh:mm"`; may cross midnight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
@@ -201,67 +191,28 @@ pub struct Upstream {
     pub max_messages_per_connection: usize,
     /// `idle_timeout`: close an unused connection after this long. Default 10s.
     pub idle_timeout: Duration,
-    /// `connect_timeout`, default 30s.
-    pub connect_timeout: Duration,
-    /// Reply timeouts per SMTP stage (`greeting_timeout`, `ehlo_timeout`,
+    /// Timeouts per SMTP stage, each field from the key of its name plus
+    /// `_timeout` (`connect_timeout`, `greeting_timeout`, `ehlo_timeout`,
     /// `mail_timeout`, `rcpt_timeout`, `data_init_timeout`,
-    /// `data_block_timeout`, `data_end_timeout`); RFC 5321 §4.5.3.2 defaults.
-    pub timeouts: StageTimeouts,
+    /// `data_block_timeout`, `data_end_timeout`); [`Timeouts::default`]
+    /// (RFC 5321 §4.5.3.2) for those not given.
+    pub timeouts: Timeouts,
     /// `tls_verify`: check the upstream's certificate against its name. Default true.
     pub tls_verify: bool,
     /// `tls_ca_file`: extra trusted CA certificates (PEM) for a private smarthost.
     pub tls_ca_file: Option<PathBuf>,
-    /// `auth = { username, password_file }`: AUTH PLAIN/LOGIN towards this upstream.
-    pub auth: Option<UpstreamAuth>,
-    /// `auth_plaintext`: allow AUTH without TLS. Default false.
-    pub auth_plaintext: bool,
+    /// `auth = { username, password_file }`: AUTH PLAIN/LOGIN towards
+    /// this upstream. The password is read from `password_file` when the
+    /// config is loaded (so at start and on reload; a trailing newline is
+    /// ignored); `allow_plaintext` is `auth_plaintext` (allow AUTH without
+    /// TLS, default false).
+    pub auth: Option<Credentials>,
+    /// `auth.password_file` as written, for messages about the password.
+    pub auth_password_file: Option<PathBuf>,
     /// `mx`: when `host` has no port, deliver to its MX hosts. Default false.
     pub mx: bool,
     /// Line of the `[[upstream]]` header.
     pub line: usize,
-}
-
-/// Reply timeouts per SMTP stage of an upstream (RFC 5321 §4.5.3.2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StageTimeouts {
-    /// 220 greeting, default 5m.
-    pub greeting: Duration,
-    /// EHLO/HELO, default 5m.
-    pub ehlo: Duration,
-    /// MAIL, default 5m.
-    pub mail: Duration,
-    /// RCPT, default 5m.
-    pub rcpt: Duration,
-    /// DATA's 354, default 2m.
-    pub data_init: Duration,
-    /// Each block of the message written, default 3m.
-    pub data_block: Duration,
-    /// The reply to the final dot, default 10m.
-    pub data_end: Duration,
-}
-
-impl Default for StageTimeouts {
-    fn default() -> Self {
-        let m = |n: u64| Duration::from_secs(n * 60);
-        StageTimeouts {
-            greeting: m(5),
-            ehlo: m(5),
-            mail: m(5),
-            rcpt: m(5),
-            data_init: m(2),
-            data_block: m(3),
-            data_end: m(10),
-        }
-    }
-}
-
-/// Credentials for AUTH towards an upstream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamAuth {
-    /// User name.
-    pub username: String,
-    /// File holding the password (read at start and on reload; trailing newline ignored).
-    pub password_file: PathBuf,
 }
 
 /// A header matcher of a route: `header = { name = "Sender", value = "*@x" }`.
@@ -302,6 +253,7 @@ impl Config {
     }
 
     /// Parses and validates config text; `path` is used in errors only.
+    /// Upstream password files named in it are read.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         validate::build(text, path)
     }
@@ -346,24 +298,6 @@ impl Config {
 pub fn is_valid_pool_name(name: &str) -> bool {
     name == DEFAULT_POOL
         || (!name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
-}
-
-impl TlsMode {
-    /// The config spelling: `opportunistic`, `required`, `implicit` or `off`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TlsMode::Opportunistic => "opportunistic",
-            TlsMode::Required => "required",
-            TlsMode::Implicit => "implicit",
-            TlsMode::Off => "off",
-        }
-    }
-}
-
-impl std::fmt::Display for TlsMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 #[cfg(test)]

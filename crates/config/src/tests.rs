@@ -224,12 +224,14 @@ fn full_example() {
                 tls: TlsMode::Required,
                 max_messages_per_connection: 50,
                 idle_timeout: secs(30),
-                connect_timeout: secs(5),
-                timeouts: StageTimeouts::default(),
+                timeouts: Timeouts {
+                    connect: secs(5),
+                    ..Timeouts::default()
+                },
                 tls_verify: true,
                 tls_ca_file: None,
                 auth: None,
-                auth_plaintext: false,
+                auth_password_file: None,
                 mx: false,
                 line: 50,
             },
@@ -242,12 +244,11 @@ fn full_example() {
                 tls: TlsMode::Opportunistic,
                 max_messages_per_connection: 100,
                 idle_timeout: secs(10),
-                connect_timeout: secs(30),
-                timeouts: StageTimeouts::default(),
+                timeouts: Timeouts::default(),
                 tls_verify: true,
                 tls_ca_file: None,
                 auth: None,
-                auth_plaintext: false,
+                auth_password_file: None,
                 mx: false,
                 line: 61,
             },
@@ -790,5 +791,95 @@ fn describe_lists_everything() {
     assert!(
         minimal.contains("unmatched: owner-*@* -> - (defaults.list_pool), else -> -"),
         "{minimal}"
+    );
+}
+
+/// A password file removed when dropped.
+struct PasswordFile(PathBuf);
+
+impl PasswordFile {
+    fn new(name: &str, contents: &str) -> PasswordFile {
+        let path =
+            std::env::temp_dir().join(format!("poolrelay-config-{}-{name}.pw", std::process::id()));
+        std::fs::write(&path, contents).unwrap();
+        PasswordFile(path)
+    }
+}
+
+impl Drop for PasswordFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn upstream_with_auth(password_file: &Path, extra: &str) -> String {
+    format!(
+        "{LISTENER}[[upstream]]\nhost = \"smart.test\"\n{extra}auth = {{ username = \"relay\", password_file = \"{}\" }}\n",
+        password_file.display()
+    )
+}
+
+#[test]
+fn auth_password_is_read_at_load() {
+    let pw = PasswordFile::new("ok", "s3cret\r\n");
+    let c = parse(&upstream_with_auth(&pw.0, "")).unwrap();
+    let u = &c.upstreams[0];
+    assert_eq!(
+        u.auth,
+        Some(Credentials {
+            username: "relay".into(),
+            password: "s3cret".into(),
+            allow_plaintext: false,
+        })
+    );
+    assert_eq!(u.auth_password_file.as_deref(), Some(pw.0.as_path()));
+    let described = c.describe();
+    assert!(
+        described.contains("auth as relay, password from"),
+        "{described}"
+    );
+    assert!(!described.contains("s3cret"), "{described}");
+    assert!(!format!("{c:?}").contains("s3cret"));
+
+    let c = parse(&upstream_with_auth(&pw.0, "auth_plaintext = true\n")).unwrap();
+    assert!(c.upstreams[0].auth.as_ref().unwrap().allow_plaintext);
+}
+
+#[test]
+fn auth_password_file_errors_name_the_line() {
+    let missing = Path::new("/nonexistent/poolrelay.pw");
+    let e = err(
+        &upstream_with_auth(missing, ""),
+        5,
+        &[
+            "auth.password_file",
+            "/nonexistent/poolrelay.pw",
+            "cannot be read",
+        ],
+    );
+    assert!(e.to_string().starts_with("test.toml:5: "), "{e}");
+    let empty = PasswordFile::new("empty", "\n");
+    err(&upstream_with_auth(&empty.0, ""), 5, &["is empty"]);
+}
+
+#[test]
+fn stage_timeouts_from_their_keys() {
+    let text = format!(
+        "{LISTENER}[[upstream]]\nhost = \"smart.test\"\nconnect_timeout = \"7s\"\ndata_block_timeout = \"1m\"\ndata_end_timeout = 42\n"
+    );
+    let t = parse(&text).unwrap().upstreams[0].timeouts;
+    assert_eq!(
+        t,
+        Timeouts {
+            connect: secs(7),
+            data_block: secs(60),
+            data_end: secs(42),
+            ..Timeouts::default()
+        }
+    );
+    err(
+        &format!("{LISTENER}[[upstream]]\nhost = \"smart.test\"\nconnect_timeout = \"0s\"\n"),
+        5,
+        &["connect_timeout", "zero"],
     );
 }

@@ -16,8 +16,8 @@ use crate::units::{
     parse_window,
 };
 use crate::{
-    Admin, Config, ConfigError, DEFAULT_POOL, Defaults, HeaderMatch, Listener, Pool, Route, Server,
-    StageTimeouts, TlsMode, Upstream, UpstreamAuth, is_valid_pool_name,
+    Admin, Config, ConfigError, Credentials, DEFAULT_POOL, Defaults, HeaderMatch, Listener, Pool,
+    Route, Server, Timeouts, TlsMode, Upstream, is_valid_pool_name,
 };
 
 /// Description of the pool `-` when the config gives none.
@@ -355,6 +355,33 @@ impl Ctx<'_> {
             return None;
         }
         Some(PathBuf::from(v.get_ref()))
+    }
+
+    /// The password in `path` (key `v`), without its trailing newline.
+    /// Read here rather than at connect time so that a missing or empty
+    /// file is a config error at start or reload, not a deferral later.
+    fn password(&mut self, v: &Str, path: &Path) -> Option<String> {
+        let what = format!("upstream auth.password_file \"{}\"", path.display());
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let password = text.trim_end_matches(['\r', '\n']);
+                if password.is_empty() {
+                    self.at(
+                        v,
+                        format!("{what} is empty; write the password in it, on one line"),
+                    );
+                    return None;
+                }
+                Some(password.to_string())
+            }
+            Err(e) => {
+                self.at(
+                    v,
+                    format!("{what} cannot be read: {e}; create it with the password on one line, or fix the path"),
+                );
+                None
+            }
+        }
     }
 
     /// `what "X" is not a known pool; declare [pool.X] or use one of: ...`, if unknown.
@@ -816,18 +843,13 @@ impl Ctx<'_> {
                     .unwrap_or_default(),
                 None => Duration::from_secs(10),
             };
-            let connect_timeout = match &r.connect_timeout {
-                Some(v) => self
-                    .positive_duration("connect_timeout", v)
-                    .unwrap_or_default(),
-                None => Duration::from_secs(30),
-            };
-            let defaults = StageTimeouts::default();
+            let defaults = Timeouts::default();
             let mut stage = |key: &str, v: &Option<Unit>, default: Duration| match v {
                 Some(v) => self.positive_duration(key, v).unwrap_or(default),
                 None => default,
             };
-            let timeouts = StageTimeouts {
+            let timeouts = Timeouts {
+                connect: stage("connect_timeout", &r.connect_timeout, defaults.connect),
                 greeting: stage("greeting_timeout", &r.greeting_timeout, defaults.greeting),
                 ehlo: stage("ehlo_timeout", &r.ehlo_timeout, defaults.ehlo),
                 mail: stage("mail_timeout", &r.mail_timeout, defaults.mail),
@@ -848,24 +870,30 @@ impl Ctx<'_> {
                 .tls_ca_file
                 .as_ref()
                 .and_then(|v| self.path("upstream tls_ca_file", v));
-            let auth = match &r.auth {
-                Some(a) => {
-                    let a = &a.value;
-                    let username = a.username.get_ref().clone();
-                    self.path("upstream auth.password_file", &a.password_file)
-                        .map(|password_file| UpstreamAuth {
-                            username,
-                            password_file,
+            let auth_password_file = r
+                .auth
+                .as_ref()
+                .and_then(|a| self.path("upstream auth.password_file", &a.value.password_file));
+            let auth = match (&r.auth, &auth_password_file) {
+                (Some(a), Some(path)) => {
+                    self.password(&a.value.password_file, path)
+                        .map(|password| Credentials {
+                            username: a.value.username.get_ref().clone(),
+                            password,
+                            allow_plaintext: r
+                                .auth_plaintext
+                                .as_ref()
+                                .is_some_and(|v| *v.get_ref()),
                         })
                 }
-                None => None,
+                _ => None,
             };
             out.push(Upstream {
                 timeouts,
                 tls_verify: r.tls_verify.as_ref().is_none_or(|v| *v.get_ref()),
                 tls_ca_file,
                 auth,
-                auth_plaintext: r.auth_plaintext.as_ref().is_some_and(|v| *v.get_ref()),
+                auth_password_file,
                 mx: r.mx.as_ref().is_some_and(|v| *v.get_ref()),
                 host,
                 workers,
@@ -875,7 +903,6 @@ impl Ctx<'_> {
                 tls,
                 max_messages_per_connection,
                 idle_timeout,
-                connect_timeout,
                 line,
             });
         }

@@ -2,7 +2,6 @@
 //! ring, passed explicitly (never the process default), so this crate works
 //! whatever else is linked and never pulls aws-lc-rs.
 
-use crate::outbound::ClientError;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{
     CryptoProvider, WebPkiSupportedAlgorithms, verify_tls12_signature, verify_tls13_signature,
@@ -18,6 +17,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+
+/// Why TLS could not be set up or negotiated; the outbound client turns it
+/// into its own error, so this module needs nothing from it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct TlsError(String);
 
 /// The ring provider, built once.
 fn provider() -> Arc<CryptoProvider> {
@@ -44,11 +49,11 @@ impl TlsSetup {
         ca_file: Option<&Path>,
         server_name: &str,
         peer: SocketAddr,
-    ) -> Result<TlsSetup, ClientError> {
+    ) -> Result<TlsSetup, TlsError> {
         let provider = provider();
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| ClientError::Tls(format!("TLS setup: {e}")))?;
+            .map_err(|e| TlsError(format!("TLS setup: {e}")))?;
         let config = if verify {
             let mut roots = RootCertStore {
                 roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
@@ -72,20 +77,14 @@ impl TlsSetup {
     }
 
     /// Runs the client handshake over `stream` within `limit`.
-    pub(crate) async fn wrap<S>(
-        &self,
-        stream: S,
-        limit: Duration,
-    ) -> Result<TlsStream<S>, ClientError>
+    pub(crate) async fn wrap<S>(&self, stream: S, limit: Duration) -> Result<TlsStream<S>, TlsError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         match timeout(limit, self.connector.connect(self.name.clone(), stream)).await {
             Ok(Ok(stream)) => Ok(stream),
-            Ok(Err(e)) => Err(ClientError::Tls(format!("TLS handshake failed: {e}"))),
-            Err(_) => Err(ClientError::Tls(format!(
-                "TLS handshake timed out after {limit:?}"
-            ))),
+            Ok(Err(e)) => Err(TlsError(format!("TLS handshake failed: {e}"))),
+            Err(_) => Err(TlsError(format!("TLS handshake timed out after {limit:?}"))),
         }
     }
 }
@@ -93,7 +92,7 @@ impl TlsSetup {
 /// The SNI / verification name: a DNS name or an IP literal (brackets, a
 /// trailing dot and a `:port` suffix tolerated), the peer's address when
 /// empty.
-fn server_name_for(name: &str, peer: SocketAddr) -> Result<ServerName<'static>, ClientError> {
+fn server_name_for(name: &str, peer: SocketAddr) -> Result<ServerName<'static>, TlsError> {
     let mut trimmed = name.trim();
     if let Ok(addr) = trimmed.parse::<SocketAddr>() {
         return Ok(ServerName::IpAddress(addr.ip().into()));
@@ -114,12 +113,12 @@ fn server_name_for(name: &str, peer: SocketAddr) -> Result<ServerName<'static>, 
         return Ok(ServerName::IpAddress(peer.ip().into()));
     }
     ServerName::try_from(trimmed.to_string())
-        .map_err(|e| ClientError::Tls(format!("invalid TLS server name {name:?}: {e}")))
+        .map_err(|e| TlsError(format!("invalid TLS server name {name:?}: {e}")))
 }
 
 /// Adds every CERTIFICATE block of a PEM file to `roots`.
-fn add_pem_roots(roots: &mut RootCertStore, path: &Path) -> Result<(), ClientError> {
-    let bad = |what: String| ClientError::Tls(format!("ca_file {}: {what}", path.display()));
+fn add_pem_roots(roots: &mut RootCertStore, path: &Path) -> Result<(), TlsError> {
+    let bad = |what: String| TlsError(format!("ca_file {}: {what}", path.display()));
     let certs = CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))?;
     let mut added = 0;
     for cert in certs {
