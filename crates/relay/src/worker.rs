@@ -12,10 +12,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use poolrelay_config::{Config, TlsMode, Upstream};
+use poolrelay_config::{Config, Upstream};
 use poolrelay_smtp::outbound::{
-    Client, ClientError, ConnectOptions, Credentials, OutboundEnvelope, RecipientDsn, Timeouts,
-    TlsMode as SmtpTls,
+    Client, ClientError, ConnectOptions, OutboundEnvelope, RecipientDsn,
 };
 use poolrelay_spool::{Envelope, Ret, format_id, now_ms};
 
@@ -466,7 +465,7 @@ async fn attempt(
                 let addr = c.addr;
                 *conn = None;
                 last_error = format!("{host} ({addr}): {e}");
-                if marks_down(&e) {
+                if e.marks_host_down() {
                     tracing::warn!(upstream = %host, "{last_error}; marking it down, trying the next host");
                     shared.health.mark_down(host);
                     continue;
@@ -474,8 +473,8 @@ async fn attempt(
                 // A whole-transaction rejection (e.g. 4xx/5xx to MAIL) is an answer
                 // about this message, not about the host. A refused RSET (sent
                 // pipelined before MAIL) is about the connection: try again later.
-                if let ClientError::Rejected { reply, stage } = e
-                    && stage != "RSET"
+                if e.is_about_message()
+                    && let ClientError::Rejected { reply, .. } = e
                 {
                     return Attempt::Refused {
                         host: host.clone(),
@@ -504,20 +503,6 @@ fn no_connection(
     }
 }
 
-/// Connection-level failures say the host is unwell: connect errors,
-/// timeouts, broken connections and 421.
-fn marks_down(e: &ClientError) -> bool {
-    match e {
-        ClientError::Connect { .. }
-        | ClientError::Timeout { .. }
-        | ClientError::Io(_)
-        | ClientError::Tls(_) => true,
-        // Bad credentials are our configuration's fault, not the host's health.
-        ClientError::Auth(_) => false,
-        ClientError::Rejected { reply, .. } => reply.code == 421,
-    }
-}
-
 /// Why no connection could be opened, and whether that says the host is unwell.
 struct OpenFailure {
     message: String,
@@ -537,10 +522,7 @@ async fn open(
             message,
             host_unwell: true,
         })?;
-    let options = connect_options(upstream, host).map_err(|message| OpenFailure {
-        message,
-        host_unwell: false,
-    })?;
+    let options = connect_options(upstream, host);
     let mut last = OpenFailure {
         message: format!("upstream {host} has no address"),
         host_unwell: true,
@@ -560,7 +542,7 @@ async fn open(
             Err(e) => {
                 last = OpenFailure {
                     message: format!("upstream {host} ({addr}): {e}"),
-                    host_unwell: marks_down(&e),
+                    host_unwell: e.marks_host_down(),
                 }
             }
         }
@@ -569,49 +551,18 @@ async fn open(
 }
 
 /// TLS, AUTH and timeouts for one upstream host, from its `[[upstream]]` entry.
-fn connect_options(upstream: &Upstream, host: &str) -> Result<ConnectOptions, String> {
-    let t = upstream.timeouts;
-    let auth = match &upstream.auth {
-        Some(a) => {
-            let password = std::fs::read_to_string(&a.password_file).map_err(|e| {
-                format!(
-                    "cannot read auth.password_file {} for upstream {host}: {e}",
-                    a.password_file.display()
-                )
-            })?;
-            Some(Credentials {
-                username: a.username.clone(),
-                password: password.trim_end_matches(['\r', '\n']).to_string(),
-                allow_plaintext: upstream.auth_plaintext,
-            })
-        }
-        None => None,
-    };
+fn connect_options(upstream: &Upstream, host: &str) -> ConnectOptions {
     let server_name = host
         .rsplit_once(':')
         .map_or(host, |(name, _)| name)
         .trim_matches(['[', ']'])
         .to_string();
-    Ok(ConnectOptions {
-        tls: match upstream.tls {
-            TlsMode::Opportunistic => SmtpTls::Opportunistic,
-            TlsMode::Required => SmtpTls::Required,
-            TlsMode::Implicit => SmtpTls::Implicit,
-            TlsMode::Off => SmtpTls::Off,
-        },
+    ConnectOptions {
+        tls: upstream.tls,
         verify: upstream.tls_verify,
         server_name,
         ca_file: upstream.tls_ca_file.clone(),
-        auth,
-        timeouts: Timeouts {
-            connect: upstream.connect_timeout,
-            greeting: t.greeting,
-            ehlo: t.ehlo,
-            mail: t.mail,
-            rcpt: t.rcpt,
-            data_init: t.data_init,
-            data_block: t.data_block,
-            data_end: t.data_end,
-        },
-    })
+        auth: upstream.auth.clone(),
+        timeouts: upstream.timeouts,
+    }
 }

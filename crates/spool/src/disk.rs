@@ -21,7 +21,7 @@ use std::sync::{Arc, RwLock, mpsc};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, KvSeparationOptions, PersistMode};
 use tokio::sync::oneshot;
 
-use crate::{Body, Durable, Envelope, QueueId, Spool, SpoolError, format_id, now_ms};
+use crate::{Body, Durable, Envelope, Listed, QueueId, Spool, SpoolError, format_id, now_ms};
 
 impl From<fjall::Error> for SpoolError {
     fn from(e: fjall::Error) -> Self {
@@ -288,7 +288,7 @@ impl Spool for FjallSpool {
         pool: &str,
         after: Option<QueueId>,
         limit: usize,
-    ) -> Result<Vec<(QueueId, Result<Envelope, SpoolError>)>, SpoolError> {
+    ) -> Result<Vec<Listed>, SpoolError> {
         let Some(ks) = self.stores.existing(pool) else {
             return Ok(Vec::new());
         };

@@ -77,6 +77,9 @@ pub enum SpoolError {
     Stopped,
 }
 
+/// One record of a listing: its id and its envelope, or why it cannot be read.
+pub type Listed = (QueueId, Result<Envelope, SpoolError>);
+
 /// The durable queue as the engine sees it. Writes resolve only once
 /// durable (fsynced, or acknowledged by a quorum for a replicated store);
 /// reads never create anything.
@@ -117,7 +120,7 @@ pub trait Spool: Send + Sync + 'static {
         pool: &str,
         after: Option<QueueId>,
         limit: usize,
-    ) -> Result<Vec<(QueueId, Result<Envelope, SpoolError>)>, SpoolError>;
+    ) -> Result<Vec<Listed>, SpoolError>;
 
     /// Finds a message in whichever pool holds it.
     fn find(&self, id: QueueId) -> Result<Option<Envelope>, SpoolError> {

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::{Body, Durable, Envelope, QueueId, Spool, SpoolError, now_ms};
+use crate::{Body, Durable, Envelope, Listed, QueueId, Spool, SpoolError, now_ms};
 
 #[derive(Default)]
 struct State {
@@ -126,7 +126,7 @@ impl Spool for MemorySpool {
         pool: &str,
         after: Option<QueueId>,
         limit: usize,
-    ) -> Result<Vec<(QueueId, Result<Envelope, SpoolError>)>, SpoolError> {
+    ) -> Result<Vec<Listed>, SpoolError> {
         let start = after.map_or(0, |a| a.saturating_add(1));
         Ok(self.with(|s| {
             s.pools
