@@ -2,8 +2,11 @@
 //! back into the resolved model, the site.cfg and list header syntax, and
 //! errors that name the file and line.
 
+use std::collections::HashMap;
+
+use super::site::{substitute, unquote};
 use super::*;
-use crate::Route;
+use crate::{DEFAULT_POOL, Route};
 
 fn src(path: &str, text: &str) -> Source {
     Source {
@@ -926,4 +929,29 @@ fn substitution_and_unquoting() {
     assert_eq!(unquote("a\""), Ok("a\""));
     assert!(unquote("\"a").is_err());
     assert!(unquote("\"").is_err());
+}
+
+#[test]
+fn quoted_strings_parse_back_to_the_same_value() {
+    #[derive(serde::Deserialize)]
+    struct V {
+        v: String,
+    }
+    for s in [
+        "plain",
+        "say \"hi\"",
+        "back\\slash",
+        "both ' and \"",
+        "'\"\\",
+        "tab\tnew\nline\r\u{1}\u{7f}",
+        "",
+        "-",
+    ] {
+        let text = format!("v = {}", render::q(s));
+        let back: V = toml::from_str(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        assert_eq!(back.v, s, "{text}");
+    }
+    // The forms the golden files hold stay basic strings.
+    assert_eq!(render::q("owner-news@*"), "\"owner-news@*\"");
+    assert_eq!(render::q("-"), "\"-\"");
 }
