@@ -1,6 +1,6 @@
-//! LISTSERV import tests: the reference configurations of issue 4 parsed
-//! back into the resolved model, the site.cfg and list header syntax, and
-//! errors that name the file and line.
+//! LISTSERV import tests: the reference configurations of README.md ("The
+//! three reference configurations") parsed back into the resolved model, the
+//! site.cfg and list header syntax, and errors that name the file and line.
 
 use std::collections::HashMap;
 
@@ -139,8 +139,9 @@ fn glob(pattern: &str, text: &str) -> bool {
     go(&p, &t)
 }
 
-/// The pool the relay would pick, as documented in `DESIGN.md`: first
-/// matching route, else `list_pool` for `owner-*@` senders, else `-`.
+/// The pool the relay would pick, as README.md ("How a message is routed")
+/// describes it: first matching route, else `list_pool` for `owner-*@`
+/// senders, else `-`.
 fn classify(c: &Config, sender: &str, sender_header: Option<&str>) -> String {
     let matches = |r: &Route| {
         let sender_ok = r.sender.as_deref().is_none_or(|s| {
