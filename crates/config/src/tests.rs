@@ -464,7 +464,7 @@ fn toml_syntax_and_unknown_keys() {
 fn no_listener() {
     err(
         "[server]\nhostname = \"a.example\"\n",
-        0,
+        2,
         &["[[listener]]", "address = "],
     );
 }

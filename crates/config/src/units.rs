@@ -73,30 +73,109 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     u64::try_from(bytes).map_err(|_| format!("\"{s}\" is too large for a size"))
 }
 
-const DURATION_FORMS: &str = "write a number with a unit ms, s, m, h, d or w, \
+const DURATION_FORMS: &str = "write a number and a unit ms, s, m, h, d or w with no space, \
      e.g. \"500ms\", \"30s\", \"5m\", \"1h\", \"5d\" or \"1w\" (a bare number means seconds)";
 
-/// Parses a duration: `"500ms"`, `"30s"`, `"5m"`, `"1h"`, `"5d"`, `"1w"`; a
-/// bare number means seconds. Units are case-insensitive and may be spelled
-/// out (`"5 min"`, `"2 hours"`); decimals (`"1.5h"`) are accepted.
+const SEC: u128 = 1_000_000_000;
+
+/// The duration units and their length in nanoseconds.
+const DURATION_UNITS: [(&str, u128); 6] = [
+    ("ms", 1_000_000),
+    ("s", SEC),
+    ("m", 60 * SEC),
+    ("h", 3600 * SEC),
+    ("d", 86_400 * SEC),
+    ("w", 7 * 86_400 * SEC),
+];
+
+/// Unit words people write, with the unit to write instead; only for the
+/// error message, so that `"5 days"` is answered with `"5d"`.
+const DURATION_WORDS: [(&str, &str); 20] = [
+    ("msec", "ms"),
+    ("msecs", "ms"),
+    ("millisecond", "ms"),
+    ("milliseconds", "ms"),
+    ("sec", "s"),
+    ("secs", "s"),
+    ("second", "s"),
+    ("seconds", "s"),
+    ("min", "m"),
+    ("mins", "m"),
+    ("minute", "m"),
+    ("minutes", "m"),
+    ("hr", "h"),
+    ("hrs", "h"),
+    ("hour", "h"),
+    ("hours", "h"),
+    ("day", "d"),
+    ("days", "d"),
+    ("week", "w"),
+    ("weeks", "w"),
+];
+
+/// Parses a duration: a number and a unit `ms`, `s`, `m`, `h`, `d` or `w`
+/// with nothing between them (`"500ms"`, `"30s"`, `"5m"`, `"1h"`, `"5d"`,
+/// `"1w"`), or a bare number of seconds. Units are case-insensitive and
+/// decimals (`"1.5h"`) are accepted. Spaces and unit words (`"5 days"`) are
+/// refused, with the short form to write instead.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("\"{s}\" is not a duration; {DURATION_FORMS}");
+    let bad = || match suggest_duration(s) {
+        Some(fix) => format!(
+            "\"{s}\" is not a duration; write \"{fix}\" (a number and a unit ms, s, m, h, d or w, with no space)"
+        ),
+        None => format!("\"{s}\" is not a duration; {DURATION_FORMS}"),
+    };
+    if s.contains(char::is_whitespace) {
+        return Err(bad());
+    }
     let (n, unit) = split_number(s).ok_or_else(bad)?;
-    const SEC: u128 = 1_000_000_000;
-    let nanos_per_unit: u128 = match unit.to_ascii_lowercase().as_str() {
-        "ms" | "msec" | "msecs" | "millisecond" | "milliseconds" => 1_000_000,
-        "" | "s" | "sec" | "secs" | "second" | "seconds" => SEC,
-        "m" | "min" | "mins" | "minute" | "minutes" => 60 * SEC,
-        "h" | "hr" | "hrs" | "hour" | "hours" => 3600 * SEC,
-        "d" | "day" | "days" => 86_400 * SEC,
-        "w" | "week" | "weeks" => 7 * 86_400 * SEC,
-        _ => return Err(bad()),
+    let unit = unit.to_ascii_lowercase();
+    let nanos_per_unit = if unit.is_empty() {
+        SEC
+    } else {
+        DURATION_UNITS
+            .iter()
+            .find(|(name, _)| *name == unit)
+            .map(|&(_, nanos)| nanos)
+            .ok_or_else(bad)?
     };
     let too_long = || format!("\"{s}\" is too long for a duration");
     let nanos = scale(&n, nanos_per_unit).ok_or_else(too_long)?;
     let secs = u64::try_from(nanos / SEC).map_err(|_| too_long())?;
     let sub = u32::try_from(nanos % SEC).map_err(|_| too_long())?;
     Ok(Duration::new(secs, sub))
+}
+
+/// The accepted spelling of a duration written with a space or a unit word
+/// (`"5 days"`, `"5 d"`, `"2hours"` -> `"5d"`, `"5d"`, `"2h"`), if it is one.
+fn suggest_duration(s: &str) -> Option<String> {
+    let words: Vec<&str> = s.split_whitespace().collect();
+    let compact = match words.as_slice() {
+        [one] => (*one).to_string(),
+        [number, unit] => format!("{number}{unit}"),
+        _ => return None,
+    };
+    let end = compact
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(compact.len());
+    let (number, unit) = compact.split_at(end);
+    let unit = unit.to_ascii_lowercase();
+    let short = if unit.is_empty() {
+        ""
+    } else {
+        DURATION_UNITS
+            .iter()
+            .map(|&(name, _)| name)
+            .find(|name| *name == unit)
+            .or_else(|| {
+                DURATION_WORDS
+                    .iter()
+                    .find(|(word, _)| *word == unit)
+                    .map(|&(_, name)| name)
+            })?
+    };
+    let fix = format!("{number}{short}");
+    (fix != s && split_number(&fix).is_some()).then_some(fix)
 }
 
 /// Formats a duration in the largest unit that represents it exactly
@@ -399,7 +478,6 @@ mod tests {
         assert_eq!(parse_duration("1w"), Ok(s(7 * 86400)));
         assert_eq!(parse_duration("45"), Ok(s(45)));
         assert_eq!(parse_duration("1.5h"), Ok(s(5400)));
-        assert_eq!(parse_duration("2 Hours"), Ok(s(7200)));
         assert_eq!(parse_duration("10M"), Ok(s(600)));
         for bad in ["", "5x", "m", "-5s", "5 m s", "1y"] {
             let e = parse_duration(bad).unwrap_err();
@@ -426,6 +504,39 @@ mod tests {
         assert_eq!(format_duration(s(300)), "5m");
         assert_eq!(format_duration(s(5 * 86400)), "5d");
         assert_eq!(format_duration(Duration::from_millis(500)), "500ms");
+    }
+
+    #[test]
+    fn durations_with_spaces_or_words_suggest_the_short_form() {
+        let fix = |bad: &str| {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(
+                e.starts_with(&format!("\"{bad}\" is not a duration")),
+                "{e}"
+            );
+            e
+        };
+        for (bad, short) in [
+            ("5 days", "5d"),
+            ("5 day", "5d"),
+            ("5days", "5d"),
+            ("5 d", "5d"),
+            ("2 Hours", "2h"),
+            ("30 sec", "30s"),
+            ("1.5 minutes", "1.5m"),
+            ("1 week", "1w"),
+            ("500 msec", "500ms"),
+            (" 5m", "5m"),
+            ("45 ", "45"),
+        ] {
+            let e = fix(bad);
+            assert!(e.contains(&format!("write \"{short}\"")), "{bad}: {e}");
+        }
+        for bad in ["5 m s", "five days", "5 fortnights", "1y"] {
+            let e = fix(bad);
+            assert!(!e.contains("write \"5"), "{bad}: {e}");
+            assert!(e.contains("\"5d\""), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -576,7 +576,7 @@ impl Ctx<'_> {
         let raw = raw.unwrap_or_default();
         if raw.is_empty() {
             self.at_line(
-                0,
+                line_of(self.text, self.text.trim_end().len()),
                 "no [[listener]] is configured, so no mail could come in; add one, e.g. [[listener]] with address = \"127.0.0.1:2525\"".to_string(),
             );
         }
