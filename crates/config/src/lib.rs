@@ -40,9 +40,10 @@ pub use poolrelay_smtp::outbound::{Credentials, Timeouts, TlsMode};
 /// The name of the default pool: command replies, rejections, bounces.
 pub const DEFAULT_POOL: &str = "-";
 
-/// A configuration error, rendered as `FILE:LINE: what is wrong; what to write instead`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}:{line}: {message}", file.display())]
+/// A configuration error, rendered as `FILE:LINE: what is wrong; what to
+/// write instead` (or `FILE: ...` for an error about the whole file, such
+/// as one that cannot be read).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     /// The file the error is in.
     pub file: PathBuf,
@@ -51,6 +52,18 @@ pub struct ConfigError {
     /// What is wrong and how to fix it.
     pub message: String,
 }
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(f, "{}:{}: {}", self.file.display(), self.line, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 /// The whole validated configuration.
 #[derive(Debug, Clone, PartialEq)]
