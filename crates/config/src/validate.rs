@@ -443,10 +443,10 @@ impl Ctx<'_> {
         }
         if let Some(v) = &raw.timezone {
             let tz = v.get_ref().trim();
-            if tz.is_empty() || tz.contains(char::is_whitespace) {
+            if tz.is_empty() || jiff::tz::TimeZone::get(tz).is_err() {
                 self.at(
                     v,
-                    format!("server.timezone \"{}\" is not a time zone name; write an IANA name such as \"Europe/Paris\" or \"UTC\", or omit it for local time", v.get_ref()),
+                    format!("server.timezone \"{}\" is not a known time zone name; write an IANA name such as \"Europe/Paris\" or \"UTC\", or omit it for local time", v.get_ref()),
                 );
             } else {
                 s.timezone = Some(tz.to_string());

@@ -145,11 +145,6 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            if let Some(tz) = &config.server.timezone {
-                // SAFETY: no other thread exists yet (the runtime is built below),
-                // so nothing can read the environment concurrently.
-                unsafe { std::env::set_var("TZ", tz) };
-            }
             match runtime().and_then(|rt| rt.block_on(run(config, path))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

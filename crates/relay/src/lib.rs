@@ -7,6 +7,7 @@
 //! [`start`] wires them for one config and returns a [`Running`] relay.
 
 pub mod classifier;
+pub mod clock;
 pub mod control;
 pub mod delivery;
 pub mod dsn;
@@ -29,10 +30,11 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use crate::classifier::Classifier;
+use crate::clock::Clock;
 use crate::limits::Limits;
 use crate::listener::{Inbound, Rules};
 use crate::scheduler::Scheduler;
-use crate::upstream::Health;
+use crate::upstream::{Dns, Health};
 use crate::worker::{Generation, Shared};
 
 /// The workers of one config generation.
@@ -175,6 +177,7 @@ fn spawn_workers(shared: &Arc<Shared>, config: &Arc<Config>, health: &Health) ->
     let generation = Arc::new(Generation {
         config: config.clone(),
         limits: Limits::new(config),
+        clock: Clock::of(config),
         stop: stop_rx,
     });
     let mut handles = Vec::new();
@@ -238,6 +241,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let shared = Arc::new(Shared {
         queue: queue.clone(),
         health: health.clone(),
+        dns: Dns::new(),
     });
     let workers = spawn_workers(&shared, &config, &health);
     Ok(Running {

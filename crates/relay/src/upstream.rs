@@ -5,8 +5,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use hickory_resolver::TokioResolver;
 
 /// First backoff after a host goes down.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -93,69 +95,95 @@ impl Health {
     }
 }
 
-/// Resolves "host:port" to addresses: the `[server] hosts` map first (so tests
-/// and migrations can point example names at local sinks), then DNS: the
-/// name's MX hosts in preference order when `mx` is set, else its A/AAAA
-/// records. Every address is returned so the caller can try them all.
-pub async fn resolve(
-    host_port: &str,
-    hosts: &BTreeMap<String, String>,
-    mx: bool,
-) -> Result<Vec<SocketAddr>, String> {
-    if let Ok(addr) = host_port.parse::<SocketAddr>() {
-        return Ok(vec![addr]);
+/// The one DNS resolver of the process (hickory, with its cache), built
+/// from the system config on first use: every lookup shares its cache
+/// instead of building a resolver (and re-reading resolv.conf) per lookup.
+#[derive(Default)]
+pub struct Dns {
+    resolver: OnceLock<Result<TokioResolver, String>>,
+}
+
+impl Dns {
+    /// A resolver, built on first use.
+    pub fn new() -> Dns {
+        Dns::default()
     }
-    let (name, port) = split_host_port(host_port)?;
-    if let Some(mapped) = hosts.get(&name.to_ascii_lowercase()) {
-        if let Ok(addr) = mapped.parse::<SocketAddr>() {
+
+    fn resolver(&self) -> Result<&TokioResolver, String> {
+        self.resolver
+            .get_or_init(|| {
+                TokioResolver::builder_tokio()
+                    .map(|b| b.build())
+                    .map_err(|e| format!("cannot read the system resolver config: {e}"))
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    /// Resolves "host:port" to addresses: the `[server] hosts` map first (so
+    /// tests and migrations can point example names at local sinks), then
+    /// DNS: the name's MX hosts in preference order when `mx` is set, else
+    /// its A/AAAA records. Every address is returned so the caller can try
+    /// them all.
+    pub async fn resolve(
+        &self,
+        host_port: &str,
+        hosts: &BTreeMap<String, String>,
+        mx: bool,
+    ) -> Result<Vec<SocketAddr>, String> {
+        if let Ok(addr) = host_port.parse::<SocketAddr>() {
             return Ok(vec![addr]);
         }
-        if let Ok(ip) = mapped.parse::<std::net::IpAddr>() {
-            return Ok(vec![SocketAddr::new(ip, port)]);
+        let (name, port) = split_host_port(host_port)?;
+        if let Some(mapped) = hosts.get(&name.to_ascii_lowercase()) {
+            if let Ok(addr) = mapped.parse::<SocketAddr>() {
+                return Ok(vec![addr]);
+            }
+            if let Ok(ip) = mapped.parse::<std::net::IpAddr>() {
+                return Ok(vec![SocketAddr::new(ip, port)]);
+            }
+            return Err(format!(
+                "[server] hosts maps {name} to {mapped:?}, which is neither an IP nor IP:port"
+            ));
         }
-        return Err(format!(
-            "[server] hosts maps {name} to {mapped:?}, which is neither an IP nor IP:port"
-        ));
-    }
-    let resolver = hickory_resolver::Resolver::builder_tokio()
-        .map_err(|e| format!("cannot read the system resolver config: {e}"))?
-        .build();
-    let mut targets = Vec::new();
-    if mx {
-        let lookup = resolver
-            .mx_lookup(name.as_str())
-            .await
-            .map_err(|e| format!("MX lookup of {name} failed: {e}"))?;
-        let mut records: Vec<(u16, String)> = lookup
-            .iter()
-            .map(|r| {
-                (
-                    r.preference(),
-                    r.exchange().to_utf8().trim_end_matches('.').to_string(),
-                )
-            })
-            .collect();
-        records.sort();
-        targets.extend(records.into_iter().map(|(_, host)| host));
-    }
-    if targets.is_empty() {
-        // No MX (or not asked): the name itself (RFC 5321 §5.1 implicit MX).
-        targets.push(name.clone());
-    }
-    let mut addrs = Vec::new();
-    for target in &targets {
-        match resolver.lookup_ip(target.as_str()).await {
-            Ok(ips) => addrs.extend(ips.iter().map(|ip| SocketAddr::new(ip, port))),
-            Err(e) => tracing::debug!("cannot resolve {target}: {e}"),
+        let resolver = self.resolver()?;
+        let mut targets = Vec::new();
+        if mx {
+            let lookup = resolver
+                .mx_lookup(name.as_str())
+                .await
+                .map_err(|e| format!("MX lookup of {name} failed: {e}"))?;
+            let mut records: Vec<(u16, String)> = lookup
+                .iter()
+                .map(|r| {
+                    (
+                        r.preference(),
+                        r.exchange().to_utf8().trim_end_matches('.').to_string(),
+                    )
+                })
+                .collect();
+            records.sort();
+            targets.extend(records.into_iter().map(|(_, host)| host));
         }
+        if targets.is_empty() {
+            // No MX (or not asked): the name itself (RFC 5321 §5.1 implicit MX).
+            targets.push(name.clone());
+        }
+        let mut addrs = Vec::new();
+        for target in &targets {
+            match resolver.lookup_ip(target.as_str()).await {
+                Ok(ips) => addrs.extend(ips.iter().map(|ip| SocketAddr::new(ip, port))),
+                Err(e) => tracing::debug!("cannot resolve {target}: {e}"),
+            }
+        }
+        if addrs.is_empty() {
+            return Err(format!(
+                "{name} has no address (tried {})",
+                targets.join(", ")
+            ));
+        }
+        Ok(addrs)
     }
-    if addrs.is_empty() {
-        return Err(format!(
-            "{name} has no address (tried {})",
-            targets.join(", ")
-        ));
-    }
-    Ok(addrs)
 }
 
 fn split_host_port(host_port: &str) -> Result<(String, u16), String> {
@@ -191,16 +219,17 @@ mod tests {
             "127.0.0.9:2600".to_string(),
         );
         hosts.insert("scrappy.example.org".to_string(), "127.0.0.8".to_string());
+        let dns = Dns::new();
         assert_eq!(
-            resolve("scooby.example.org:25", &hosts, false).await,
+            dns.resolve("scooby.example.org:25", &hosts, false).await,
             Ok(vec!["127.0.0.9:2600".parse().unwrap()])
         );
         assert_eq!(
-            resolve("scrappy.example.org:25", &hosts, false).await,
+            dns.resolve("scrappy.example.org:25", &hosts, false).await,
             Ok(vec!["127.0.0.8:25".parse().unwrap()])
         );
         assert_eq!(
-            resolve("127.0.0.1:26", &hosts, false).await,
+            dns.resolve("127.0.0.1:26", &hosts, false).await,
             Ok(vec!["127.0.0.1:26".parse().unwrap()])
         );
     }

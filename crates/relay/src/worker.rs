@@ -18,12 +18,13 @@ use poolrelay_smtp::outbound::{
 };
 use poolrelay_spool::{Envelope, Ret, format_id, now_ms};
 
+use crate::clock::Clock;
 use crate::delivery::{self, Attempt, Decision, Next, Policy};
 use crate::dsn;
 use crate::limits::Limits;
 use crate::queue::Queue;
 use crate::scheduler::Job;
-use crate::upstream::{Health, resolve};
+use crate::upstream::{Dns, Health};
 
 /// What every worker shares, whatever the config generation.
 pub struct Shared {
@@ -31,6 +32,8 @@ pub struct Shared {
     pub queue: Queue,
     /// Upstream host health.
     pub health: Arc<Health>,
+    /// The one DNS resolver, with its cache.
+    pub dns: Dns,
 }
 
 /// The workers of one config: replaced as a whole on reload.
@@ -39,6 +42,8 @@ pub struct Generation {
     pub config: Arc<Config>,
     /// Its rate limits.
     pub limits: Limits,
+    /// Its time zone, for windows.
+    pub clock: Clock,
     /// Becomes true when these workers must finish their message and stop.
     pub stop: watch::Receiver<bool>,
 }
@@ -105,7 +110,7 @@ pub async fn run(
         if *stop.borrow() {
             break;
         }
-        let in_window = |u: &Upstream| u.window.is_none_or(|w| w.contains(local_minute_of_day()));
+        let in_window = |u: &Upstream| generation.clock.is_open(u.window);
         let hosts = if in_window(&upstream) {
             &all_hosts
         } else {
@@ -171,21 +176,6 @@ pub async fn run(
     if let Some(c) = conn.take() {
         c.client.quit().await;
     }
-}
-
-/// Minute of the day in local time (`TZ`, which `server.timezone` sets), for windows.
-fn local_minute_of_day() -> u16 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as libc::time_t)
-        .unwrap_or(0);
-    // SAFETY: localtime_r writes only into the tm we own; both pointers are valid.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    let ok = unsafe { !libc::localtime_r(&now, &mut tm).is_null() };
-    if !ok {
-        return ((now / 60) % 1440) as u16;
-    }
-    (tm.tm_hour * 60 + tm.tm_min) as u16
 }
 
 /// The hosts to try in order: the entry's host, its failover hosts, then the
@@ -411,7 +401,7 @@ async fn attempt(
             if let Some(c) = conn.take() {
                 c.client.quit().await;
             }
-            match open(generation, upstream, host).await {
+            match open(&shared.dns, generation, upstream, host).await {
                 Ok(c) => {
                     shared.health.mark_up(host);
                     *conn = Some(c);
@@ -434,7 +424,7 @@ async fn attempt(
         {
             tracing::debug!(upstream = %host, "RSET failed ({e}); reconnecting");
             *conn = None;
-            match open(generation, upstream, host).await {
+            match open(&shared.dns, generation, upstream, host).await {
                 Ok(fresh) => *conn = Some(fresh),
                 Err(failure) => {
                     if failure.host_unwell {
@@ -511,12 +501,14 @@ struct OpenFailure {
 }
 
 async fn open(
+    dns: &Dns,
     generation: &Generation,
     upstream: &Upstream,
     host: &str,
 ) -> Result<Connection, OpenFailure> {
     let config = &generation.config;
-    let addrs = resolve(host, &config.server.hosts, upstream.mx)
+    let addrs = dns
+        .resolve(host, &config.server.hosts, upstream.mx)
         .await
         .map_err(|message| OpenFailure {
             message,
