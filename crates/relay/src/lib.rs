@@ -13,6 +13,7 @@ pub mod delivery;
 pub mod dsn;
 pub mod limits;
 pub mod listener;
+pub mod metric;
 pub mod queue;
 pub mod scheduler;
 pub mod upstream;
@@ -173,6 +174,7 @@ impl Running {
 }
 
 fn spawn_workers(shared: &Arc<Shared>, config: &Arc<Config>, health: &Health) -> Workers {
+    metric::export_zeros(config);
     let (stop, stop_rx) = watch::channel(false);
     let generation = Arc::new(Generation {
         config: config.clone(),

@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
 use crate::classifier::{Classifier, Facts};
+use crate::metric;
 use crate::queue::Queue;
 
 /// The config and routes sessions use; swapped whole on reload, so a
@@ -89,7 +90,7 @@ pub async fn serve(inbound: Arc<Inbound>, listener: Listener, socket: TcpListene
                 return;
             }
             let Ok(permit) = inbound.sessions.clone().try_acquire_owned() else {
-                metrics::counter!("poolrelay_smtp_rejections_total", "listener" => listener.name.clone(), "reason" => "too_many_sessions").increment(1);
+                metrics::counter!(metric::SMTP_REJECTIONS.name, "listener" => listener.name.clone(), "reason" => metric::TOO_MANY_SESSIONS).increment(1);
                 refuse(
                     stream,
                     &format!("421 4.3.2 {hostname} too many connections, try again later"),
@@ -98,7 +99,7 @@ pub async fn serve(inbound: Arc<Inbound>, listener: Listener, socket: TcpListene
                 return;
             };
             let gauge =
-                metrics::gauge!("poolrelay_smtp_sessions", "listener" => listener.name.clone());
+                metrics::gauge!(metric::SMTP_SESSIONS.name, "listener" => listener.name.clone());
             gauge.increment(1.0);
             if let Err(e) = session(&inbound, &listener, stream, peer).await {
                 tracing::debug!(listener = %listener.name, client = %peer, "session ended: {e}");
@@ -209,7 +210,7 @@ async fn session(
 
 fn count_rejections(session: &mut Session, listener: &str) {
     for r in session.take_rejections() {
-        metrics::counter!("poolrelay_smtp_rejections_total", "listener" => listener.to_string(), "reason" => r.label()).increment(1);
+        metrics::counter!(metric::SMTP_REJECTIONS.name, "listener" => listener.to_string(), "reason" => r.label()).increment(1);
     }
 }
 
@@ -275,7 +276,7 @@ async fn queue(
                 listener = %listener.name,
                 "accepted"
             );
-            metrics::counter!("poolrelay_received_messages_total", "listener" => listener.name.clone(), "pool" => decision.pool.clone()).increment(1);
+            metrics::counter!(metric::RECEIVED_MESSAGES.name, "listener" => listener.name.clone(), "pool" => decision.pool.clone()).increment(1);
             session.queued(&id_text)
         }
         Err(e) => {

@@ -69,13 +69,14 @@ impl Health {
         });
         entry.until = now + entry.backoff;
         entry.backoff = (entry.backoff * 2).min(MAX_BACKOFF);
-        metrics::gauge!("poolrelay_upstream_up", "upstream" => host.to_string()).set(0.0);
+        metrics::gauge!(crate::metric::UPSTREAM_UP.name, "upstream" => host.to_string()).set(0.0);
     }
 
     /// Publishes `host` as up before anything is known (so the gauge exists from the start).
     pub fn register(&self, host: &str) {
         if self.is_up(host) {
-            metrics::gauge!("poolrelay_upstream_up", "upstream" => host.to_string()).set(1.0);
+            metrics::gauge!(crate::metric::UPSTREAM_UP.name, "upstream" => host.to_string())
+                .set(1.0);
         }
     }
 
@@ -85,7 +86,7 @@ impl Health {
         if map.remove(host).is_some() {
             tracing::info!(upstream = %host, "upstream answers again");
         }
-        metrics::gauge!("poolrelay_upstream_up", "upstream" => host.to_string()).set(1.0);
+        metrics::gauge!(crate::metric::UPSTREAM_UP.name, "upstream" => host.to_string()).set(1.0);
     }
 
     /// Whether `host` is currently considered up.

@@ -22,6 +22,7 @@ use crate::clock::Clock;
 use crate::delivery::{self, Attempt, Decision, Next, Policy};
 use crate::dsn;
 use crate::limits::Limits;
+use crate::metric;
 use crate::queue::Queue;
 use crate::scheduler::Job;
 use crate::upstream::{Dns, Health};
@@ -67,7 +68,7 @@ impl Counted {
         let gauges: Vec<metrics::Gauge> = pools
             .iter()
             .map(|pool| {
-                metrics::gauge!("poolrelay_upstream_connections", "pool" => pool.clone(), "upstream" => host.to_string())
+                metrics::gauge!(metric::UPSTREAM_CONNECTIONS.name, "pool" => pool.clone(), "upstream" => host.to_string())
             })
             .collect();
         for g in &gauges {
@@ -329,7 +330,7 @@ async fn apply(
     match decision.next {
         Next::Remove => {
             let seconds = age.as_secs_f64();
-            metrics::histogram!("poolrelay_delivery_seconds", "pool" => job.pool.clone())
+            metrics::histogram!(metric::DELIVERY_SECONDS.name, "pool" => job.pool.clone())
                 .record(seconds);
             shared.queue.scheduler().delivered(&job.pool);
             if let Err(e) = shared.queue.remove(job.id, &job.pool).await {
@@ -354,13 +355,13 @@ async fn apply(
 fn record_metrics(pool: &str, host: &str, summary: &delivery::Summary) {
     let pool = pool.to_string();
     if summary.delivered > 0 {
-        metrics::counter!("poolrelay_delivered_recipients_total", "pool" => pool.clone(), "upstream" => host.to_string()).increment(summary.delivered as u64);
+        metrics::counter!(metric::DELIVERED_RECIPIENTS.name, "pool" => pool.clone(), "upstream" => host.to_string()).increment(summary.delivered as u64);
     }
     if summary.deferred > 0 {
-        metrics::counter!("poolrelay_deferred_recipients_total", "pool" => pool.clone(), "upstream" => host.to_string()).increment(summary.deferred as u64);
+        metrics::counter!(metric::DEFERRED_RECIPIENTS.name, "pool" => pool.clone(), "upstream" => host.to_string()).increment(summary.deferred as u64);
     }
     if summary.bounced > 0 {
-        metrics::counter!("poolrelay_bounced_recipients_total", "pool" => pool)
+        metrics::counter!(metric::BOUNCED_RECIPIENTS.name, "pool" => pool)
             .increment(summary.bounced as u64);
     }
 }

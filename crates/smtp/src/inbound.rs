@@ -120,6 +120,20 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    /// Every reason, for exporting each counter at 0 before the first event.
+    pub const ALL: [Rejection; 10] = [
+        Rejection::Syntax,
+        Rejection::Sequence,
+        Rejection::Unimplemented,
+        Rejection::LineTooLong,
+        Rejection::BadAddress,
+        Rejection::RelayDenied,
+        Rejection::TooManyRecipients,
+        Rejection::MessageTooLarge,
+        Rejection::BareLineEnding,
+        Rejection::TooManyErrors,
+    ];
+
     /// A stable label for metrics.
     pub fn label(self) -> &'static str {
         match self {

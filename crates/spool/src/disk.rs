@@ -428,7 +428,7 @@ fn commit_batch(stores: &Stores, ops: &mut Vec<Op>, last_id: &mut QueueId) {
     }
     let started = std::time::Instant::now();
     let committed = batch.commit();
-    metrics::histogram!("poolrelay_spool_commit_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!(crate::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
     if let Err(e) = committed {
         tracing::error!("spool: commit failed: {e}");
         stores.failed.store(true, Ordering::Relaxed);

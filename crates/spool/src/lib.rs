@@ -22,6 +22,10 @@ pub use envelope::{Envelope, Recipient, RecipientState};
 pub use memory::MemorySpool;
 pub use poolrelay_smtp::{Reply, Ret};
 
+/// The histogram of commit (and fsync) times the embedded spool records;
+/// declared with its help text in the relay's metric catalog.
+pub const COMMIT_SECONDS: &str = "poolrelay_spool_commit_seconds";
+
 /// A queue id: unique per spool, ordered by acceptance time.
 pub type QueueId = u64;
 
