@@ -430,6 +430,9 @@ fn list(api: &Api, pool: Option<String>, json: bool, limit: usize) -> Result<i32
         if let Some(reply) = m["last_reply"].as_str() {
             println!("{:<17} ({reply})", "");
         }
+        if let Some(waiting) = m["waiting"].as_str() {
+            println!("{:<17} waiting: {waiting}", "");
+        }
     }
     println!("-- {} messages", all.len());
     Ok(0)

@@ -52,6 +52,10 @@ pub struct PoolSummary {
     pub delivered_last_minute: u64,
     /// Whether the pool is in the running config (false: left over from an older one).
     pub configured: bool,
+    /// Why its ready mail is not moving, when nothing can deliver it now
+    /// (held, rate limited, window closed, every host down).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 /// One message in `queue list`.
@@ -81,6 +85,9 @@ pub struct MessageSummary {
     pub next_attempt_in_seconds: f64,
     /// The last reply seen for a pending recipient.
     pub last_reply: Option<String>,
+    /// Why it waits: its retry time, or why its pool cannot deliver now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 /// One message in `queue show`.
@@ -95,7 +102,7 @@ pub struct MessageDetail {
     pub headers: Vec<(String, String)>,
 }
 
-fn summarize(id: QueueId, env: &Envelope) -> MessageSummary {
+fn summarize(id: QueueId, env: &Envelope, pool_waiting: Option<&str>) -> MessageSummary {
     let count = |s: RecipientState| env.recipients.iter().filter(|r| r.state == s).count();
     let now = now_ms();
     MessageSummary {
@@ -113,7 +120,19 @@ fn summarize(id: QueueId, env: &Envelope) -> MessageSummary {
         last_reply: env
             .pending()
             .find_map(|r| r.last_reply.as_ref().map(ToString::to_string)),
+        waiting: if env.next_attempt_ms > now {
+            Some(format!("retry at {}", format_time(env.next_attempt_ms)))
+        } else {
+            pool_waiting.map(str::to_string)
+        },
     }
+}
+
+/// A Unix ms time as RFC 3339 UTC, for operators.
+fn format_time(ms: u64) -> String {
+    jiff::Timestamp::from_millisecond(ms as i64)
+        .map(|t| t.round(jiff::Unit::Second).unwrap_or(t).to_string())
+        .unwrap_or_else(|_| ms.to_string())
 }
 
 /// Parses a queue id from the API path.
@@ -155,6 +174,7 @@ impl Running {
                         .map(|id| now.saturating_sub(id >> 16) as f64 / 1000.0)
                         .unwrap_or(0.0),
                     delivered_last_minute: c.delivered_last_minute,
+                    waiting: self.waiting(&name),
                     pool: name,
                 }
             })
@@ -170,10 +190,11 @@ impl Running {
     ) -> Result<Vec<MessageSummary>, ControlError> {
         let after = after.map(id_from).transpose()?;
         self.known_pool(pool)?;
+        let waiting = self.waiting(pool);
         let mut out = Vec::new();
         for (id, env) in self.spool().list(pool, after, limit)? {
             match env {
-                Ok(env) => out.push(summarize(id, &env)),
+                Ok(env) => out.push(summarize(id, &env, waiting.as_deref())),
                 // One bad record must not hide the others: report and skip it.
                 Err(e) => {
                     tracing::error!(queue_id = %format_id(id), pool, "{e}; skipped in the listing")
@@ -193,7 +214,7 @@ impl Running {
             .map(|b| parse_headers(&b))
             .unwrap_or_default();
         Ok(MessageDetail {
-            summary: summarize(id, &envelope),
+            summary: summarize(id, &envelope, self.waiting(&envelope.pool).as_deref()),
             envelope,
             headers,
         })
@@ -215,6 +236,55 @@ impl Running {
             )));
         }
         Ok(envelope)
+    }
+
+    /// Why ready mail of `pool` cannot move now, or `None` when some
+    /// worker can deliver it: the pool is held, rate limited, or every
+    /// `[[upstream]]` serving it is outside its window or has every host down.
+    pub fn waiting(&self, pool: &str) -> Option<String> {
+        if self.scheduler.counts().get(pool).is_some_and(|c| c.held) {
+            return Some("pool held by the operator".to_string());
+        }
+        let generation = self.generation()?;
+        let config = &generation.config;
+        let rate = generation.limits.wait(pool);
+        if !rate.is_zero() {
+            return Some(format!(
+                "rate limited: next message in {:.1}s",
+                rate.as_secs_f64()
+            ));
+        }
+        let serving: Vec<&poolrelay_config::Upstream> = config
+            .upstreams
+            .iter()
+            .filter(|u| u.pools.is_empty() || u.pools.iter().any(|p| p == pool))
+            .collect();
+        if serving.is_empty() {
+            return Some("no [[upstream]] serves this pool".to_string());
+        }
+        let mut reasons = Vec::new();
+        for u in serving {
+            let open = generation.clock.is_open(u.window);
+            let hosts = crate::worker::candidate_hosts(config, u, open);
+            if hosts.is_empty() {
+                let w = u.window.map(|w| w.to_string()).unwrap_or_default();
+                reasons.push(format!("window {w} of {} closed", u.host));
+                continue;
+            }
+            let down: Vec<String> = hosts
+                .iter()
+                .filter_map(|h| {
+                    self.health.down_since(h).map(|d| {
+                        format!("{h} down since {} ({})", format_time(d.since_ms), d.reason)
+                    })
+                })
+                .collect();
+            if down.len() < hosts.len() {
+                return None;
+            }
+            reasons.extend(down);
+        }
+        Some(reasons.join("; "))
     }
 
     /// Holds or releases a pool.

@@ -42,6 +42,8 @@ use crate::worker::{Generation, Shared};
 struct Workers {
     stop: watch::Sender<bool>,
     handles: Vec<JoinHandle<()>>,
+    /// Their config, limits and clock; `None` once stopped.
+    generation: Option<Arc<Generation>>,
 }
 
 /// A running relay.
@@ -64,6 +66,15 @@ impl Running {
     /// The config currently in force.
     pub fn config(&self) -> Arc<Config> {
         self.inbound.rules().config.clone()
+    }
+
+    /// The workers' current generation (config, limits, clock), if running.
+    pub(crate) fn generation(&self) -> Option<Arc<Generation>> {
+        self.workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .generation
+            .clone()
     }
 
     /// The spool, for reads.
@@ -146,6 +157,7 @@ impl Running {
                 Workers {
                     stop: watch::channel(true).0,
                     handles: Vec::new(),
+                    generation: None,
                 },
             )
         };
@@ -200,7 +212,11 @@ fn spawn_workers(shared: &Arc<Shared>, config: &Arc<Config>, health: &Health) ->
     for h in &config.defaults.fallback {
         health.register(h);
     }
-    Workers { stop, handles }
+    Workers {
+        stop,
+        handles,
+        generation: Some(generation),
+    }
 }
 
 /// Opens the spool, recovers its mail into the scheduler, binds the

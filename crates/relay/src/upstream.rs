@@ -15,12 +15,25 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// Longest backoff between probes of a down host.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Down {
     /// No worker tries the host before this instant.
     until: Instant,
     /// Interval to use after the next failure.
     backoff: Duration,
+    /// When it went down (Unix ms), for operators.
+    since_ms: u64,
+    /// The failure that marked it down, for operators.
+    reason: String,
+}
+
+/// Why a host is down, for `queue list` and the admin API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DownSince {
+    /// When it went down, Unix ms.
+    pub since_ms: u64,
+    /// The last failure.
+    pub reason: String,
 }
 
 /// Health of every upstream host by "host:port", shared by all workers.
@@ -59,14 +72,17 @@ impl Health {
             .unwrap_or_default()
     }
 
-    /// Records a connection-level failure of `host`.
-    pub fn mark_down(&self, host: &str) {
+    /// Records a connection-level failure of `host` and why.
+    pub fn mark_down(&self, host: &str, reason: &str) {
         let mut map = self.down.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         let entry = map.entry(host.to_string()).or_insert(Down {
             until: now,
             backoff: FIRST_BACKOFF,
+            since_ms: poolrelay_spool::now_ms(),
+            reason: String::new(),
         });
+        entry.reason = poolrelay_smtp::reply::clean_text(reason);
         entry.until = now + entry.backoff;
         entry.backoff = (entry.backoff * 2).min(MAX_BACKOFF);
         metrics::gauge!(crate::metric::UPSTREAM_UP.name, "upstream" => host.to_string()).set(0.0);
@@ -87,6 +103,15 @@ impl Health {
             tracing::info!(upstream = %host, "upstream answers again");
         }
         metrics::gauge!(crate::metric::UPSTREAM_UP.name, "upstream" => host.to_string()).set(1.0);
+    }
+
+    /// When and why `host` went down; `None` while it is up.
+    pub fn down_since(&self, host: &str) -> Option<DownSince> {
+        let map = self.down.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(host).map(|d| DownSince {
+            since_ms: d.since_ms,
+            reason: d.reason.clone(),
+        })
     }
 
     /// Whether `host` is currently considered up.
@@ -205,11 +230,16 @@ mod tests {
     fn a_down_host_is_probed_by_one_worker_per_backoff() {
         let h = Health::new();
         assert!(h.claim("a:25"));
-        h.mark_down("a:25");
+        h.mark_down("a:25", "refused");
         assert!(!h.claim("a:25"), "skipped while backing off");
         assert!(!h.is_up("a:25"));
+        assert_eq!(
+            h.down_since("a:25").map(|d| d.reason),
+            Some("refused".into())
+        );
         h.mark_up("a:25");
         assert!(h.claim("a:25"));
+        assert_eq!(h.down_since("a:25"), None);
     }
 
     #[tokio::test]

@@ -182,7 +182,11 @@ pub async fn run(
 /// The hosts to try in order: the entry's host, its failover hosts, then the
 /// site fallback, without repeats. Outside the entry's window the host itself
 /// is skipped, and an entry without failover hosts gets none (it idles).
-fn candidate_hosts(config: &Config, upstream: &Upstream, in_window: bool) -> Vec<String> {
+pub(crate) fn candidate_hosts(
+    config: &Config,
+    upstream: &Upstream,
+    in_window: bool,
+) -> Vec<String> {
     if !in_window && upstream.failover.is_empty() {
         return Vec::new();
     }
@@ -410,7 +414,7 @@ async fn attempt(
                 Err(failure) => {
                     if failure.host_unwell {
                         tracing::warn!(upstream = %host, "{}; marking it down, trying the next host", failure.message);
-                        shared.health.mark_down(host);
+                        shared.health.mark_down(host, &failure.message);
                     } else {
                         tracing::warn!(upstream = %host, "{}; trying the next host", failure.message);
                     }
@@ -429,7 +433,7 @@ async fn attempt(
                 Ok(fresh) => *conn = Some(fresh),
                 Err(failure) => {
                     if failure.host_unwell {
-                        shared.health.mark_down(host);
+                        shared.health.mark_down(host, &failure.message);
                     }
                     last_error = failure.message;
                     continue;
@@ -458,7 +462,7 @@ async fn attempt(
                 last_error = format!("{host} ({addr}): {e}");
                 if e.marks_host_down() {
                     tracing::warn!(upstream = %host, "{last_error}; marking it down, trying the next host");
-                    shared.health.mark_down(host);
+                    shared.health.mark_down(host, &last_error);
                     continue;
                 }
                 // A whole-transaction rejection (e.g. 4xx/5xx to MAIL) is an answer
