@@ -1,6 +1,7 @@
-//! `poolrelay import-listserv` on the issue's three reference configurations:
+//! `poolrelay import-listserv` on the three reference configurations
+//! (README.md, "The three reference configurations"):
 //! the generated TOML is the golden file, passes `poolrelay check`, and
-//! `check --print` shows the workers, pools and hosts the issue names.
+//! `check --print` shows the workers, pools and hosts README.md names.
 
 use std::path::Path;
 
