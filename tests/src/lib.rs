@@ -8,6 +8,8 @@
 //! topic modules (`admin`, `delivery`, `ledger`, `listserv`, `operating`,
 //! `postfix_upstream`, `scripted`) are used by path.
 
+#![warn(missing_docs)]
+
 pub mod admin;
 pub mod command;
 pub mod delivery;
@@ -34,7 +36,7 @@ pub use http::{HttpResponse, http_get, http_request, percent_encode};
 pub use mail::{header_value, message, strip_brackets, unique_id};
 pub use ports::{accepts_tcp, free_addr, process_ip};
 pub use postfix::{PostfixMessage, PostfixSink, SMTP_SINK, SMTP_SOURCE, smtp_source};
-pub use process::{STARTUP_DEADLINE, binary, file_tail, workspace_root};
+pub use process::{STARTUP_DEADLINE, binary, file_tail, new_tempdir, workspace_root};
 pub use prometheus::{Sample, metric_names, metric_sum, parse_metrics};
 pub use relay::{Relay, RelaySetup, Sent, toml_str};
 pub use sink::{Sink, SinkMessage, SinkOptions, parse_sink_file};

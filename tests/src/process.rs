@@ -76,7 +76,8 @@ pub(crate) fn set_mode(path: &Path, mode: u32) {
         .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
 }
 
-pub(crate) fn new_tempdir(prefix: &str) -> TempDir {
+/// A temporary directory named `PREFIX...`, removed when dropped.
+pub fn new_tempdir(prefix: &str) -> TempDir {
     tempfile::Builder::new()
         .prefix(prefix)
         .tempdir()

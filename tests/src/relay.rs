@@ -331,9 +331,6 @@ impl Relay {
             );
         }
     }
-}
-
-impl Relay {
     /// Sends one message from `from` to `rcpts` with a fresh Message-ID
     /// (made from `tag`, also its Subject); panics unless the final dot got
     /// 250 with a queue id.

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use poolrelay_tests::listserv::{PrintedRoute, parse_printed};
-use poolrelay_tests::poolrelay;
+use poolrelay_tests::{new_tempdir, poolrelay};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -57,13 +57,9 @@ fn write_config(dir: &tempfile::TempDir, text: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
-fn tempdir() -> tempfile::TempDir {
-    tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"))
-}
-
 #[test]
 fn check_print_shows_pools_upstreams_and_routes() {
-    let dir = tempdir();
+    let dir = new_tempdir("poolrelay-check-");
     let path = write_config(&dir, CONFIG);
     let out = poolrelay(&["check", "-c", &path, "--print"], DEADLINE);
     assert!(
@@ -126,7 +122,7 @@ fn check_print_shows_pools_upstreams_and_routes() {
 
 #[test]
 fn check_reports_unknown_pool_in_route_with_file_and_line() {
-    let dir = tempdir();
+    let dir = new_tempdir("poolrelay-check-");
     let text = r#"[server]
 hostname = "relay.test"
 spool_dir = "spool"

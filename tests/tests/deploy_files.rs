@@ -9,7 +9,7 @@ use poolrelay_tests::operating::{
     COMMAND, DELIVERY, RCPT, read_file, samples, send, two_pools, value,
 };
 use poolrelay_tests::{
-    Relay, Sink, SinkOptions, metric_names, metric_sum, promtool, workspace_root,
+    Relay, Sink, SinkOptions, metric_names, metric_sum, new_tempdir, promtool, workspace_root,
 };
 use serde_json::Value;
 
@@ -265,7 +265,7 @@ fn dashboard_and_alerts_query_only_metrics_the_relay_exports() {
             "      - record: dashboard:query_{i}\n        expr: {quoted}\n"
         ));
     }
-    let dir = tempdir();
+    let dir = new_tempdir("poolrelay-deploy-");
     let rules_path = dir.path().join("dashboard-queries.yml");
     fs::write(&rules_path, &rules).unwrap_or_else(|e| panic!("write rules: {e}"));
     let out = promtool(
@@ -288,11 +288,4 @@ fn dashboard_and_alerts_query_only_metrics_the_relay_exports() {
         unknown.is_empty(),
         "deploy/prometheus/alerts.yml names metrics the relay does not export: {unknown:?}"
     );
-}
-
-fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("poolrelay-operating-")
-        .tempdir()
-        .unwrap_or_else(|e| panic!("tempdir: {e}"))
 }
