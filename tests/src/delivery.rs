@@ -6,7 +6,8 @@
 
 use std::net::SocketAddr;
 
-use super::{RelaySetup, header_value, toml_str};
+use crate::mail::{header_value, strip_brackets};
+use crate::relay::{RelaySetup, toml_str};
 
 // ---------------------------------------------------------------------------
 // Log lines
@@ -378,7 +379,7 @@ pub fn header_values(raw: &str, name: &str) -> Vec<String> {
 /// The Message-ID (without angle brackets) of raw message bytes.
 pub fn message_id_of(data: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(data);
-    header_value(&text, "Message-ID").map(|v| super::strip_brackets(&v))
+    header_value(&text, "Message-ID").map(|v| strip_brackets(&v))
 }
 
 // ---------------------------------------------------------------------------

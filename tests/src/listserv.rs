@@ -1,9 +1,10 @@
-//! Helpers for the LISTSERV parity tests (issue 4, `tests/tests/listserv*.rs`):
+//! Helpers for the LISTSERV parity tests (`tests/tests/listserv*.rs`; README.md,
+//! "Coming from LISTSERV"):
 //! the reference configurations, `poolrelay import-listserv` run against
 //! them, a reader for `poolrelay check --print`, mail shaped as LISTSERV
 //! sends it, a pipelined bulk sender, and "each message only at this sink".
 //!
-//! The reference inputs are the files of the issue, kept with the importer's
+//! The reference inputs ("The three reference configurations") are kept with the importer's
 //! golden files in `crates/config/tests/listserv/{ref1,ref2,ref3}/`.
 
 use std::collections::BTreeMap;
@@ -13,10 +14,12 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use super::{
-    CommandOutput, IO_TIMEOUT, Relay, RelaySetup, Sink, data_bytes, poolrelay, unique_id,
-    workspace_root,
-};
+use crate::command::{CommandOutput, poolrelay};
+use crate::mail::unique_id;
+use crate::process::workspace_root;
+use crate::relay::{Relay, RelaySetup};
+use crate::sink::Sink;
+use crate::smtp_client::{IO_TIMEOUT, data_bytes};
 
 /// How long a CLI run (import, check) may take.
 pub const CLI_DEADLINE: Duration = Duration::from_secs(30);
@@ -29,7 +32,7 @@ pub const MEMBER: &str = "member@example.net";
 // The reference configurations
 // ---------------------------------------------------------------------------
 
-/// One of the issue's reference configurations.
+/// One of the reference configurations.
 #[derive(Debug, Clone)]
 pub struct Reference {
     /// `ref1`, `ref2`, `ref3`.

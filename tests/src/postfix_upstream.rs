@@ -16,16 +16,16 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::{
-    POLL_INTERVAL, accepts_tcp, file_tail, free_addr, is_root, keep_on_failure, new_tempdir,
-    poll_until, run_with_deadline, set_mode,
-};
+use crate::command::run_with_deadline;
+use crate::ports::{accepts_tcp, free_addr};
+use crate::postfix::POSTFIX_MISSING;
+use crate::process::{file_tail, is_root, keep_on_failure, new_tempdir, set_mode};
+use crate::wait::{POLL_INTERVAL, poll_until};
 
 /// The `postfix` command.
 pub const POSTFIX: &str = "/usr/sbin/postfix";
 /// Postfix's master daemon (must exist for `postfix start`).
 pub const POSTFIX_MASTER: &str = "/usr/lib/postfix/sbin/master";
-const POSTFIX_MISSING: &str = "install Debian package postfix (apt-get install postfix)";
 
 /// Options of [`PostfixUpstream::start`].
 #[derive(Debug, Clone)]

@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use super::{free_addr, poll_until};
+use crate::ports::free_addr;
+use crate::process::set_mode;
+use crate::wait::{POLL_INTERVAL, poll_until};
 
 /// Read/write timeout of a scripted session's socket.
 const SESSION_TIMEOUT: Duration = Duration::from_secs(60);
@@ -126,7 +128,7 @@ impl TestPki {
         };
         let write = |p: &Path, text: &str| {
             fs::write(p, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", p.display()));
-            super::set_mode(p, 0o644);
+            set_mode(p, 0o644);
         };
         write(&files.ca, &self.ca_pem);
         write(
@@ -386,9 +388,7 @@ impl Scripted {
         deadline: Duration,
         mut cond: impl FnMut(&[Transaction]) -> bool,
     ) -> Vec<Transaction> {
-        if !poll_until(deadline, super::POLL_INTERVAL, || {
-            cond(&self.transactions())
-        }) {
+        if !poll_until(deadline, POLL_INTERVAL, || cond(&self.transactions())) {
             panic!(
                 "timed out after {deadline:?} waiting for {what} at the scripted upstream {}\n{}",
                 self.addr,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use poolrelay_tests::delivery::{attempts_for, head_with_hosts, header_values};
 use poolrelay_tests::postfix_upstream::{PostfixOptions, PostfixUpstream};
 use poolrelay_tests::scripted::TestPki;
-use poolrelay_tests::{Relay, Sink, message, toml_str, unique_id};
+use poolrelay_tests::{Relay, Sink, message, new_tempdir, toml_str, unique_id};
 
 const SENDER: &str = "owner-news@lists.test";
 const RCPT: &str = "member@dest.test";
@@ -101,10 +101,7 @@ fn mail_passes_through_a_real_postfix_upstream_each_message_once() {
 fn starttls_to_a_real_postfix_upstream_is_encrypted_and_verified() {
     let sink = Sink::start();
     let pki = TestPki::new(&["mx.test"]);
-    let pki_dir = tempfile::Builder::new()
-        .prefix("poolrelay-pki-")
-        .tempdir()
-        .unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let pki_dir = new_tempdir("poolrelay-pki-");
     let files = pki.write_to(pki_dir.path());
     let postfix = PostfixUpstream::start(PostfixOptions {
         tls: Some((files.cert_chain.clone(), files.key.clone())),

@@ -1,6 +1,7 @@
-//! One upstream of two down: the other keeps its rate (issue 3; Postfix's
-//! known weakness is concurrency × hosts / connect_timeout). Two
-//! `[[upstream]]` entries, two workers each, serve pool A, as two LISTSERV
+//! One upstream of two down: the other keeps its rate (README.md, "Delivery
+//! semantics": a down host costs one probe per backoff; Postfix's known
+//! weakness is concurrency × hosts / connect_timeout). Two `[[upstream]]`
+//! entries, two workers each, serve pool A, as two LISTSERV
 //! `SMTP_FORWARD_n=2*HOST;POOL=A` lines would. The pool is held while 300
 //! messages are queued, then released, and the time until all 300 are at
 //! the sinks gives the delivery rate: once with both hosts up, once with
@@ -13,8 +14,9 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use poolrelay_tests::admin::api_post;
 use poolrelay_tests::delivery::delivery_attempts;
-use poolrelay_tests::{Relay, Sink, SmtpClient, free_addr, http_request, message, unique_id};
+use poolrelay_tests::{Relay, Sink, SmtpClient, free_addr, message, unique_id};
 
 const MESSAGES: usize = 300;
 const CLIENTS: usize = 4;
@@ -28,16 +30,6 @@ struct Measurement {
     arrived: usize,
     elapsed: Duration,
     deferred_lines: usize,
-}
-
-fn admin_post(relay: &Relay, path: &str) {
-    let r = http_request(relay.admin_addr(), "POST", path, &[])
-        .unwrap_or_else(|e| panic!("POST {path}: {e}\n{}", relay.logs()));
-    assert!(
-        (200..300).contains(&r.status),
-        "POST {path}: {r}\n{}",
-        relay.logs()
-    );
 }
 
 /// Queues MESSAGES messages over CLIENTS connections; returns their Message-IDs.
@@ -100,7 +92,7 @@ fn measure(second_up: bool, cross_failover: bool) -> Measurement {
             failover(first.addr())
         )
     });
-    admin_post(&relay, "/api/v1/pools/A/hold");
+    api_post(&relay, "/api/v1/pools/A/hold");
     let ids: BTreeSet<String> = inject(&relay).into_iter().collect();
     assert_eq!(ids.len(), MESSAGES);
     assert_eq!(
@@ -110,7 +102,7 @@ fn measure(second_up: bool, cross_failover: bool) -> Measurement {
     );
 
     let arrived = || first.count() + second_sink.as_ref().map_or(0, Sink::count);
-    admin_post(&relay, "/api/v1/pools/A/release");
+    api_post(&relay, "/api/v1/pools/A/release");
     let start = Instant::now();
     poolrelay_tests::poll_until(DRAIN_DEADLINE, Duration::from_millis(2), || {
         arrived() >= MESSAGES

@@ -2,11 +2,12 @@
 //! its upstream down; after a restart with the upstream up, every message
 //! that got a 250 is delivered.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use poolrelay_tests::ledger::{SharedLedger, id_counts};
 use poolrelay_tests::{
     POLL_INTERVAL, Relay, Sink, SmtpClient, SmtpError, free_addr, message, poll_until, unique_id,
 };
@@ -17,16 +18,6 @@ const MAX_PER_THREAD: usize = 400;
 /// Acknowledged messages to see before pulling the plug.
 const ACKED_BEFORE_KILL: usize = 50;
 
-#[derive(Default)]
-struct Ledger {
-    /// Message-IDs whose bytes were (being) written after the 354: may be queued.
-    in_flight: BTreeSet<String>,
-    /// Message-IDs whose final dot got a 250: must be delivered.
-    acked: BTreeSet<String>,
-    /// Why each client stopped.
-    stops: Vec<String>,
-}
-
 #[test]
 fn every_message_acknowledged_before_kill9_is_delivered_after_restart() {
     // The upstream's port is chosen now, but nothing listens there until
@@ -35,11 +26,11 @@ fn every_message_acknowledged_before_kill9_is_delivered_after_restart() {
     let mut relay = Relay::start(|s| s.single_upstream(upstream, ""));
     let addr = relay.smtp_addr();
 
-    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let ledger = SharedLedger::new();
     let stop = Arc::new(AtomicBool::new(false));
     let handles: Vec<_> = (0..THREADS)
         .map(|t| {
-            let ledger = Arc::clone(&ledger);
+            let ledger = ledger.clone();
             let stop = Arc::clone(&stop);
             std::thread::spawn(move || {
                 let why = (|| {
@@ -55,19 +46,11 @@ fn every_message_acknowledged_before_kill9_is_delivered_after_restart() {
                             message(&id, &from, "member@example.test", "crash test", "payload\n");
                         let result =
                             client.send_mail_with(&from, &["member@example.test"], &msg, |_| {
-                                ledger
-                                    .lock()
-                                    .unwrap_or_else(|e| e.into_inner())
-                                    .in_flight
-                                    .insert(id.clone());
+                                ledger.data_sent(&id);
                             });
                         match result {
                             Ok(r) if r.code == 250 => {
-                                ledger
-                                    .lock()
-                                    .unwrap_or_else(|e| e.into_inner())
-                                    .acked
-                                    .insert(id);
+                                ledger.acked(&id);
                             }
                             Ok(r) => return Err(format!("message {i}: final dot got {r}")),
                             Err(e @ SmtpError::Io { .. }) => {
@@ -78,15 +61,7 @@ fn every_message_acknowledged_before_kill9_is_delivered_after_restart() {
                     }
                     Ok(format!("sent all {MAX_PER_THREAD}"))
                 })();
-                let line = match why {
-                    Ok(s) => format!("client {t}: {s}"),
-                    Err(s) => format!("client {t}: UNEXPECTED {s}"),
-                };
-                ledger
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .stops
-                    .push(line);
+                ledger.stopped(t, why);
             })
         })
         .collect();
@@ -94,7 +69,7 @@ fn every_message_acknowledged_before_kill9_is_delivered_after_restart() {
     relay.wait_until(
         &format!("{ACKED_BEFORE_KILL} acknowledged messages before the kill"),
         Duration::from_secs(60),
-        || ledger.lock().unwrap_or_else(|e| e.into_inner()).acked.len() >= ACKED_BEFORE_KILL,
+        || ledger.acked_count() >= ACKED_BEFORE_KILL,
     );
     relay.kill9();
     stop.store(true, Ordering::Relaxed);
@@ -102,12 +77,8 @@ fn every_message_acknowledged_before_kill9_is_delivered_after_restart() {
         // Each client stops at its next I/O error (bounded by its 10 s timeouts).
         let _ = h.join();
     }
-    let ledger = std::mem::take(&mut *ledger.lock().unwrap_or_else(|e| e.into_inner()));
-    let unexpected: Vec<_> = ledger
-        .stops
-        .iter()
-        .filter(|s| s.contains("UNEXPECTED"))
-        .collect();
+    let ledger = ledger.take();
+    let unexpected = ledger.unexpected_stops();
     assert!(
         unexpected.is_empty(),
         "a client failed before the kill: {unexpected:?}\n{}",
@@ -139,18 +110,12 @@ fn every_message_acknowledged_before_kill9_is_delivered_after_restart() {
         );
     }
 
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for id in sink.message_ids() {
-        *counts.entry(id).or_default() += 1;
-    }
+    let counts = id_counts(sink.message_ids());
     let acked_twice: Vec<_> = counts
         .iter()
         .filter(|(id, n)| **n > 1 && acked.contains(*id))
         .collect();
-    let never_sent: Vec<_> = counts
-        .keys()
-        .filter(|id| !ledger.in_flight.contains(*id))
-        .collect();
+    let never_sent = ledger.never_sent(&counts);
     assert!(
         acked_twice.is_empty() && never_sent.is_empty(),
         "acknowledged messages delivered more than once: {acked_twice:?}\n\

@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use poolrelay_tests::admin::queued_in;
 use poolrelay_tests::listserv::{SenderForm, bulk_send, posting, reference, start_imported};
 use poolrelay_tests::{Relay, Sink, SinkOptions, message, poll_until, unique_id};
 
@@ -87,7 +88,7 @@ fn emergency_posting_reaches_scrappy_within_one_second_behind_5000_queued_for_sc
         relay.wait_until(
             "a few hundred bulk messages to be accepted",
             Duration::from_secs(60),
-            || !flooding.load(Ordering::SeqCst) || queued_for(&relay, "A") >= 500,
+            || !flooding.load(Ordering::SeqCst) || queued_in(&relay, "A") >= 500,
         );
         let still_flooding = flooding.load(Ordering::SeqCst);
         let (id, at) = send_emergency(&relay);
@@ -137,20 +138,4 @@ fn emergency_posting_reaches_scrappy_within_one_second_behind_5000_queued_for_sc
             .all(|m| m.from.eq_ignore_ascii_case(&bulk_from)),
         "only bulk mail goes through SCOOBY"
     );
-}
-
-/// Messages of `pool` in the queue (ready + deferred), from the admin API.
-fn queued_for(relay: &Relay, pool: &str) -> u64 {
-    let Ok(r) = poolrelay_tests::http_get(relay.admin_addr(), "/api/v1/pools") else {
-        return 0;
-    };
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(&r.body) else {
-        return 0;
-    };
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["pool"].as_str() == Some(pool))
-        .map(|p| p["ready"].as_u64().unwrap_or(0) + p["deferred"].as_u64().unwrap_or(0))
-        .sum()
 }

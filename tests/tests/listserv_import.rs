@@ -1,6 +1,7 @@
-//! `poolrelay import-listserv` on the issue's three reference configurations:
+//! `poolrelay import-listserv` on the three reference configurations
+//! (README.md, "The three reference configurations"):
 //! the generated TOML is the golden file, passes `poolrelay check`, and
-//! `check --print` shows the workers, pools and hosts the issue names.
+//! `check --print` shows the workers, pools and hosts README.md names.
 
 use std::path::Path;
 
@@ -8,7 +9,7 @@ use poolrelay_tests::listserv::{
     CLI_DEADLINE, Printed, PrintedRoute, PrintedUpstream, Reference, import_listserv,
     parse_printed, reference,
 };
-use poolrelay_tests::poolrelay;
+use poolrelay_tests::{new_tempdir, poolrelay};
 
 /// Imports `r` with default options into a temporary file; checks that the
 /// text is the golden file and that `poolrelay check` accepts it; returns
@@ -84,16 +85,12 @@ fn pool_names(p: &Printed) -> Vec<&str> {
     p.pools.keys().map(String::as_str).collect()
 }
 
-fn tempdir() -> tempfile::TempDir {
-    tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"))
-}
-
 /// ref1: 2 workers to SCOOBY serving A and `-`, 1 worker to SCRAPPY serving
 /// B; the emergency list (Delivery-Pool=B) is pool B, postings and
 /// administrative mail alike.
 #[test]
 fn ref1_imports_two_scooby_workers_for_a_and_default_and_one_scrappy_worker_for_b() {
-    let dir = tempdir();
+    let dir = new_tempdir("poolrelay-import-");
     let p = import_and_check(&reference("ref1"), dir.path());
     assert_eq!(
         p.upstreams,
@@ -133,7 +130,7 @@ fn ref1_imports_two_scooby_workers_for_a_and_default_and_one_scrappy_worker_for_
 /// LISTSERV@ of each MYDOMAIN host goes to `-`.
 #[test]
 fn ref2_imports_one_mta_per_virtual_domain() {
-    let dir = tempdir();
+    let dir = new_tempdir("poolrelay-import-");
     let p = import_and_check(&reference("ref2"), dir.path());
     assert_eq!(
         p.upstreams,
@@ -173,7 +170,7 @@ fn ref2_imports_one_mta_per_virtual_domain() {
 /// SCRAPPY and its administrative mail in A via SCOOBY.
 #[test]
 fn ref3_imports_shaggy_alone_for_the_default_pool_and_splits_postings_from_admin_mail() {
-    let dir = tempdir();
+    let dir = new_tempdir("poolrelay-import-");
     let p = import_and_check(&reference("ref3"), dir.path());
     assert_eq!(
         p.upstreams,
@@ -214,7 +211,7 @@ fn ref3_imports_shaggy_alone_for_the_default_pool_and_splits_postings_from_admin
 /// show up in the resolved model: listener, admin, spool, hosts, port.
 #[test]
 fn import_options_set_listener_admin_spool_and_host_addresses() {
-    let dir = tempdir();
+    let dir = new_tempdir("poolrelay-import-");
     let r = reference("ref3");
     let spool = dir.path().join("spool");
     let mut args = r.input_args();

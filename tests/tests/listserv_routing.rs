@@ -148,7 +148,8 @@ fn ref3_postings_via_scrappy_admin_mail_via_scooby_replies_and_bounces_only_via_
     );
 }
 
-/// ref3, the edge of "a Sender: header naming LIST@" (issue 4, item 2):
+/// ref3, the edge of "a `Sender:` header naming `LIST@host`" (README.md,
+/// "Choosing the pool: two ways"):
 /// administrative mail of the Delivery-Pool=B,A list whose `Sender:` names
 /// the list's owner address, `owner-EMERGENCY@`, does not name
 /// `EMERGENCY@`, so it is not a posting: it stays administrative mail

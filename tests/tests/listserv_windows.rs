@@ -8,6 +8,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use poolrelay_tests::admin::api_json;
 use poolrelay_tests::listserv::{DELIVERY, MEMBER};
 use poolrelay_tests::{Relay, RelaySetup, Sink, message, poll_until, toml_str, unique_id};
 
@@ -184,11 +185,7 @@ fn window_that_is_closed_without_failover_keeps_the_mail_queued() {
         fallback.message_ids(),
         relay.logs()
     );
-    let r = poolrelay_tests::http_get(relay.admin_addr(), "/api/v1/pools/A/messages")
-        .unwrap_or_else(|e| panic!("GET /api/v1/pools/A/messages: {e}\n{}", relay.logs()));
-    assert_eq!(r.status, 200, "{r}");
-    let v: serde_json::Value = serde_json::from_str(&r.body)
-        .unwrap_or_else(|e| panic!("/api/v1/pools/A/messages is not JSON ({e}): {}", r.body));
+    let v = api_json(&relay, "/api/v1/pools/A/messages");
     let n = v
         .as_array()
         .or_else(|| v["messages"].as_array())
@@ -196,8 +193,7 @@ fn window_that_is_closed_without_failover_keeps_the_mail_queued() {
     assert_eq!(
         n,
         Some(1),
-        "pool A keeps the message <{waiting}> while its window is closed: {}",
-        r.body
+        "pool A keeps the message <{waiting}> while its window is closed: {v:#}"
     );
     eprintln!("window {w} (UTC, closed, no failover): the message waits in pool A");
 }
