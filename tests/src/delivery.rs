@@ -44,13 +44,13 @@ pub struct DeliveryAttempt {
     pub pool: String,
     /// Upstream host.
     pub upstream: String,
-    /// Recipients done in this attempt.
-    pub done: usize,
+    /// Recipients delivered by this attempt.
+    pub delivered: usize,
     /// Recipients deferred.
     pub deferred: usize,
     /// Recipients bounced.
     pub bounced: usize,
-    /// sent / deferred / bounced / expired.
+    /// delivered / deferred / bounced / expired.
     pub status: String,
     /// The upstream's reply (or why none).
     pub reply: String,
@@ -61,7 +61,7 @@ pub struct DeliveryAttempt {
 }
 
 const FIELDS: &[&str] = &[
-    "queue_id", "pool", "upstream", "done", "deferred", "bounced", "status", "delay", "attempt",
+    "queue_id", "pool", "upstream", "delivered", "deferred", "bounced", "status", "delay", "attempt",
     "reply",
 ];
 
@@ -108,7 +108,7 @@ pub fn delivery_attempts(log: &str) -> Vec<DeliveryAttempt> {
             queue_id: get("queue_id"),
             pool: get("pool"),
             upstream: get("upstream"),
-            done: num("done"),
+            delivered: num("delivered"),
             deferred: num("deferred"),
             bounced: num("bounced"),
             status: get("status"),
@@ -410,13 +410,13 @@ mod tests {
     fn attempt_lines_parse_with_and_without_colours() {
         let log = "2026-01-01T00:00:00.000Z  INFO \u{1b}[2mpoolrelay::delivery\u{1b}[0m\u{1b}[2m:\u{1b}[0m delivery attempt \
                    \u{1b}[3mqueue_id\u{1b}[0m\u{1b}[2m=\u{1b}[0m0001 \u{1b}[3mpool\u{1b}[0m\u{1b}[2m=\u{1b}[0m- upstream=127.0.0.1:25 \
-                   done=1 deferred=1 bounced=0 status=deferred delay=0.010 attempt=2 reply=451 4.2.0 later please\n\
+                   delivered=1 deferred=1 bounced=0 status=deferred delay=0.010 attempt=2 reply=451 4.2.0 later please\n\
                    other line\n";
         let a = delivery_attempts(log);
         assert_eq!(a.len(), 1);
         assert_eq!(a[0].queue_id, "0001");
         assert_eq!(a[0].pool, "-");
-        assert_eq!((a[0].done, a[0].deferred, a[0].bounced), (1, 1, 0));
+        assert_eq!((a[0].delivered, a[0].deferred, a[0].bounced), (1, 1, 0));
         assert_eq!(a[0].status, "deferred");
         assert_eq!(a[0].attempt, 2);
         assert_eq!(a[0].reply, "451 4.2.0 later please");

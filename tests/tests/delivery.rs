@@ -170,7 +170,7 @@ fn upstream_refusing_connections_fails_over_within_5s_and_mail_returns_once_it_i
     assert!(
         attempts
             .iter()
-            .any(|a| a.status == "sent" && a.upstream == failover.addr().to_string()),
+            .any(|a| a.status == "delivered" && a.upstream == failover.addr().to_string()),
         "expected a 'sent' attempt through the failover {} for {qid1}:\n{}",
         failover.addr(),
         delivery_lines(&relay, &qid1)
@@ -228,7 +228,7 @@ fn upstream_greeting_421_fails_over_within_5s_and_mail_returns_once_it_greets_ag
     assert!(
         attempts_for(&relay.log_text(), &qid1)
             .iter()
-            .any(|a| a.status == "sent" && a.upstream == failover.addr().to_string()),
+            .any(|a| a.status == "delivered" && a.upstream == failover.addr().to_string()),
         "expected a 'sent' attempt through the failover for {qid1}:\n{}",
         delivery_lines(&relay, &qid1)
     );
@@ -423,7 +423,7 @@ fn recipients_answered_250_451_550_are_delivered_once_retried_alone_and_bounced_
     let a1 = attempts_for(&relay.log_text(), &qid).remove(0);
     assert_eq!(
         (
-            a1.done,
+            a1.delivered,
             a1.deferred,
             a1.bounced,
             a1.status.as_str(),
@@ -460,10 +460,10 @@ fn recipients_answered_250_451_550_are_delivered_once_retried_alone_and_bounced_
     );
     println!("outcomes: the 451 recipient was retried {gap:?} after the first attempt");
 
-    relay.wait_until("the message to be finished (status=sent)", DELIVERY, || {
+    relay.wait_until("the message to be finished (status=delivered)", DELIVERY, || {
         attempts_for(&relay.log_text(), &qid)
             .iter()
-            .any(|a| a.status == "sent")
+            .any(|a| a.status == "delivered")
     });
     let attempts = attempts_for(&relay.log_text(), &qid);
     assert_eq!(
@@ -474,7 +474,7 @@ fn recipients_answered_250_451_550_are_delivered_once_retried_alone_and_bounced_
     );
     assert_eq!(
         (
-            attempts[1].done,
+            attempts[1].delivered,
             attempts[1].deferred,
             attempts[1].bounced,
             attempts[1].attempt
@@ -707,7 +707,7 @@ fn after_kill_9_following_a_partial_delivery_only_the_remaining_recipient_is_del
         || {
             attempts_for(&relay.log_text(), &qid)
                 .iter()
-                .any(|a| a.status == "sent")
+                .any(|a| a.status == "delivered")
         },
     );
     let delivered: Vec<&Transaction> = all.iter().filter(|t| t.delivered()).collect();
@@ -730,7 +730,7 @@ fn after_kill_9_following_a_partial_delivery_only_the_remaining_recipient_is_del
     assert_eq!(up.delivered_to("later@dest.test"), 1, "{}", up.dump());
     let sent = attempts_for(&relay.log_text(), &qid)
         .into_iter()
-        .find(|a| a.status == "sent")
+        .find(|a| a.status == "delivered")
         .unwrap_or_else(|| unreachable!());
     assert_eq!(
         sent.attempt, 2,

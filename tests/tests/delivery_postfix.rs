@@ -59,7 +59,7 @@ fn mail_passes_through_a_real_postfix_upstream_each_message_once() {
     relay.wait_until("every message logged as sent", DELIVERY, || {
         let log = relay.log_text();
         qids.iter()
-            .all(|q| attempts_for(&log, q).iter().any(|a| a.status == "sent"))
+            .all(|q| attempts_for(&log, q).iter().any(|a| a.status == "delivered"))
     });
     let log = relay.log_text();
     for q in &qids {

@@ -114,7 +114,7 @@ fn deferred_and_nothing_sent(relay: &Relay, up: &Scripted, qid: &str, what: &str
     let a = attempts_for(&relay.log_text(), qid);
     assert!(
         a.iter()
-            .all(|a| a.status == "deferred" && a.done == 0 && a.bounced == 0),
+            .all(|a| a.status == "deferred" && a.delivered == 0 && a.bounced == 0),
         "{what}: every attempt must be deferred, not sent or bounced:\n{}",
         a.iter()
             .map(|a| a.line.clone())
