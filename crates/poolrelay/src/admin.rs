@@ -278,9 +278,17 @@ async fn bounce_message(State(admin): State<Shared>, Path(id): Path<String>) -> 
     done(admin.relay.bounce_message(&id).await)
 }
 
+/// Logged here as SIGHUP reloads are in `main`: the relay's log must show
+/// every config change and every refusal, not only the caller's terminal.
 async fn reload(State(admin): State<Shared>) -> Response {
     match crate::reload(&admin.relay, &admin.config_path).await {
-        Ok(msg) => Json(serde_json::json!({ "ok": true, "message": msg })).into_response(),
-        Err(msg) => error(StatusCode::UNPROCESSABLE_ENTITY, &msg),
+        Ok(msg) => {
+            tracing::info!("reload via the admin API: {msg}");
+            Json(serde_json::json!({ "ok": true, "message": msg })).into_response()
+        }
+        Err(msg) => {
+            tracing::error!("reload via the admin API: {msg}");
+            error(StatusCode::UNPROCESSABLE_ENTITY, &msg)
+        }
     }
 }
