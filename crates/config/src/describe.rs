@@ -58,6 +58,63 @@ fn window_note(u: &Upstream) -> Option<String> {
     Some(format!("{w} ({outside})"))
 }
 
+/// The `upstream settings:` entry of one upstream. The password itself is
+/// never shown, only the file it was read from.
+fn upstream_settings(o: &mut String, u: &Upstream) {
+    let _ = writeln!(o, "  {} (line {})", u.host, u.line);
+    let _ = writeln!(
+        o,
+        "    tls {}  tls_verify {}  tls_ca_file {}  mx {}",
+        u.tls,
+        u.tls_verify,
+        u.tls_ca_file
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "none".to_string()),
+        u.mx
+    );
+    let _ = writeln!(
+        o,
+        "    max_messages_per_connection {}  idle_timeout {}",
+        u.max_messages_per_connection,
+        format_duration(u.idle_timeout)
+    );
+    let t = &u.timeouts;
+    let _ = writeln!(
+        o,
+        "    connect_timeout {}  greeting_timeout {}  ehlo_timeout {}  mail_timeout {}  rcpt_timeout {}",
+        format_duration(t.connect),
+        format_duration(t.greeting),
+        format_duration(t.ehlo),
+        format_duration(t.mail),
+        format_duration(t.rcpt)
+    );
+    let _ = writeln!(
+        o,
+        "    data_init_timeout {}  data_block_timeout {}  data_end_timeout {}",
+        format_duration(t.data_init),
+        format_duration(t.data_block),
+        format_duration(t.data_end)
+    );
+    match &u.auth {
+        None => {
+            let _ = writeln!(o, "    auth none");
+        }
+        Some(a) => {
+            let from = u
+                .auth_password_file
+                .as_ref()
+                .map(|p| format!(", password from {}", p.display()))
+                .unwrap_or_default();
+            let _ = writeln!(
+                o,
+                "    auth as {}{from}, auth_plaintext {}",
+                a.username, a.allow_plaintext
+            );
+        }
+    }
+}
+
 pub(crate) fn describe(c: &Config) -> String {
     let mut o = String::new();
     // Writing to a String cannot fail; the results are ignored on purpose.
@@ -202,20 +259,16 @@ pub(crate) fn describe(c: &Config) -> String {
             format_duration(u.timeouts.connect),
             u.line
         );
-        if let Some(a) = &u.auth {
-            let from = u
-                .auth_password_file
-                .as_ref()
-                .map(|p| format!(", password from {}", p.display()))
-                .unwrap_or_default();
-            let clear = if a.allow_plaintext {
-                ", also without TLS"
-            } else {
-                ""
-            };
-            let _ = write!(line, "\n    auth as {}{from}{clear}", a.username);
-        }
         let _ = writeln!(o, "{line}");
+    }
+    // Every remaining upstream key, under the names it has in the file. A
+    // section of its own keeps each `upstreams:` entry on one line, which
+    // scripts reading this output rely on.
+    if !c.upstreams.is_empty() {
+        let _ = writeln!(o, "upstream settings:");
+    }
+    for u in &c.upstreams {
+        upstream_settings(&mut o, u);
     }
 
     let d = &c.defaults;
@@ -230,13 +283,16 @@ pub(crate) fn describe(c: &Config) -> String {
     );
     let _ = writeln!(
         o,
-        "defaults: list_pool {}   retry {} (last step repeats)   max_age {}   rate_limit {}",
+        "defaults: list_pool {}   retry {} (last step repeats)   max_age {}   rate_limit {}   delay_warning {}",
         d.list_pool,
         durations(&d.retry),
         format_duration(d.max_age),
         d.rate_limit
             .map(|r| format!("{} server-wide", format_bandwidth(r)))
-            .unwrap_or_else(|| "none".to_string())
+            .unwrap_or_else(|| "none".to_string()),
+        d.delay_warning
+            .map(format_duration)
+            .unwrap_or_else(|| "off".to_string())
     );
 
     let _ = writeln!(o, "routes (first match wins):");
@@ -269,4 +325,128 @@ pub(crate) fn describe(c: &Config) -> String {
         );
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use crate::Config;
+
+    /// A password file removed when dropped.
+    struct PasswordFile(PathBuf);
+
+    impl PasswordFile {
+        fn new(name: &str, contents: &str) -> PasswordFile {
+            let path = std::env::temp_dir().join(format!(
+                "poolrelay-describe-{}-{name}.pw",
+                std::process::id()
+            ));
+            std::fs::write(&path, contents).unwrap();
+            PasswordFile(path)
+        }
+    }
+
+    impl Drop for PasswordFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    const HEAD: &str = "[[listener]]\naddress = \"127.0.0.1:2525\"\n\n";
+
+    /// An upstream with every setting away from its default.
+    fn everything_set(password_file: &Path) -> String {
+        format!(
+            "{HEAD}[defaults]\ndelay_warning = \"4h\"\n\n\
+             [[upstream]]\nhost = \"smart.test\"\ntls = \"required\"\ntls_verify = false\n\
+             tls_ca_file = \"/etc/poolrelay/ca.pem\"\nmx = true\n\
+             max_messages_per_connection = 7\nidle_timeout = \"3s\"\n\
+             connect_timeout = \"11s\"\ngreeting_timeout = \"12s\"\nehlo_timeout = \"13s\"\n\
+             mail_timeout = \"14s\"\nrcpt_timeout = \"15s\"\ndata_init_timeout = \"16s\"\n\
+             data_block_timeout = \"17s\"\ndata_end_timeout = \"18s\"\n\
+             auth = {{ username = \"relayuser\", password_file = \"{}\" }}\n\
+             auth_plaintext = true\n",
+            password_file.display()
+        )
+    }
+
+    fn described(text: &str) -> String {
+        Config::parse(text, Path::new("test.toml"))
+            .unwrap_or_else(|e| panic!("{e}\n{text}"))
+            .describe()
+    }
+
+    #[test]
+    fn every_upstream_setting_is_shown_with_its_value() {
+        let pw = PasswordFile::new("shown", "not-to-be-shown\n");
+        let d = described(&everything_set(&pw.0));
+        for needle in [
+            "upstream settings:",
+            "  smart.test:25 (line 7)",
+            "tls required",
+            "tls_verify false",
+            "tls_ca_file /etc/poolrelay/ca.pem",
+            "mx true",
+            "max_messages_per_connection 7",
+            "idle_timeout 3s",
+            "connect_timeout 11s",
+            "greeting_timeout 12s",
+            "ehlo_timeout 13s",
+            "mail_timeout 14s",
+            "rcpt_timeout 15s",
+            "data_init_timeout 16s",
+            "data_block_timeout 17s",
+            "data_end_timeout 18s",
+            &format!(
+                "auth as relayuser, password from {}, auth_plaintext true",
+                pw.0.display()
+            ),
+            "delay_warning 4h",
+        ] {
+            assert!(d.contains(needle), "describe lacks {needle:?}:\n{d}");
+        }
+        assert!(
+            !d.contains("not-to-be-shown"),
+            "the password is shown:\n{d}"
+        );
+    }
+
+    #[test]
+    fn defaults_are_shown_too() {
+        let d = described(&format!("{HEAD}[[upstream]]\nhost = \"127.0.0.1:2601\"\n"));
+        for needle in [
+            "  127.0.0.1:2601 (line 4)",
+            "tls opportunistic  tls_verify true  tls_ca_file none  mx false",
+            "max_messages_per_connection 100  idle_timeout 10s",
+            "connect_timeout 30s  greeting_timeout 5m  ehlo_timeout 5m  mail_timeout 5m  rcpt_timeout 5m",
+            "data_init_timeout 2m  data_block_timeout 3m  data_end_timeout 10m",
+            "    auth none",
+            "delay_warning off",
+        ] {
+            assert!(d.contains(needle), "describe lacks {needle:?}:\n{d}");
+        }
+    }
+
+    #[test]
+    fn upstream_entries_stay_on_one_line_each() {
+        // Tools read each `upstreams:` entry as one line; the settings that
+        // take more room live in `upstream settings:` instead.
+        let pw = PasswordFile::new("one-line", "pw\n");
+        let d = described(&everything_set(&pw.0));
+        let section: Vec<&str> = d
+            .lines()
+            .skip_while(|l| *l != "upstreams:")
+            .skip(1)
+            .take_while(|l| l.starts_with(' '))
+            .collect();
+        assert_eq!(section.len(), 1, "{d}");
+        assert!(section[0].starts_with("  smart.test:25  1 worker"), "{d}");
+    }
+
+    #[test]
+    fn no_upstream_settings_section_without_upstreams() {
+        let d = described(HEAD);
+        assert!(!d.contains("upstream settings:"), "{d}");
+    }
 }

@@ -199,9 +199,15 @@ async fn flush_pool(State(admin): State<Shared>, Path(pool): Path<String>) -> Re
     done(admin.relay.flush_pool(&pool))
 }
 
+/// Deletes every message of a pool it can. Messages being delivered cannot
+/// be deleted: when any are left the answer is 409, like a single Busy
+/// delete, with both counts, so a script cannot take a partial delete for
+/// a complete one.
 async fn delete_all(State(admin): State<Shared>, Path(pool): Path<String>) -> Response {
     let mut deleted = 0usize;
-    let mut busy = 0usize;
+    // By id: the loop lists the pool again after each pass, and a message
+    // still busy then must not be counted twice.
+    let mut busy = std::collections::BTreeSet::new();
     loop {
         let page = match admin.relay.list_messages(&pool, None, 1000) {
             Ok(p) => p,
@@ -210,8 +216,15 @@ async fn delete_all(State(admin): State<Shared>, Path(pool): Path<String>) -> Re
         let before = deleted;
         for m in &page {
             match admin.relay.delete_message(&m.id).await {
-                Ok(()) => deleted += 1,
-                Err(ControlError::Busy(_)) => busy += 1,
+                Ok(()) => {
+                    deleted += 1;
+                    busy.remove(&m.id);
+                }
+                Err(ControlError::Busy(_)) => {
+                    busy.insert(m.id.clone());
+                }
+                // Delivered (or deleted by someone else) since the listing: gone anyway.
+                Err(ControlError::NotFound(_)) => {}
                 Err(e) => return control_error(e),
             }
         }
@@ -219,7 +232,25 @@ async fn delete_all(State(admin): State<Shared>, Path(pool): Path<String>) -> Re
             break;
         }
     }
-    Json(serde_json::json!({ "ok": true, "deleted": deleted, "busy": busy })).into_response()
+    let busy = busy.len();
+    if busy == 0 {
+        return Json(serde_json::json!({ "ok": true, "deleted": deleted, "busy": 0 }))
+            .into_response();
+    }
+    let message = format!(
+        "deleted {deleted} messages of pool {pool}; {busy} not deleted: being delivered right now, try again in a moment"
+    );
+    tracing::warn!(
+        pool,
+        deleted,
+        busy,
+        "delete-all: {busy} messages being delivered were not deleted"
+    );
+    (
+        StatusCode::CONFLICT,
+        Json(serde_json::json!({ "error": message, "deleted": deleted, "busy": busy })),
+    )
+        .into_response()
 }
 
 async fn flush_message(State(admin): State<Shared>, Path(id): Path<String>) -> Response {
@@ -247,9 +278,17 @@ async fn bounce_message(State(admin): State<Shared>, Path(id): Path<String>) -> 
     done(admin.relay.bounce_message(&id).await)
 }
 
+/// Logged here as SIGHUP reloads are in `main`: the relay's log must show
+/// every config change and every refusal, not only the caller's terminal.
 async fn reload(State(admin): State<Shared>) -> Response {
     match crate::reload(&admin.relay, &admin.config_path).await {
-        Ok(msg) => Json(serde_json::json!({ "ok": true, "message": msg })).into_response(),
-        Err(msg) => error(StatusCode::UNPROCESSABLE_ENTITY, &msg),
+        Ok(msg) => {
+            tracing::info!("reload via the admin API: {msg}");
+            Json(serde_json::json!({ "ok": true, "message": msg })).into_response()
+        }
+        Err(msg) => {
+            tracing::error!("reload via the admin API: {msg}");
+            error(StatusCode::UNPROCESSABLE_ENTITY, &msg)
+        }
     }
 }
