@@ -61,7 +61,15 @@ pub struct DeliveryAttempt {
 }
 
 const FIELDS: &[&str] = &[
-    "queue_id", "pool", "upstream", "delivered", "deferred", "bounced", "status", "delay", "attempt",
+    "queue_id",
+    "pool",
+    "upstream",
+    "delivered",
+    "deferred",
+    "bounced",
+    "status",
+    "delay",
+    "attempt",
     "reply",
 ];
 

@@ -460,11 +460,15 @@ fn recipients_answered_250_451_550_are_delivered_once_retried_alone_and_bounced_
     );
     println!("outcomes: the 451 recipient was retried {gap:?} after the first attempt");
 
-    relay.wait_until("the message to be finished (status=delivered)", DELIVERY, || {
-        attempts_for(&relay.log_text(), &qid)
-            .iter()
-            .any(|a| a.status == "delivered")
-    });
+    relay.wait_until(
+        "the message to be finished (status=delivered)",
+        DELIVERY,
+        || {
+            attempts_for(&relay.log_text(), &qid)
+                .iter()
+                .any(|a| a.status == "delivered")
+        },
+    );
     let attempts = attempts_for(&relay.log_text(), &qid);
     assert_eq!(
         attempts.len(),

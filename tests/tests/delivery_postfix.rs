@@ -58,8 +58,11 @@ fn mail_passes_through_a_real_postfix_upstream_each_message_once() {
     // Postfix's queue is empty, so nothing more can arrive.
     relay.wait_until("every message logged as sent", DELIVERY, || {
         let log = relay.log_text();
-        qids.iter()
-            .all(|q| attempts_for(&log, q).iter().any(|a| a.status == "delivered"))
+        qids.iter().all(|q| {
+            attempts_for(&log, q)
+                .iter()
+                .any(|a| a.status == "delivered")
+        })
     });
     let log = relay.log_text();
     for q in &qids {

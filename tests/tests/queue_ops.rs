@@ -11,7 +11,9 @@ use poolrelay_tests::delivery::{field, parse_dsn};
 use poolrelay_tests::operating::{
     DELIVERY, RCPT, deferred_setup, held_pool_config, ids_at, samples, send, two_pools, value,
 };
-use poolrelay_tests::{Relay, Sink, header_value, metric_sum, strip_brackets};
+use poolrelay_tests::{
+    POLL_INTERVAL, Relay, Sink, header_value, metric_sum, poll_until, strip_brackets,
+};
 
 // Queue operations
 
@@ -207,11 +209,18 @@ fn delete_removes_a_deferred_message_for_good() {
         "the deleted message was delivered\n{}",
         relay.logs()
     );
+    // The sink has the message before the relay has recorded it: wait for
+    // the relay to finish it, then nothing may be left.
+    let empty = poll_until(DELIVERY, POLL_INTERVAL, || {
+        let pools = api_json(&relay, "/api/v1/pools");
+        let pa = pool_entry(&pools, "A");
+        pa["ready"] == 0 && pa["deferred"] == 0 && pa["in_flight"] == 0
+    });
     let pools = api_json(&relay, "/api/v1/pools");
-    let pa = pool_entry(&pools, "A");
     assert!(
-        pa["ready"] == 0 && pa["deferred"] == 0,
-        "pool A after the delete: {pa:#}"
+        empty,
+        "pool A after the delete: {:#}",
+        pool_entry(&pools, "A")
     );
 }
 
@@ -319,4 +328,46 @@ fn bounce_returns_a_message_to_its_sender_as_a_dsn() {
     );
     assert_eq!(sink_a.count(), 0, "the bounced message was delivered");
     assert_eq!(sink_b.count(), 0);
+}
+
+/// A hold is recorded in the spool (like `postsuper -h`): after a kill -9
+/// and a restart the pool is still held and keeps its mail until released,
+/// while other pools deliver.
+#[test]
+fn a_held_pool_stays_held_across_kill_9_and_a_restart() {
+    let sink_a = Sink::start();
+    let sink_b = Sink::start();
+    let mut relay = Relay::start(|s| two_pools(s, sink_a.addr(), sink_b.addr(), "1s", ""));
+    queue_ok(&relay, &["hold", "--pool", "B"]);
+    let b = send(&relay, "owner-b@lists.test", "held-across-restart");
+    relay.kill9();
+    relay.restart();
+    // Mail for A flows after the restart, so workers are running...
+    let a = send(&relay, "owner-lista@lists.test", "after-restart-a");
+    sink_a.wait_for_message_id(&a.message_id, DELIVERY);
+    // ...and B is still held with its message.
+    assert_eq!(
+        sink_b.count(),
+        0,
+        "pool B was held before the restart, yet its sink got mail\n{}",
+        relay.logs()
+    );
+    let pools = json_of(&queue_ok(&relay, &["summary", "--json"]), "summary");
+    assert_eq!(pool_entry(&pools, "B")["held"], true, "{pools:#}");
+    assert_eq!(pool_entry(&pools, "B")["ready"], 1, "{pools:#}");
+    let listed = queue_ok(&relay, &["list", "--pool", "B"]);
+    assert!(
+        listed.stdout.contains("waiting: pool held"),
+        "queue list says why the message waits: {listed}"
+    );
+    queue_ok(&relay, &["release", "--pool", "B"]);
+    sink_b.wait_for_message_id(&b.message_id, DELIVERY);
+    relay.kill9();
+    relay.restart();
+    let pools = json_of(&queue_ok(&relay, &["summary", "--json"]), "summary");
+    assert_eq!(
+        pool_entry(&pools, "B")["held"],
+        false,
+        "a release is recorded too: {pools:#}"
+    );
 }

@@ -188,11 +188,11 @@ async fn show(State(admin): State<Shared>, Path(id): Path<String>) -> Response {
 }
 
 async fn hold(State(admin): State<Shared>, Path(pool): Path<String>) -> Response {
-    done(admin.relay.hold_pool(&pool, true))
+    done(admin.relay.hold_pool(&pool, true).await)
 }
 
 async fn release(State(admin): State<Shared>, Path(pool): Path<String>) -> Response {
-    done(admin.relay.hold_pool(&pool, false))
+    done(admin.relay.hold_pool(&pool, false).await)
 }
 
 async fn flush_pool(State(admin): State<Shared>, Path(pool): Path<String>) -> Response {

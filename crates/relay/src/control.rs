@@ -287,9 +287,11 @@ impl Running {
         Some(reasons.join("; "))
     }
 
-    /// Holds or releases a pool.
-    pub fn hold_pool(&self, pool: &str, held: bool) -> Result<(), ControlError> {
+    /// Holds or releases a pool. The hold is recorded in the spool first,
+    /// so it survives a restart (like `postsuper -h`).
+    pub async fn hold_pool(&self, pool: &str, held: bool) -> Result<(), ControlError> {
         self.known_pool(pool)?;
+        self.spool().set_held(pool, held).await?;
         self.scheduler.set_held(pool, held);
         tracing::info!(
             pool,

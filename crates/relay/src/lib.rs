@@ -230,6 +230,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .map_err(|e| anyhow::anyhow!("spool open task failed: {e}"))??,
     );
     let scheduler = Arc::new(Scheduler::new());
+    // Holds first: no worker may see a held pool's mail as ready.
+    for pool in spool.held_pools()? {
+        tracing::info!(pool = %pool, "pool held (recorded before the restart); `poolrelay queue release --pool {pool}` releases it");
+        scheduler.set_held(&pool, true);
+    }
     let queue = Queue::new(spool.clone(), scheduler.clone());
     let started = std::time::Instant::now();
     let recovered = recover(&spool, &scheduler).await?;

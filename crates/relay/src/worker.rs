@@ -393,94 +393,129 @@ async fn attempt(
 ) -> Attempt {
     let mut last_error = String::from("no upstream host available");
     for host in hosts {
-        let reuse = conn
-            .as_ref()
-            .is_some_and(|c| &c.host == host && c.client.is_usable());
-        if !reuse {
-            // Skip a down host before touching the open connection: while the
-            // primary is down, the failover connection stays in use.
-            if !shared.health.claim(host) {
-                last_error = format!("{host} is down; waiting for its next probe");
-                continue;
-            }
-            if let Some(c) = conn.take() {
-                c.client.quit().await;
-            }
-            match open(&shared.dns, generation, upstream, host).await {
-                Ok(c) => {
-                    shared.health.mark_up(host);
-                    *conn = Some(c);
+        // A cached connection the upstream closed while idle is not a sick
+        // host: send once more on a fresh connection before judging it.
+        let mut fresh_retry = true;
+        loop {
+            match try_host(shared, generation, upstream, host, conn, outbound, body).await {
+                HostTry::Done(attempt) => return attempt,
+                HostTry::StaleConnection(error) if fresh_retry => {
+                    tracing::debug!(upstream = %host, "cached connection failed ({error}); reconnecting");
+                    fresh_retry = false;
                 }
-                Err(failure) => {
-                    if failure.host_unwell {
-                        tracing::warn!(upstream = %host, "{}; marking it down, trying the next host", failure.message);
-                        shared.health.mark_down(host, &failure.message);
-                    } else {
-                        tracing::warn!(upstream = %host, "{}; trying the next host", failure.message);
-                    }
-                    last_error = failure.message;
-                    continue;
+                HostTry::StaleConnection(error) | HostTry::Next(error) => {
+                    last_error = error;
+                    break;
                 }
-            }
-        }
-        let Some(c) = conn.as_mut() else { continue };
-        if c.messages > 0
-            && let Err(e) = c.client.rset().await
-        {
-            tracing::debug!(upstream = %host, "RSET failed ({e}); reconnecting");
-            *conn = None;
-            match open(&shared.dns, generation, upstream, host).await {
-                Ok(fresh) => *conn = Some(fresh),
-                Err(failure) => {
-                    if failure.host_unwell {
-                        shared.health.mark_down(host, &failure.message);
-                    }
-                    last_error = failure.message;
-                    continue;
-                }
-            }
-        }
-        let Some(c) = conn.as_mut() else { continue };
-        c.messages += 1;
-        match c.client.send(outbound, body).await {
-            Ok(report) => {
-                let host = c.host.clone();
-                if c.messages >= upstream.max_messages_per_connection
-                    && let Some(c) = conn.take()
-                {
-                    c.client.quit().await;
-                }
-                return Attempt::Answered {
-                    host,
-                    rcpt: report.recipients,
-                    data: report.data,
-                };
-            }
-            Err(e) => {
-                let addr = c.addr;
-                *conn = None;
-                last_error = format!("{host} ({addr}): {e}");
-                if e.marks_host_down() {
-                    tracing::warn!(upstream = %host, "{last_error}; marking it down, trying the next host");
-                    shared.health.mark_down(host, &last_error);
-                    continue;
-                }
-                // A whole-transaction rejection (e.g. 4xx/5xx to MAIL) is an answer
-                // about this message, not about the host. A refused RSET (sent
-                // pipelined before MAIL) is about the connection: try again later.
-                if e.is_about_message()
-                    && let ClientError::Rejected { reply, .. } = e
-                {
-                    return Attempt::Refused {
-                        host: host.clone(),
-                        reply,
-                    };
-                }
-                return no_connection(shared, upstream, hosts, last_error);
             }
         }
     }
     no_connection(shared, upstream, hosts, last_error)
+}
+
+/// What trying one host gave.
+enum HostTry {
+    /// An answer about the message: stop here.
+    Done(Attempt),
+    /// A reused connection broke: worth one fresh connection.
+    StaleConnection(String),
+    /// This host cannot take it now: try the next one.
+    Next(String),
+}
+
+// The arguments are the worker's context plus this message and host.
+#[allow(clippy::too_many_arguments)]
+async fn try_host(
+    shared: &Shared,
+    generation: &Generation,
+    upstream: &Upstream,
+    host: &String,
+    conn: &mut Option<Connection>,
+    outbound: &OutboundEnvelope,
+    body: &[u8],
+) -> HostTry {
+    let reuse = conn
+        .as_ref()
+        .is_some_and(|c| &c.host == host && c.client.is_usable());
+    if !reuse {
+        // Skip a down host before touching the open connection: while the
+        // primary is down, the failover connection stays in use.
+        if !shared.health.claim(host) {
+            return HostTry::Next(format!("{host} is down; waiting for its next probe"));
+        }
+        if let Some(c) = conn.take() {
+            c.client.quit().await;
+        }
+        match open(&shared.dns, generation, upstream, host).await {
+            Ok(c) => {
+                shared.health.mark_up(host);
+                *conn = Some(c);
+            }
+            Err(failure) => {
+                if failure.host_unwell {
+                    tracing::warn!(upstream = %host, "{}; marking it down, trying the next host", failure.message);
+                    shared.health.mark_down(host, &failure.message);
+                } else {
+                    tracing::warn!(upstream = %host, "{}; trying the next host", failure.message);
+                }
+                return HostTry::Next(failure.message);
+            }
+        }
+    }
+    let Some(c) = conn.as_mut() else {
+        return HostTry::Next(format!("{host}: no connection"));
+    };
+    let reused = c.messages > 0;
+    if reused && let Err(e) = c.client.rset().await {
+        *conn = None;
+        return HostTry::StaleConnection(format!("{host}: RSET failed: {e}"));
+    }
+    c.messages += 1;
+    match c.client.send(outbound, body).await {
+        Ok(report) => {
+            let host = c.host.clone();
+            if c.messages >= upstream.max_messages_per_connection
+                && let Some(c) = conn.take()
+            {
+                c.client.quit().await;
+            }
+            HostTry::Done(Attempt::Answered {
+                host,
+                rcpt: report.recipients,
+                data: report.data,
+            })
+        }
+        Err(e) => {
+            let addr = c.addr;
+            *conn = None;
+            let error = format!("{host} ({addr}): {e}");
+            if reused && matches!(e, ClientError::Io(_)) {
+                return HostTry::StaleConnection(error);
+            }
+            if e.marks_host_down() {
+                tracing::warn!(upstream = %host, "{error}; marking it down, trying the next host");
+                shared.health.mark_down(host, &error);
+                return HostTry::Next(error);
+            }
+            // A whole-transaction rejection (e.g. 4xx/5xx to MAIL) is an answer
+            // about this message, not about the host. A refused RSET (sent
+            // pipelined before MAIL) is about the connection: try again later.
+            if e.is_about_message()
+                && let ClientError::Rejected { reply, .. } = e
+            {
+                return HostTry::Done(Attempt::Refused {
+                    host: host.clone(),
+                    reply,
+                });
+            }
+            HostTry::Done(no_connection(
+                shared,
+                upstream,
+                std::slice::from_ref(host),
+                error,
+            ))
+        }
+    }
 }
 
 /// No host took the transaction: whether every host is down now decides

@@ -46,6 +46,11 @@ enum Op {
         pool: String,
         done: oneshot::Sender<Result<(), SpoolError>>,
     },
+    Hold {
+        pool: String,
+        held: bool,
+        done: oneshot::Sender<Result<(), SpoolError>>,
+    },
 }
 
 /// Reply channels of one batch, answered after its fsync.
@@ -57,6 +62,8 @@ enum Done {
 struct Stores {
     db: Database,
     bodies: Keyspace,
+    /// Pools the operator held: name -> empty. Created at open, like `bodies`.
+    held: Keyspace,
     envelopes: RwLock<HashMap<String, Keyspace>>,
     /// Set when a commit failed: fjall refuses writes after a failed fsync.
     failed: AtomicBool,
@@ -146,6 +153,7 @@ impl FjallSpool {
                     KvSeparationOptions::default().separation_threshold(512),
                 ))
         })?;
+        let held = db.keyspace("held", KeyspaceCreateOptions::default)?;
         let mut envelopes = HashMap::new();
         for name in db.list_keyspace_names() {
             if let Some(pool) = name.strip_prefix("env.") {
@@ -156,6 +164,7 @@ impl FjallSpool {
         let stores = Arc::new(Stores {
             db,
             bodies,
+            held,
             envelopes: RwLock::new(envelopes),
             failed: AtomicBool::new(false),
         });
@@ -309,6 +318,27 @@ impl Spool for FjallSpool {
     fn is_writable(&self) -> bool {
         !self.stores.failed.load(Ordering::Relaxed)
     }
+
+    fn set_held(&self, pool: &str, held: bool) -> Durable<()> {
+        let (done, rx) = oneshot::channel();
+        self.submit(
+            Op::Hold {
+                pool: pool.to_string(),
+                held,
+                done,
+            },
+            rx,
+        )
+    }
+
+    fn held_pools(&self) -> Result<Vec<String>, SpoolError> {
+        let mut pools = Vec::new();
+        for guard in self.stores.held.iter() {
+            let key = guard.key()?;
+            pools.push(String::from_utf8_lossy(&key).into_owned());
+        }
+        Ok(pools)
+    }
 }
 
 fn key_to_id(key: &[u8]) -> Option<QueueId> {
@@ -408,6 +438,18 @@ fn commit_batch(stores: &Stores, ops: &mut Vec<Op>, last_id: &mut QueueId) {
                         let _ = reply.send(Err(e));
                     }
                 }
+            }
+            Op::Hold {
+                pool,
+                held,
+                done: reply,
+            } => {
+                if held {
+                    batch.insert(&stores.held, pool.as_bytes(), b"".as_slice());
+                } else {
+                    batch.remove(&stores.held, pool.as_bytes());
+                }
+                done.push(Done::Unit(reply));
             }
             Op::Remove {
                 id,
@@ -547,6 +589,19 @@ mod tests {
             spool.append(envelope("A"), b"y".to_vec()).await.unwrap()
         });
         assert!(second > first);
+    }
+
+    #[test]
+    fn held_pools_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        rt().block_on(async {
+            let spool = FjallSpool::open(dir.path()).unwrap();
+            spool.set_held("B", true).await.unwrap();
+            spool.set_held("C", true).await.unwrap();
+            spool.set_held("C", false).await.unwrap();
+        });
+        let spool = FjallSpool::open(dir.path()).unwrap();
+        assert_eq!(spool.held_pools().unwrap(), vec!["B".to_string()]);
     }
 
     #[test]

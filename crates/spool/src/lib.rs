@@ -138,6 +138,13 @@ pub trait Spool: Send + Sync + 'static {
 
     /// Whether the store accepts writes now.
     fn is_writable(&self) -> bool;
+
+    /// Records that the operator held (or released) `pool`, so a hold
+    /// survives restarts like `postsuper -h`.
+    fn set_held(&self, pool: &str, held: bool) -> Durable<()>;
+
+    /// The pools recorded as held.
+    fn held_pools(&self) -> Result<Vec<String>, SpoolError>;
 }
 
 #[cfg(test)]

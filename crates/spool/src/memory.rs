@@ -12,6 +12,7 @@ use crate::{Body, Durable, Envelope, Listed, QueueId, Spool, SpoolError, now_ms}
 struct State {
     pools: HashMap<String, BTreeMap<QueueId, Envelope>>,
     bodies: HashMap<QueueId, Body>,
+    held: std::collections::BTreeSet<String>,
 }
 
 /// An in-memory spool. Cloning shares the same contents.
@@ -143,5 +144,20 @@ impl Spool for MemorySpool {
 
     fn is_writable(&self) -> bool {
         !self.failing.load(Ordering::Relaxed)
+    }
+
+    fn set_held(&self, pool: &str, held: bool) -> Durable<()> {
+        let pool = pool.to_string();
+        self.write(move |s| {
+            if held {
+                s.held.insert(pool);
+            } else {
+                s.held.remove(&pool);
+            }
+        })
+    }
+
+    fn held_pools(&self) -> Result<Vec<String>, SpoolError> {
+        Ok(self.with(|s| s.held.iter().cloned().collect()))
     }
 }
