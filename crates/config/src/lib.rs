@@ -106,6 +106,43 @@ pub struct Server {
     /// Test/migration aid (`hosts`): host name -> "ip:port" or "ip", used
     /// instead of DNS for upstream names (case-insensitive keys, stored lowercase).
     pub hosts: BTreeMap<String, String>,
+    /// `spool_min_free`: below this much free space on the spool's
+    /// filesystem, new mail is refused with 452 4.3.1 before anything is written.
+    pub spool_min_free: MinFree,
+}
+
+/// A free-space floor: `"256MB"` or `"5%"` of the filesystem.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MinFree {
+    /// The default: 256 MB or 5% of the filesystem, whichever is smaller
+    /// (so a small disk is not full from the start).
+    Default,
+    /// A size in bytes.
+    Bytes(u64),
+    /// A share of the filesystem's size, in percent.
+    Percent(f64),
+}
+
+impl MinFree {
+    /// The floor in bytes for a filesystem of `total` bytes.
+    pub fn bytes_of(self, total: u64) -> u64 {
+        let percent = |p: f64| (total as f64 * p / 100.0) as u64;
+        match self {
+            MinFree::Default => (256 << 20).min(percent(5.0)),
+            MinFree::Bytes(b) => b,
+            MinFree::Percent(p) => percent(p),
+        }
+    }
+}
+
+impl std::fmt::Display for MinFree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MinFree::Default => write!(f, "256MB or 5%, whichever is smaller"),
+            MinFree::Bytes(b) => write!(f, "{b} bytes"),
+            MinFree::Percent(p) => write!(f, "{p}%"),
+        }
+    }
 }
 
 /// `[[listener]]`.

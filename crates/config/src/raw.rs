@@ -40,6 +40,7 @@ pub(crate) struct RawServer {
     pub data_timeout: Option<Unit>,
     pub max_line_length: Option<Int>,
     pub hosts: Option<BTreeMap<String, Str>>,
+    pub spool_min_free: Option<Unit>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -131,6 +131,7 @@ fn full_example() {
                 ),
             ]
             .into(),
+            spool_min_free: crate::MinFree::Default,
         }
     );
     assert_eq!(
@@ -882,4 +883,26 @@ fn stage_timeouts_from_their_keys() {
         5,
         &["connect_timeout", "zero"],
     );
+}
+
+#[test]
+fn spool_min_free_takes_a_size_or_a_share_and_defaults_to_the_smaller_of_256mb_and_5_percent() {
+    let with = |v: &str| {
+        parse(&format!(
+            "[server]\nspool_min_free = \"{v}\"\n[[listener]]\naddress = \"127.0.0.1:2525\"\n"
+        ))
+    };
+    assert_eq!(
+        with("1GB").unwrap().server.spool_min_free,
+        crate::MinFree::Bytes(1 << 30)
+    );
+    assert_eq!(
+        with("5%").unwrap().server.spool_min_free,
+        crate::MinFree::Percent(5.0)
+    );
+    let e = with("90%").unwrap_err().to_string();
+    assert!(e.contains(":2:") && e.contains("spool_min_free"), "{e}");
+    assert!(with("lots").unwrap_err().to_string().contains(":2:"));
+    assert_eq!(crate::MinFree::Default.bytes_of(100 << 30), 256 << 20);
+    assert_eq!(crate::MinFree::Default.bytes_of(1_000_000_000), 50_000_000);
 }

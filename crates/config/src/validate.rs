@@ -418,6 +418,7 @@ impl Ctx<'_> {
             data_timeout: Duration::from_secs(180),
             max_line_length: 2048,
             hosts: BTreeMap::new(),
+            spool_min_free: crate::MinFree::Default,
         };
         let Some(raw) = raw else {
             s.hostname = default_hostname();
@@ -450,6 +451,25 @@ impl Ctx<'_> {
                 );
             } else {
                 s.timezone = Some(tz.to_string());
+            }
+        }
+        if let Some(v) = &raw.spool_min_free {
+            let text = v.get_ref().0.trim().to_string();
+            let parsed = match text.strip_suffix('%') {
+                Some(p) => p
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|p| (0.0..=50.0).contains(p))
+                    .map(crate::MinFree::Percent)
+                    .ok_or_else(|| format!("server.spool_min_free: {text:?} is not a share from 0% to 50%; write e.g. \"5%\" or a size such as \"256MB\"")),
+                None => parse_size(&text)
+                    .map(crate::MinFree::Bytes)
+                    .map_err(|e| format!("server.spool_min_free: {e}")),
+            };
+            match parsed {
+                Ok(m) => s.spool_min_free = m,
+                Err(e) => self.at(v, e),
             }
         }
         if let Some(v) = &raw.max_sessions {

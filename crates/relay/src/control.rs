@@ -361,7 +361,21 @@ impl Running {
     /// Bounces one message now: a DSN for every pending recipient, then removal.
     pub async fn bounce_message(&self, id: &str) -> Result<(), ControlError> {
         let id = id_from(id)?;
-        let mut envelope = self.claim(id)?;
+        let envelope = self.claim(id)?;
+        let (pool, due) = (envelope.pool.clone(), envelope.next_attempt_ms);
+        let result = self.bounce_claimed(id, envelope).await;
+        if result.is_err() {
+            // Still on disk as it was: put it back where it stood.
+            self.scheduler.enqueue(id, &pool, due);
+        }
+        result
+    }
+
+    async fn bounce_claimed(
+        &self,
+        id: QueueId,
+        mut envelope: Envelope,
+    ) -> Result<(), ControlError> {
         let pending = envelope.pending_indexes();
         for r in envelope
             .recipients
@@ -387,7 +401,7 @@ impl Running {
                 remote: "none",
             },
         )
-        .await;
+        .await?;
         self.queue.remove(id, &envelope.pool).await?;
         tracing::info!(queue_id = %format_id(id), pool = %envelope.pool, "message bounced by the operator");
         Ok(())

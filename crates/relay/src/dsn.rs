@@ -5,7 +5,9 @@
 use poolrelay_config::DEFAULT_POOL;
 use poolrelay_smtp::inbound::rfc5322_date;
 use poolrelay_smtp::reply::clean_text;
-use poolrelay_spool::{Envelope, QueueId, Recipient, RecipientState, Ret, format_id, now_ms};
+use poolrelay_spool::{
+    Envelope, QueueId, Recipient, RecipientState, Ret, SpoolError, format_id, now_ms,
+};
 
 pub use crate::delivery::Action;
 use crate::queue::Queue;
@@ -25,8 +27,14 @@ pub struct Subject<'a> {
 }
 
 /// Queues a DSN in pool `-`, unless the sender is `<>` (logged and
-/// dropped: never bounce a bounce).
-pub async fn queue_report(queue: &Queue, hostname: &str, subject: Subject<'_>) {
+/// dropped: never bounce a bounce) or no recipient wants one. An error
+/// means the DSN could not be stored: the caller keeps the original and
+/// tries again, so a bounce is never lost.
+pub async fn queue_report(
+    queue: &Queue,
+    hostname: &str,
+    subject: Subject<'_>,
+) -> Result<(), SpoolError> {
     let Subject {
         id,
         original,
@@ -37,28 +45,24 @@ pub async fn queue_report(queue: &Queue, hostname: &str, subject: Subject<'_>) {
     let id_text = format_id(id);
     if original.sender.is_empty() {
         tracing::info!(queue_id = %id_text, "bounce of a message from <> dropped (never bounce a bounce)");
-        return;
+        return Ok(());
     }
-    let body = match queue.spool().body(id) {
-        Ok(Some(b)) => b,
-        Ok(None) => return,
-        Err(e) => {
-            tracing::error!(queue_id = %id_text, "cannot read the message for its DSN: {e}");
-            return;
-        }
+    let Some(body) = queue.spool().body(id)? else {
+        return Ok(());
     };
     let Some((envelope, message)) =
         report(action, hostname, id, original, recipients, remote, &body)
     else {
-        return;
+        return Ok(());
     };
-    match queue.append(envelope, message).await {
-        Ok(dsn_id) => {
-            tracing::info!(queue_id = %id_text, dsn = %format_id(dsn_id), to = %original.sender, "DSN queued in pool -");
-        }
-        Err(e) => tracing::error!(queue_id = %id_text, "cannot queue the DSN: {e}"),
-    }
+    let dsn_id = queue.append(envelope, message).await?;
+    tracing::info!(queue_id = %id_text, dsn = %format_id(dsn_id), to = %original.sender, "DSN queued in pool -");
+    Ok(())
 }
+
+/// The `listener` of DSNs made here: they are outcomes of mail already
+/// accepted, so the spool stores them even below its free-space floor.
+pub const DSN_LISTENER: &str = poolrelay_spool::OUTCOME_LISTENER;
 
 /// RCPT NOTIFY=NEVER (smtp-proto's bit).
 const NOTIFY_NEVER: u64 = 1 << 3;
@@ -216,7 +220,7 @@ pub fn report(
         attempts: 0,
         next_attempt_ms: 0,
         size: bytes.len() as u64,
-        listener: "dsn".to_string(),
+        listener: DSN_LISTENER.to_string(),
         client: "local".to_string(),
         route_line: 0,
         envid: None,

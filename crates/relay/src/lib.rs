@@ -224,10 +224,13 @@ fn spawn_workers(shared: &Arc<Shared>, config: &Arc<Config>, health: &Health) ->
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let config = Arc::new(config);
     let spool_dir = config.server.spool_dir.clone();
+    let min_free = config.server.spool_min_free;
     let spool: Arc<dyn Spool> = Arc::new(
-        tokio::task::spawn_blocking(move || FjallSpool::open(&spool_dir))
-            .await
-            .map_err(|e| anyhow::anyhow!("spool open task failed: {e}"))??,
+        tokio::task::spawn_blocking(move || {
+            FjallSpool::open_with(&spool_dir, Box::new(move |total| min_free.bytes_of(total)))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("spool open task failed: {e}"))??,
     );
     let scheduler = Arc::new(Scheduler::new());
     // Holds first: no worker may see a held pool's mail as ready.

@@ -111,6 +111,15 @@ pub async fn run(
         if *stop.borrow() {
             break;
         }
+        if shared.queue.spool().is_failed() {
+            // Nothing could be recorded: delivering now would deliver again
+            // after the recovery. Wait for the spool to come back.
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
         let in_window = |u: &Upstream| generation.clock.is_open(u.window);
         let hosts = if in_window(&upstream) {
             &all_hosts
@@ -318,17 +327,19 @@ async fn apply(
         tracing::info!(queue_id = %id_text, "bounce of a message from <> dropped (never bounce a bounce)");
     }
     for report in &decision.reports {
-        dsn::queue_report(
-            &shared.queue,
-            &generation.config.server.hostname,
-            dsn::Subject {
-                id: job.id,
-                original: &decision.envelope,
-                recipients: &report.recipients,
-                action: report.action,
-                remote: host,
-            },
-        )
+        record(generation, &id_text, "a DSN", || {
+            dsn::queue_report(
+                &shared.queue,
+                &generation.config.server.hostname,
+                dsn::Subject {
+                    id: job.id,
+                    original: &decision.envelope,
+                    recipients: &report.recipients,
+                    action: report.action,
+                    remote: host,
+                },
+            )
+        })
         .await;
     }
     match decision.next {
@@ -337,20 +348,63 @@ async fn apply(
             metrics::histogram!(metric::DELIVERY_SECONDS.name, "pool" => job.pool.clone())
                 .record(seconds);
             shared.queue.scheduler().delivered(&job.pool);
-            if let Err(e) = shared.queue.remove(job.id, &job.pool).await {
-                tracing::error!(queue_id = %id_text, "cannot remove a delivered message from the spool: {e}; it may be sent again after a restart");
-            }
+            record(
+                generation,
+                &id_text,
+                "the removal of a finished message",
+                || shared.queue.remove(job.id, &job.pool),
+            )
+            .await;
         }
         Next::Requeue => shared.queue.requeue(job.id, &job.pool),
-        Next::RetryAt(_) => {
-            // On failure the old envelope is still on disk: at worst some
-            // recipients get the message twice.
-            if let Err(e) = shared
-                .queue
-                .store(job.id, &job.pool, decision.envelope, now_ms() + 60_000)
-                .await
-            {
-                tracing::error!(queue_id = %id_text, "cannot record the attempt in the spool: {e}");
+        Next::RetryAt(due) => {
+            let recorded = record(generation, &id_text, "the attempt", || {
+                shared
+                    .queue
+                    .spool()
+                    .update(job.id, &job.pool, decision.envelope.clone())
+            })
+            .await;
+            // Not recorded (stopping): the old envelope is on disk and
+            // the message is retried as it was.
+            let due = if recorded { due } else { now_ms() + 60_000 };
+            shared.queue.scheduler().enqueue(job.id, &job.pool, due);
+        }
+    }
+}
+
+/// Writes an outcome, retrying while the spool cannot record it (a full
+/// disk, a failed fsync): the worker holds the message meanwhile, so what
+/// was delivered is not delivered again. Gives up only when its generation
+/// stops; returns whether the write succeeded.
+async fn record<F, Fut>(generation: &Generation, id_text: &str, what: &str, write: F) -> bool
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<(), poolrelay_spool::SpoolError>>,
+{
+    let mut stop = generation.stop.clone();
+    let mut logged = false;
+    loop {
+        match write().await {
+            Ok(()) => {
+                if logged {
+                    tracing::info!(queue_id = %id_text, "recorded {what} after the spool recovered");
+                }
+                return true;
+            }
+            Err(e) => {
+                if !logged {
+                    tracing::error!(queue_id = %id_text, "cannot record {what} in the spool: {e}; holding the message and retrying every second");
+                    logged = true;
+                }
+                if *stop.borrow() {
+                    tracing::warn!(queue_id = %id_text, "stopping before {what} could be recorded; the message stays as it was on disk");
+                    return false;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.changed() => {}
+                }
             }
         }
     }

@@ -12,11 +12,20 @@
 //! request only after the batch holding it is fsynced. That is what lets the
 //! listener send 250 only for durable mail.
 //!
+//! Faults: fjall refuses every write after a failed journal write or fsync
+//! (a full disk, an I/O error). The writer then answers every request with
+//! an error, and every second checks the free space; once it is above the
+//! floor again it reopens the store in-process (fjall recovers from its
+//! journal) and removes the messages of failed batches that recovery may
+//! have brought back (their senders were told 452, so they will send again).
+//! Below the floor (`server.spool_min_free`) new messages are refused before
+//! anything is written, while outcomes and removals still go through.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, mpsc};
+use std::time::{Duration, Instant};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, KvSeparationOptions, PersistMode};
 use tokio::sync::oneshot;
@@ -65,8 +74,66 @@ struct Stores {
     /// Pools the operator held: name -> empty. Created at open, like `bodies`.
     held: Keyspace,
     envelopes: RwLock<HashMap<String, Keyspace>>,
-    /// Set when a commit failed: fjall refuses writes after a failed fsync.
+}
+
+/// The free-space floor: bytes that must stay free, given the filesystem's
+/// total size in bytes.
+pub type MinFree = Box<dyn Fn(u64) -> u64 + Send + Sync>;
+
+/// What the clones of one spool share.
+struct Inner {
+    /// The open store; `None` while it is being reopened after a failure.
+    stores: RwLock<Option<Arc<Stores>>>,
+    /// A write failed: fjall refuses writes until the store is reopened.
     failed: AtomicBool,
+    /// Free space is below the floor: new messages are refused.
+    low_space: AtomicBool,
+    dir: PathBuf,
+    min_free: MinFree,
+}
+
+impl Inner {
+    fn stores(&self) -> Result<Arc<Stores>, SpoolError> {
+        self.stores
+            .read()
+            .ok()
+            .and_then(|s| s.clone())
+            .ok_or_else(|| {
+                SpoolError::Storage("the spool is being reopened after a write failure".into())
+            })
+    }
+
+    /// Free bytes and the floor, from statvfs; `None` if it cannot be read.
+    fn space(&self) -> Option<(u64, u64)> {
+        let (free, total) = free_space(&self.dir)?;
+        Some((free, (self.min_free)(total)))
+    }
+
+    /// Re-reads the free space; true when it is above the floor.
+    fn check_space(&self) -> bool {
+        let room = self.space().is_none_or(|(free, floor)| free >= floor);
+        let was_low = self.low_space.swap(!room, Ordering::Relaxed);
+        if was_low && room {
+            tracing::info!(spool = %self.dir.display(), "spool free space is above the floor again; accepting mail");
+        } else if !was_low && !room {
+            tracing::warn!(spool = %self.dir.display(), "spool free space is below server.spool_min_free; refusing new mail with 452 4.3.1");
+        }
+        room
+    }
+}
+
+/// Free and total bytes of the filesystem holding `dir`.
+fn free_space(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes only into the struct we own; the path is a
+    // valid NUL-terminated string for the duration of the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let unit = st.f_frsize as u64;
+    Some((st.f_bavail as u64 * unit, st.f_blocks as u64 * unit))
 }
 
 impl Stores {
@@ -119,72 +186,47 @@ fn keyspace_name(pool: &str) -> String {
 /// The fjall-backed spool. Cloning is cheap; all clones share one writer.
 #[derive(Clone)]
 pub struct FjallSpool {
-    stores: Arc<Stores>,
+    inner: Arc<Inner>,
     writer: mpsc::Sender<Op>,
-    dir: PathBuf,
 }
 
 /// Most operations committed in one fsynced batch.
 const MAX_BATCH: usize = 512;
 
 impl FjallSpool {
-    /// Opens (creating or recovering) the spool in `dir`, and starts its writer thread.
+    /// Opens (creating or recovering) the spool in `dir`, and starts its
+    /// writer thread. No free-space floor: see [`FjallSpool::open_with`].
     pub fn open(dir: &Path) -> Result<FjallSpool, SpoolError> {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            SpoolError::Storage(format!(
-                "cannot create spool directory {}: {e}",
-                dir.display()
-            ))
-        })?;
-        // Memory stays bounded however much is queued: small memtables
-        // (fjall's default allows 64 MiB per keyspace, which made RSS grow
-        // past 300 MiB with a million messages queued).
-        let db = Database::builder(dir)
-            .cache_size(32 * 1024 * 1024)
-            .manual_journal_persist(true)
-            .open()
-            .map_err(|e| {
-                SpoolError::Storage(format!("cannot open spool in {}: {e}", dir.display()))
-            })?;
-        let bodies = db.keyspace("bodies", || {
-            KeyspaceCreateOptions::default()
-                .max_memtable_size(BODY_MEMTABLE)
-                .with_kv_separation(Some(
-                    KvSeparationOptions::default().separation_threshold(512),
-                ))
-        })?;
-        let held = db.keyspace("held", KeyspaceCreateOptions::default)?;
-        let mut envelopes = HashMap::new();
-        for name in db.list_keyspace_names() {
-            if let Some(pool) = name.strip_prefix("env.") {
-                let ks = db.keyspace(&name, envelope_options)?;
-                envelopes.insert(pool.to_string(), ks);
-            }
-        }
-        let stores = Arc::new(Stores {
-            db,
-            bodies,
-            held,
-            envelopes: RwLock::new(envelopes),
-            failed: AtomicBool::new(false),
-        });
+        FjallSpool::open_with(dir, Box::new(|_| 0))
+    }
+
+    /// Opens the spool with a free-space floor: below `min_free(total)`
+    /// free bytes, new messages are refused before anything is written.
+    /// The directory is created (or narrowed to) mode 0700.
+    pub fn open_with(dir: &Path, min_free: MinFree) -> Result<FjallSpool, SpoolError> {
+        create_private_dir(dir)?;
+        let stores = Arc::new(open_stores(dir)?);
         let last_id = last_id(&stores)?;
+        let inner = Arc::new(Inner {
+            stores: RwLock::new(Some(stores)),
+            failed: AtomicBool::new(false),
+            low_space: AtomicBool::new(false),
+            dir: dir.to_path_buf(),
+            min_free,
+        });
+        inner.check_space();
         let (tx, rx) = mpsc::channel();
-        let writer_stores = stores.clone();
+        let writer_inner = inner.clone();
         std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer(writer_stores, rx, last_id))
+            .spawn(move || writer(writer_inner, rx, last_id))
             .map_err(|e| SpoolError::Storage(format!("cannot start the spool writer: {e}")))?;
-        Ok(FjallSpool {
-            stores,
-            writer: tx,
-            dir: dir.to_path_buf(),
-        })
+        Ok(FjallSpool { inner, writer: tx })
     }
 
     /// The spool directory.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        &self.inner.dir
     }
 
     fn submit<T>(&self, op: Op, rx: oneshot::Receiver<Result<T, SpoolError>>) -> Durable<T>
@@ -240,7 +282,7 @@ impl Spool for FjallSpool {
     }
 
     fn envelope(&self, id: QueueId, pool: &str) -> Result<Option<Envelope>, SpoolError> {
-        let Some(ks) = self.stores.existing(pool) else {
+        let Some(ks) = self.inner.stores()?.existing(pool) else {
             return Ok(None);
         };
         match ks.get(id.to_be_bytes())? {
@@ -250,12 +292,13 @@ impl Spool for FjallSpool {
     }
 
     fn body(&self, id: QueueId) -> Result<Option<Body>, SpoolError> {
-        Ok(self.stores.bodies.get(id.to_be_bytes())?)
+        Ok(self.inner.stores()?.bodies.get(id.to_be_bytes())?)
     }
 
     fn recover(&self, visit: &mut dyn FnMut(QueueId, Envelope)) -> Result<(), SpoolError> {
         let keyspaces: Vec<Keyspace> = self
-            .stores
+            .inner
+            .stores()?
             .envelopes
             .read()
             .map(|m| m.values().cloned().collect())
@@ -278,14 +321,17 @@ impl Spool for FjallSpool {
     }
 
     fn count(&self, pool: &str) -> Result<usize, SpoolError> {
-        match self.stores.existing(pool) {
+        match self.inner.stores()?.existing(pool) {
             Some(ks) => Ok(ks.len()?),
             None => Ok(0),
         }
     }
 
     fn pools(&self) -> Vec<String> {
-        self.stores
+        let Ok(stores) = self.inner.stores() else {
+            return Vec::new();
+        };
+        stores
             .envelopes
             .read()
             .map(|m| m.keys().cloned().collect())
@@ -298,7 +344,7 @@ impl Spool for FjallSpool {
         after: Option<QueueId>,
         limit: usize,
     ) -> Result<Vec<Listed>, SpoolError> {
-        let Some(ks) = self.stores.existing(pool) else {
+        let Some(ks) = self.inner.stores()?.existing(pool) else {
             return Ok(Vec::new());
         };
         let start = after.map_or(0, |a| a.saturating_add(1));
@@ -316,7 +362,11 @@ impl Spool for FjallSpool {
     }
 
     fn is_writable(&self) -> bool {
-        !self.stores.failed.load(Ordering::Relaxed)
+        !self.inner.failed.load(Ordering::Relaxed) && !self.inner.low_space.load(Ordering::Relaxed)
+    }
+
+    fn is_failed(&self) -> bool {
+        self.inner.failed.load(Ordering::Relaxed)
     }
 
     fn set_held(&self, pool: &str, held: bool) -> Durable<()> {
@@ -333,7 +383,7 @@ impl Spool for FjallSpool {
 
     fn held_pools(&self) -> Result<Vec<String>, SpoolError> {
         let mut pools = Vec::new();
-        for guard in self.stores.held.iter() {
+        for guard in self.inner.stores()?.held.iter() {
             let key = guard.key()?;
             pools.push(String::from_utf8_lossy(&key).into_owned());
         }
@@ -369,9 +419,29 @@ fn last_id(stores: &Stores) -> Result<QueueId, SpoolError> {
     Ok(last)
 }
 
-fn writer(stores: Arc<Stores>, rx: mpsc::Receiver<Op>, mut last_id: QueueId) {
+/// How often the writer re-reads the free space while idle, and tries to
+/// reopen a failed store.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+fn writer(inner: Arc<Inner>, rx: mpsc::Receiver<Op>, mut last_id: QueueId) {
     let mut ops = Vec::with_capacity(MAX_BATCH);
-    while let Ok(first) = rx.recv() {
+    // Messages of failed batches, to remove if recovery brings them back.
+    let mut orphans: Vec<(QueueId, String)> = Vec::new();
+    let mut checked = Instant::now();
+    loop {
+        let first = match rx.recv_timeout(CHECK_EVERY) {
+            Ok(op) => Some(op),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        if checked.elapsed() >= CHECK_EVERY || first.is_none() {
+            checked = Instant::now();
+            inner.check_space();
+            if inner.failed.load(Ordering::Relaxed) {
+                reopen(&inner, &mut orphans);
+            }
+        }
+        let Some(first) = first else { continue };
         ops.push(first);
         while ops.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -379,12 +449,141 @@ fn writer(stores: Arc<Stores>, rx: mpsc::Receiver<Op>, mut last_id: QueueId) {
                 Err(_) => break,
             }
         }
-        commit_batch(&stores, &mut ops, &mut last_id);
+        let stores = if inner.failed.load(Ordering::Relaxed) {
+            None
+        } else {
+            inner.stores().ok()
+        };
+        match stores {
+            Some(stores) => {
+                // One statvfs per batch: cheap next to its fsync, and a
+                // floor crossed a moment ago counts at once.
+                let room = inner.check_space();
+                if let Err(e) = commit_batch(&stores, &mut ops, &mut last_id, room, &mut orphans) {
+                    tracing::error!(spool = %inner.dir.display(), "spool write failed: {e}; refusing writes until the store can be reopened");
+                    inner.failed.store(true, Ordering::Relaxed);
+                }
+            }
+            None => {
+                for op in ops.drain(..) {
+                    op.fail(SpoolError::Storage(
+                        "the spool cannot be written (a write failed; retrying)".into(),
+                    ));
+                }
+            }
+        }
     }
     // All senders are gone: make sure what was written is on disk.
-    if let Err(e) = stores.db.persist(PersistMode::SyncAll) {
+    if let Ok(stores) = inner.stores()
+        && let Err(e) = stores.db.persist(PersistMode::SyncAll)
+    {
         tracing::error!("spool: final sync failed: {e}");
     }
+}
+
+/// After a failed write: once there is room again, drop the poisoned store,
+/// open it afresh and remove what failed batches may have left behind.
+fn reopen(inner: &Inner, orphans: &mut Vec<(QueueId, String)>) {
+    if inner
+        .space()
+        .is_some_and(|(free, floor)| free < floor.max(1))
+    {
+        return;
+    }
+    let old = inner.stores.write().ok().and_then(|mut s| s.take());
+    // fjall holds a lock file until every handle of the old store is gone.
+    drop(old);
+    let stores = match open_stores(&inner.dir) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            tracing::warn!(spool = %inner.dir.display(), "cannot reopen the spool yet: {e}");
+            return;
+        }
+    };
+    let mut batch = stores.db.batch().durability(Some(PersistMode::SyncData));
+    for (id, pool) in orphans.iter() {
+        let key = id.to_be_bytes();
+        batch.remove(&stores.bodies, key);
+        if let Some(ks) = stores.existing(pool) {
+            batch.remove(&ks, key);
+        }
+    }
+    if let Err(e) = batch.commit() {
+        tracing::warn!(spool = %inner.dir.display(), "reopened the spool but cannot clean up failed writes yet: {e}");
+        return;
+    }
+    orphans.clear();
+    if let Ok(mut slot) = inner.stores.write() {
+        *slot = Some(stores);
+    }
+    inner.failed.store(false, Ordering::Relaxed);
+    tracing::info!(spool = %inner.dir.display(), "spool reopened after a write failure; accepting mail again");
+}
+
+impl Op {
+    /// Answers the request with an error, writing nothing.
+    fn fail(self, e: SpoolError) {
+        match self {
+            Op::Append { done, .. } => {
+                let _ = done.send(Err(e));
+            }
+            Op::Update { done, .. } | Op::Remove { done, .. } | Op::Hold { done, .. } => {
+                let _ = done.send(Err(e));
+            }
+        }
+    }
+}
+
+/// Opens the fjall store in `dir` with its fixed keyspaces and every pool's.
+fn open_stores(dir: &Path) -> Result<Stores, SpoolError> {
+    // Memory stays bounded however much is queued: small memtables
+    // (fjall's default allows 64 MiB per keyspace, which made RSS grow
+    // past 300 MiB with a million messages queued).
+    let db = Database::builder(dir)
+        .cache_size(32 * 1024 * 1024)
+        .manual_journal_persist(true)
+        .open()
+        .map_err(|e| SpoolError::Storage(format!("cannot open spool in {}: {e}", dir.display())))?;
+    let bodies = db.keyspace("bodies", || {
+        KeyspaceCreateOptions::default()
+            .max_memtable_size(BODY_MEMTABLE)
+            .with_kv_separation(Some(
+                KvSeparationOptions::default().separation_threshold(512),
+            ))
+    })?;
+    let held = db.keyspace("held", KeyspaceCreateOptions::default)?;
+    let mut envelopes = HashMap::new();
+    for name in db.list_keyspace_names() {
+        if let Some(pool) = name.strip_prefix("env.") {
+            let ks = db.keyspace(&name, envelope_options)?;
+            envelopes.insert(pool.to_string(), ks);
+        }
+    }
+    Ok(Stores {
+        db,
+        bodies,
+        held,
+        envelopes: RwLock::new(envelopes),
+    })
+}
+
+/// Creates `dir` (mode 0700), or narrows an existing one to 0700: the spool
+/// holds other people's mail.
+fn create_private_dir(dir: &Path) -> Result<(), SpoolError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let err = |what: &str, e: std::io::Error| {
+        SpoolError::Storage(format!(
+            "cannot {what} spool directory {}: {e}",
+            dir.display()
+        ))
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| err("create", e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| err("set mode 0700 on", e))
 }
 
 fn next_id(last_id: &mut QueueId) -> QueueId {
@@ -393,12 +592,30 @@ fn next_id(last_id: &mut QueueId) -> QueueId {
     *last_id
 }
 
-fn commit_batch(stores: &Stores, ops: &mut Vec<Op>, last_id: &mut QueueId) {
+/// Commits one batch and answers its requests. New messages are refused
+/// without writing when `room` is false. Returns the commit error after
+/// answering every request with it; the appends of a failed batch are
+/// added to `orphans`.
+fn commit_batch(
+    stores: &Stores,
+    ops: &mut Vec<Op>,
+    last_id: &mut QueueId,
+    room: bool,
+    orphans: &mut Vec<(QueueId, String)>,
+) -> Result<(), SpoolError> {
     let mut batch = stores.db.batch().durability(Some(PersistMode::SyncData));
     let mut done = Vec::with_capacity(ops.len());
+    let mut appended = Vec::new();
     let mut failed: Option<SpoolError> = None;
     for op in ops.drain(..) {
         match op {
+            Op::Append {
+                done: reply,
+                envelope,
+                ..
+            } if !room && envelope.listener != crate::OUTCOME_LISTENER => {
+                let _ = reply.send(Err(SpoolError::Full));
+            }
             Op::Append {
                 envelope,
                 message,
@@ -409,6 +626,7 @@ fn commit_batch(stores: &Stores, ops: &mut Vec<Op>, last_id: &mut QueueId) {
                     let key = id.to_be_bytes();
                     batch.insert(&stores.bodies, key, message);
                     batch.insert(&ks, key, encode(&envelope));
+                    appended.push((id, envelope.pool.clone()));
                     done.push(Done::Append(reply, id));
                 }
                 Err(e) => {
@@ -472,9 +690,8 @@ fn commit_batch(stores: &Stores, ops: &mut Vec<Op>, last_id: &mut QueueId) {
     let committed = batch.commit();
     metrics::histogram!(crate::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
     if let Err(e) = committed {
-        tracing::error!("spool: commit failed: {e}");
-        stores.failed.store(true, Ordering::Relaxed);
         failed = Some(SpoolError::Storage(e.to_string()));
+        orphans.extend(appended);
     }
     for d in done {
         let result = match &failed {
@@ -489,6 +706,10 @@ fn commit_batch(stores: &Stores, ops: &mut Vec<Op>, last_id: &mut QueueId) {
                 let _ = reply.send(result);
             }
         }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 

@@ -17,7 +17,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use disk::FjallSpool;
+pub use disk::{FjallSpool, MinFree};
 pub use envelope::{Envelope, Recipient, RecipientState};
 pub use memory::MemorySpool;
 pub use poolrelay_smtp::{Reply, Ret};
@@ -25,6 +25,11 @@ pub use poolrelay_smtp::{Reply, Ret};
 /// The histogram of commit (and fsync) times the embedded spool records;
 /// declared with its help text in the relay's metric catalog.
 pub const COMMIT_SECONDS: &str = "poolrelay_spool_commit_seconds";
+
+/// The `listener` of messages the relay makes about mail it already
+/// accepted (DSNs): stored even below the free-space floor, since refusing
+/// them would lose a bounce.
+pub const OUTCOME_LISTENER: &str = "dsn";
 
 /// A queue id: unique per spool, ordered by acceptance time.
 pub type QueueId = u64;
@@ -76,6 +81,10 @@ pub enum SpoolError {
         /// What failed.
         reason: String,
     },
+    /// Free space is below the floor (`server.spool_min_free`): new mail
+    /// is refused before anything is written.
+    #[error("spool free space is below the configured minimum")]
+    Full,
     /// The writer thread is gone (the spool is shutting down).
     #[error("spool writer has stopped")]
     Stopped,
@@ -136,8 +145,16 @@ pub trait Spool: Send + Sync + 'static {
         Ok(None)
     }
 
-    /// Whether the store accepts writes now.
+    /// Whether the store accepts new mail now (no failed write pending
+    /// recovery, free space above the floor): what `/readyz` reports.
     fn is_writable(&self) -> bool;
+
+    /// Whether a write failed and the store cannot record anything until
+    /// it recovers: workers pause rather than deliver what they could not
+    /// record.
+    fn is_failed(&self) -> bool {
+        !self.is_writable()
+    }
 
     /// Records that the operator held (or released) `pool`, so a hold
     /// survives restarts like `postsuper -h`.
