@@ -296,19 +296,61 @@ fn auth_login_without_tls_when_auth_plaintext_is_allowed() {
     assert_eq!(t.auth_mechanism.as_deref(), Some("LOGIN"), "{t}");
 }
 
+/// The man-in-the-middle case: with AUTH and opportunistic TLS the
+/// certificate is never checked, so the password could go to whoever
+/// answers. Such a config is refused, naming the line of `auth`.
 #[test]
-fn auth_is_never_sent_in_clear_without_auth_plaintext() {
-    let up = scripted_with(|o| o.auth = Some(auth_requirement(&["PLAIN", "LOGIN"])));
+fn a_config_with_auth_and_no_verified_tls_is_refused_naming_the_line() {
+    let dir = poolrelay_tests::new_tempdir("poolrelay-authcheck-");
+    let pw = dir.path().join("pw");
+    fs::write(&pw, "secret\n").expect("write the password file");
+    let path = dir.path().join("poolrelay.toml");
+    let text = format!(
+        "[[listener]]\naddress = \"127.0.0.1:2525\"\n\n[[upstream]]\nhost = \"smart.test:25\"\n\
+         auth = {{ username = \"u\", password_file = {} }}\n",
+        toml_str(&pw.to_string_lossy())
+    );
+    fs::write(&path, &text).expect("write the config");
+    let config = path.to_string_lossy().to_string();
+    let out = poolrelay_tests::poolrelay(&["check", "-c", &config], Duration::from_secs(10));
+    assert!(
+        !out.status.success(),
+        "auth with opportunistic TLS must be refused:\n{out}"
+    );
+    assert!(
+        out.stderr.contains(":6:") && out.stderr.contains("opportunistic"),
+        "the error names the auth line and the reason:\n{out}"
+    );
+    // With STARTTLS required (certificate checked), the same is fine.
+    fs::write(
+        &path,
+        text.replace("auth = ", "tls = \"required\"\nauth = "),
+    )
+    .expect("rewrite");
+    let out = poolrelay_tests::poolrelay(&["check", "-c", &config], Duration::from_secs(10));
+    assert!(out.status.success(), "{out}");
+}
+
+/// STARTTLS required with the certificate checked: an upstream whose
+/// certificate the relay cannot verify (no `tls_ca_file` naming the test CA)
+/// never sees AUTH, nor the message.
+#[test]
+fn auth_is_never_sent_to_an_upstream_whose_certificate_is_not_verified() {
+    let pki = TestPki::new(&[CERT_NAME]);
+    let up = scripted_with(|o| {
+        o.starttls = Some(pki.server_config());
+        o.auth = Some(auth_requirement(&["PLAIN", "LOGIN"]));
+    });
     let relay = Relay::start(|s| {
         let auth = auth_line(s, PASSWORD);
-        config(s, &up, &auth)
+        config(s, &up, &format!("tls = \"required\"\n{auth}"))
     });
-    let (_, qid) = send(&relay, "noclearauth");
+    let (_, qid) = send(&relay, "nomitm");
     deferred_and_nothing_sent(
         &relay,
         &up,
         &qid,
-        "AUTH configured, no TLS, no auth_plaintext",
+        "AUTH configured, certificate not verifiable",
     );
 }
 

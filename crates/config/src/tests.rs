@@ -823,7 +823,7 @@ fn upstream_with_auth(password_file: &Path, extra: &str) -> String {
 #[test]
 fn auth_password_is_read_at_load() {
     let pw = PasswordFile::new("ok", "s3cret\r\n");
-    let c = parse(&upstream_with_auth(&pw.0, "")).unwrap();
+    let c = parse(&upstream_with_auth(&pw.0, "tls = \"required\"\n")).unwrap();
     let u = &c.upstreams[0];
     assert_eq!(
         u.auth,
@@ -842,25 +842,52 @@ fn auth_password_is_read_at_load() {
     assert!(!described.contains("s3cret"), "{described}");
     assert!(!format!("{c:?}").contains("s3cret"));
 
-    let c = parse(&upstream_with_auth(&pw.0, "auth_plaintext = true\n")).unwrap();
+    let c = parse(&upstream_with_auth(
+        &pw.0,
+        "tls = \"off\"\nauth_plaintext = true\n",
+    ))
+    .unwrap();
     assert!(c.upstreams[0].auth.as_ref().unwrap().allow_plaintext);
+}
+
+#[test]
+fn auth_needs_verified_tls_or_an_explicit_choice() {
+    let pw = PasswordFile::new("tls", "s3cret\n");
+    for (extra, line, needle) in [
+        ("", 5, "opportunistic"),
+        ("tls = \"opportunistic\"\n", 6, "opportunistic"),
+        ("tls = \"off\"\n", 6, "in clear"),
+    ] {
+        let e = parse(&upstream_with_auth(&pw.0, extra)).unwrap_err();
+        assert_eq!(e.line, line, "{e}");
+        assert!(e.message.contains(needle), "{e}");
+    }
+    for ok in [
+        "tls = \"required\"\n",
+        "tls = \"implicit\"\n",
+        "tls = \"required\"\ntls_verify = false\n",
+        "tls = \"off\"\nauth_plaintext = true\n",
+    ] {
+        parse(&upstream_with_auth(&pw.0, ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
 }
 
 #[test]
 fn auth_password_file_errors_name_the_line() {
     let missing = Path::new("/nonexistent/poolrelay.pw");
+    let tls = "tls = \"required\"\n";
     let e = err(
-        &upstream_with_auth(missing, ""),
-        5,
+        &upstream_with_auth(missing, tls),
+        6,
         &[
             "auth.password_file",
             "/nonexistent/poolrelay.pw",
             "cannot be read",
         ],
     );
-    assert!(e.to_string().starts_with("test.toml:5: "), "{e}");
+    assert!(e.to_string().starts_with("test.toml:6: "), "{e}");
     let empty = PasswordFile::new("empty", "\n");
-    err(&upstream_with_auth(&empty.0, ""), 5, &["is empty"]);
+    err(&upstream_with_auth(&empty.0, tls), 6, &["is empty"]);
 }
 
 #[test]

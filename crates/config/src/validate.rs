@@ -890,6 +890,21 @@ impl Ctx<'_> {
                 .tls_ca_file
                 .as_ref()
                 .and_then(|v| self.path("upstream tls_ca_file", v));
+            if let Some(a) = &r.auth {
+                let plaintext = r.auth_plaintext.as_ref().is_some_and(|v| *v.get_ref());
+                let problem = match tls {
+                    TlsMode::Opportunistic => Some(
+                        "auth with tls = \"opportunistic\" would send the password to whoever answers, unverified (a man in the middle can offer any certificate); write tls = \"required\" (STARTTLS, certificate checked) or \"implicit\" (port 465); for a private smarthost without a valid certificate add tls_verify = false",
+                    ),
+                    TlsMode::Off if !plaintext => Some(
+                        "auth with tls = \"off\" sends the password in clear; write tls = \"required\" or \"implicit\", or set auth_plaintext = true if the path to the smarthost is trusted (e.g. loopback)",
+                    ),
+                    _ => None,
+                };
+                if let Some(problem) = problem {
+                    self.at(&a.value.username, format!("upstream {}: {problem}", host));
+                }
+            }
             let auth_password_file = r
                 .auth
                 .as_ref()
