@@ -118,6 +118,34 @@ impl TestPki {
         self.server_config.clone()
     }
 
+    /// A server config that demands a client certificate signed by the
+    /// test CA: a relay (which presents none) fails the handshake, as it
+    /// would against a broken or picky TLS stack.
+    pub fn server_config_requiring_client_certs(&self) -> Arc<rustls::ServerConfig> {
+        use rustls::pki_types::pem::PemObject;
+        let ca = CertificateDer::from_pem_slice(self.ca_pem.as_bytes())
+            .unwrap_or_else(|e| panic!("test CA PEM: {e}"));
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(ca.clone())
+            .unwrap_or_else(|e| panic!("test CA as a root: {e}"));
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), ring())
+                .build()
+                .unwrap_or_else(|e| panic!("client verifier: {e}"));
+        let leaf = CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
+            .unwrap_or_else(|e| panic!("leaf PEM: {e}"));
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .unwrap_or_else(|e| panic!("key PEM: {e}"));
+        let config = rustls::ServerConfig::builder_with_provider(ring())
+            .with_safe_default_protocol_versions()
+            .unwrap_or_else(|e| panic!("rustls protocol versions: {e}"))
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![leaf, ca], key)
+            .unwrap_or_else(|e| panic!("rustls server certificate: {e}"));
+        Arc::new(config)
+    }
+
     /// Writes `ca.pem`, `cert.pem` (leaf then CA) and `key.pem` (mode 0644,
     /// so an unprivileged daemon can read them) into `dir`.
     pub fn write_to(&self, dir: &Path) -> PkiFiles {

@@ -393,3 +393,28 @@ fn auth_with_a_wrong_password_is_deferred_not_bounced() {
         up.dump()
     );
 }
+
+/// Opportunistic TLS promises delivery, not secrecy: when the STARTTLS
+/// handshake fails, the relay tries once more in clear (as Postfix does at
+/// `may`) instead of leaving the host unreachable for ever.
+#[test]
+fn a_failed_opportunistic_handshake_is_retried_in_clear() {
+    let pki = TestPki::new(&[CERT_NAME]);
+    let up = scripted_with(|o| o.starttls = Some(pki.server_config_requiring_client_certs()));
+    let relay = Relay::start(|s| config(s, &up, ""));
+    let (id, _) = send(&relay, "tlsfallback");
+    let t = delivered(&up, &id);
+    assert!(!t.tls, "delivered in clear after the failed handshake: {t}");
+    assert!(
+        up.commands()
+            .iter()
+            .any(|c| c.line.to_ascii_uppercase().starts_with("STARTTLS")),
+        "the relay tried STARTTLS first\n{}",
+        up.dump()
+    );
+    assert!(
+        relay.log_count("retrying in clear") >= 1,
+        "{}",
+        relay.logs()
+    );
+}

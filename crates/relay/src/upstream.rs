@@ -150,23 +150,25 @@ impl Dns {
     /// tests and migrations can point example names at local sinks), then
     /// DNS: the name's MX hosts in preference order when `mx` is set, else
     /// its A/AAAA records. Every address is returned so the caller can try
-    /// them all.
+    /// them all, each with the host name its certificate must carry: the MX
+    /// host's name for an MX target (RFC 7672's DANE aside, that is what
+    /// can be checked), else the name as written.
     pub async fn resolve(
         &self,
         host_port: &str,
         hosts: &BTreeMap<String, String>,
         mx: bool,
-    ) -> Result<Vec<SocketAddr>, String> {
+    ) -> Result<Vec<(String, SocketAddr)>, String> {
         if let Ok(addr) = host_port.parse::<SocketAddr>() {
-            return Ok(vec![addr]);
+            return Ok(vec![(addr.ip().to_string(), addr)]);
         }
         let (name, port) = split_host_port(host_port)?;
         if let Some(mapped) = hosts.get(&name.to_ascii_lowercase()) {
             if let Ok(addr) = mapped.parse::<SocketAddr>() {
-                return Ok(vec![addr]);
+                return Ok(vec![(name, addr)]);
             }
             if let Ok(ip) = mapped.parse::<std::net::IpAddr>() {
-                return Ok(vec![SocketAddr::new(ip, port)]);
+                return Ok(vec![(name, SocketAddr::new(ip, port))]);
             }
             return Err(format!(
                 "[server] hosts maps {name} to {mapped:?}, which is neither an IP nor IP:port"
@@ -198,7 +200,10 @@ impl Dns {
         let mut addrs = Vec::new();
         for target in &targets {
             match resolver.lookup_ip(target.as_str()).await {
-                Ok(ips) => addrs.extend(ips.iter().map(|ip| SocketAddr::new(ip, port))),
+                Ok(ips) => addrs.extend(
+                    ips.iter()
+                        .map(|ip| (target.clone(), SocketAddr::new(ip, port))),
+                ),
                 Err(e) => tracing::debug!("cannot resolve {target}: {e}"),
             }
         }
@@ -253,15 +258,24 @@ mod tests {
         let dns = Dns::new();
         assert_eq!(
             dns.resolve("scooby.example.org:25", &hosts, false).await,
-            Ok(vec!["127.0.0.9:2600".parse().unwrap()])
+            Ok(vec![(
+                "scooby.example.org".to_string(),
+                "127.0.0.9:2600".parse().unwrap()
+            )])
         );
         assert_eq!(
             dns.resolve("scrappy.example.org:25", &hosts, false).await,
-            Ok(vec!["127.0.0.8:25".parse().unwrap()])
+            Ok(vec![(
+                "scrappy.example.org".to_string(),
+                "127.0.0.8:25".parse().unwrap()
+            )])
         );
         assert_eq!(
             dns.resolve("127.0.0.1:26", &hosts, false).await,
-            Ok(vec!["127.0.0.1:26".parse().unwrap()])
+            Ok(vec![(
+                "127.0.0.1".to_string(),
+                "127.0.0.1:26".parse().unwrap()
+            )])
         );
     }
 }

@@ -608,13 +608,24 @@ async fn open(
             message,
             host_unwell: true,
         })?;
-    let options = connect_options(upstream, host);
     let mut last = OpenFailure {
         message: format!("upstream {host} has no address"),
         host_unwell: true,
     };
-    for addr in addrs {
-        match Client::connect_with(addr, &config.server.hostname, &options).await {
+    for (name, addr) in addrs {
+        let mut options = connect_options(upstream, &name);
+        let mut result = Client::connect_with(addr, &config.server.hostname, &options).await;
+        if let Err(ClientError::Tls(reason)) = &result
+            && options.tls == poolrelay_config::TlsMode::Opportunistic
+        {
+            // Opportunistic TLS promises delivery, not secrecy: a failed
+            // handshake is retried once in clear (as Postfix does at `may`),
+            // or the host would stay unreachable for ever.
+            tracing::warn!(upstream = %host, %addr, "TLS handshake failed ({reason}); retrying in clear, as opportunistic TLS allows");
+            options.tls = poolrelay_config::TlsMode::Off;
+            result = Client::connect_with(addr, &config.server.hostname, &options).await;
+        }
+        match result {
             Ok(client) => {
                 tracing::debug!(upstream = %host, %addr, tls = client.is_tls(), "connected");
                 return Ok(Connection {
@@ -636,13 +647,10 @@ async fn open(
     Err(last)
 }
 
-/// TLS, AUTH and timeouts for one upstream host, from its `[[upstream]]` entry.
-fn connect_options(upstream: &Upstream, host: &str) -> ConnectOptions {
-    let server_name = host
-        .rsplit_once(':')
-        .map_or(host, |(name, _)| name)
-        .trim_matches(['[', ']'])
-        .to_string();
+/// TLS, AUTH and timeouts for one upstream host, from its `[[upstream]]`
+/// entry; `name` is what its certificate must carry.
+fn connect_options(upstream: &Upstream, name: &str) -> ConnectOptions {
+    let server_name = name.trim_matches(['[', ']']).to_string();
     ConnectOptions {
         tls: upstream.tls,
         verify: upstream.tls_verify,

@@ -245,8 +245,16 @@ impl Client {
         let stream = setup.wrap(stream, self.timeouts.greeting).await?;
         self.io = BufReader::new(Box::new(stream));
         self.tls = true;
-        self.hello(helo_name, false).await?;
-        Ok(self)
+        // With TLS 1.3 a server that refuses us (a client certificate it
+        // wanted, say) says so in an alert read after the handshake: a
+        // broken connection before the first EHLO reply is a TLS failure.
+        match self.hello(helo_name, false).await {
+            Err(ClientError::Io(e)) => Err(ClientError::Tls(format!(
+                "the session broke right after the handshake: {e}"
+            ))),
+            Err(e) => Err(e),
+            Ok(()) => Ok(self),
+        }
     }
 
     /// AUTH PLAIN (preferred) or LOGIN; 235 is success.

@@ -45,6 +45,12 @@ impl Client {
                 reply: local_reply("5.1.7", "invalid sender address, not sent"),
             });
         }
+        if let Some(reply) = self.unsendable(envelope, message) {
+            return Err(ClientError::Rejected {
+                stage: stage::MAIL,
+                reply,
+            });
+        }
         let mail = self.mail_command(envelope, message.len());
         // None: refused locally, never sent.
         let rcpts: Vec<Option<String>> = envelope
@@ -228,6 +234,29 @@ impl Client {
                 self.peer
             )))
         }
+    }
+
+    /// Why this message cannot go to this upstream at all, as the
+    /// permanent reply its recipients get: SMTPUTF8 mail to an upstream
+    /// without SMTPUTF8 (RFC 6531 §3.2: 5.6.7), and 8-bit content to one
+    /// without 8BITMIME (RFC 6152 §3: we do not convert, so 5.6.3).
+    /// A message merely flagged 8BITMIME whose bytes are all 7-bit goes.
+    pub(crate) fn unsendable(&self, envelope: &OutboundEnvelope, message: &[u8]) -> Option<Reply> {
+        if envelope.smtputf8 && !self.caps.smtputf8 {
+            return Some(Reply {
+                code: 553,
+                enhanced: Some("5.6.7".into()),
+                text: "the message needs SMTPUTF8, which the upstream does not offer".into(),
+            });
+        }
+        if !self.caps.eightbitmime && message.iter().any(|b| *b >= 0x80) {
+            return Some(Reply {
+                code: 554,
+                enhanced: Some("5.6.3".into()),
+                text: "8-bit content, and the upstream does not offer 8BITMIME".into(),
+            });
+        }
+        None
     }
 
     /// `MAIL FROM:<sender>` with only the parameters the upstream
@@ -450,6 +479,54 @@ mod tests {
             )
         );
         assert_eq!(body, b"Subject: t\r\n\r\nhello\r\n.\r\n");
+    }
+
+    #[tokio::test]
+    async fn mail_the_upstream_cannot_take_is_refused_before_mail_with_a_permanent_status() {
+        let (listener, addr) = listener().await;
+        let server = tokio::spawn(async move {
+            let mut p = Peer::accept(&listener).await;
+            // Neither 8BITMIME nor SMTPUTF8 offered.
+            p.greet("250-up.test\r\n250 PIPELINING\r\n").await;
+            // The 7-bit message flagged 8BITMIME still goes (without BODY=).
+            p.expect("MAIL FROM:<s@x.test>\r\n").await;
+            p.send("250 ok\r\n").await;
+            p.expect("RCPT TO:<a@x.test>").await;
+            p.send("250 ok\r\n").await;
+            p.expect("DATA").await;
+            p.send("354 go\r\n").await;
+            let _ = p.body().await;
+            p.send("250 ok\r\n").await;
+        });
+        let mut client = bounded(Client::connect(addr, "relay.test", quick()))
+            .await
+            .unwrap();
+        let mut env = envelope(&["a@x.test"]);
+        env.sender = "s@x.test".into();
+        env.smtputf8 = true;
+        let refused = bounded(client.send(&env, b"Subject: x\r\n\r\nhi\r\n")).await;
+        match refused {
+            Err(e @ ClientError::Rejected { .. }) => {
+                assert!(e.is_about_message(), "{e}");
+                let ClientError::Rejected { reply, .. } = e else {
+                    unreachable!()
+                };
+                assert_eq!((reply.code, reply.status()), (553, "5.6.7".to_string()));
+            }
+            other => panic!("SMTPUTF8 mail to an upstream without SMTPUTF8: {other:?}"),
+        }
+        env.smtputf8 = false;
+        env.body_8bit = true;
+        let refused = bounded(client.send(&env, "Subject: x\r\n\r\nh\u{e9}\r\n".as_bytes())).await;
+        match refused {
+            Err(ClientError::Rejected { reply, .. }) => assert_eq!(reply.status(), "5.6.3"),
+            other => panic!("8-bit content to an upstream without 8BITMIME: {other:?}"),
+        }
+        let report = bounded(client.send(&env, b"Subject: x\r\n\r\nplain\r\n"))
+            .await
+            .unwrap();
+        assert!(report.data.is_some_and(|r| r.is_positive()));
+        bounded(server).await.unwrap();
     }
 
     #[tokio::test]

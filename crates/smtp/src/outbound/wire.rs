@@ -17,8 +17,11 @@ use tokio::time::timeout;
 pub(super) trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 
-/// Longest reply line accepted from an upstream; beyond, it is broken.
+/// Longest reply line kept from an upstream; the rest of a longer line is
+/// read and dropped (what we store of a reply is cut to 512 bytes anyway).
 const MAX_REPLY_LINE: usize = 4096;
+/// Longest reply line read at all: beyond, the upstream is broken.
+const MAX_REPLY_LINE_READ: usize = 1 << 20;
 /// Most lines in one reply (EHLO replies have a dozen or so).
 const MAX_REPLY_LINES: usize = 128;
 
@@ -213,11 +216,15 @@ where
     })
 }
 
-/// Reads up to and including LF, refusing lines beyond [`MAX_REPLY_LINE`].
+/// Reads up to and including LF, keeping at most [`MAX_REPLY_LINE`] bytes
+/// (the kept part ends in CRLF) and refusing lines beyond
+/// [`MAX_REPLY_LINE_READ`]: a huge reply costs reading it, never storing it.
 async fn read_line<R>(io: &mut R, line: &mut Vec<u8>) -> Result<(), ClientError>
 where
     R: AsyncBufRead + Unpin,
 {
+    let mut seen = 0usize;
+    let mut cut = false;
     loop {
         let buf = io
             .fill_buf()
@@ -230,12 +237,25 @@ where
             Some(i) => (i + 1, true),
             None => (buf.len(), false),
         };
-        line.extend_from_slice(&buf[..take]);
+        let room = MAX_REPLY_LINE.saturating_sub(line.len());
+        if take <= room && !cut {
+            line.extend_from_slice(&buf[..take]);
+        } else {
+            line.extend_from_slice(&buf[..room.min(take)]);
+            cut = true;
+        }
+        seen += take;
         io.consume(take);
-        if line.len() > MAX_REPLY_LINE {
-            return Err(ClientError::Io("reply line too long".into()));
+        if seen > MAX_REPLY_LINE_READ {
+            return Err(ClientError::Io("reply line over 1 MiB".into()));
         }
         if done {
+            if cut {
+                while line.last().is_some_and(|b| *b == b'\r' || *b == b'\n') {
+                    line.pop();
+                }
+                line.extend_from_slice(b"\r\n");
+            }
             return Ok(());
         }
     }
@@ -319,6 +339,25 @@ mod tests {
         assert!(parse_reply_line("25").is_none());
         assert!(parse_reply_line("250x").is_none());
         assert!(parse_reply_line("650 no").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_huge_reply_line_is_cut_and_the_stream_stays_in_step() {
+        let mut text = b"550 5.1.1 ".to_vec();
+        text.extend(std::iter::repeat_n(b'x', 500_000));
+        text.extend_from_slice(b"\r\n250 2.0.0 next\r\n");
+        let mut input: &[u8] = &text;
+        let reply = read_reply(&mut input, None).await.unwrap();
+        assert_eq!(
+            (reply.code, reply.enhanced.as_deref()),
+            (550, Some("5.1.1"))
+        );
+        assert!(reply.text.len() <= MAX_REPLY_LINE, "{}", reply.text.len());
+        let next = read_reply(&mut input, None).await.unwrap();
+        assert_eq!((next.code, next.text.as_str()), (250, "next"));
+        let endless = vec![b'x'; MAX_REPLY_LINE_READ + 10];
+        let mut input: &[u8] = &endless;
+        assert!(read_reply(&mut input, None).await.is_err());
     }
 
     #[tokio::test]
