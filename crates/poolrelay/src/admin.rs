@@ -208,13 +208,21 @@ async fn delete_all(State(admin): State<Shared>, Path(pool): Path<String>) -> Re
     // By id: the loop lists the pool again after each pass, and a message
     // still busy then must not be counted twice.
     let mut busy = std::collections::BTreeSet::new();
+    // Corrupt records are skipped and reported: only `queue delete ID`
+    // removes one, so a bad record is never deleted unseen.
+    let mut corrupt = Vec::new();
+    let mut after: Option<String> = None;
     loop {
-        let page = match admin.relay.list_messages(&pool, None, 1000) {
+        let page = match admin.relay.list_messages(&pool, after.as_deref(), 1000) {
             Ok(p) => p,
             Err(e) => return control_error(e),
         };
-        let before = deleted;
+        after = page.last().map(|m| m.id.clone());
         for m in &page {
+            if m.corrupt.is_some() {
+                corrupt.push(m.id.clone());
+                continue;
+            }
             match admin.relay.delete_message(&m.id).await {
                 Ok(()) => {
                     deleted += 1;
@@ -228,14 +236,19 @@ async fn delete_all(State(admin): State<Shared>, Path(pool): Path<String>) -> Re
                 Err(e) => return control_error(e),
             }
         }
-        if page.is_empty() || deleted == before {
+        if page.is_empty() {
             break;
         }
     }
+    if !corrupt.is_empty() {
+        tracing::warn!(pool, corrupt = ?corrupt, "delete-all skipped corrupt records; `poolrelay queue delete ID` removes one");
+    }
     let busy = busy.len();
     if busy == 0 {
-        return Json(serde_json::json!({ "ok": true, "deleted": deleted, "busy": 0 }))
-            .into_response();
+        return Json(
+            serde_json::json!({ "ok": true, "deleted": deleted, "busy": 0, "corrupt": corrupt }),
+        )
+        .into_response();
     }
     let message = format!(
         "deleted {deleted} messages of pool {pool}; {busy} not deleted: being delivered right now, try again in a moment"
@@ -248,7 +261,7 @@ async fn delete_all(State(admin): State<Shared>, Path(pool): Path<String>) -> Re
     );
     (
         StatusCode::CONFLICT,
-        Json(serde_json::json!({ "error": message, "deleted": deleted, "busy": busy })),
+        Json(serde_json::json!({ "error": message, "deleted": deleted, "busy": busy, "corrupt": corrupt })),
     )
         .into_response()
 }

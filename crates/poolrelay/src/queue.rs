@@ -236,6 +236,16 @@ fn report(answer: Answer, ok: impl Fn(&Value) -> String) -> i32 {
 /// non-zero `busy` count is treated the same, as the delete was partial.
 fn report_delete_all(answer: Answer, pool: &str) -> i32 {
     let busy = answer.body["busy"].as_u64().unwrap_or(0);
+    if let Some(corrupt) = answer.body["corrupt"].as_array()
+        && !corrupt.is_empty()
+    {
+        let ids: Vec<&str> = corrupt.iter().filter_map(|v| v.as_str()).collect();
+        eprintln!(
+            "poolrelay: skipped {} corrupt records of pool {pool} ({}); `poolrelay queue delete ID` removes one",
+            ids.len(),
+            ids.join(", ")
+        );
+    }
     if (200..300).contains(&answer.status) && busy > 0 {
         eprintln!(
             "poolrelay: deleted {} messages of pool {pool}; {busy} not deleted: being delivered right now, try again in a moment",
@@ -439,6 +449,9 @@ fn list(api: &Api, pool: Option<String>, json: bool, limit: usize) -> Result<i32
         );
         if let Some(reply) = m["last_reply"].as_str() {
             println!("{:<17} ({reply})", "");
+        }
+        if let Some(corrupt) = m["corrupt"].as_str() {
+            println!("{:<17} CORRUPT: {corrupt}", "");
         }
         if let Some(waiting) = m["waiting"].as_str() {
             println!("{:<17} waiting: {waiting}", "");

@@ -88,6 +88,11 @@ pub struct MessageSummary {
     /// Why it waits: its retry time, or why its pool cannot deliver now.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting: Option<String>,
+    /// Set when the record cannot be read: why. Listed (so one bad record
+    /// does not hide the others) but never acted on in bulk; `queue delete
+    /// ID` removes it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub corrupt: Option<String>,
 }
 
 /// One message in `queue show`.
@@ -120,11 +125,35 @@ fn summarize(id: QueueId, env: &Envelope, pool_waiting: Option<&str>) -> Message
         last_reply: env
             .pending()
             .find_map(|r| r.last_reply.as_ref().map(ToString::to_string)),
+        corrupt: None,
         waiting: if env.next_attempt_ms > now {
             Some(format!("retry at {}", format_time(env.next_attempt_ms)))
         } else {
             pool_waiting.map(str::to_string)
         },
+    }
+}
+
+/// The listing of a record that cannot be read.
+fn corrupt_summary(id: QueueId, pool: &str, error: &SpoolError) -> MessageSummary {
+    MessageSummary {
+        id: format_id(id),
+        pool: pool.to_string(),
+        sender: String::new(),
+        recipients: 0,
+        pending: 0,
+        delivered: 0,
+        bounced: 0,
+        size: 0,
+        age_seconds: now_ms().saturating_sub(poolrelay_spool::accepted_ms_of(id)) as f64 / 1000.0,
+        attempts: 0,
+        next_attempt_in_seconds: 0.0,
+        last_reply: None,
+        waiting: None,
+        corrupt: Some(format!(
+            "{error}; `poolrelay queue delete {}` removes it",
+            format_id(id)
+        )),
     }
 }
 
@@ -195,10 +224,8 @@ impl Running {
         for (id, env) in self.spool().list(pool, after, limit)? {
             match env {
                 Ok(env) => out.push(summarize(id, &env, waiting.as_deref())),
-                // One bad record must not hide the others: report and skip it.
-                Err(e) => {
-                    tracing::error!(queue_id = %format_id(id), pool, "{e}; skipped in the listing")
-                }
+                // One bad record must not hide the others: listed as corrupt.
+                Err(e) => out.push(corrupt_summary(id, pool, &e)),
             }
         }
         Ok(out)
@@ -328,9 +355,17 @@ impl Running {
         Ok(())
     }
 
-    /// Deletes one message, without a DSN.
+    /// Deletes one message, without a DSN. A record that cannot be read
+    /// is removed too (it is in no scheduler: recovery skipped it).
     pub async fn delete_message(&self, id: &str) -> Result<(), ControlError> {
         let id = id_from(id)?;
+        for pool in self.spool().pools() {
+            if let Err(SpoolError::Corrupt { reason, .. }) = self.spool().envelope(id, &pool) {
+                self.queue.remove(id, &pool).await?;
+                tracing::warn!(queue_id = %format_id(id), pool = %pool, reason = %reason, "corrupt record deleted by the operator");
+                return Ok(());
+            }
+        }
         let envelope = self.claim(id)?;
         if let Err(e) = self.queue.remove(id, &envelope.pool).await {
             self.scheduler
