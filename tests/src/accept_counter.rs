@@ -37,7 +37,9 @@ impl AcceptCounter {
                 while !s.load(Ordering::SeqCst) {
                     match listener.accept() {
                         Ok((stream, _)) => {
-                            a.lock().unwrap_or_else(|e| e.into_inner()).push(Instant::now());
+                            a.lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(Instant::now());
                             drop(stream);
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(2)),

@@ -12,9 +12,7 @@ use std::time::Duration;
 
 use poolrelay_tests::admin::queued_message;
 use poolrelay_tests::scripted::Scripted;
-use poolrelay_tests::{
-    Relay, Sink, SinkMessage, data_bytes, message, run_with_input, unique_id,
-};
+use poolrelay_tests::{Relay, Sink, SinkMessage, data_bytes, message, run_with_input, unique_id};
 use serde_json::Value;
 
 const DSN_WAIT: Duration = Duration::from_secs(20);
@@ -58,7 +56,9 @@ print(json.dumps(out))
 fn python_parse(m: &SinkMessage) -> Value {
     let found = Command::new("python3").arg("--version").output();
     if !found.is_ok_and(|o| o.status.success()) {
-        panic!("python3 is missing: install it (apt-get install python3) to parse DSNs independently");
+        panic!(
+            "python3 is missing: install it (apt-get install python3) to parse DSNs independently"
+        );
     }
     let mut cmd = Command::new("python3");
     cmd.arg("-c").arg(PY_DSN);
@@ -68,7 +68,11 @@ fn python_parse(m: &SinkMessage) -> Value {
         "python3 email parser",
         Duration::from_secs(30),
     );
-    assert!(out.status.success(), "python3 could not parse the DSN:\n{out}\n{}", m.raw);
+    assert!(
+        out.status.success(),
+        "python3 could not parse the DSN:\n{out}\n{}",
+        m.raw
+    );
     serde_json::from_str(&out.stdout)
         .unwrap_or_else(|e| panic!("python3 printed no JSON ({e}):\n{out}"))
 }
@@ -77,7 +81,9 @@ fn python_parse(m: &SinkMessage) -> Value {
 fn field<'a>(block: &'a Value, name: &str) -> Option<&'a str> {
     block.as_array()?.iter().find_map(|kv| {
         let k = kv[0].as_str()?;
-        k.eq_ignore_ascii_case(name).then(|| kv[1].as_str()).flatten()
+        k.eq_ignore_ascii_case(name)
+            .then(|| kv[1].as_str())
+            .flatten()
     })
 }
 
@@ -134,20 +140,40 @@ fn setup() -> Setup {
 
 /// One transaction with raw MAIL and RCPT parameters; returns (Message-ID,
 /// body marker, queue id).
-fn send_raw(relay: &Relay, from: &str, mail_params: &str, rcpts: &[&str]) -> (String, String, String) {
+fn send_raw(
+    relay: &Relay,
+    from: &str,
+    mail_params: &str,
+    rcpts: &[&str],
+) -> (String, String, String) {
     let id = unique_id("dsn");
     let marker = format!("BODY-MARKER-{}", unique_id("body").replace(['@', '.'], "-"));
     let mut c = relay.client();
     c.ehlo();
-    let r = c.cmd(&format!("MAIL FROM:<{from}> {mail_params}").trim_end().to_string());
-    assert_eq!(r.code, 250, "MAIL FROM:<{from}> {mail_params}: {r}\n{}", relay.logs());
+    let r = c.cmd(
+        &format!("MAIL FROM:<{from}> {mail_params}")
+            .trim_end()
+            .to_string(),
+    );
+    assert_eq!(
+        r.code,
+        250,
+        "MAIL FROM:<{from}> {mail_params}: {r}\n{}",
+        relay.logs()
+    );
     for rcpt in rcpts {
         let r = c.cmd(&format!("RCPT TO:{rcpt}"));
         assert_eq!(r.code, 250, "RCPT TO:{rcpt}: {r}\n{}", relay.logs());
     }
     let r = c.cmd("DATA");
     assert_eq!(r.code, 354, "DATA: {r}");
-    let text = message(&id, from, "member@dest.test", "dsn test", &format!("{marker}\nsecond line\n"));
+    let text = message(
+        &id,
+        from,
+        "member@dest.test",
+        "dsn test",
+        &format!("{marker}\nsecond line\n"),
+    );
     c.write_bytes(&data_bytes(&text))
         .unwrap_or_else(|e| panic!("writing the message: {e}"));
     let r = c
@@ -192,9 +218,15 @@ fn report_parts(dsn: &Value, raw: &str) -> (Value, Vec<Value>, Value) {
     let parts = dsn["parts"].as_array().cloned().unwrap_or_default();
     assert_eq!(parts.len(), 3, "a DSN has three parts: {dsn:#}");
     assert_eq!(parts[0]["type"], "text/plain", "part 1: {dsn:#}");
-    assert_eq!(parts[1]["type"], "message/delivery-status", "part 2: {dsn:#}");
+    assert_eq!(
+        parts[1]["type"], "message/delivery-status",
+        "part 2: {dsn:#}"
+    );
     let blocks = parts[1]["blocks"].as_array().cloned().unwrap_or_default();
-    assert!(blocks.len() >= 2, "per-message and per-recipient fields: {dsn:#}");
+    assert!(
+        blocks.len() >= 2,
+        "per-message and per-recipient fields: {dsn:#}"
+    );
     assert_eq!(
         field(&blocks[0], "Reporting-MTA").map(squash).as_deref(),
         Some("dns;relay.test"),
@@ -206,7 +238,11 @@ fn report_parts(dsn: &Value, raw: &str) -> (Value, Vec<Value>, Value) {
 
 #[test]
 fn dsn_for_ret_hdrs_is_rfc3464_with_envid_orcpt_enhanced_status_and_headers_only() {
-    let Setup { up, dsn_sink, relay } = setup();
+    let Setup {
+        up,
+        dsn_sink,
+        relay,
+    } = setup();
     let sender = "owner-hdrs@lists.test";
     let envid = "ENV-hdrs-42";
     let (id, marker, _qid) = send_raw(
@@ -223,7 +259,9 @@ fn dsn_for_ret_hdrs_is_rfc3464_with_envid_orcpt_enhanced_status_and_headers_only
     let dsn = python_parse(&m);
     let (human, blocks, returned) = report_parts(&dsn, &m.raw);
     assert!(
-        human["text"].as_str().is_some_and(|t| t.contains("gone@dest.test")),
+        human["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("gone@dest.test")),
         "the human-readable part names the failed recipient: {human:#}"
     );
     assert_eq!(
@@ -250,15 +288,23 @@ fn dsn_for_ret_hdrs_is_rfc3464_with_envid_orcpt_enhanced_status_and_headers_only
             Some(format!("rfc822;{orig}")),
             "Original-Recipient of {addr}: {b:#}"
         );
-        assert_eq!(field(b, "Action"), Some("failed"), "Action of {addr}: {b:#}");
+        assert_eq!(
+            field(b, "Action"),
+            Some("failed"),
+            "Action of {addr}: {b:#}"
+        );
         assert_eq!(field(b, "Status"), Some(status), "Status of {addr}: {b:#}");
         let diag = field(b, "Diagnostic-Code").map(squash).unwrap_or_default();
         assert!(
-            diag.to_ascii_lowercase().starts_with(&format!("smtp;{code}")),
+            diag.to_ascii_lowercase()
+                .starts_with(&format!("smtp;{code}")),
             "Diagnostic-Code of {addr} should be the upstream's reply {code}: {b:#}"
         );
     }
-    assert_eq!(returned["type"], "text/rfc822-headers", "RET=HDRS: part 3 {dsn:#}");
+    assert_eq!(
+        returned["type"], "text/rfc822-headers",
+        "RET=HDRS: part 3 {dsn:#}"
+    );
     let headers = returned["text"].as_str().unwrap_or_default();
     assert!(
         headers.contains(&format!("<{id}>")),
@@ -297,26 +343,45 @@ fn dsn_for_ret_full_returns_the_whole_message_as_message_rfc822() {
         None,
         "no ORCPT was given, so no Original-Recipient: {b:#}"
     );
-    assert_eq!(field(&blocks[0], "Original-Envelope-Id"), Some("ENV-full-7"));
-    assert_eq!(returned["type"], "message/rfc822", "RET=FULL: part 3 {dsn:#}");
+    assert_eq!(
+        field(&blocks[0], "Original-Envelope-Id"),
+        Some("ENV-full-7")
+    );
+    assert_eq!(
+        returned["type"], "message/rfc822",
+        "RET=FULL: part 3 {dsn:#}"
+    );
     let mid = returned["headers"]
         .as_array()
         .and_then(|h| {
-            h.iter()
-                .find(|kv| kv[0].as_str().is_some_and(|k| k.eq_ignore_ascii_case("Message-ID")))
+            h.iter().find(|kv| {
+                kv[0]
+                    .as_str()
+                    .is_some_and(|k| k.eq_ignore_ascii_case("Message-ID"))
+            })
         })
         .and_then(|kv| kv[1].as_str())
         .unwrap_or_default();
-    assert_eq!(mid, format!("<{id}>"), "the returned message's Message-ID: {dsn:#}");
+    assert_eq!(
+        mid,
+        format!("<{id}>"),
+        "the returned message's Message-ID: {dsn:#}"
+    );
     assert!(
-        returned["body"].as_str().is_some_and(|b| b.contains(&marker)),
+        returned["body"]
+            .as_str()
+            .is_some_and(|b| b.contains(&marker)),
         "RET=FULL returns the body too ({marker}): {dsn:#}"
     );
 }
 
 #[test]
 fn notify_never_gets_no_dsn_and_notify_failure_on_one_recipient_reports_only_that_one() {
-    let Setup { up, dsn_sink, relay } = setup();
+    let Setup {
+        up,
+        dsn_sink,
+        relay,
+    } = setup();
     // NOTIFY=NEVER on the rejected recipient: no DSN at all.
     let never = "owner-never@lists.test";
     let (_, _, never_qid) = send_raw(
@@ -332,7 +397,10 @@ fn notify_never_gets_no_dsn_and_notify_failure_on_one_recipient_reports_only_tha
         &relay,
         one,
         "",
-        &["<gone@dest.test> NOTIFY=FAILURE", "<plain@dest.test> NOTIFY=DELAY"],
+        &[
+            "<gone@dest.test> NOTIFY=FAILURE",
+            "<plain@dest.test> NOTIFY=DELAY",
+        ],
     );
     let m = dsn_for(&dsn_sink, &relay, one);
     let dsn = python_parse(&m);

@@ -155,22 +155,32 @@ fn reload_moves_queued_mail(via_sighup: bool) {
         || uncounted_attempts(&relay, &sent.queue_id) >= 1,
     );
     assert_eq!(new.count(), 0, "test bug: the new upstream got mail early");
-    let text = relay
-        .config_text()
-        .replace(&format!("host = \"{old_host}\""), &format!("host = \"{}\"", new.addr()));
+    let text = relay.config_text().replace(
+        &format!("host = \"{old_host}\""),
+        &format!("host = \"{}\"", new.addr()),
+    );
     relay.write_config(&text);
     if via_sighup {
         relay.signal_and_wait_for_log("HUP", "SIGHUP: reloaded");
     } else {
-        let out = poolrelay(&["reload", "--admin", &relay.admin_url()], Duration::from_secs(30));
-        assert!(out.status.success(), "poolrelay reload:\n{out}\n{}", relay.logs());
+        let out = poolrelay(
+            &["reload", "--admin", &relay.admin_url()],
+            Duration::from_secs(30),
+        );
+        assert!(
+            out.status.success(),
+            "poolrelay reload:\n{out}\n{}",
+            relay.logs()
+        );
     }
     // The old host's backoff is at 2 s or more by now; the new workers must
     // not wait for it: 10 s is plenty, and the message must leave the queue.
     new.wait_for_message_id(&sent.message_id, Duration::from_secs(10));
-    relay.wait_until("the message to leave the queue", Duration::from_secs(10), || {
-        poolrelay_tests::admin::queued_message(&relay, "A", &sent.queue_id).is_none()
-    });
+    relay.wait_until(
+        "the message to leave the queue",
+        Duration::from_secs(10),
+        || poolrelay_tests::admin::queued_message(&relay, "A", &sent.queue_id).is_none(),
+    );
 }
 
 #[test]
@@ -209,8 +219,15 @@ fn reload_then_queue_flush_sends_deferred_mail_to_the_new_upstream() {
         &format!("host = \"{}\"", new.addr()),
     );
     relay.write_config(&text);
-    let out = poolrelay(&["reload", "--admin", &relay.admin_url()], Duration::from_secs(30));
-    assert!(out.status.success(), "poolrelay reload:\n{out}\n{}", relay.logs());
+    let out = poolrelay(
+        &["reload", "--admin", &relay.admin_url()],
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success(),
+        "poolrelay reload:\n{out}\n{}",
+        relay.logs()
+    );
     queue_ok(&relay, &["flush", &sent.queue_id]);
     new.wait_for_message_id(&sent.message_id, Duration::from_secs(10));
 }
