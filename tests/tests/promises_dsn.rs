@@ -150,11 +150,7 @@ fn send_raw(
     let marker = format!("BODY-MARKER-{}", unique_id("body").replace(['@', '.'], "-"));
     let mut c = relay.client();
     c.ehlo();
-    let r = c.cmd(
-        &format!("MAIL FROM:<{from}> {mail_params}")
-            .trim_end()
-            .to_string(),
-    );
+    let r = c.cmd(format!("MAIL FROM:<{from}> {mail_params}").trim_end());
     assert_eq!(
         r.code,
         250,
