@@ -5,11 +5,12 @@
 //! wait is bounded. When a wait fails, the panic message carries the tail of
 //! the logs of the process concerned. The items of the general modules are
 //! re-exported here (`use poolrelay_tests::{Relay, Sink, ...}`); the
-//! topic modules (`admin`, `delivery`, `ledger`, `listserv`, `operating`,
+//! topic modules (`accept_counter`, `admin`, `delivery`, `ledger`, `listserv`, `operating`,
 //! `postfix_upstream`, `scripted`) are used by path.
 
 #![warn(missing_docs)]
 
+pub mod accept_counter;
 pub mod admin;
 pub mod command;
 pub mod delivery;
