@@ -129,11 +129,13 @@ pub(crate) fn describe(c: &Config) -> String {
     );
     let _ = writeln!(
         o,
-        "sessions: max {}   command timeout {}   data timeout {}   max line {} bytes",
+        "sessions: max {} ({} per client)   command timeout {}   data timeout {}   max line {} bytes   max hops {}",
         s.max_sessions,
+        s.max_sessions_per_client,
         format_duration(s.command_timeout),
         format_duration(s.data_timeout),
-        s.max_line_length
+        s.max_line_length,
+        s.max_hops
     );
     if !s.hosts.is_empty() {
         let hosts: Vec<String> = s.hosts.iter().map(|(k, v)| format!("{k} -> {v}")).collect();

@@ -97,12 +97,16 @@ pub struct Server {
     pub timezone: Option<String>,
     /// Cap on concurrent inbound SMTP sessions over all listeners. Default 1000.
     pub max_sessions: usize,
+    /// Cap on concurrent inbound sessions from one client IP address. Default 20.
+    pub max_sessions_per_client: usize,
     /// Idle time allowed between commands (`command_timeout`). Default 5m (RFC 5321 §4.5.3.2.7).
     pub command_timeout: Duration,
     /// Idle time allowed between data blocks (`data_timeout`). Default 3m.
     pub data_timeout: Duration,
     /// Longest command line accepted, CRLF included (`max_line_length`). Default 2048.
     pub max_line_length: usize,
+    /// Most `Received:` fields an inbound message may carry (`max_hops`); beyond, a mail loop. Default 50.
+    pub max_hops: usize,
     /// Test/migration aid (`hosts`): host name -> "ip:port" or "ip", used
     /// instead of DNS for upstream names (case-insensitive keys, stored lowercase).
     pub hosts: BTreeMap<String, String>,

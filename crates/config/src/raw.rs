@@ -36,9 +36,11 @@ pub(crate) struct RawServer {
     pub spool_dir: Option<Str>,
     pub timezone: Option<Str>,
     pub max_sessions: Option<Int>,
+    pub max_sessions_per_client: Option<Int>,
     pub command_timeout: Option<Unit>,
     pub data_timeout: Option<Unit>,
     pub max_line_length: Option<Int>,
+    pub max_hops: Option<Int>,
     pub hosts: Option<BTreeMap<String, Str>>,
     pub spool_min_free: Option<Unit>,
 }

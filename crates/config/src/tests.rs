@@ -120,9 +120,11 @@ fn full_example() {
             spool_dir: "/var/spool/poolrelay".into(),
             timezone: Some("Europe/Paris".into()),
             max_sessions: 200,
+            max_sessions_per_client: 20,
             command_timeout: secs(120),
             data_timeout: secs(90),
             max_line_length: 4096,
+            max_hops: 50,
             hosts: [
                 ("backup".to_string(), "::1".to_string()),
                 (
@@ -313,6 +315,8 @@ fn minimal_config_gets_the_defaults() {
     assert_eq!(c.server.command_timeout, secs(300));
     assert_eq!(c.server.data_timeout, secs(180));
     assert_eq!(c.server.max_line_length, 2048);
+    assert_eq!(c.server.max_sessions_per_client, 20);
+    assert_eq!(c.server.max_hops, 50);
     assert!(c.server.hosts.is_empty());
     let l = &c.listeners[0];
     assert_eq!(l.name, "127.0.0.1:2525");
@@ -637,6 +641,16 @@ fn bad_units() {
         &["defaults.fallback", "\"name:port\""],
     );
     err(
+        &format!("{LISTENER}[server]\nmax_sessions_per_client = 0\n"),
+        4,
+        &["max_sessions_per_client = 1 or more"],
+    );
+    err(
+        &format!("{LISTENER}[server]\nmax_hops = 0\n"),
+        4,
+        &["max_hops = 1 or more"],
+    );
+    err(
         &format!("{LISTENER}[server]\nmax_line_length = 100\n"),
         4,
         &["max_line_length = 512 or more"],
@@ -932,4 +946,17 @@ fn spool_min_free_takes_a_size_or_a_share_and_defaults_to_the_smaller_of_256mb_a
     assert!(with("lots").unwrap_err().to_string().contains(":2:"));
     assert_eq!(crate::MinFree::Default.bytes_of(100 << 30), 256 << 20);
     assert_eq!(crate::MinFree::Default.bytes_of(1_000_000_000), 50_000_000);
+}
+
+#[test]
+fn per_client_sessions_and_hops_are_read_and_printed() {
+    let c = parse(&format!(
+        "{LISTENER}[server]\nmax_sessions_per_client = 5\nmax_hops = 30\n"
+    ))
+    .unwrap();
+    assert_eq!(c.server.max_sessions_per_client, 5);
+    assert_eq!(c.server.max_hops, 30);
+    let d = c.describe();
+    assert!(d.contains("sessions: max 1000 (5 per client)"), "{d}");
+    assert!(d.contains("max hops 30"), "{d}");
 }

@@ -414,9 +414,11 @@ impl Ctx<'_> {
             spool_dir: PathBuf::from("var/spool"),
             timezone: None,
             max_sessions: 1000,
+            max_sessions_per_client: 20,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             max_line_length: 2048,
+            max_hops: 50,
             hosts: BTreeMap::new(),
             spool_min_free: crate::MinFree::Default,
         };
@@ -474,6 +476,14 @@ impl Ctx<'_> {
         }
         if let Some(v) = &raw.max_sessions {
             s.max_sessions = self.int("max_sessions", v, 1, "").unwrap_or(s.max_sessions);
+        }
+        if let Some(v) = &raw.max_sessions_per_client {
+            s.max_sessions_per_client = self
+                .int("max_sessions_per_client", v, 1, "")
+                .unwrap_or(s.max_sessions_per_client);
+        }
+        if let Some(v) = &raw.max_hops {
+            s.max_hops = self.int("max_hops", v, 1, "").unwrap_or(s.max_hops);
         }
         if let Some(v) = &raw.command_timeout {
             s.command_timeout = self

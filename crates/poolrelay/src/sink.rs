@@ -77,6 +77,7 @@ async fn serve(state: Arc<State>, stream: TcpStream, peer: SocketAddr) -> std::i
             max_recipients: 100_000,
             max_line_length: 4096,
             relay_allowed: true,
+            max_hops: usize::MAX,
         },
         peer,
     );

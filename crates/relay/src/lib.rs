@@ -256,6 +256,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         })),
         queue: queue.clone(),
         sessions: Arc::new(Semaphore::new(config.server.max_sessions)),
+        per_client: Arc::default(),
         stopping: stopping_rx,
     });
     let mut listeners = Vec::new();

@@ -3,14 +3,16 @@
 //! for the final dot is written only after the spool says the message is
 //! fsynced; a spool failure answers `452 4.3.1` and nothing is queued.
 
-use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use poolrelay_config::{Config, Listener};
-use poolrelay_smtp::inbound::{Output, Session, SessionConfig, Transaction};
+use poolrelay_smtp::inbound::{Output, Session, SessionConfig, Transaction, log_safe};
 use poolrelay_spool::{Envelope, Recipient, RecipientState, format_id, now_ms};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
@@ -35,6 +37,8 @@ pub struct Inbound {
     pub queue: Queue,
     /// Caps concurrent sessions over all listeners (`server.max_sessions`).
     pub sessions: Arc<Semaphore>,
+    /// Open sessions per client address (`server.max_sessions_per_client`).
+    pub per_client: Arc<Mutex<HashMap<IpAddr, usize>>>,
     /// Becomes true when the relay stops accepting.
     pub stopping: watch::Receiver<bool>,
 }
@@ -60,6 +64,38 @@ impl Inbound {
     pub fn rules(&self) -> Arc<Rules> {
         self.rules.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    /// Counts one more session from `ip` unless it already has `max`.
+    fn claim_client_slot(&self, ip: IpAddr, max: usize) -> Option<ClientSlot> {
+        let mut map = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
+        let open = map.entry(ip).or_insert(0);
+        if *open >= max {
+            return None;
+        }
+        *open += 1;
+        Some(ClientSlot {
+            map: self.per_client.clone(),
+            ip,
+        })
+    }
+}
+
+/// One session counted against its client address; uncounted on drop.
+struct ClientSlot {
+    map: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(open) = map.get_mut(&self.ip) {
+            *open -= 1;
+            if *open == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Accepts connections until the task is dropped. Once the relay is
@@ -69,7 +105,12 @@ pub async fn serve(inbound: Arc<Inbound>, listener: Listener, socket: TcpListene
     loop {
         let accepted = socket.accept().await;
         let (stream, peer) = match accepted {
-            Ok(a) => a,
+            // An IPv4 client of a dual-stack listener arrives as
+            // ::ffff:a.b.c.d; it is the IPv4 client for every rule.
+            Ok((stream, peer)) => (
+                stream,
+                SocketAddr::new(peer.ip().to_canonical(), peer.port()),
+            ),
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
                 tracing::warn!(listener = %listener.name, "accept failed: {e}");
@@ -80,7 +121,10 @@ pub async fn serve(inbound: Arc<Inbound>, listener: Listener, socket: TcpListene
         let inbound = inbound.clone();
         let listener = listener.clone();
         tokio::spawn(async move {
-            let hostname = inbound.rules().config.server.hostname.clone();
+            let rules = inbound.rules();
+            let hostname = rules.config.server.hostname.clone();
+            let per_client = rules.config.server.max_sessions_per_client;
+            drop(rules);
             if *inbound.stopping.borrow() {
                 refuse(
                     stream,
@@ -89,6 +133,15 @@ pub async fn serve(inbound: Arc<Inbound>, listener: Listener, socket: TcpListene
                 .await;
                 return;
             }
+            let Some(client_slot) = inbound.claim_client_slot(peer.ip(), per_client) else {
+                metrics::counter!(metric::SMTP_REJECTIONS.name, "listener" => listener.name.clone(), "reason" => metric::TOO_MANY_SESSIONS_PER_CLIENT).increment(1);
+                refuse(
+                    stream,
+                    &format!("421 4.7.0 {hostname} too many connections from your address"),
+                )
+                .await;
+                return;
+            };
             let Ok(permit) = inbound.sessions.clone().try_acquire_owned() else {
                 metrics::counter!(metric::SMTP_REJECTIONS.name, "listener" => listener.name.clone(), "reason" => metric::TOO_MANY_SESSIONS).increment(1);
                 refuse(
@@ -106,13 +159,30 @@ pub async fn serve(inbound: Arc<Inbound>, listener: Listener, socket: TcpListene
             }
             gauge.decrement(1.0);
             drop(permit);
+            drop(client_slot);
         });
     }
 }
 
 async fn refuse(mut stream: TcpStream, reply: &str) {
-    let _ = stream.write_all(format!("{reply}\r\n").as_bytes()).await;
-    let _ = stream.shutdown().await;
+    // A fresh socket's buffer takes one line; the bound is for safety.
+    let bye = async {
+        let _ = stream.write_all(format!("{reply}\r\n").as_bytes()).await;
+        let _ = stream.shutdown().await;
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), bye).await;
+}
+
+/// Writes `bytes`, failing with `TimedOut` when the client does not take
+/// them within `limit`: a client that never reads cannot hold its session.
+async fn write(writer: &mut OwnedWriteHalf, bytes: &[u8], limit: Duration) -> std::io::Result<()> {
+    match tokio::time::timeout(limit, writer.write_all(bytes)).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client did not read its replies",
+        )),
+    }
 }
 
 async fn session(
@@ -128,7 +198,7 @@ async fn session(
     let relay_allowed = listener
         .relay_from
         .iter()
-        .any(|net| net.contains(&peer.ip()));
+        .any(|net| net.contains(&peer.ip().to_canonical()));
     let (mut session, banner) = Session::new(
         SessionConfig {
             hostname: server.hostname.clone(),
@@ -136,25 +206,23 @@ async fn session(
             max_recipients: listener.max_recipients,
             max_line_length: server.max_line_length,
             relay_allowed,
+            max_hops: server.max_hops,
         },
         peer,
     );
-    writer.write_all(&banner).await?;
+    let write_limit = server.command_timeout;
+    write(&mut writer, &banner, write_limit).await?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut out: Vec<u8> = Vec::with_capacity(4096);
     let mut stopping = inbound.stopping.clone();
     loop {
         if *stopping.borrow() && !session.in_transaction() {
             // Shutting down: an idle session is told so rather than held open.
-            writer
-                .write_all(
-                    format!(
-                        "421 4.3.2 {} shutting down, try again later\r\n",
-                        server.hostname
-                    )
-                    .as_bytes(),
-                )
-                .await?;
+            let bye = format!(
+                "421 4.3.2 {} shutting down, try again later\r\n",
+                server.hostname
+            );
+            write(&mut writer, bye.as_bytes(), write_limit).await?;
             return Ok(());
         }
         let limit = if session.in_data() {
@@ -171,39 +239,49 @@ async fn session(
             Ok(Ok(n)) => n,
             Ok(Err(e)) => return Err(e),
             Err(_) => {
-                writer.write_all(&session.timeout_reply()).await?;
+                write(&mut writer, &session.timeout_reply(), write_limit).await?;
                 return Ok(());
             }
         };
-        let mut outputs = session.feed(&buf[..n]);
-        count_rejections(&mut session, &listener.name);
-        let mut close = false;
+        let mut input = &buf[..n];
+        // The session parses a bounded amount of replies per feed; it is
+        // fed again only once they were written, so nothing piles up here
+        // for a client that sends without reading.
         loop {
-            let mut resume = false;
-            for output in outputs {
-                match output {
-                    Output::Reply(bytes) => out.extend_from_slice(&bytes),
-                    Output::Message(tx) => {
-                        let reply = queue(inbound, listener, &mut session, *tx).await;
-                        out.extend_from_slice(&reply);
-                        resume = true;
+            let mut outputs = session.feed(input);
+            input = &[];
+            count_rejections(&mut session, &listener.name);
+            let mut close = false;
+            loop {
+                let mut resume = false;
+                for output in outputs {
+                    match output {
+                        Output::Reply(bytes) => out.extend_from_slice(&bytes),
+                        Output::Message(tx) => {
+                            let reply = queue(inbound, listener, &mut session, *tx).await;
+                            out.extend_from_slice(&reply);
+                            resume = true;
+                        }
+                        Output::Close => close = true,
                     }
-                    Output::Close => close = true,
                 }
+                if !resume || close {
+                    break;
+                }
+                outputs = session.feed(&[]);
+                count_rejections(&mut session, &listener.name);
             }
-            if !resume || close {
+            if !out.is_empty() {
+                write(&mut writer, &out, write_limit).await?;
+                out.clear();
+            }
+            if close {
+                let _ = tokio::time::timeout(write_limit, writer.shutdown()).await;
+                return Ok(());
+            }
+            if !session.paused() {
                 break;
             }
-            outputs = session.feed(&[]);
-            count_rejections(&mut session, &listener.name);
-        }
-        if !out.is_empty() {
-            writer.write_all(&out).await?;
-            out.clear();
-        }
-        if close {
-            let _ = writer.shutdown().await;
-            return Ok(());
         }
     }
 }
@@ -267,7 +345,8 @@ async fn queue(
                 target: "poolrelay::accept",
                 queue_id = %id_text,
                 client = %tx.peer,
-                sender = %tx.sender,
+                helo = %log_safe(&tx.helo),
+                sender = %log_safe(&tx.sender),
                 recipients = rcpt_count,
                 size,
                 pool = %decision.pool,
@@ -280,7 +359,7 @@ async fn queue(
             session.queued(&id_text)
         }
         Err(e) => {
-            tracing::error!(client = %tx.peer, sender = %tx.sender, "refused a message because the spool failed: {e}");
+            tracing::error!(client = %tx.peer, sender = %log_safe(&tx.sender), "refused a message because the spool failed: {e}");
             session.queue_failed("spool write failed, try again later")
         }
     }

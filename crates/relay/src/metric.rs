@@ -210,13 +210,15 @@ pub const ALL: &[Metric] = &[
 
 /// The rejection reason of a connection refused at `max_sessions`.
 pub const TOO_MANY_SESSIONS: &str = "too_many_sessions";
+/// The rejection reason of a connection refused at `max_sessions_per_client`.
+pub const TOO_MANY_SESSIONS_PER_CLIENT: &str = "too_many_sessions_per_client";
 
 /// Every `reason` label of [`SMTP_REJECTIONS`].
 pub fn rejection_reasons() -> Vec<&'static str> {
     Rejection::ALL
         .iter()
         .map(|r| r.label())
-        .chain([TOO_MANY_SESSIONS])
+        .chain([TOO_MANY_SESSIONS, TOO_MANY_SESSIONS_PER_CLIENT])
         .collect()
 }
 
@@ -344,6 +346,7 @@ mod tests {
         let reasons = rejection_reasons();
         assert!(reasons.contains(&"relay_denied"));
         assert!(reasons.contains(&TOO_MANY_SESSIONS));
+        assert!(reasons.contains(&TOO_MANY_SESSIONS_PER_CLIENT));
         assert!(
             reasons
                 .iter()

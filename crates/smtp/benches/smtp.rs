@@ -16,6 +16,7 @@ fn config() -> SessionConfig {
         max_recipients: 1000,
         max_line_length: 2048,
         relay_allowed: true,
+        max_hops: 50,
     }
 }
 

@@ -24,6 +24,8 @@ pub struct SessionConfig {
     pub max_line_length: usize,
     /// Whether this client may relay; if not, RCPT gets 554 5.7.1.
     pub relay_allowed: bool,
+    /// Most `Received:` fields a message may arrive with (beyond: 554 5.4.6).
+    pub max_hops: usize,
 }
 
 /// The DSN RET parameter (RFC 3461): how much of the message a failure
@@ -89,6 +91,15 @@ pub enum Output {
 /// so a confused or hostile client cannot keep a slot forever.
 pub const MAX_ERRORS: u32 = 20;
 
+/// After this many junk commands (NOOP, RSET, EHLO, HELO, VRFY, HELP,
+/// unknown) without a message queued, the next one gets 421 4.7.0 and the
+/// session is closed (Postfix's smtpd_junk_command_limit).
+pub const MAX_JUNK_COMMANDS: u32 = 100;
+
+/// Once one [`Session::feed`] has produced this many bytes of replies, it
+/// stops parsing until the caller wrote them and called `feed(&[])`.
+pub const MAX_UNWRITTEN_REPLIES: usize = 16 * 1024;
+
 /// At most this many rejections are kept for [`Session::take_rejections`]
 /// when the caller does not collect them.
 const MAX_KEPT_REJECTIONS: usize = 256;
@@ -117,11 +128,15 @@ pub enum Rejection {
     BareLineEnding,
     /// The session was closed after [`MAX_ERRORS`] errors (421 4.7.0).
     TooManyErrors,
+    /// The session was closed after [`MAX_JUNK_COMMANDS`] (421 4.7.0).
+    TooManyJunkCommands,
+    /// More `Received:` fields than `max_hops`: a mail loop (554 5.4.6).
+    TooManyHops,
 }
 
 impl Rejection {
     /// Every reason, for exporting each counter at 0 before the first event.
-    pub const ALL: [Rejection; 10] = [
+    pub const ALL: [Rejection; 12] = [
         Rejection::Syntax,
         Rejection::Sequence,
         Rejection::Unimplemented,
@@ -132,6 +147,8 @@ impl Rejection {
         Rejection::MessageTooLarge,
         Rejection::BareLineEnding,
         Rejection::TooManyErrors,
+        Rejection::TooManyJunkCommands,
+        Rejection::TooManyHops,
     ];
 
     /// A stable label for metrics.
@@ -147,6 +164,8 @@ impl Rejection {
             Rejection::MessageTooLarge => "message_too_large",
             Rejection::BareLineEnding => "bare_line_ending",
             Rejection::TooManyErrors => "too_many_errors",
+            Rejection::TooManyJunkCommands => "too_many_junk_commands",
+            Rejection::TooManyHops => "too_many_hops",
         }
     }
 }
@@ -190,7 +209,13 @@ pub struct Session {
     recipients: Vec<Recipient>,
     /// The message being received: Received: header, then content.
     message: Vec<u8>,
+    /// Length of our Received: header at the start of `message`.
+    header_len: usize,
     errors: u32,
+    /// Junk commands since the session started or a message was queued.
+    junk: u32,
+    /// The last feed stopped at [`MAX_UNWRITTEN_REPLIES`].
+    paused: bool,
     rejections: Vec<Rejection>,
 }
 
@@ -209,7 +234,10 @@ impl Session {
             mail: None,
             recipients: Vec::new(),
             message: Vec::new(),
+            header_len: 0,
             errors: 0,
+            junk: 0,
+            paused: false,
             rejections: Vec::new(),
         };
         (session, banner)
@@ -224,7 +252,12 @@ impl Session {
     /// [`Output::Message`] nothing more is processed (input is kept) until
     /// [`Session::queued`] or [`Session::queue_failed`], then `feed(&[])`.
     /// After [`Output::Close`] all input is dropped.
+    ///
+    /// Once the replies of one call reach [`MAX_UNWRITTEN_REPLIES`] bytes,
+    /// parsing stops (input is kept) and [`Session::paused`] is true: write
+    /// the replies, then call `feed(&[])` before reading more.
     pub fn feed(&mut self, input: &[u8]) -> Vec<Output> {
+        self.paused = false;
         let mut out = Vec::new();
         if self.pending.is_empty() {
             // Common case: no leftover, so process the caller's bytes in
@@ -253,6 +286,12 @@ impl Session {
     pub fn queue_failed(&mut self, reason: &str) -> Vec<u8> {
         self.end_await();
         format!("452 4.3.1 {}\r\n", printable(reason)).into_bytes()
+    }
+
+    /// True when the last [`Session::feed`] stopped because its replies
+    /// reached [`MAX_UNWRITTEN_REPLIES`]: write them, then `feed(&[])`.
+    pub fn paused(&self) -> bool {
+        self.paused
     }
 
     /// True while receiving message content (the caller uses the DATA timeout).
@@ -291,6 +330,7 @@ impl Session {
         if matches!(self.state, State::AwaitQueue) {
             self.state = State::Command;
         }
+        self.junk = 0;
         self.reset_transaction();
     }
 
@@ -318,6 +358,12 @@ impl Session {
                 }
                 State::Command => {
                     if rest.is_empty() {
+                        return pos;
+                    }
+                    if reply_bytes(out) >= MAX_UNWRITTEN_REPLIES {
+                        // Let the caller write before more is parsed, so a
+                        // client that never reads cannot pile replies up.
+                        self.paused = true;
                         return pos;
                     }
                     let lf = memchr::memchr(b'\n', rest);
@@ -374,6 +420,13 @@ impl Session {
                     push_reply(out, b"451 4.3.0 internal error: no envelope\r\n");
                     return;
                 };
+                let hops = count_received(self.message.get(self.header_len..).unwrap_or_default());
+                if hops > self.config.max_hops {
+                    self.state = State::Command;
+                    self.reset_transaction();
+                    self.refuse(out, Rejection::TooManyHops, b"554 5.4.6 too many hops\r\n");
+                    return;
+                }
                 let transaction = Transaction {
                     helo: self.helo.clone().unwrap_or_default(),
                     peer: self.peer,
@@ -409,7 +462,7 @@ impl Session {
         // retries the rest later), not a sign of a broken peer.
         if !matches!(
             reason,
-            Rejection::TooManyRecipients | Rejection::MessageTooLarge
+            Rejection::TooManyRecipients | Rejection::MessageTooLarge | Rejection::TooManyHops
         ) {
             self.errors += 1;
         }
@@ -437,6 +490,33 @@ impl Session {
     }
 
     fn command(&mut self, line: &[u8], out: &mut Vec<Output>) {
+        let verb = verb(line);
+        if verb.eq_ignore_ascii_case(b"BDAT") {
+            // CHUNKING is not offered, so the client's chunk follows with
+            // no way to know its end: its bytes must never be read as
+            // commands. Refuse and close, keeping the stream in sync.
+            self.note(Rejection::Unimplemented);
+            let reply = format!(
+                "502 5.5.1 BDAT not offered\r\n421 4.7.0 {} closing, BDAT without CHUNKING\r\n",
+                self.config.hostname
+            );
+            push_reply(out, reply.as_bytes());
+            self.close(out);
+            return;
+        }
+        if is_junk(verb) {
+            if self.junk >= MAX_JUNK_COMMANDS {
+                let bye = format!(
+                    "421 4.7.0 {} too many junk commands, closing\r\n",
+                    self.config.hostname
+                );
+                push_reply(out, bye.as_bytes());
+                self.note(Rejection::TooManyJunkCommands);
+                self.close(out);
+                return;
+            }
+            self.junk += 1;
+        }
         let mut bytes = line.iter();
         let request = match Request::parse(&mut bytes) {
             Ok(request) => request,
@@ -461,8 +541,8 @@ impl Session {
                 let reply = format!("250 {}\r\n", self.config.hostname);
                 push_reply(out, reply.as_bytes());
             }
-            Request::Mail { from } => self.mail_from(from, empty_path(line), out),
-            Request::Rcpt { to } => self.rcpt_to(to, empty_path(line), out),
+            Request::Mail { from } => self.mail_from(from, line, out),
+            Request::Rcpt { to } => self.rcpt_to(to, line, out),
             Request::Data => self.data(out),
             Request::Rset => {
                 self.reset_transaction();
@@ -505,9 +585,10 @@ impl Session {
         )
     }
 
-    /// `empty`: the path was literally `<>` (smtp-proto also returns an
-    /// empty address for `<postmaster>`).
-    fn mail_from(&mut self, from: MailFrom<Cow<'_, str>>, empty: bool, out: &mut Vec<Output>) {
+    /// `line`: the command as received, for what smtp-proto does not keep
+    /// (whether the path was literally `<>`, quoting, raw xtext).
+    fn mail_from(&mut self, from: MailFrom<Cow<'_, str>>, line: &[u8], out: &mut Vec<Output>) {
+        let empty = empty_path(line);
         if self.helo.is_none() {
             self.refuse(
                 out,
@@ -552,8 +633,40 @@ impl Session {
             );
             return;
         }
+        let (path, params) = split_path(line);
+        let sender = if from.address.is_empty() {
+            String::new()
+        } else {
+            match mailbox(path) {
+                Some(address) => address,
+                None => {
+                    self.refuse(
+                        out,
+                        Rejection::BadAddress,
+                        b"501 5.1.7 bad sender address syntax\r\n",
+                    );
+                    return;
+                }
+            }
+        };
+        let mut envid = None;
+        for (key, value) in parameters(params) {
+            if key.eq_ignore_ascii_case(b"ENVID") {
+                match xtext_decode(value) {
+                    Some(v) => envid = Some(v),
+                    None => {
+                        self.refuse(
+                            out,
+                            Rejection::Syntax,
+                            b"501 5.5.4 invalid ENVID parameter\r\n",
+                        );
+                        return;
+                    }
+                }
+            }
+        }
         let smtputf8 = from.flags & smtp_proto::MAIL_SMTPUTF8 != 0;
-        if !smtputf8 && !from.address.is_ascii() {
+        if !smtputf8 && !sender.is_ascii() {
             self.refuse(
                 out,
                 Rejection::BadAddress,
@@ -577,8 +690,8 @@ impl Session {
             None
         };
         self.mail = Some(MailState {
-            sender: from.address.into_owned(),
-            envid: from.env_id.map(Cow::into_owned),
+            sender,
+            envid,
             ret,
             body_8bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
             smtputf8,
@@ -587,13 +700,15 @@ impl Session {
         push_reply(out, b"250 2.1.0 Ok\r\n");
     }
 
-    /// `empty`: the path was literally `<>`, else an empty address is
-    /// smtp-proto's rendering of `<postmaster>`.
-    fn rcpt_to(&mut self, to: RcptTo<Cow<'_, str>>, empty: bool, out: &mut Vec<Output>) {
+    /// `line`: the command as received. An empty address from smtp-proto
+    /// is `<>` when the path was literally that, else `<postmaster>`.
+    fn rcpt_to(&mut self, to: RcptTo<Cow<'_, str>>, line: &[u8], out: &mut Vec<Output>) {
         let Some(mail) = &self.mail else {
             self.refuse(out, Rejection::Sequence, b"503 5.5.1 need MAIL command\r\n");
             return;
         };
+        let smtputf8 = mail.smtputf8;
+        let empty = empty_path(line);
         if to.address.is_empty() && !empty {
             // A relay has no local mailboxes, not even postmaster.
             self.refuse(
@@ -603,15 +718,39 @@ impl Session {
             );
             return;
         }
-        if to.address.is_empty() {
-            self.refuse(
-                out,
-                Rejection::BadAddress,
-                b"501 5.1.3 bad recipient address syntax\r\n",
-            );
-            return;
+        let (path, params) = split_path(line);
+        let address = match mailbox(path) {
+            Some(address) if !to.address.is_empty() => address,
+            _ => {
+                self.refuse(
+                    out,
+                    Rejection::BadAddress,
+                    b"501 5.1.3 bad recipient address syntax\r\n",
+                );
+                return;
+            }
+        };
+        let mut orcpt = None;
+        for (key, value) in parameters(params) {
+            if key.eq_ignore_ascii_case(b"ORCPT") {
+                let decoded = value
+                    .iter()
+                    .position(|&b| b == b';')
+                    .and_then(|semi| xtext_decode(&value[semi + 1..]));
+                match decoded {
+                    Some(v) => orcpt = Some(format!("rfc822;{v}")),
+                    None => {
+                        self.refuse(
+                            out,
+                            Rejection::Syntax,
+                            b"501 5.5.4 invalid ORCPT parameter\r\n",
+                        );
+                        return;
+                    }
+                }
+            }
         }
-        if !mail.smtputf8 && !to.address.is_ascii() {
+        if !smtputf8 && !address.is_ascii() {
             self.refuse(
                 out,
                 Rejection::BadAddress,
@@ -622,7 +761,7 @@ impl Session {
         if !self.config.relay_allowed {
             let reply = format!(
                 "554 5.7.1 <{}>: relay access denied\r\n",
-                printable(&to.address)
+                printable(&address)
             );
             self.refuse(out, Rejection::RelayDenied, reply.as_bytes());
             return;
@@ -641,8 +780,8 @@ impl Session {
                 | smtp_proto::RCPT_NOTIFY_DELAY
                 | smtp_proto::RCPT_NOTIFY_NEVER);
         self.recipients.push(Recipient {
-            address: to.address.into_owned(),
-            orcpt: to.orcpt.map(|o| format!("rfc822;{o}")),
+            address,
+            orcpt,
             notify,
         });
         push_reply(out, b"250 2.1.5 Ok\r\n");
@@ -663,6 +802,7 @@ impl Session {
         }
         // The header goes in first so the content is never copied again.
         self.message = self.received_header(SystemTime::now());
+        self.header_len = self.message.len();
         self.state = State::Data(DataDecoder::new(self.config.max_message_size));
         push_reply(out, b"354 End data with <CR><LF>.<CR><LF>\r\n");
     }
@@ -703,6 +843,215 @@ fn empty_path(line: &[u8]) -> bool {
     let rest = line.get(colon + 1..).unwrap_or_default();
     let start = rest.iter().position(|&b| b != b' ').unwrap_or(rest.len());
     rest.get(start..).is_some_and(|r| r.starts_with(b"<>"))
+}
+
+/// The command verb: the line up to the first space or CR.
+fn verb(line: &[u8]) -> &[u8] {
+    let end = line
+        .iter()
+        .position(|&b| matches!(b, b' ' | b'\r' | b'\n'))
+        .unwrap_or(line.len());
+    &line[..end]
+}
+
+/// Commands that move no mail: a client repeating them forever holds a
+/// session slot for nothing (unknown verbs count too).
+fn is_junk(verb: &[u8]) -> bool {
+    const MAIL: [&[u8]; 5] = [b"MAIL", b"RCPT", b"DATA", b"QUIT", b"BDAT"];
+    !MAIL.iter().any(|v| verb.eq_ignore_ascii_case(v))
+}
+
+/// Splits a MAIL/RCPT line into the text inside the path's angle brackets
+/// (quoted strings may hold `>`) and the parameters after it. Empty
+/// slices when there is no bracketed path.
+fn split_path(line: &[u8]) -> (&[u8], &[u8]) {
+    let Some(colon) = memchr::memchr(b':', line) else {
+        return (&[], &[]);
+    };
+    let rest = &line[colon + 1..];
+    let start = rest.iter().position(|&b| b != b' ').unwrap_or(rest.len());
+    let Some(rest) = rest[start..].strip_prefix(b"<") else {
+        return (&[], &[]);
+    };
+    let mut quoted = false;
+    let mut i = 0;
+    while let Some(&b) = rest.get(i) {
+        match b {
+            b'\\' if quoted => i += 1,
+            b'"' => quoted = !quoted,
+            b'>' if !quoted => return (&rest[..i], &rest[i + 1..]),
+            _ => {}
+        }
+        i += 1;
+    }
+    (&[], &[])
+}
+
+/// `KEY=VALUE` parameters after a path (a key alone has an empty value).
+fn parameters(params: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    params
+        .split(|&b| b == b' ')
+        .map(|p| p.strip_suffix(b"\r\n").unwrap_or(p))
+        .filter(|p| !p.is_empty())
+        .map(|p| match memchr::memchr(b'=', p) {
+            Some(eq) => (&p[..eq], &p[eq + 1..]),
+            None => (p, &p[p.len()..]),
+        })
+}
+
+/// Decodes RFC 3461 xtext; `None` when it is not xtext, empty, not UTF-8
+/// or holds control characters once decoded.
+fn xtext_decode(raw: &[u8]) -> Option<String> {
+    let mut bytes = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while let Some(&b) = raw.get(i) {
+        match b {
+            b'+' => {
+                let hex = std::str::from_utf8(raw.get(i + 1..i + 3)?).ok()?;
+                if !hex.bytes().all(|h| h.is_ascii_hexdigit()) {
+                    return None;
+                }
+                bytes.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'!'..=b'~' if b != b'=' => {
+                bytes.push(b);
+                i += 1;
+            }
+            _ => return None,
+        }
+    }
+    let text = String::from_utf8(bytes).ok()?;
+    (!text.is_empty() && !text.chars().any(char::is_control)).then_some(text)
+}
+
+/// `atext` of RFC 5322, plus any non-ASCII character (RFC 6531).
+fn is_atext(c: char) -> bool {
+    c.is_ascii_alphanumeric()
+        || "!#$%&'*+-/=?^_`{|}~".contains(c)
+        || (!c.is_ascii() && !c.is_control())
+}
+
+/// A local part that needs no quotes: atoms of atext joined by single dots.
+fn is_dot_string(local: &str) -> bool {
+    !local.is_empty()
+        && local
+            .split('.')
+            .all(|atom| !atom.is_empty() && atom.chars().all(is_atext))
+}
+
+/// Parses the mailbox inside a path's brackets (an RFC 5321 source route
+/// is dropped) into the form the envelope keeps and the client writes as
+/// `<...>`: the local part unquoted when it can be, else quoted with `"`
+/// and `\` escaped. `None` for anything else, control characters included.
+fn mailbox(path: &[u8]) -> Option<String> {
+    let mut text = std::str::from_utf8(path).ok()?;
+    if text.starts_with('@') {
+        text = &text[text.find(':')? + 1..];
+    }
+    let (local, domain) = if let Some(quoted) = text.strip_prefix('"') {
+        let mut local = String::new();
+        let mut chars = quoted.char_indices();
+        let end = loop {
+            let (i, c) = chars.next()?;
+            match c {
+                '"' => break i,
+                '\\' => {
+                    let (_, escaped) = chars.next()?;
+                    if escaped.is_control() || escaped == '\t' {
+                        return None;
+                    }
+                    local.push(escaped);
+                }
+                c if c.is_control() => return None,
+                c => local.push(c),
+            }
+        };
+        (local, quoted[end + 1..].strip_prefix('@')?)
+    } else {
+        let (local, domain) = text.split_once('@')?;
+        if !is_dot_string(local) {
+            return None;
+        }
+        (local.to_string(), domain)
+    };
+    let domain_ok = if let Some(literal) = domain.strip_prefix('[') {
+        literal.strip_suffix(']').is_some_and(|l| {
+            !l.is_empty()
+                && l.bytes()
+                    .all(|b| b.is_ascii_graphic() && !matches!(b, b'[' | b']' | b'\\'))
+        })
+    } else {
+        is_dot_string(domain)
+    };
+    if local.is_empty() || !domain_ok {
+        return None;
+    }
+    if is_dot_string(&local) {
+        return Some(format!("{local}@{domain}"));
+    }
+    let mut quoted = String::with_capacity(local.len() + 3 + domain.len());
+    quoted.push('"');
+    for c in local.chars() {
+        if matches!(c, '"' | '\\') {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push_str("\"@");
+    quoted.push_str(domain);
+    Some(quoted)
+}
+
+/// How many `Received:` fields the header section of `message` holds.
+fn count_received(message: &[u8]) -> usize {
+    let mut count = 0;
+    for line in message.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.starts_with(b" ") || line.starts_with(b"\t") {
+            continue;
+        }
+        let Some(colon) = memchr::memchr(b':', line) else {
+            // The empty line, or a line that is no header field: the body.
+            break;
+        };
+        let name = line[..colon].trim_ascii_end();
+        if name.is_empty() || !name.iter().all(|b| b.is_ascii_graphic()) {
+            break;
+        }
+        if name.eq_ignore_ascii_case(b"Received") {
+            count += 1;
+        }
+    }
+    count
+}
+
+/// Bytes of replies in `out`.
+fn reply_bytes(out: &[Output]) -> usize {
+    out.iter()
+        .map(|o| match o {
+            Output::Reply(bytes) => bytes.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Client-supplied text for a log line: control characters and `\`
+/// escaped (`\r`, `\u{1b}`, `\\`), so a client cannot forge lines or
+/// send terminal escapes. Borrowed when nothing needs escaping.
+pub fn log_safe(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(|c| c.is_control() || c == '\\') {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() || c == '\\' {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// Appends a reply to the last [`Output::Reply`], or starts one.
@@ -778,6 +1127,7 @@ mod tests {
             max_recipients: 3,
             max_line_length: 100,
             relay_allowed: true,
+            max_hops: 50,
         }
     }
 
@@ -1201,7 +1551,7 @@ MAIL FROM:<a@b>\r\nMAIL FROM:<a@b>\r\nDATA\r\nRCPT TO:<>\r\nRSET\r\nRCPT TO:<x@y
     #[test]
     fn other_commands() {
         let seen = run(
-            b"EHLO c\r\nVRFY x\r\nHELP\r\nNOOP\r\nSTARTTLS\r\nAUTH PLAIN\r\nBDAT 10 LAST\r\n\
+            b"EHLO c\r\nVRFY x\r\nHELP\r\nNOOP\r\nSTARTTLS\r\nAUTH PLAIN\r\nETRN x\r\n\
 EXPN x\r\nFOO\r\nMAIL TO:<x>\r\nMAIL FROM:<a@b> FOO=1\r\nQUIT\r\nNOOP\r\n",
         );
         assert_eq!(
@@ -1281,5 +1631,211 @@ EXPN x\r\nFOO\r\nMAIL TO:<x>\r\nMAIL FROM:<a@b> FOO=1\r\nQUIT\r\nNOOP\r\n",
     fn ehlo_resets_the_transaction() {
         let seen = run(b"EHLO c\r\nMAIL FROM:<a@b>\r\nEHLO d\r\nRCPT TO:<x@y>\r\n");
         assert_eq!(codes(&seen.replies).last().unwrap(), "503 5.5.1");
+    }
+
+    #[test]
+    fn bdat_is_refused_and_its_chunk_never_runs_as_commands() {
+        for verb in ["BDAT 40 LAST", "bdat 40", "BDAT x"] {
+            let input = format!(
+                "EHLO c\r\nMAIL FROM:<a@b>\r\n{verb}\r\nRCPT TO:<x@y>\r\nDATA\r\nhi\r\n.\r\n"
+            );
+            for bytewise in [false, true] {
+                let seen = run_with(config(), input.as_bytes(), bytewise);
+                assert_eq!(
+                    codes(&seen.replies)[2..],
+                    ["250 2.1.0", "502 5.5.1", "421 4.7.0"],
+                    "{verb}"
+                );
+                assert!(seen.closed && seen.messages.is_empty(), "{verb}");
+            }
+        }
+    }
+
+    #[test]
+    fn junk_commands_are_limited_and_a_queued_message_resets_the_count() {
+        let mut input = Vec::new();
+        for i in 0..MAX_JUNK_COMMANDS {
+            input.extend_from_slice(if i % 2 == 0 { b"NOOP\r\n" } else { b"RSET\r\n" });
+        }
+        input.extend_from_slice(b"NOOP\r\nNOOP\r\n");
+        let (mut session, _) = Session::new(config(), peer());
+        let out = session.feed(&input);
+        let Output::Reply(r) = &out[0] else {
+            panic!("{out:?}")
+        };
+        let r = String::from_utf8_lossy(r);
+        assert_eq!(codes(&r).len(), MAX_JUNK_COMMANDS as usize + 1);
+        assert!(r.ends_with("421 4.7.0 relay.test too many junk commands, closing\r\n"));
+        assert_eq!(out.last(), Some(&Output::Close));
+        assert!(
+            session
+                .take_rejections()
+                .contains(&Rejection::TooManyJunkCommands)
+        );
+
+        // A client that moves mail between its RSETs is never cut off.
+        let mut input = b"EHLO c\r\n".to_vec();
+        for _ in 0..3 {
+            for _ in 0..MAX_JUNK_COMMANDS - 2 {
+                input.extend_from_slice(b"RSET\r\n");
+            }
+            input.extend_from_slice(b"MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n.\r\n");
+        }
+        let seen = run(&input);
+        assert_eq!(seen.messages.len(), 3);
+        assert!(!seen.closed);
+    }
+
+    #[test]
+    fn replies_are_bounded_per_feed_until_written() {
+        let mut input = b"EHLO c\r\nMAIL FROM:<a@b>\r\n".to_vec();
+        for _ in 0..2000 {
+            input.extend_from_slice(b"RCPT TO:<x@y>\r\n");
+        }
+        let (mut session, _) = Session::new(config(), peer());
+        let mut out = session.feed(&input);
+        let mut replies = String::new();
+        let mut feeds = 0;
+        loop {
+            let bytes = reply_bytes(&out);
+            assert!(bytes < MAX_UNWRITTEN_REPLIES + 512, "{bytes}");
+            for o in &out {
+                if let Output::Reply(r) = o {
+                    replies.push_str(&String::from_utf8_lossy(r));
+                }
+            }
+            feeds += 1;
+            if !session.paused() {
+                break;
+            }
+            out = session.feed(&[]);
+        }
+        assert!(feeds > 2, "{feeds}");
+        let codes = codes(&replies);
+        assert_eq!(codes.len(), 2002);
+        assert_eq!(codes.iter().filter(|c| *c == "452 4.5.3").count(), 1997);
+    }
+
+    fn with_received(n: usize) -> Vec<u8> {
+        let mut input = b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n".to_vec();
+        for i in 0..n {
+            let name = ["Received", "received", "RECEIVED "][i % 3];
+            input.extend_from_slice(format!("{name}: from h{i}\r\n\tby h;\r\n").as_bytes());
+        }
+        input.extend_from_slice(b"Subject: s\r\n\r\nReceived: in the body\r\n.\r\n");
+        input
+    }
+
+    #[test]
+    fn more_received_fields_than_max_hops_is_a_loop() {
+        let config = SessionConfig {
+            max_message_size: 100_000,
+            max_hops: 5,
+            ..config()
+        };
+        let seen = run_with(config.clone(), &with_received(5), false);
+        assert_eq!(codes(&seen.replies).last().unwrap(), "250 2.0.0");
+        assert_eq!(seen.messages.len(), 1);
+        let (mut session, _) = Session::new(config.clone(), peer());
+        let out = session.feed(&with_received(6));
+        let Output::Reply(r) = &out[0] else {
+            panic!("{out:?}")
+        };
+        assert!(String::from_utf8_lossy(r).ends_with("554 5.4.6 too many hops\r\n"));
+        assert_eq!(out.len(), 1, "nothing queued: {out:?}");
+        assert_eq!(session.take_rejections(), [Rejection::TooManyHops]);
+        assert!(!session.in_transaction());
+        assert_eq!(count_received(b"Subject: x\r\n\r\nReceived: y\r\n"), 0);
+        assert_eq!(count_received(b"not a header\r\nReceived: y\r\n"), 0);
+    }
+
+    #[test]
+    fn envid_and_orcpt_must_be_xtext_without_control_characters() {
+        for (params, code) in [
+            ("ENVID=a+0Db", "501 5.5.4"),
+            ("ENVID=a+1B[31m", "501 5.5.4"),
+            ("ENVID=a+ZZ", "501 5.5.4"),
+            ("ENVID=a+2", "501 5.5.4"),
+            ("ENVID=a=b", "501 5.5.4"),
+            ("ENVID=+C3", "501 5.5.4"),
+            ("ENVID=ok+2Bx", "250 2.1.0"),
+        ] {
+            let seen = run(format!("EHLO c\r\nMAIL FROM:<a@b> {params}\r\n").as_bytes());
+            assert_eq!(codes(&seen.replies)[2..], [code], "{params}");
+        }
+        for (params, code) in [
+            ("ORCPT=rfc822;a+0A@b", "501 5.5.4"),
+            ("ORCPT=rfc822;a+00@b", "501 5.5.4"),
+            ("ORCPT=rfc822;a+7F@b", "501 5.5.4"),
+            ("ORCPT=rfc822;a+G0@b", "501 5.5.4"),
+            ("ORCPT=rfc822;a@b", "250 2.1.5"),
+        ] {
+            let seen =
+                run(format!("EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y> {params}\r\n").as_bytes());
+            assert_eq!(codes(&seen.replies)[3..], [code], "{params}");
+        }
+        let seen = run(
+            b"EHLO c\r\nMAIL FROM:<a@b> ENVID=+C3+B6+2B\r\nRCPT TO:<x@y> ORCPT=rfc822;G+20o+2B@y\r\n\
+DATA\r\n.\r\n",
+        );
+        let t = &seen.messages[0];
+        assert_eq!(t.envid.as_deref(), Some("\u{f6}+"));
+        assert_eq!(t.recipients[0].orcpt.as_deref(), Some("rfc822;G o+@y"));
+    }
+
+    fn rcpt_of(path: &str) -> (String, Vec<Transaction>) {
+        let seen = run(
+            format!("EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<{path}>\r\nDATA\r\n.\r\n").as_bytes(),
+        );
+        (codes(&seen.replies)[3].clone(), seen.messages)
+    }
+
+    #[test]
+    fn quoted_local_parts_are_kept_quoted() {
+        for (path, stored) in [
+            ("\"john doe\"@x.test", "\"john doe\"@x.test"),
+            ("\"a@evil\"@x.test", "\"a@evil\"@x.test"),
+            ("\"john\"@x.test", "john@x.test"),
+            ("\"a\\\"b\"@x.test", "\"a\\\"b\"@x.test"),
+            ("\"a\\\\b\"@x.test", "\"a\\\\b\"@x.test"),
+            ("\"a\\b\"@x.test", "ab@x.test"),
+            ("\"x>y\"@x.test", "\"x>y\"@x.test"),
+            ("@r1.test,@r2.test:u@x.test", "u@x.test"),
+        ] {
+            let (code, messages) = rcpt_of(path);
+            assert_eq!(code, "250 2.1.5", "{path}");
+            assert_eq!(messages[0].recipients[0].address, stored, "{path}");
+        }
+        let seen = run(b"EHLO c\r\nMAIL FROM:<\"a b\"@x.test>\r\nRCPT TO:<x@y>\r\nDATA\r\n.\r\n");
+        assert_eq!(seen.messages[0].sender, "\"a b\"@x.test");
+    }
+
+    #[test]
+    fn control_characters_and_bad_paths_are_refused() {
+        for path in [
+            "\"a\x1bb\"@x.test",
+            "\"a\rb\"@x.test",
+            "\"a\tb\"@x.test",
+            "\"a\\\x01\"@x.test",
+            "\"a\"b@x.test",
+            "\"a\u{85}b\"@x.test",
+            "a@x\u{85}.test",
+        ] {
+            let (code, messages) = rcpt_of(path);
+            assert!(
+                code.starts_with("501 5.1.3") || code.starts_with("553"),
+                "{path:?}: {code}"
+            );
+            assert!(messages.is_empty(), "{path:?}");
+            let seen = run(format!("EHLO c\r\nMAIL FROM:<{path}> SMTPUTF8\r\n").as_bytes());
+            assert_eq!(codes(&seen.replies)[2], "501 5.1.7", "{path:?}");
+        }
+    }
+
+    #[test]
+    fn log_safe_escapes_control_characters() {
+        assert!(matches!(log_safe("a@b.test"), Cow::Borrowed("a@b.test")));
+        assert_eq!(log_safe("a\r\nb\x1b[2J\\"), "a\\r\\nb\\u{1b}[2J\\\\");
+        assert_eq!(log_safe("x\u{85}"), "x\\u{85}");
     }
 }
