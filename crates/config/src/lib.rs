@@ -113,6 +113,10 @@ pub struct Server {
     /// `spool_min_free`: below this much free space on the spool's
     /// filesystem, new mail is refused with 452 4.3.1 before anything is written.
     pub spool_min_free: MinFree,
+    /// `max_data_memory`: message content held in memory over all sessions
+    /// (DATA in progress and messages being written to the spool); beyond
+    /// it a message is read to its end and refused with 452 4.3.1. Default 128MB.
+    pub max_data_memory: u64,
 }
 
 /// A free-space floor: `"256MB"` or `"5%"` of the filesystem.

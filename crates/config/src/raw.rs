@@ -43,6 +43,7 @@ pub(crate) struct RawServer {
     pub max_hops: Option<Int>,
     pub hosts: Option<BTreeMap<String, Str>>,
     pub spool_min_free: Option<Unit>,
+    pub max_data_memory: Option<Unit>,
 }
 
 #[derive(Debug, Deserialize)]

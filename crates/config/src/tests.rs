@@ -134,6 +134,7 @@ fn full_example() {
             ]
             .into(),
             spool_min_free: crate::MinFree::Default,
+            max_data_memory: 128 << 20,
         }
     );
     assert_eq!(

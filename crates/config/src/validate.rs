@@ -421,6 +421,7 @@ impl Ctx<'_> {
             max_hops: 50,
             hosts: BTreeMap::new(),
             spool_min_free: crate::MinFree::Default,
+            max_data_memory: 128 << 20,
         };
         let Some(raw) = raw else {
             s.hostname = default_hostname();
@@ -453,6 +454,19 @@ impl Ctx<'_> {
                 );
             } else {
                 s.timezone = Some(tz.to_string());
+            }
+        }
+        if let Some(v) = &raw.max_data_memory
+            && let Some(size) = self.unit("server.max_data_memory", v, parse_size)
+        {
+            if size < 1 << 20 {
+                self.at(
+                    v,
+                    "server.max_data_memory is under 1MB; write a size such as \"128MB\""
+                        .to_string(),
+                );
+            } else {
+                s.max_data_memory = size;
             }
         }
         if let Some(v) = &raw.spool_min_free {

@@ -258,6 +258,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         sessions: Arc::new(Semaphore::new(config.server.max_sessions)),
         per_client: Arc::default(),
         stopping: stopping_rx,
+        content: Arc::new(listener::ContentBudget::new(config.server.max_data_memory)),
     });
     let mut listeners = Vec::new();
     for (l, socket) in bound {

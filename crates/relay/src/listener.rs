@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -41,6 +42,82 @@ pub struct Inbound {
     pub per_client: Arc<Mutex<HashMap<IpAddr, usize>>>,
     /// Becomes true when the relay stops accepting.
     pub stopping: watch::Receiver<bool>,
+    /// Memory for message content over all sessions (`server.max_data_memory`).
+    pub content: Arc<ContentBudget>,
+}
+
+/// Memory held by message content in flight over every session: DATA
+/// being received and messages being written to the spool. A session whose
+/// content would pass the limit has its message read to the end, dropped
+/// and refused with 452 4.3.1, so a crowd of large uploads cannot take the
+/// relay's memory. Cost: one atomic per 256 KiB received.
+pub struct ContentBudget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl ContentBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: u64) -> ContentBudget {
+        ContentBudget {
+            limit: usize::try_from(limit).unwrap_or(usize::MAX),
+            used: AtomicUsize::new(0),
+        }
+    }
+
+    /// Bytes charged now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn try_take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(n).filter(|total| *total <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// What one session holds of the [`ContentBudget`]; given back on drop.
+struct Charge<'a> {
+    budget: &'a ContentBudget,
+    held: usize,
+}
+
+/// Content is charged in steps of this many bytes.
+const CHARGE_STEP: usize = 256 * 1024;
+
+impl Charge<'_> {
+    /// Covers the session's content; refuses it when the budget is spent.
+    fn cover(&mut self, session: &mut Session) {
+        let want = session.content_len();
+        if want <= self.held {
+            return;
+        }
+        let step = (want - self.held).next_multiple_of(CHARGE_STEP);
+        if self.budget.try_take(step) {
+            self.held += step;
+        } else {
+            session.refuse_content(b"452 4.3.1 insufficient system storage, try again later\r\n");
+            self.release();
+        }
+    }
+
+    fn release(&mut self) {
+        self.budget.give(self.held);
+        self.held = 0;
+    }
+}
+
+impl Drop for Charge<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// Binds every configured listener, failing with the address on error.
@@ -215,6 +292,10 @@ async fn session(
     let mut buf = vec![0u8; 64 * 1024];
     let mut out: Vec<u8> = Vec::with_capacity(4096);
     let mut stopping = inbound.stopping.clone();
+    let mut charge = Charge {
+        budget: &inbound.content,
+        held: 0,
+    };
     loop {
         if *stopping.borrow() && !session.in_transaction() {
             // Shutting down: an idle session is told so rather than held open.
@@ -250,6 +331,7 @@ async fn session(
         loop {
             let mut outputs = session.feed(input);
             input = &[];
+            charge.cover(&mut session);
             count_rejections(&mut session, &listener.name);
             let mut close = false;
             loop {
@@ -259,6 +341,9 @@ async fn session(
                         Output::Reply(bytes) => out.extend_from_slice(&bytes),
                         Output::Message(tx) => {
                             let reply = queue(inbound, listener, &mut session, *tx).await;
+                            // The message is in the spool (or refused): its
+                            // memory is free again.
+                            charge.release();
                             out.extend_from_slice(&reply);
                             resume = true;
                         }
@@ -269,7 +354,11 @@ async fn session(
                     break;
                 }
                 outputs = session.feed(&[]);
+                charge.cover(&mut session);
                 count_rejections(&mut session, &listener.name);
+            }
+            if !session.in_data() {
+                charge.release();
             }
             if !out.is_empty() {
                 write(&mut writer, &out, write_limit).await?;

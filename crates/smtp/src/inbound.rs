@@ -132,11 +132,14 @@ pub enum Rejection {
     TooManyJunkCommands,
     /// More `Received:` fields than `max_hops`: a mail loop (554 5.4.6).
     TooManyHops,
+    /// The relay's memory for message content in flight was used up
+    /// (452 4.3.1): the message was read to its end and dropped.
+    InsufficientStorage,
 }
 
 impl Rejection {
     /// Every reason, for exporting each counter at 0 before the first event.
-    pub const ALL: [Rejection; 12] = [
+    pub const ALL: [Rejection; 13] = [
         Rejection::Syntax,
         Rejection::Sequence,
         Rejection::Unimplemented,
@@ -149,6 +152,7 @@ impl Rejection {
         Rejection::TooManyErrors,
         Rejection::TooManyJunkCommands,
         Rejection::TooManyHops,
+        Rejection::InsufficientStorage,
     ];
 
     /// A stable label for metrics.
@@ -166,6 +170,7 @@ impl Rejection {
             Rejection::TooManyErrors => "too_many_errors",
             Rejection::TooManyJunkCommands => "too_many_junk_commands",
             Rejection::TooManyHops => "too_many_hops",
+            Rejection::InsufficientStorage => "insufficient_storage",
         }
     }
 }
@@ -216,6 +221,9 @@ pub struct Session {
     junk: u32,
     /// The last feed stopped at [`MAX_UNWRITTEN_REPLIES`].
     paused: bool,
+    /// The content of the current message is being dropped; this reply
+    /// answers its final dot (see [`Session::refuse_content`]).
+    content_refused: Option<&'static [u8]>,
     rejections: Vec<Rejection>,
 }
 
@@ -238,6 +246,7 @@ impl Session {
             errors: 0,
             junk: 0,
             paused: false,
+            content_refused: None,
             rejections: Vec::new(),
         };
         (session, banner)
@@ -292,6 +301,25 @@ impl Session {
     /// reached [`MAX_UNWRITTEN_REPLIES`]: write them, then `feed(&[])`.
     pub fn paused(&self) -> bool {
         self.paused
+    }
+
+    /// Bytes of message content held for the current transaction (0 outside
+    /// DATA): what the caller charges against its memory budget.
+    pub fn content_len(&self) -> usize {
+        match self.state {
+            State::Data(_) | State::AwaitQueue => self.message.len(),
+            _ => 0,
+        }
+    }
+
+    /// Drops the content received so far and keeps nothing more of this
+    /// message: it is read to its final dot and answered with `reply`
+    /// (e.g. `452 4.3.1` when the relay's memory budget is used up).
+    pub fn refuse_content(&mut self, reply: &'static [u8]) {
+        if matches!(self.state, State::Data(_)) {
+            self.content_refused = Some(reply);
+            self.message = Vec::new();
+        }
     }
 
     /// True while receiving message content (the caller uses the DATA timeout).
@@ -351,6 +379,10 @@ impl Session {
                 State::Data(decoder) => {
                     let (used, status) = decoder.feed(rest, &mut self.message);
                     pos += used;
+                    if self.content_refused.is_some() {
+                        // Keep reading to the dot, keep nothing.
+                        self.message.clear();
+                    }
                     match status {
                         DataStatus::More => return pos,
                         DataStatus::Done(result) => self.finish_data(result, out),
@@ -410,6 +442,14 @@ impl Session {
     }
 
     fn finish_data(&mut self, result: Result<(), DataError>, out: &mut Vec<Output>) {
+        if let Some(reply) = self.content_refused.take()
+            && result.is_ok()
+        {
+            self.state = State::Command;
+            self.reset_transaction();
+            self.refuse(out, Rejection::InsufficientStorage, reply);
+            return;
+        }
         match result {
             Ok(()) => {
                 let Some(mail) = self.mail.take() else {
@@ -462,7 +502,10 @@ impl Session {
         // retries the rest later), not a sign of a broken peer.
         if !matches!(
             reason,
-            Rejection::TooManyRecipients | Rejection::MessageTooLarge | Rejection::TooManyHops
+            Rejection::TooManyRecipients
+                | Rejection::MessageTooLarge
+                | Rejection::TooManyHops
+                | Rejection::InsufficientStorage
         ) {
             self.errors += 1;
         }
@@ -1263,6 +1306,35 @@ RCPT TO:<z@y.test>\r\nDATA\r\nSubject: hi\r\n\r\nbody\r\n.\r\nQUIT\r\n";
             ]
         );
         assert!(session.is_closed());
+    }
+
+    #[test]
+    fn refused_content_is_read_to_the_dot_kept_nowhere_and_answered_452() {
+        fn replies(out: &[Output]) -> Vec<u8> {
+            out.iter()
+                .filter_map(|o| match o {
+                    Output::Reply(b) => Some(b.clone()),
+                    _ => None,
+                })
+                .flatten()
+                .collect()
+        }
+        let (mut s, _) = Session::new(config(), peer());
+        let out = s.feed(b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n");
+        assert!(String::from_utf8_lossy(&replies(&out)).contains("354"));
+        s.feed(b"Subject: big\r\n\r\nline one\r\n");
+        assert!(s.content_len() > 0);
+        s.refuse_content(b"452 4.3.1 insufficient system storage\r\n");
+        assert_eq!(s.content_len(), 0);
+        let out = s.feed(b"line two\r\nline three\r\n");
+        assert_eq!(s.content_len(), 0, "nothing more is kept");
+        assert!(replies(&out).is_empty());
+        let out = s.feed(b".\r\nNOOP\r\n");
+        let text = String::from_utf8_lossy(&replies(&out)).into_owned();
+        assert!(text.starts_with("452 4.3.1"), "{text}");
+        assert!(text.contains("250"), "the session goes on: {text}");
+        assert!(!out.iter().any(|o| matches!(o, Output::Message(_))));
+        assert_eq!(s.take_rejections(), vec![Rejection::InsufficientStorage]);
     }
 
     #[test]
