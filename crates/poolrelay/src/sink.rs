@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use poolrelay_smtp::inbound::{Output, Session, SessionConfig, Transaction};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use poolrelay_smtp::driver::{Handler, Limits, drive};
+use poolrelay_smtp::inbound::{Session, SessionConfig, Transaction};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Options of `poolrelay sink`.
@@ -67,10 +67,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
+/// The sink's side of a session: accept (or refuse, as told) every message.
+struct Accepting(Arc<State>);
+
+impl Handler for Accepting {
+    async fn message(&mut self, session: &mut Session, transaction: Transaction) -> Vec<u8> {
+        if self.0.args.delay > 0 {
+            tokio::time::sleep(Duration::from_millis(self.0.args.delay)).await;
+        }
+        accept(&self.0, session, &transaction)
+    }
+}
+
 async fn serve(state: Arc<State>, stream: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
-    let (mut reader, mut writer) = stream.into_split();
-    let (mut session, banner) = Session::new(
+    let (reader, writer) = stream.into_split();
+    let (session, banner) = Session::new(
         SessionConfig {
             hostname: state.args.hostname.clone(),
             max_message_size: 1 << 30,
@@ -81,42 +93,20 @@ async fn serve(state: Arc<State>, stream: TcpStream, peer: SocketAddr) -> std::i
         },
         peer,
     );
-    writer.write_all(&banner).await?;
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut out = Vec::new();
-    loop {
-        let n = reader.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        let mut outputs = session.feed(&buf[..n]);
-        let mut close = false;
-        loop {
-            let mut resume = false;
-            for output in outputs {
-                match output {
-                    Output::Reply(bytes) => out.extend_from_slice(&bytes),
-                    Output::Message(tx) => {
-                        if state.args.delay > 0 {
-                            tokio::time::sleep(Duration::from_millis(state.args.delay)).await;
-                        }
-                        out.extend_from_slice(&accept(&state, &mut session, &tx));
-                        resume = true;
-                    }
-                    Output::Close => close = true,
-                }
-            }
-            if !resume || close {
-                break;
-            }
-            outputs = session.feed(&[]);
-        }
-        writer.write_all(&out).await?;
-        out.clear();
-        if close {
-            return Ok(());
-        }
-    }
+    let limits = Limits {
+        command: Duration::from_secs(300),
+        data: Duration::from_secs(180),
+    };
+    drive(
+        reader,
+        writer,
+        session,
+        &banner,
+        limits,
+        &mut Accepting(state),
+        None,
+    )
+    .await
 }
 
 fn accept(state: &State, session: &mut Session, tx: &Transaction) -> Vec<u8> {

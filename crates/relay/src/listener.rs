@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use poolrelay_config::{Config, Listener};
-use poolrelay_smtp::inbound::{Output, Session, SessionConfig, Transaction, log_safe};
+use poolrelay_smtp::driver::{self, Handler};
+use poolrelay_smtp::inbound::{Session, SessionConfig, Transaction, log_safe};
 use poolrelay_spool::{Envelope, Recipient, RecipientState, format_id, now_ms};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
@@ -252,13 +252,28 @@ async fn refuse(mut stream: TcpStream, reply: &str) {
 
 /// Writes `bytes`, failing with `TimedOut` when the client does not take
 /// them within `limit`: a client that never reads cannot hold its session.
-async fn write(writer: &mut OwnedWriteHalf, bytes: &[u8], limit: Duration) -> std::io::Result<()> {
-    match tokio::time::timeout(limit, writer.write_all(bytes)).await {
-        Ok(result) => result,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "the client did not read its replies",
-        )),
+/// What a listener's session does with its transactions: classify and
+/// queue them, charge their content, count rejections.
+struct Queueing<'a> {
+    inbound: &'a Inbound,
+    listener: &'a Listener,
+    charge: Charge<'a>,
+}
+
+impl Handler for Queueing<'_> {
+    async fn message(&mut self, session: &mut Session, transaction: Transaction) -> Vec<u8> {
+        let reply = queue(self.inbound, self.listener, session, transaction).await;
+        // The message is in the spool (or refused): its memory is free again.
+        self.charge.release();
+        reply
+    }
+
+    fn after_feed(&mut self, session: &mut Session) {
+        self.charge.cover(session);
+        if !session.in_transaction() {
+            self.charge.release();
+        }
+        count_rejections(session, &self.listener.name);
     }
 }
 
@@ -269,14 +284,14 @@ async fn session(
     peer: SocketAddr,
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
-    let (mut reader, mut writer) = stream.into_split();
+    let (reader, writer) = stream.into_split();
     let rules = inbound.rules();
     let server = &rules.config.server;
     let relay_allowed = listener
         .relay_from
         .iter()
         .any(|net| net.contains(&peer.ip().to_canonical()));
-    let (mut session, banner) = Session::new(
+    let (session, banner) = Session::new(
         SessionConfig {
             hostname: server.hostname.clone(),
             max_message_size: listener.max_message_size,
@@ -287,92 +302,32 @@ async fn session(
         },
         peer,
     );
-    let write_limit = server.command_timeout;
-    write(&mut writer, &banner, write_limit).await?;
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut out: Vec<u8> = Vec::with_capacity(4096);
-    let mut stopping = inbound.stopping.clone();
-    let mut charge = Charge {
-        budget: &inbound.content,
-        held: 0,
+    let bye = format!(
+        "421 4.3.2 {} shutting down, try again later\r\n",
+        server.hostname
+    )
+    .into_bytes();
+    let mut handler = Queueing {
+        inbound,
+        listener,
+        charge: Charge {
+            budget: &inbound.content,
+            held: 0,
+        },
     };
-    loop {
-        if *stopping.borrow() && !session.in_transaction() {
-            // Shutting down: an idle session is told so rather than held open.
-            let bye = format!(
-                "421 4.3.2 {} shutting down, try again later\r\n",
-                server.hostname
-            );
-            write(&mut writer, bye.as_bytes(), write_limit).await?;
-            return Ok(());
-        }
-        let limit = if session.in_data() {
-            server.data_timeout
-        } else {
-            server.command_timeout
-        };
-        let read = tokio::select! {
-            r = tokio::time::timeout(limit, reader.read(&mut buf)) => r,
-            _ = stopping.changed(), if !*stopping.borrow() => continue,
-        };
-        let n = match read {
-            Ok(Ok(0)) => return Ok(()),
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                write(&mut writer, &session.timeout_reply(), write_limit).await?;
-                return Ok(());
-            }
-        };
-        let mut input = &buf[..n];
-        // The session parses a bounded amount of replies per feed; it is
-        // fed again only once they were written, so nothing piles up here
-        // for a client that sends without reading.
-        loop {
-            let mut outputs = session.feed(input);
-            input = &[];
-            charge.cover(&mut session);
-            count_rejections(&mut session, &listener.name);
-            let mut close = false;
-            loop {
-                let mut resume = false;
-                for output in outputs {
-                    match output {
-                        Output::Reply(bytes) => out.extend_from_slice(&bytes),
-                        Output::Message(tx) => {
-                            let reply = queue(inbound, listener, &mut session, *tx).await;
-                            // The message is in the spool (or refused): its
-                            // memory is free again.
-                            charge.release();
-                            out.extend_from_slice(&reply);
-                            resume = true;
-                        }
-                        Output::Close => close = true,
-                    }
-                }
-                if !resume || close {
-                    break;
-                }
-                outputs = session.feed(&[]);
-                charge.cover(&mut session);
-                count_rejections(&mut session, &listener.name);
-            }
-            if !session.in_data() {
-                charge.release();
-            }
-            if !out.is_empty() {
-                write(&mut writer, &out, write_limit).await?;
-                out.clear();
-            }
-            if close {
-                let _ = tokio::time::timeout(write_limit, writer.shutdown()).await;
-                return Ok(());
-            }
-            if !session.paused() {
-                break;
-            }
-        }
-    }
+    driver::drive(
+        reader,
+        writer,
+        session,
+        &banner,
+        driver::Limits {
+            command: server.command_timeout,
+            data: server.data_timeout,
+        },
+        &mut handler,
+        Some((inbound.stopping.clone(), bye)),
+    )
+    .await
 }
 
 fn count_rejections(session: &mut Session, listener: &str) {

@@ -8,6 +8,7 @@
 
 pub mod data;
 pub mod date;
+pub mod driver;
 pub mod inbound;
 pub mod outbound;
 pub mod reply;
