@@ -1,10 +1,11 @@
 //! The admin API's access rules and health endpoints (README.md,
-//! "Operating"): mutating calls need the token when a token file is set,
-//! reading needs none; /healthz and /readyz.
+//! "Operating"): every /api/v1 call needs the token when a token file is
+//! set, /metrics and health need none; /healthz and /readyz.
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 
-use poolrelay_tests::admin::{api_json, pool_entry};
+use poolrelay_tests::admin::pool_entry;
 use poolrelay_tests::operating::{COMMAND, two_pools};
 use poolrelay_tests::{Relay, Sink, http_get, http_request, poolrelay, toml_str};
 
@@ -18,6 +19,8 @@ fn mutating_api_calls_need_the_token_when_a_token_file_is_set() {
     let relay = Relay::start(|s| {
         let token_file = s.dir.join("admin.token");
         fs::write(&token_file, format!("{token}\n")).unwrap_or_else(|e| panic!("token: {e}"));
+        fs::set_permissions(&token_file, fs::Permissions::from_mode(0o600))
+            .unwrap_or_else(|e| panic!("chmod token: {e}"));
         let text = two_pools(s, sink_a.addr(), sink_b.addr(), "1s", "");
         text.replacen(
             &format!("[admin]\naddress = \"{}\"\n", s.admin),
@@ -52,7 +55,12 @@ fn mutating_api_calls_need_the_token_when_a_token_file_is_set() {
         let r = call("POST", path, Some("Bearer wrong-token"));
         assert_eq!(r.status, 401, "POST {path} with a wrong token: {r}");
     }
-    let pools = api_json(&relay, "/api/v1/pools");
+    let pools_json = || {
+        let r = call("GET", "/api/v1/pools", Some(&bearer));
+        assert_eq!(r.status, 200, "GET /api/v1/pools with the token: {r}");
+        serde_json::from_str::<serde_json::Value>(&r.body).expect("JSON")
+    };
+    let pools = pools_json();
     assert_eq!(
         pool_entry(&pools, "A")["held"],
         false,
@@ -61,19 +69,19 @@ fn mutating_api_calls_need_the_token_when_a_token_file_is_set() {
 
     let r = call("POST", "/api/v1/pools/A/hold", Some(&bearer));
     assert_eq!(r.status, 200, "POST hold with the token: {r}");
-    let pools = api_json(&relay, "/api/v1/pools");
+    let pools = pools_json();
     assert_eq!(pool_entry(&pools, "A")["held"], true, "{pools:#}");
     let r = call("POST", "/api/v1/pools/A/release", Some(&bearer));
     assert_eq!(r.status, 200, "POST release with the token: {r}");
 
-    // Reading needs no token.
-    for path in [
-        "/api/v1/pools",
-        "/api/v1/pools/A/messages",
-        "/metrics",
-        "/healthz",
-        "/readyz",
-    ] {
+    // Reading the API needs the token too; metrics and health do not.
+    for path in ["/api/v1/pools", "/api/v1/pools/A/messages"] {
+        let r = call("GET", path, None);
+        assert_eq!(r.status, 401, "GET {path} without a token: {r}");
+        let r = call("GET", path, Some(&bearer));
+        assert_eq!(r.status, 200, "GET {path} with the token: {r}");
+    }
+    for path in ["/metrics", "/healthz", "/readyz"] {
         let r = call("GET", path, None);
         assert_eq!(r.status, 200, "GET {path} without a token: {r}");
     }
@@ -109,13 +117,16 @@ fn mutating_api_calls_need_the_token_when_a_token_file_is_set() {
     let config = relay.config_path().to_string_lossy().into_owned();
     let out = poolrelay(&["queue", "release", "--pool", "B", "-c", &config], COMMAND);
     assert!(out.status.success(), "queue release -c CONFIG:\n{out}");
-    let pools = api_json(&relay, "/api/v1/pools");
+    let pools = pools_json();
     assert_eq!(pool_entry(&pools, "B")["held"], false, "{pools:#}");
     let out = poolrelay(&["queue", "summary", "--admin", &url], COMMAND);
-    assert!(
-        out.status.success(),
+    assert_eq!(
+        out.status.code(),
+        Some(1),
         "queue summary without a token:\n{out}"
     );
+    let out = poolrelay(&["queue", "summary", "-c", &config], COMMAND);
+    assert!(out.status.success(), "queue summary -c CONFIG:\n{out}");
 }
 
 #[test]

@@ -143,12 +143,13 @@ pub(crate) fn describe(c: &Config) -> String {
     }
     let _ = writeln!(
         o,
-        "admin: {}   {}",
+        "admin: {}   {}   allow_unauthenticated {}",
         c.admin.address,
         match &c.admin.token_file {
             Some(p) => format!("token from {}", p.display()),
             None => "no token_file".to_string(),
-        }
+        },
+        c.admin.allow_unauthenticated
     );
 
     let _ = writeln!(o, "listeners:");
@@ -345,6 +346,8 @@ mod tests {
                 std::process::id()
             ));
             std::fs::write(&path, contents).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
             PasswordFile(path)
         }
     }

@@ -177,8 +177,11 @@ pub struct Listener {
 pub struct Admin {
     /// `address`, default `127.0.0.1:9025`.
     pub address: SocketAddr,
-    /// `token_file`: bearer token for mutating calls.
+    /// `token_file`: bearer token every `/api/v1` call must carry.
     pub token_file: Option<PathBuf>,
+    /// `allow_unauthenticated`: accept a non-loopback `address` without a
+    /// `token_file`. Default false.
+    pub allow_unauthenticated: bool,
 }
 
 /// `[defaults]`.
@@ -348,6 +351,38 @@ impl Config {
             .get(pool)
             .and_then(|p| p.max_age)
             .unwrap_or(self.defaults.max_age)
+    }
+}
+
+/// Checks that a secret file (admin token, upstream password, private key)
+/// is readable by its owner only. The error names the file (as `what`) and
+/// the `chmod 600` to run.
+pub fn check_private_file(what: &str, path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| format!("{what} \"{}\" cannot be read: {e}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{what} \"{}\" is accessible by group or others (mode {:04o}); run chmod 600 {}",
+            path.display(),
+            mode & 0o7777,
+            shell_word(&path.to_string_lossy())
+        ));
+    }
+    Ok(())
+}
+
+/// `s` as one shell word: as it is when plain, else single-quoted.
+fn shell_word(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+,:=@%".contains(&b))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
     }
 }
 

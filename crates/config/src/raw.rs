@@ -62,6 +62,7 @@ pub(crate) struct RawListener {
 pub(crate) struct RawAdmin {
     pub address: Option<Str>,
     pub token_file: Option<Str>,
+    pub allow_unauthenticated: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -364,6 +364,10 @@ impl Ctx<'_> {
         let what = format!("upstream auth.password_file \"{}\"", path.display());
         match std::fs::read_to_string(path) {
             Ok(text) => {
+                if let Err(e) = crate::check_private_file("upstream auth.password_file", path) {
+                    self.at(v, e);
+                    return None;
+                }
                 let password = text.trim_end_matches(['\r', '\n']);
                 if password.is_empty() {
                     self.at(
@@ -723,6 +727,7 @@ impl Ctx<'_> {
         let mut admin = Admin {
             address: SocketAddr::from(([127, 0, 0, 1], 9025)),
             token_file: None,
+            allow_unauthenticated: false,
         };
         let Some(raw) = raw else {
             return admin;
@@ -741,6 +746,32 @@ impl Ctx<'_> {
         }
         if let Some(v) = &raw.token_file {
             admin.token_file = self.path("admin.token_file", v);
+            // A missing file is reported when the relay starts and reads it.
+            if let Some(path) = &admin.token_file
+                && path.exists()
+                && let Err(e) = crate::check_private_file("admin.token_file", path)
+            {
+                self.at(v, e);
+            }
+        }
+        if let Some(v) = &raw.allow_unauthenticated {
+            admin.allow_unauthenticated = *v.get_ref();
+        }
+        if let Some(v) = &raw.address
+            && !admin.address.ip().to_canonical().is_loopback()
+            && raw.token_file.is_none()
+            && !admin.allow_unauthenticated
+        {
+            let a = admin.address;
+            self.at(
+                v,
+                format!(
+                    "admin address {a} is not loopback and no admin.token_file is set: anyone who can reach it could read and change the queue; \
+                     add token_file = \"/etc/poolrelay/admin.token\" (a file only the relay's user can read), \
+                     or listen on \"127.0.0.1:{}\", or add allow_unauthenticated = true",
+                    a.port()
+                ),
+            );
         }
         admin
     }

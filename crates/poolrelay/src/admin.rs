@@ -1,16 +1,26 @@
 //! The admin HTTP server: `/metrics`, `/healthz`, `/readyz` and the JSON
 //! API under `/api/v1` that `poolrelay queue` uses. Handlers only translate
 //! HTTP to the engine's `control` calls.
+//!
+//! Access to `/api/v1`: a request a browser sent for another site (an
+//! `Origin` other than the admin address) is refused with 403. With
+//! `admin.token_file` set, every call needs `Authorization: Bearer TOKEN`.
+//! Without it, the `Host` header must name the admin address (or
+//! localhost) so a page whose name was rebound to 127.0.0.1 gets 403, and
+//! calls that change something are taken from loopback clients only.
+//! `/metrics`, `/healthz` and `/readyz` are open.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
+use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::IncomingStream;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use poolrelay_config::Config;
@@ -24,15 +34,34 @@ pub struct Admin {
     pub relay: Arc<Running>,
     /// The Prometheus renderer.
     pub metrics: PrometheusHandle,
-    /// Bearer token for mutating calls; None = loopback clients only.
-    pub token: Option<String>,
+    /// Bearer token every `/api/v1` call needs; None = no token (loopback
+    /// clients only for calls that change something). Replaced on reload.
+    pub token: RwLock<Option<String>>,
+    /// The address the admin server listens on (fixed until a restart).
+    pub address: SocketAddr,
     /// The config file, re-read on reload.
     pub config_path: PathBuf,
 }
 
+impl Admin {
+    /// The token in force.
+    pub fn token(&self) -> Option<String> {
+        self.token.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts `token` in force; true when it differs from the one before.
+    pub fn set_token(&self, token: Option<String>) -> bool {
+        let mut current = self.token.write().unwrap_or_else(|e| e.into_inner());
+        let changed = *current != token;
+        *current = token;
+        changed
+    }
+}
+
 type Shared = Arc<Admin>;
 
-/// Reads the token file named in the config, if any.
+/// Reads the token file named in the config, if any; refuses a file that
+/// group or others can read.
 pub fn read_token(config: &Config) -> anyhow::Result<Option<String>> {
     match &config.admin.token_file {
         None => Ok(None),
@@ -40,6 +69,8 @@ pub fn read_token(config: &Config) -> anyhow::Result<Option<String>> {
             let token = std::fs::read_to_string(path).map_err(|e| {
                 anyhow::anyhow!("cannot read admin.token_file {}: {e}", path.display())
             })?;
+            poolrelay_config::check_private_file("admin.token_file", path)
+                .map_err(|e| anyhow::anyhow!(e))?;
             let token = token.trim().to_string();
             if token.is_empty() {
                 anyhow::bail!("admin.token_file {} is empty", path.display());
@@ -49,9 +80,30 @@ pub fn read_token(config: &Config) -> anyhow::Result<Option<String>> {
     }
 }
 
+/// Both ends of an admin connection.
+#[derive(Clone, Copy, Debug)]
+struct Conn {
+    peer: SocketAddr,
+    /// The address the client connected to (an interface's address when
+    /// the admin server listens on a wildcard).
+    local: Option<SocketAddr>,
+}
+
+impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for Conn {
+    fn connect_info(stream: IncomingStream<'_, tokio::net::TcpListener>) -> Conn {
+        Conn {
+            peer: *stream.remote_addr(),
+            local: stream.io().local_addr().ok(),
+        }
+    }
+}
+
 /// Serves the admin API until the listener is dropped.
 pub async fn serve(admin: Shared, socket: tokio::net::TcpListener) {
-    let mutating = Router::new()
+    let api = Router::new()
+        .route("/api/v1/pools", get(pools))
+        .route("/api/v1/pools/{pool}/messages", get(messages))
+        .route("/api/v1/messages/{id}", get(show))
         .route("/api/v1/pools/{pool}/hold", post(hold))
         .route("/api/v1/pools/{pool}/release", post(release))
         .route("/api/v1/pools/{pool}/flush", post(flush_pool))
@@ -66,47 +118,100 @@ pub async fn serve(admin: Shared, socket: tokio::net::TcpListener) {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/api/v1/pools", get(pools))
-        .route("/api/v1/pools/{pool}/messages", get(messages))
-        .route("/api/v1/messages/{id}", get(show))
-        .merge(mutating)
+        .merge(api)
         .with_state(admin);
-    if let Err(e) = axum::serve(
-        socket,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .await
-    {
+    if let Err(e) = axum::serve(socket, app.into_make_service_with_connect_info::<Conn>()).await {
         tracing::error!("admin server stopped: {e}");
     }
 }
 
-/// Mutating calls need the bearer token when one is configured, else a loopback client.
+/// The access rules of `/api/v1` (see the module documentation).
 async fn authorize(
     State(admin): State<Shared>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(conn): ConnectInfo<Conn>,
     headers: HeaderMap,
     request: Request,
     next: Next,
 ) -> Response {
-    let allowed = match &admin.token {
-        Some(token) => headers
+    let local = |authority: &str| is_local_authority(authority, admin.address, conn.local);
+    if let Some(origin) = headers.get("origin") {
+        let same = origin
+            .to_str()
+            .ok()
+            .and_then(|o| o.strip_prefix("http://"))
+            .is_some_and(local);
+        if !same {
+            return error(
+                StatusCode::FORBIDDEN,
+                "requests from web pages of other sites are refused (Origin is not the admin address)",
+            );
+        }
+    }
+    if let Some(token) = admin.token() {
+        let given = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), token.as_bytes())),
-        None => peer.ip().is_loopback(),
-    };
-    if allowed {
-        next.run(request).await
-    } else {
-        let why = if admin.token.is_some() {
-            "missing or wrong bearer token (see admin.token_file)"
-        } else {
-            "mutating calls are allowed from loopback only when no admin.token_file is set"
-        };
-        error(StatusCode::UNAUTHORIZED, why)
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|given| constant_time_eq(given.trim().as_bytes(), token.as_bytes())) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token (see admin.token_file)",
+            );
+        }
+        return next.run(request).await;
     }
+    let host = headers
+        .get("host")
+        .map(|h| h.to_str().ok().map(str::to_string))
+        .unwrap_or_else(|| request.uri().authority().map(|a| a.to_string()));
+    if !host.as_deref().is_some_and(local) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "the Host header does not name the admin address; use http://127.0.0.1:PORT or http://localhost:PORT (or set admin.token_file)",
+        );
+    }
+    let reads = matches!(*request.method(), Method::GET | Method::HEAD);
+    if !reads && !conn.peer.ip().to_canonical().is_loopback() {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "calls that change something are allowed from loopback only when no admin.token_file is set",
+        );
+    }
+    next.run(request).await
+}
+
+/// Whether `authority` (`host:port` of a Host or Origin header) names this
+/// admin server: its address, the address the client connected to,
+/// 127.0.0.1, [::1] or localhost, with the admin port.
+fn is_local_authority(authority: &str, admin: SocketAddr, local: Option<SocketAddr>) -> bool {
+    let Some((host, port)) = authority.rsplit_once(':') else {
+        return false;
+    };
+    let port_ok = port
+        .parse::<u16>()
+        .is_ok_and(|p| p == admin.port() || local.is_some_and(|l| l.port() == p));
+    if !port_ok {
+        return false;
+    }
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let Ok(ip) = host.parse::<IpAddr>() else {
+        return false;
+    };
+    let ip = ip.to_canonical();
+    [
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+        admin.ip().to_canonical(),
+    ]
+    .into_iter()
+    .chain(local.map(|l| l.ip().to_canonical()))
+    .any(|known| known == ip)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -294,7 +399,7 @@ async fn bounce_message(State(admin): State<Shared>, Path(id): Path<String>) -> 
 /// Logged here as SIGHUP reloads are in `main`: the relay's log must show
 /// every config change and every refusal, not only the caller's terminal.
 async fn reload(State(admin): State<Shared>) -> Response {
-    match crate::reload(&admin.relay, &admin.config_path).await {
+    match crate::reload(&admin).await {
         Ok(msg) => {
             tracing::info!("reload via the admin API: {msg}");
             Json(serde_json::json!({ "ok": true, "message": msg })).into_response()
@@ -302,6 +407,41 @@ async fn reload(State(admin): State<Shared>) -> Response {
         Err(msg) => {
             tracing::error!("reload via the admin API: {msg}");
             error(StatusCode::UNPROCESSABLE_ENTITY, &msg)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_authorities() {
+        let admin: SocketAddr = "127.0.0.1:9025".parse().unwrap();
+        let wild: SocketAddr = "0.0.0.0:9025".parse().unwrap();
+        let via: Option<SocketAddr> = Some("192.0.2.7:9025".parse().unwrap());
+        for ok in [
+            "127.0.0.1:9025",
+            "localhost:9025",
+            "LOCALHOST:9025",
+            "[::1]:9025",
+            "[::ffff:127.0.0.1]:9025",
+        ] {
+            assert!(is_local_authority(ok, admin, None), "{ok}");
+        }
+        assert!(is_local_authority("192.0.2.7:9025", wild, via));
+        for bad in [
+            "evil.example:9025",
+            "127.0.0.1",
+            "127.0.0.1:80",
+            "localhost",
+            "[::1]",
+            "192.0.2.8:9025",
+            "",
+            "null",
+            ":9025",
+        ] {
+            assert!(!is_local_authority(bad, wild, via), "{bad}");
         }
     }
 }

@@ -137,6 +137,10 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config } => {
+            // Spool files, logs written by the relay and anything else it
+            // creates: owner only (files 0600, directories 0700).
+            // SAFETY: umask only sets the process's file mode mask.
+            unsafe { libc::umask(0o077) };
             let path = config_path(config);
             let config = match Config::load(&path) {
                 Ok(c) => c,
@@ -224,10 +228,11 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let admin = std::sync::Arc::new(admin::Admin {
         relay: relay.clone(),
         metrics,
-        token,
+        token: std::sync::RwLock::new(token),
+        address: admin_address,
         config_path: path.clone(),
     });
-    let admin_task = tokio::spawn(admin::serve(admin, admin_socket));
+    let admin_task = tokio::spawn(admin::serve(admin.clone(), admin_socket));
     tracing::info!(admin = %admin_address, "poolrelay running");
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -237,7 +242,7 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
             _ = hup.recv() => {
-                match reload(&relay, &path).await {
+                match reload(&admin).await {
                     Ok(msg) => tracing::info!("SIGHUP: {msg}"),
                     Err(msg) => tracing::error!("SIGHUP: {msg}"),
                 }
@@ -259,11 +264,27 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Re-reads the config file and applies it; the old config stays on any error.
-pub async fn reload(
-    relay: &poolrelay_relay::Running,
-    path: &std::path::Path,
-) -> Result<String, String> {
-    let config = Config::load(path).map_err(|e| format!("reload refused, old config kept: {e}"))?;
-    relay.reload(config).await
+/// Re-reads the config file and the admin token file and applies them;
+/// the old config and token stay on any error.
+pub async fn reload(admin: &admin::Admin) -> Result<String, String> {
+    let refused = |e: &dyn std::fmt::Display| format!("reload refused, old config kept: {e}");
+    let config = Config::load(&admin.config_path).map_err(|e| refused(&e))?;
+    let token = admin::read_token(&config).map_err(|e| refused(&e))?;
+    // The admin address is kept until a restart: judge the new token
+    // settings against the address in use.
+    if token.is_none()
+        && !admin.address.ip().to_canonical().is_loopback()
+        && !config.admin.allow_unauthenticated
+    {
+        return Err(refused(&format!(
+            "the admin API listens on {}, which is not loopback: keep admin.token_file, or set admin.allow_unauthenticated = true",
+            admin.address
+        )));
+    }
+    let message = admin.relay.reload(config).await?;
+    if admin.set_token(token) {
+        tracing::info!("admin token replaced from admin.token_file");
+        return Ok(format!("{message}; admin token replaced"));
+    }
+    Ok(message)
 }

@@ -110,8 +110,18 @@ struct Answer {
 
 impl Api {
     fn from(target: &Target) -> Result<Api, String> {
-        let config =
-            poolrelay_config::Config::load(&crate::config_path(target.config.clone())).ok();
+        let path = crate::config_path(target.config.clone());
+        let config = match poolrelay_config::Config::load(&path) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                // Say why its admin address and token are not used (a
+                // token file others can read is refused, for one).
+                if path.exists() {
+                    eprintln!("warning: config not used: {e}");
+                }
+                None
+            }
+        };
         let base = match (&target.admin, &config) {
             (Some(url), _) => url.clone(),
             (None, Some(c)) => format!("http://{}", c.admin.address),
