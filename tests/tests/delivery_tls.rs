@@ -58,6 +58,9 @@ fn auth_line(s: &RelaySetup, password: &str) -> String {
     let path = s.dir.join("upstream.password");
     fs::write(&path, format!("{password}\n"))
         .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    // Secret files must be private (the config refuses others).
+    fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
     format!(
         "auth = {{ username = {}, password_file = {} }}",
         toml_str(USER),
@@ -304,6 +307,8 @@ fn a_config_with_auth_and_no_verified_tls_is_refused_naming_the_line() {
     let dir = poolrelay_tests::new_tempdir("poolrelay-authcheck-");
     let pw = dir.path().join("pw");
     fs::write(&pw, "secret\n").expect("write the password file");
+    fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod the password file");
     let path = dir.path().join("poolrelay.toml");
     let text = format!(
         "[[listener]]\naddress = \"127.0.0.1:2525\"\n\n[[upstream]]\nhost = \"smart.test:25\"\n\
