@@ -13,8 +13,8 @@ use toml::Spanned;
 mod messages;
 mod upstreams;
 
-use messages::toml_error;
 pub(crate) use messages::closest;
+use messages::toml_error;
 
 use crate::raw::{Int, Located, RawConfig, RawListener, RawPool, Str, Unit};
 use crate::units::{
@@ -697,7 +697,6 @@ impl Ctx<'_> {
         }
         d
     }
-
 }
 
 /// Line of a pool table written with dotted keys: its first key's line.

@@ -121,7 +121,10 @@ fn plain_expectation(msg: &str) -> String {
 }
 
 /// The candidate closest to `word` by edit distance, if close enough to be a typo.
-pub(crate) fn closest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+pub(crate) fn closest<'a>(
+    word: &str,
+    candidates: impl Iterator<Item = &'a str>,
+) -> Option<&'a str> {
     let w = word.to_ascii_lowercase();
     candidates
         .map(|c| (edit_distance(&w, &c.to_ascii_lowercase()), c))
