@@ -274,6 +274,9 @@ pub struct ScriptedOptions {
     pub implicit_tls: Option<Arc<rustls::ServerConfig>>,
     /// Require AUTH before MAIL.
     pub auth: Option<AuthRequirement>,
+    /// The SIZE limit the EHLO reply advertises (not enforced: the test
+    /// looks at what the relay chose to send).
+    pub size: u64,
 }
 
 impl Default for ScriptedOptions {
@@ -285,6 +288,7 @@ impl Default for ScriptedOptions {
             starttls: None,
             implicit_tls: None,
             auth: None,
+            size: 104_857_600,
         }
     }
 }
@@ -668,7 +672,7 @@ fn session_loop(
                 if opts.pipelining {
                     lines.push("PIPELINING".into());
                 }
-                lines.extend(["SIZE 104857600".into(), "8BITMIME".into()]);
+                lines.extend([format!("SIZE {}", opts.size), "8BITMIME".into()]);
                 lines.push("ENHANCEDSTATUSCODES".into());
                 if opts.starttls.is_some() && !s.tls {
                     lines.push("STARTTLS".into());

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use poolrelay_tests::delivery::{field, parse_dsn};
-use poolrelay_tests::scripted::Scripted;
+use poolrelay_tests::scripted::{Scripted, ScriptedOptions};
 use poolrelay_tests::{Relay, message, unique_id};
 
 const DELIVERY: Duration = Duration::from_secs(20);
@@ -94,4 +94,47 @@ fn smtputf8_mail_to_an_upstream_without_smtputf8_bounces_with_5_6_7() {
         "the SMTPUTF8 message itself must not be sent: {}",
         up.dump()
     );
+}
+
+/// RET=FULL asks for the whole message back, but a DSN larger than the
+/// upstream's SIZE would be refused and the bounce lost: it goes with the
+/// original's headers only.
+#[test]
+fn a_ret_full_dsn_larger_than_the_upstream_size_goes_with_headers_only() {
+    let up = Scripted::start(ScriptedOptions {
+        size: 60_000,
+        ..ScriptedOptions::default()
+    });
+    up.set_rcpt_reply("gone@dest.test", "550 5.1.1 no such user");
+    let relay = Relay::start(|s| s.single_upstream(up.addr(), ""));
+    let id = unique_id("retfull");
+    let body = "0123456789abcdef".repeat(8_000);
+    let mut c = relay.client();
+    c.ehlo();
+    assert!(
+        c.cmd(&format!("MAIL FROM:<{SENDER}> RET=FULL"))
+            .is_positive()
+    );
+    assert!(c.cmd("RCPT TO:<ok@dest.test>").is_positive());
+    assert!(c.cmd("RCPT TO:<gone@dest.test>").is_positive());
+    assert_eq!(c.cmd("DATA").code, 354);
+    c.write_bytes(&poolrelay_tests::data_bytes(&message(
+        &id,
+        SENDER,
+        "ok@dest.test",
+        "big",
+        &body,
+    )))
+    .expect("write the message");
+    assert!(c.read_reply().expect("reply").is_positive());
+    c.quit();
+    let dsn = dsn_at(&up);
+    assert!(dsn.len() < 60_000, "the DSN is {} bytes", dsn.len());
+    assert!(dsn.contains("text/rfc822-headers"), "{dsn}");
+    assert!(dsn.contains(&id), "the original's headers are returned");
+    let parsed = parse_dsn(&dsn).unwrap_or_else(|e| panic!("{e}\n{dsn}"));
+    let r = parsed
+        .recipient("gone@dest.test")
+        .expect("the bounced recipient");
+    assert_eq!(field(r, "Status"), Some("5.1.1"));
 }

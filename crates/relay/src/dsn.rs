@@ -233,6 +233,34 @@ pub fn report(
     Some((envelope, bytes))
 }
 
+/// The same DSN returning only the original's headers, when it returned
+/// the whole message (RET=FULL) and is larger than `limit` bytes (an
+/// upstream's SIZE): better the headers than a DSN refused for its size.
+/// `None` when it is no larger, or is not a DSN of ours with a returned
+/// message.
+pub fn shrink_to_headers(dsn: &[u8], limit: u64) -> Option<Vec<u8>> {
+    if (dsn.len() as u64) <= limit {
+        return None;
+    }
+    const PART: &[u8] =
+        b"Content-Description: Undelivered message\r\nContent-Type: message/rfc822\r\n\r\n";
+    let start = memchr::memmem::find(dsn, PART)? + PART.len();
+    // The closing delimiter: the last "\r\n--" line of the report.
+    let end = memchr::memmem::rfind(&dsn[start..], b"\r\n--")? + start;
+    let original = &dsn[start..end];
+    let mut out = Vec::with_capacity(start + 4096);
+    out.extend_from_slice(&dsn[..start - PART.len()]);
+    out.extend_from_slice(
+        b"Content-Description: Undelivered message headers (the whole message exceeded the size limit)\r\nContent-Type: text/rfc822-headers\r\n\r\n",
+    );
+    out.extend_from_slice(header_section(original));
+    if !out.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(&dsn[end..]);
+    Some(out)
+}
+
 /// xtext (RFC 3461 §4): `+XX` for `+`, `=`, controls and anything outside
 /// printable ASCII, so a value can never add a line or a field.
 pub fn xtext(value: &str) -> String {
@@ -469,6 +497,42 @@ mod tests {
         assert!(text.split("\r\n").all(|l| l.len() <= 998));
         let folded = fold(&format!("Diagnostic-Code: smtp; {}", "word ".repeat(100)));
         assert!(folded.split("\r\n").all(|l| l.len() <= 78));
+    }
+
+    #[test]
+    fn a_ret_full_dsn_over_the_upstream_size_returns_headers_only() {
+        let mut env = envelope("a@b", 0);
+        env.ret = Some(Ret::Full);
+        let original = format!(
+            "Subject: big\r\nX-Mark: 1\r\n\r\n{}\r\n",
+            "z".repeat(10_000)
+        );
+        let (_, dsn) =
+            report(Action::Failed, "h", 1, &env, &[1], "u", original.as_bytes()).unwrap();
+        assert!(
+            shrink_to_headers(&dsn, dsn.len() as u64).is_none(),
+            "fits: unchanged"
+        );
+        let small = shrink_to_headers(&dsn, 5_000).expect("shrunk");
+        let text = String::from_utf8(small).unwrap();
+        assert!(text.len() < 5_000, "{}", text.len());
+        assert!(text.contains("Content-Type: text/rfc822-headers"), "{text}");
+        assert!(
+            text.contains("X-Mark: 1") && !text.contains("zzzz"),
+            "{text}"
+        );
+        assert!(text.contains("Status: 5.1.1"), "the report itself is kept");
+        assert!(
+            text.trim_end().ends_with("--"),
+            "closing delimiter kept: {text}"
+        );
+        env.ret = None;
+        let (_, hdrs) =
+            report(Action::Failed, "h", 1, &env, &[1], "u", original.as_bytes()).unwrap();
+        assert!(
+            shrink_to_headers(&hdrs, 10).is_none(),
+            "already headers only"
+        );
     }
 
     #[test]

@@ -525,7 +525,18 @@ async fn try_host(
         return HostTry::StaleConnection(format!("{host}: RSET failed: {e}"));
     }
     c.messages += 1;
-    match c.client.send(outbound, body).await {
+    // One of our RET=FULL DSNs over the upstream's SIZE goes with the
+    // original's headers only, rather than being refused for its size.
+    let limit = c.client.capabilities().size.filter(|s| *s > 0);
+    let shrunk = match limit {
+        Some(limit) if outbound.sender.is_empty() => dsn::shrink_to_headers(body, limit),
+        _ => None,
+    };
+    match c
+        .client
+        .send(outbound, shrunk.as_deref().unwrap_or(body))
+        .await
+    {
         Ok(report) => {
             let host = c.host.clone();
             if c.messages >= upstream.max_messages_per_connection
