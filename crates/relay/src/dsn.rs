@@ -5,9 +5,7 @@
 use poolrelay_config::DEFAULT_POOL;
 use poolrelay_smtp::inbound::rfc5322_date;
 use poolrelay_smtp::reply::clean_text;
-use poolrelay_spool::{
-    Envelope, QueueId, Recipient, RecipientState, Ret, SpoolError, format_id, now_ms,
-};
+use poolrelay_spool::{Envelope, QueueId, Recipient, Ret, SpoolError, format_id, now_ms};
 
 pub use crate::delivery::Action;
 use crate::queue::Queue;
@@ -206,30 +204,15 @@ pub fn report(
         bytes.extend_from_slice(b"\r\n");
     }
     bytes.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    let envelope = Envelope {
-        pool: DEFAULT_POOL.to_string(),
-        sender: String::new(),
-        recipients: vec![Recipient {
-            address: original.sender.clone(),
-            orcpt: None,
-            notify: 0,
-            state: RecipientState::Pending,
-            last_reply: None,
-        }],
-        accepted_ms: now_ms(),
-        attempts: 0,
-        next_attempt_ms: 0,
-        size: bytes.len() as u64,
-        listener: DSN_LISTENER.to_string(),
-        client: "local".to_string(),
-        route_line: 0,
-        envid: None,
-        ret: None,
-        legacy_ret_full: false,
-        body_8bit: true,
-        smtputf8: false,
-        delay_warned: false,
-    };
+    let mut envelope = Envelope::new(
+        DEFAULT_POOL,
+        "",
+        vec![Recipient::pending(&original.sender)],
+        bytes.len() as u64,
+        DSN_LISTENER,
+        "local",
+    );
+    envelope.body_8bit = true;
     Some((envelope, bytes))
 }
 
@@ -319,41 +302,26 @@ fn header_section(message: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use poolrelay_spool::RecipientState;
 
     fn envelope(sender: &str, notify: u64) -> Envelope {
-        Envelope {
-            pool: "A".into(),
-            sender: sender.into(),
-            recipients: vec![
-                Recipient {
-                    address: "ok@x.test".into(),
-                    orcpt: None,
-                    notify,
-                    state: RecipientState::Delivered,
-                    last_reply: Some(reply(250, "2.0.0", "ok")),
-                },
-                Recipient {
-                    address: "gone@x.test".into(),
-                    orcpt: Some("rfc822;gone@x.test".into()),
-                    notify,
-                    state: RecipientState::Bounced,
-                    last_reply: Some(reply(550, "5.1.1", "no such user")),
-                },
-            ],
-            accepted_ms: now_ms(),
-            attempts: 1,
-            next_attempt_ms: 0,
-            size: 10,
-            listener: "l".into(),
-            client: "c".into(),
-            route_line: 0,
-            envid: Some("ENV1".into()),
-            ret: None,
-            legacy_ret_full: false,
-            body_8bit: false,
-            smtputf8: false,
-            delay_warned: false,
-        }
+        let ok = Recipient {
+            notify,
+            state: RecipientState::Delivered,
+            last_reply: Some(reply(250, "2.0.0", "ok")),
+            ..Recipient::pending("ok@x.test")
+        };
+        let gone = Recipient {
+            orcpt: Some("rfc822;gone@x.test".into()),
+            notify,
+            state: RecipientState::Bounced,
+            last_reply: Some(reply(550, "5.1.1", "no such user")),
+            ..Recipient::pending("gone@x.test")
+        };
+        let mut env = Envelope::new("A", sender, vec![ok, gone], 10, "l", "c");
+        env.attempts = 1;
+        env.envid = Some("ENV1".into());
+        env
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::Duration;
 use poolrelay_config::{Config, Listener};
 use poolrelay_smtp::driver::{self, Handler};
 use poolrelay_smtp::inbound::{Session, SessionConfig, Transaction, log_safe};
-use poolrelay_spool::{Envelope, Recipient, RecipientState, format_id, now_ms};
+use poolrelay_spool::{Envelope, Recipient, format_id};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
@@ -352,34 +352,28 @@ async fn queue(
         recipients: &recipients,
         message: &tx.message,
     });
-    let envelope = Envelope {
-        pool: decision.pool.clone(),
-        sender: tx.sender.clone(),
-        recipients: tx
-            .recipients
-            .iter()
-            .map(|r| Recipient {
-                address: r.address.clone(),
-                orcpt: r.orcpt.clone(),
-                notify: r.notify,
-                state: RecipientState::Pending,
-                last_reply: None,
-            })
-            .collect(),
-        accepted_ms: now_ms(),
-        attempts: 0,
-        next_attempt_ms: 0,
-        size: tx.message.len() as u64,
-        listener: listener.name.clone(),
-        client: tx.peer.to_string(),
-        route_line: decision.route_line,
-        envid: tx.envid.clone(),
-        ret: tx.ret,
-        legacy_ret_full: false,
-        body_8bit: tx.body_8bit,
-        smtputf8: tx.smtputf8,
-        delay_warned: false,
-    };
+    let recipients = tx
+        .recipients
+        .iter()
+        .map(|r| Recipient {
+            orcpt: r.orcpt.clone(),
+            notify: r.notify,
+            ..Recipient::pending(&r.address)
+        })
+        .collect();
+    let mut envelope = Envelope::new(
+        &decision.pool,
+        &tx.sender,
+        recipients,
+        tx.message.len() as u64,
+        &listener.name,
+        &tx.peer.to_string(),
+    );
+    envelope.route_line = decision.route_line;
+    envelope.envid = tx.envid.clone();
+    envelope.ret = tx.ret;
+    envelope.body_8bit = tx.body_8bit;
+    envelope.smtputf8 = tx.smtputf8;
     let size = tx.message.len();
     let rcpt_count = tx.recipients.len();
     match inbound.queue.append(envelope, tx.message).await {

@@ -87,33 +87,17 @@ impl Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use poolrelay_spool::{MemorySpool, Recipient, RecipientState, now_ms};
+    use poolrelay_spool::{MemorySpool, Recipient};
 
     fn envelope(pool: &str) -> Envelope {
-        Envelope {
-            pool: pool.into(),
-            sender: "s@x.test".into(),
-            recipients: vec![Recipient {
-                address: "r@x.test".into(),
-                orcpt: None,
-                notify: 0,
-                state: RecipientState::Pending,
-                last_reply: None,
-            }],
-            accepted_ms: now_ms(),
-            attempts: 0,
-            next_attempt_ms: 0,
-            size: 1,
-            listener: "l".into(),
-            client: "c".into(),
-            route_line: 0,
-            envid: None,
-            ret: None,
-            legacy_ret_full: false,
-            body_8bit: false,
-            smtputf8: false,
-            delay_warned: false,
-        }
+        Envelope::new(
+            pool,
+            "s@x.test",
+            vec![Recipient::pending("r@x.test")],
+            1,
+            "l",
+            "c",
+        )
     }
 
     fn queue() -> (Queue, MemorySpool) {

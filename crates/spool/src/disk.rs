@@ -716,33 +716,17 @@ fn commit_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Recipient, RecipientState};
+    use crate::Recipient;
 
     fn envelope(pool: &str) -> Envelope {
-        Envelope {
-            pool: pool.into(),
-            sender: "owner-list@example.org".into(),
-            recipients: vec![Recipient {
-                address: "a@example.com".into(),
-                orcpt: None,
-                notify: 0,
-                state: RecipientState::Pending,
-                last_reply: None,
-            }],
-            accepted_ms: now_ms(),
-            attempts: 0,
-            next_attempt_ms: 0,
-            size: 5,
-            listener: "l".into(),
-            client: "127.0.0.1:1".into(),
-            route_line: 0,
-            envid: None,
-            ret: None,
-            legacy_ret_full: false,
-            body_8bit: false,
-            smtputf8: false,
-            delay_warned: false,
-        }
+        Envelope::new(
+            pool,
+            "owner-list@example.org",
+            vec![Recipient::pending("a@example.com")],
+            5,
+            "l",
+            "127.0.0.1:1",
+        )
     }
 
     fn rt() -> tokio::runtime::Runtime {

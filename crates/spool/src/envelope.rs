@@ -85,7 +85,50 @@ pub struct Envelope {
     pub delay_warned: bool,
 }
 
+impl Recipient {
+    /// A recipient still to be delivered, without DSN parameters.
+    pub fn pending(address: &str) -> Recipient {
+        Recipient {
+            address: address.to_string(),
+            orcpt: None,
+            notify: 0,
+            state: RecipientState::Pending,
+            last_reply: None,
+        }
+    }
+}
+
 impl Envelope {
+    /// A message just accepted in `pool`: no attempt yet, due now, no DSN
+    /// parameters; set the optional fields after.
+    pub fn new(
+        pool: &str,
+        sender: &str,
+        recipients: Vec<Recipient>,
+        size: u64,
+        listener: &str,
+        client: &str,
+    ) -> Envelope {
+        Envelope {
+            pool: pool.to_string(),
+            sender: sender.to_string(),
+            recipients,
+            accepted_ms: crate::now_ms(),
+            attempts: 0,
+            next_attempt_ms: 0,
+            size,
+            listener: listener.to_string(),
+            client: client.to_string(),
+            route_line: 0,
+            envid: None,
+            ret: None,
+            legacy_ret_full: false,
+            body_8bit: false,
+            smtputf8: false,
+            delay_warned: false,
+        }
+    }
+
     /// Recipients still to be delivered.
     pub fn pending(&self) -> impl Iterator<Item = &Recipient> {
         self.recipients

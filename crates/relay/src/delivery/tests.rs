@@ -20,32 +20,12 @@ fn r(text: &str) -> Reply {
 }
 
 fn envelope(sender: &str, rcpts: usize) -> Envelope {
-    Envelope {
-        pool: "A".into(),
-        sender: sender.into(),
-        recipients: (0..rcpts)
-            .map(|i| Recipient {
-                address: format!("r{i}@x.test"),
-                orcpt: None,
-                notify: 0,
-                state: RecipientState::Pending,
-                last_reply: None,
-            })
-            .collect(),
-        accepted_ms: 1_000_000,
-        attempts: 0,
-        next_attempt_ms: 0,
-        size: 100,
-        listener: "l".into(),
-        client: "127.0.0.1:1".into(),
-        route_line: 0,
-        envid: None,
-        ret: None,
-        legacy_ret_full: false,
-        body_8bit: false,
-        smtputf8: false,
-        delay_warned: false,
-    }
+    let recipients = (0..rcpts)
+        .map(|i| Recipient::pending(&format!("r{i}@x.test")))
+        .collect();
+    let mut env = Envelope::new("A", sender, recipients, 100, "l", "127.0.0.1:1");
+    env.accepted_ms = 1_000_000;
+    env
 }
 
 fn policy() -> Policy {
