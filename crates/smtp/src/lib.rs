@@ -8,6 +8,8 @@
 
 pub mod data;
 pub mod date;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod inbound;
 pub mod outbound;
 pub mod reply;
