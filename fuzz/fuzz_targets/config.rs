@@ -49,10 +49,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(doc) = text.parse::<toml::Value>() {
-        if !only_safe_files(&doc) {
-            return;
-        }
+    if let Ok(doc) = text.parse::<toml::Value>()
+        && !only_safe_files(&doc)
+    {
+        return;
     }
     setup();
     let path = Path::new("fuzz.toml");

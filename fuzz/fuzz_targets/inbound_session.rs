@@ -67,7 +67,7 @@ fn run(input: &[u8], chunks: &[usize], relay_allowed: bool, fail_every: usize) -
                         let tx = check_transaction(*tx);
                         seen.queued.push(tx);
                         let n = seen.queued.len();
-                        let reply = if fail_every > 0 && n % fail_every == 0 {
+                        let reply = if fail_every > 0 && n.is_multiple_of(fail_every) {
                             session.queue_failed("spool write failed, try again later")
                         } else {
                             session.queued(&format!("Q{n}"))
