@@ -404,6 +404,16 @@ fn other_table_styles_and_number_units() {
 }
 
 #[test]
+fn every_syntax_error_says_what_to_write_even_when_the_toml_parser_gives_no_reason() {
+    err(
+        &format!("{LISTENER}\r"),
+        3,
+        &["not valid TOML", "key = value"],
+    );
+    err("\r", 1, &["not valid TOML", "key = value"]);
+}
+
+#[test]
 fn toml_syntax_and_unknown_keys() {
     err(&format!("{LISTENER}\n[server\n"), 4, &[]);
     err(

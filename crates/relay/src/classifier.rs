@@ -125,12 +125,13 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     let (mut pi, mut ti) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while ti < t.len() {
-        if pi < p.len() && (p[pi] == b'?' || p[pi].eq_ignore_ascii_case(&t[ti])) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == b'*' {
+        // A star is a wildcard even where the text has a star.
+        if pi < p.len() && p[pi] == b'*' {
             star = Some((pi, ti));
             pi += 1;
+        } else if pi < p.len() && (p[pi] == b'?' || p[pi].eq_ignore_ascii_case(&t[ti])) {
+            pi += 1;
+            ti += 1;
         } else if let Some((sp, st)) = star {
             pi = sp + 1;
             ti = st + 1;
@@ -211,6 +212,17 @@ mod tests {
         assert!(!glob_match("a?c", "abbc"));
         assert!(glob_match("*", ""));
         assert!(glob_match("*a*b*", "xxaxxbxx"));
+    }
+
+    #[test]
+    fn a_star_is_a_wildcard_even_where_the_text_has_a_star() {
+        // `*` is a valid character of a local part; the pattern's star
+        // must not be taken as a literal for it.
+        assert!(glob_match("*", "*x"));
+        assert!(glob_match("*@example.org", "*a@example.org"));
+        assert!(glob_match("owner-*@*", "owner-*list@example.org"));
+        assert!(glob_match("a*", "a*"));
+        assert!(!glob_match("*b", "*a"));
     }
 
     #[test]

@@ -9,6 +9,8 @@
 pub mod data;
 pub mod date;
 pub mod driver;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod inbound;
 pub mod outbound;
 pub mod reply;

@@ -13,7 +13,14 @@ pub(super) fn toml_error(text: &str, path: &Path, e: &toml::de::Error) -> Config
     ConfigError {
         file: path.to_path_buf(),
         line,
-        message: reword(e.message().trim(), source_line),
+        message: match e.message().trim() {
+            // The TOML parser gives no reason for some bytes (a lone CR
+            // at the start of a line): still say what to write.
+            "" => "not valid TOML here (a control character such as a lone carriage return?); \
+                   write key = value, a [table] header or a # comment"
+                .to_string(),
+            msg => reword(msg, source_line),
+        },
     }
 }
 

@@ -11,7 +11,7 @@ mod connect;
 mod testing;
 mod transaction;
 mod types;
-mod wire;
+pub(crate) mod wire;
 
 pub use connect::Client;
 pub use types::{

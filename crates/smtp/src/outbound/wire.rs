@@ -56,7 +56,7 @@ impl Capabilities {
     /// A reply it cannot parse offers nothing: the session then goes on
     /// without extensions, which every server must accept, rather than
     /// guess at pipelining or STARTTLS.
-    pub(super) fn from_ehlo(raw: &[u8]) -> Capabilities {
+    pub(crate) fn from_ehlo(raw: &[u8]) -> Capabilities {
         let mut caps = Capabilities {
             esmtp: true,
             ..Capabilities::default()
@@ -165,7 +165,7 @@ impl Client {
 /// status, and has no per-line limit: here a server that changes its code
 /// mid-reply is a protocol error, a wrong-class enhanced code is text,
 /// and lines and line counts are bounded.
-pub(super) async fn read_reply<R>(
+pub(crate) async fn read_reply<R>(
     io: &mut R,
     mut raw: Option<&mut Vec<u8>>,
 ) -> Result<Reply, ClientError>
