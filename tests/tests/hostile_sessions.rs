@@ -159,7 +159,9 @@ fn noop_in_a_loop_is_cut_off_at_the_junk_command_limit() {
 #[test]
 fn one_address_cannot_take_every_session_slot() {
     let sink = Sink::start();
-    let relay = Relay::start(|s| s.single_upstream(sink.addr(), ""));
+    // 127.0.0.1 is a stranger here; 127.0.0.2 may relay, and like
+    // Postfix's $mynetworks it is exempt from the per-client cap.
+    let relay = Relay::start(|s| s.single_upstream(sink.addr(), "relay_from = [\"127.0.0.2/32\"]"));
     let connect = |ip: IpAddr| {
         SmtpClient::connect_from(ip, relay.smtp_addr())
             .unwrap_or_else(|e| panic!("connect from {ip}: {e}\n{}", relay.logs()))
@@ -186,15 +188,21 @@ fn one_address_cannot_take_every_session_slot() {
         over.greeting,
         relay.logs()
     );
-    let other = connect(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)));
-    assert_eq!(
-        other.greeting.code,
-        220,
-        "127.0.0.2 while 127.0.0.1 holds 20 sessions: {}\n{}",
-        other.greeting,
-        relay.logs()
-    );
-    other.quit();
+    let trusted: Vec<SmtpClient> = (0..25)
+        .map(|_| connect(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))))
+        .collect();
+    for (i, c) in trusted.iter().enumerate() {
+        assert_eq!(
+            c.greeting.code,
+            220,
+            "session {i} of the relay client 127.0.0.2 (exempt from the cap): {}\n{}",
+            c.greeting,
+            relay.logs()
+        );
+    }
+    for c in trusted {
+        c.quit();
+    }
 
     // A session that ends gives its address a slot back.
     held.pop().expect("a session").quit();
@@ -245,18 +253,23 @@ fn dual_stack_port() -> u16 {
 fn an_ipv4_client_of_a_dual_stack_listener_is_matched_as_ipv4() {
     let sink = Sink::start();
     let port = dual_stack_port();
+    let strict_port = dual_stack_port();
+    // "dual" trusts 127.0.0.0/8; on "strict" and the main listener
+    // 127.0.0.1 is a stranger, so the per-client cap counts it.
     let relay = Relay::start(|s| {
         let dual = format!(
-            "[[listener]]\nname = \"dual\"\naddress = \"[::]:{port}\"\nrelay_from = [\"127.0.0.0/8\"]\n\n"
+            "[[listener]]\nname = \"dual\"\naddress = \"[::]:{port}\"\nrelay_from = [\"127.0.0.0/8\"]\n\n\
+             [[listener]]\nname = \"strict\"\naddress = \"[::]:{strict_port}\"\nrelay_from = [\"127.0.0.2/32\"]\n\n"
         );
-        s.single_upstream(sink.addr(), "")
+        s.single_upstream(sink.addr(), "relay_from = [\"127.0.0.2/32\"]")
             .replacen("[defaults]", &format!("{dual}[defaults]"), 1)
     });
     let dual = SocketAddr::new(LOCALHOST, port);
+    let strict = SocketAddr::new(LOCALHOST, strict_port);
     relay.wait_until(
-        "the [::] listener to accept",
+        "the [::] listeners to accept",
         Duration::from_secs(10),
-        || accepts_tcp(dual),
+        || accepts_tcp(dual) && accepts_tcp(strict),
     );
 
     let mut c = SmtpClient::connect_from(LOCALHOST, dual)
@@ -275,7 +288,10 @@ fn an_ipv4_client_of_a_dual_stack_listener_is_matched_as_ipv4() {
 
     // The same client address on either listener is the same client: with
     // 1 session on [::] and 19 on the IPv4 listener, a 21st is refused.
-    let mut held = Vec::new();
+    let first = SmtpClient::connect_from(LOCALHOST, strict)
+        .unwrap_or_else(|e| panic!("connect to {strict}: {e}"));
+    assert_eq!(first.greeting.code, 220, "{}", first.greeting);
+    let mut held = vec![first];
     relay.wait_until(
         "127.0.0.1 to hold 20 sessions over both listeners",
         Duration::from_secs(10),
@@ -285,10 +301,10 @@ fn an_ipv4_client_of_a_dual_stack_listener_is_matched_as_ipv4() {
             if client.greeting.code == 220 {
                 held.push(client);
             }
-            held.len() == 19
+            held.len() == 20
         },
     );
-    for addr in [dual, relay.smtp_addr()] {
+    for addr in [strict, relay.smtp_addr()] {
         let over = SmtpClient::connect_from(LOCALHOST, addr)
             .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
         assert_eq!(

@@ -210,14 +210,28 @@ pub async fn serve(inbound: Arc<Inbound>, listener: Listener, socket: TcpListene
                 .await;
                 return;
             }
-            let Some(client_slot) = inbound.claim_client_slot(peer.ip(), per_client) else {
-                metrics::counter!(metric::SMTP_REJECTIONS.name, "listener" => listener.name.clone(), "reason" => metric::TOO_MANY_SESSIONS_PER_CLIENT).increment(1);
-                refuse(
-                    stream,
-                    &format!("421 4.7.0 {hostname} too many connections from your address"),
-                )
-                .await;
-                return;
+            // Clients allowed to relay (the list server) are exempt, as
+            // Postfix exempts $mynetworks from its per-client limits: the
+            // cap is for strangers, not for the one host that sends the mail.
+            let trusted = listener
+                .relay_from
+                .iter()
+                .any(|net| net.contains(&peer.ip()));
+            let client_slot = if trusted {
+                None
+            } else {
+                match inbound.claim_client_slot(peer.ip(), per_client) {
+                    Some(slot) => Some(slot),
+                    None => {
+                        metrics::counter!(metric::SMTP_REJECTIONS.name, "listener" => listener.name.clone(), "reason" => metric::TOO_MANY_SESSIONS_PER_CLIENT).increment(1);
+                        refuse(
+                            stream,
+                            &format!("421 4.7.0 {hostname} too many connections from your address"),
+                        )
+                        .await;
+                        return;
+                    }
+                }
             };
             let Ok(permit) = inbound.sessions.clone().try_acquire_owned() else {
                 metrics::counter!(metric::SMTP_REJECTIONS.name, "listener" => listener.name.clone(), "reason" => metric::TOO_MANY_SESSIONS).increment(1);
