@@ -2,7 +2,7 @@
 CARGO ?= cargo
 BIN := target/debug/poolrelay
 
-.PHONY: build run test lint bench fuzz clean
+.PHONY: build run test lint bench fuzz clean image static test-container
 
 build:
 	$(CARGO) build -p poolrelay
@@ -56,6 +56,33 @@ fuzz:
 		fi; \
 	done; \
 	if [ -n "$$failed" ]; then echo "fuzz: crashes in:$$failed"; exit 1; fi
+
+# The container image poolrelay:VERSION and poolrelay:latest (VERSION from
+# Cargo.toml), from deploy/container/Containerfile: a static binary on scratch.
+# Docker, or Podman where no Docker engine runs (CONTAINER=podman to choose).
+VERSION := $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' Cargo.toml | head -n 1)
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+STATIC_BIN := $(TARGET_DIR)/x86_64-unknown-linux-gnu/release/poolrelay
+IMAGE_CONTEXT := $(TARGET_DIR)/image-context
+CONTAINER ?= $(shell if docker info >/dev/null 2>&1; then echo docker; elif command -v podman >/dev/null 2>&1; then echo podman; else echo docker; fi)
+
+static:
+	RUSTFLAGS='-C target-feature=+crt-static' $(CARGO) build --release --target x86_64-unknown-linux-gnu -p poolrelay
+
+image: static
+	deploy/container/build-context.sh $(STATIC_BIN) $(IMAGE_CONTEXT)
+	$(CONTAINER) build -f deploy/container/Containerfile \
+		--build-arg VERSION=$(VERSION) \
+		--build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
+		--build-arg CREATED=$$(date -u +%Y-%m-%dT%H:%M:%SZ) \
+		--build-arg SOURCE=$$(git remote get-url origin 2>/dev/null || true) \
+		-t poolrelay:$(VERSION) -t poolrelay:latest $(IMAGE_CONTEXT)
+	@$(CONTAINER) image inspect poolrelay:$(VERSION) --format 'poolrelay:$(VERSION) {{.Size}} bytes'
+
+# The image against real peers: SMTP, metrics, uid, persistence across
+# containers, the compose stack, the Kubernetes manifests, Prometheus.
+test-container: image
+	python3 deploy/container/test.py
 
 clean:
 	$(CARGO) clean

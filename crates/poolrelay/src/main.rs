@@ -87,6 +87,22 @@ enum Command {
         #[command(flatten)]
         target: queue::Target,
     },
+    /// Ask a running relay's /readyz (or /healthz with --live): exit 0 when
+    /// it answers 200, 1 otherwise. For container health checks (no shell, no curl).
+    Health {
+        /// Config file to read admin.address from (default: $POOLRELAY_CONFIG, else config/poolrelay.toml).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Admin address HOST:PORT to ask instead of the config's admin.address.
+        #[arg(long)]
+        admin: Option<String>,
+        /// Ask /healthz (the process answers) instead of /readyz (it takes mail).
+        #[arg(long)]
+        live: bool,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
 }
 
 fn parse_host_arg(arg: &str) -> Result<(String, String), String> {
@@ -196,13 +212,114 @@ fn main() -> ExitCode {
             }
         }
         Command::Reload { target } => ExitCode::from(queue::reload(&target) as u8),
-        Command::Sink(args) => match runtime().and_then(|rt| rt.block_on(sink::run(args))) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("poolrelay sink: {e:#}");
-                ExitCode::FAILURE
+        Command::Health {
+            config,
+            admin,
+            live,
+            timeout,
+        } => {
+            let path = if live { "/healthz" } else { "/readyz" };
+            let target = admin.unwrap_or_else(|| health_target(&config_path(config)));
+            match health(
+                &target,
+                path,
+                std::time::Duration::from_secs(timeout.max(1)),
+            ) {
+                Ok(line) => {
+                    println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(line) => {
+                    eprintln!("poolrelay health: {line}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
+        // SIGTERM and SIGINT end the sink with exit code 0, also as PID 1 of
+        // a container (where a signal without a handler is ignored).
+        Command::Sink(args) => {
+            match runtime().and_then(|rt| rt.block_on(sink_until_signal(args))) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("poolrelay sink: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// Where `poolrelay health` asks: the config's admin address, with a
+/// wildcard (`0.0.0.0`, `::`) replaced by loopback. A config that does not
+/// load (being edited, say) does not make a running relay unhealthy: the
+/// default 127.0.0.1:9025 is asked then, with a warning.
+fn health_target(path: &std::path::Path) -> String {
+    match Config::load(path) {
+        Ok(config) => admin_dial_address(config.admin.address).to_string(),
+        Err(e) => {
+            eprintln!("warning: config not used, asking 127.0.0.1:9025: {e}");
+            "127.0.0.1:9025".to_string()
+        }
+    }
+}
+
+/// The address a local client dials for a listening address.
+fn admin_dial_address(listen: std::net::SocketAddr) -> std::net::SocketAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    std::net::SocketAddr::new(ip, listen.port())
+}
+
+/// One `GET path` to the admin API at `target` (HOST:PORT); Ok with the
+/// status line when it answers 200, Err saying what happened otherwise.
+fn health(target: &str, path: &str, timeout: std::time::Duration) -> Result<String, String> {
+    use std::io::{Read, Write};
+    use std::net::{TcpStream, ToSocketAddrs};
+    let addr = target
+        .to_socket_addrs()
+        .map_err(|e| format!("{target}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{target}: no address"))?;
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| format!("cannot reach the admin API at {addr}: {e}"))?;
+    let _ = stream.set_read_timeout(Some(timeout));
+    let _ = stream.set_write_timeout(Some(timeout));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("{addr}{path}: {e}"))?;
+    let mut raw = Vec::new();
+    // A relay that never ends its answer is not healthy; 64 KiB is plenty.
+    stream
+        .take(64 * 1024)
+        .read_to_end(&mut raw)
+        .map_err(|e| format!("{addr}{path}: {e}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.lines().next().unwrap_or("").trim();
+    let code = status.split_whitespace().nth(1).unwrap_or("");
+    let body = body.trim();
+    if code == "200" {
+        Ok(format!("{addr}{path}: {body}"))
+    } else if status.is_empty() {
+        Err(format!("{addr}{path}: no answer"))
+    } else {
+        Err(format!("{addr}{path}: {status}: {body}"))
+    }
+}
+
+async fn sink_until_signal(args: sink::Args) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        result = sink::run(args) => result,
+        _ = term.recv() => Ok(()),
+        _ = int.recv() => Ok(()),
     }
 }
 
@@ -287,4 +404,22 @@ pub async fn reload(admin: &admin::Admin) -> Result<String, String> {
         return Ok(format!("{message}; admin token replaced"));
     }
     Ok(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::admin_dial_address;
+
+    #[test]
+    fn health_dials_loopback_for_a_wildcard_admin_address() {
+        for (listen, dial) in [
+            ("0.0.0.0:9025", "127.0.0.1:9025"),
+            ("[::]:9025", "[::1]:9025"),
+            ("10.1.2.3:9000", "10.1.2.3:9000"),
+            ("127.0.0.1:9025", "127.0.0.1:9025"),
+        ] {
+            let listen = listen.parse().expect("address");
+            assert_eq!(admin_dial_address(listen).to_string(), dial);
+        }
+    }
 }
