@@ -28,7 +28,8 @@ PID in a finally block. Python 3.11 standard library only.
 Environment: BENCH_SCALE (default 1.0), BENCH_MICRO (default 1),
 BENCH_ONLY (comma list of: baseline,fsync,throughput,emergency,rss,micro),
 BENCH_WORKERS (poolrelay bulk workers, default 8), BENCH_KEEP=1 keeps the
-work directory, BENCH_NO_BUILD=1 skips the release build.
+work directory, BENCH_NO_BUILD=1 skips the release build, BENCH_POOLRELAY
+names the binary to measure (default target/release/poolrelay).
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
 OUT = TARGET / "bench"
-POOLRELAY = TARGET / "release" / "poolrelay"
+# BENCH_POOLRELAY: a binary built elsewhere (CI reuses the container's
+# static release build instead of building a second release binary).
+POOLRELAY = Path(os.environ.get("BENCH_POOLRELAY", TARGET / "release" / "poolrelay"))
 SINK_SRC = ROOT / "bench" / "sink.rs"
 SINK_BIN = OUT / "bench-sink"
 SMTP_SOURCE = "/usr/sbin/smtp-source"
