@@ -3,13 +3,17 @@
 
 use crate::data::{DataDecoder, DataError, DataStatus};
 use crate::date::unix_secs;
-use smtp_proto::{Error as ProtoError, MailFrom, RcptTo, Request};
-use std::borrow::Cow;
+use smtp_proto::{Error as ProtoError, Request};
 use std::net::{IpAddr, SocketAddr};
 use std::time::SystemTime;
 
 /// Kept here too: callers import it from this module.
 pub use crate::date::rfc5322_date;
+
+mod envelope;
+mod syntax;
+pub use syntax::log_safe;
+use syntax::*;
 
 /// Limits and identity for one inbound session.
 #[derive(Debug, Clone)]
@@ -628,208 +632,6 @@ impl Session {
         )
     }
 
-    /// `line`: the command as received, for what smtp-proto does not keep
-    /// (whether the path was literally `<>`, quoting, raw xtext).
-    fn mail_from(&mut self, from: MailFrom<Cow<'_, str>>, line: &[u8], out: &mut Vec<Output>) {
-        let empty = empty_path(line);
-        if self.helo.is_none() {
-            self.refuse(
-                out,
-                Rejection::Sequence,
-                b"503 5.5.1 send HELO or EHLO first\r\n",
-            );
-            return;
-        }
-        if self.mail.is_some() {
-            self.refuse(
-                out,
-                Rejection::Sequence,
-                b"503 5.5.1 nested MAIL command\r\n",
-            );
-            return;
-        }
-        if from.flags & smtp_proto::MAIL_BODY_BINARYMIME != 0 {
-            // BINARYMIME needs BDAT, which is not offered.
-            self.refuse(
-                out,
-                Rejection::Unimplemented,
-                b"504 5.5.4 BODY=BINARYMIME not supported\r\n",
-            );
-            return;
-        }
-        if from.flags & smtp_proto::MAIL_REQUIRETLS != 0 {
-            // Not offered: we could not honour it downstream.
-            self.refuse(
-                out,
-                Rejection::Syntax,
-                b"555 5.5.4 unsupported parameter REQUIRETLS\r\n",
-            );
-            return;
-        }
-        if from.address.is_empty() && !empty {
-            // A reverse-path is a full mailbox or <>; "postmaster" alone
-            // must not turn into the null sender (which is never bounced).
-            self.refuse(
-                out,
-                Rejection::BadAddress,
-                b"501 5.1.7 bad sender address syntax\r\n",
-            );
-            return;
-        }
-        let (path, params) = split_path(line);
-        let sender = if from.address.is_empty() {
-            String::new()
-        } else {
-            match mailbox(path) {
-                Some(address) => address,
-                None => {
-                    self.refuse(
-                        out,
-                        Rejection::BadAddress,
-                        b"501 5.1.7 bad sender address syntax\r\n",
-                    );
-                    return;
-                }
-            }
-        };
-        let mut envid = None;
-        for (key, value) in parameters(params) {
-            if key.eq_ignore_ascii_case(b"ENVID") {
-                match xtext_decode(value) {
-                    Some(v) => envid = Some(v),
-                    None => {
-                        self.refuse(
-                            out,
-                            Rejection::Syntax,
-                            b"501 5.5.4 invalid ENVID parameter\r\n",
-                        );
-                        return;
-                    }
-                }
-            }
-        }
-        let smtputf8 = from.flags & smtp_proto::MAIL_SMTPUTF8 != 0;
-        if !smtputf8 && !sender.is_ascii() {
-            self.refuse(
-                out,
-                Rejection::BadAddress,
-                b"553 5.6.7 non-ASCII address requires SMTPUTF8\r\n",
-            );
-            return;
-        }
-        if from.size as u64 > self.config.max_message_size {
-            self.refuse(
-                out,
-                Rejection::MessageTooLarge,
-                b"552 5.3.4 message size exceeds fixed maximum\r\n",
-            );
-            return;
-        }
-        let ret = if from.flags & smtp_proto::MAIL_RET_FULL != 0 {
-            Some(Ret::Full)
-        } else if from.flags & smtp_proto::MAIL_RET_HDRS != 0 {
-            Some(Ret::Headers)
-        } else {
-            None
-        };
-        self.mail = Some(MailState {
-            sender,
-            envid,
-            ret,
-            body_8bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
-            smtputf8,
-        });
-        self.recipients.clear();
-        push_reply(out, b"250 2.1.0 Ok\r\n");
-    }
-
-    /// `line`: the command as received. An empty address from smtp-proto
-    /// is `<>` when the path was literally that, else `<postmaster>`.
-    fn rcpt_to(&mut self, to: RcptTo<Cow<'_, str>>, line: &[u8], out: &mut Vec<Output>) {
-        let Some(mail) = &self.mail else {
-            self.refuse(out, Rejection::Sequence, b"503 5.5.1 need MAIL command\r\n");
-            return;
-        };
-        let smtputf8 = mail.smtputf8;
-        let empty = empty_path(line);
-        if to.address.is_empty() && !empty {
-            // A relay has no local mailboxes, not even postmaster.
-            self.refuse(
-                out,
-                Rejection::BadAddress,
-                b"550 5.1.1 <postmaster>: no local mailboxes, relay only\r\n",
-            );
-            return;
-        }
-        let (path, params) = split_path(line);
-        let address = match mailbox(path) {
-            Some(address) if !to.address.is_empty() => address,
-            _ => {
-                self.refuse(
-                    out,
-                    Rejection::BadAddress,
-                    b"501 5.1.3 bad recipient address syntax\r\n",
-                );
-                return;
-            }
-        };
-        let mut orcpt = None;
-        for (key, value) in parameters(params) {
-            if key.eq_ignore_ascii_case(b"ORCPT") {
-                let decoded = value
-                    .iter()
-                    .position(|&b| b == b';')
-                    .and_then(|semi| xtext_decode(&value[semi + 1..]));
-                match decoded {
-                    Some(v) => orcpt = Some(format!("rfc822;{v}")),
-                    None => {
-                        self.refuse(
-                            out,
-                            Rejection::Syntax,
-                            b"501 5.5.4 invalid ORCPT parameter\r\n",
-                        );
-                        return;
-                    }
-                }
-            }
-        }
-        if !smtputf8 && !address.is_ascii() {
-            self.refuse(
-                out,
-                Rejection::BadAddress,
-                b"553 5.6.7 non-ASCII address requires SMTPUTF8\r\n",
-            );
-            return;
-        }
-        if !self.config.relay_allowed {
-            let reply = format!(
-                "554 5.7.1 <{}>: relay access denied\r\n",
-                printable(&address)
-            );
-            self.refuse(out, Rejection::RelayDenied, reply.as_bytes());
-            return;
-        }
-        if self.recipients.len() >= self.config.max_recipients {
-            self.refuse(
-                out,
-                Rejection::TooManyRecipients,
-                b"452 4.5.3 too many recipients\r\n",
-            );
-            return;
-        }
-        let notify = to.flags
-            & (smtp_proto::RCPT_NOTIFY_SUCCESS
-                | smtp_proto::RCPT_NOTIFY_FAILURE
-                | smtp_proto::RCPT_NOTIFY_DELAY
-                | smtp_proto::RCPT_NOTIFY_NEVER);
-        self.recipients.push(Recipient {
-            address,
-            orcpt,
-            notify,
-        });
-        push_reply(out, b"250 2.1.5 Ok\r\n");
-    }
-
     fn data(&mut self, out: &mut Vec<Output>) {
         if self.mail.is_none() {
             self.refuse(out, Rejection::Sequence, b"503 5.5.1 need MAIL command\r\n");
@@ -878,197 +680,6 @@ impl Session {
     }
 }
 
-/// Whether the path after `FROM:`/`TO:` is literally `<>`.
-fn empty_path(line: &[u8]) -> bool {
-    let Some(colon) = memchr::memchr(b':', line) else {
-        return false;
-    };
-    let rest = line.get(colon + 1..).unwrap_or_default();
-    let start = rest.iter().position(|&b| b != b' ').unwrap_or(rest.len());
-    rest.get(start..).is_some_and(|r| r.starts_with(b"<>"))
-}
-
-/// The command verb: the line up to the first space or CR.
-fn verb(line: &[u8]) -> &[u8] {
-    let end = line
-        .iter()
-        .position(|&b| matches!(b, b' ' | b'\r' | b'\n'))
-        .unwrap_or(line.len());
-    &line[..end]
-}
-
-/// Commands that move no mail: a client repeating them forever holds a
-/// session slot for nothing (unknown verbs count too).
-fn is_junk(verb: &[u8]) -> bool {
-    const MAIL: [&[u8]; 5] = [b"MAIL", b"RCPT", b"DATA", b"QUIT", b"BDAT"];
-    !MAIL.iter().any(|v| verb.eq_ignore_ascii_case(v))
-}
-
-/// Splits a MAIL/RCPT line into the text inside the path's angle brackets
-/// (quoted strings may hold `>`) and the parameters after it. Empty
-/// slices when there is no bracketed path.
-fn split_path(line: &[u8]) -> (&[u8], &[u8]) {
-    let Some(colon) = memchr::memchr(b':', line) else {
-        return (&[], &[]);
-    };
-    let rest = &line[colon + 1..];
-    let start = rest.iter().position(|&b| b != b' ').unwrap_or(rest.len());
-    let Some(rest) = rest[start..].strip_prefix(b"<") else {
-        return (&[], &[]);
-    };
-    let mut quoted = false;
-    let mut i = 0;
-    while let Some(&b) = rest.get(i) {
-        match b {
-            b'\\' if quoted => i += 1,
-            b'"' => quoted = !quoted,
-            b'>' if !quoted => return (&rest[..i], &rest[i + 1..]),
-            _ => {}
-        }
-        i += 1;
-    }
-    (&[], &[])
-}
-
-/// `KEY=VALUE` parameters after a path (a key alone has an empty value).
-fn parameters(params: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
-    params
-        .split(|&b| b == b' ')
-        .map(|p| p.strip_suffix(b"\r\n").unwrap_or(p))
-        .filter(|p| !p.is_empty())
-        .map(|p| match memchr::memchr(b'=', p) {
-            Some(eq) => (&p[..eq], &p[eq + 1..]),
-            None => (p, &p[p.len()..]),
-        })
-}
-
-/// Decodes RFC 3461 xtext; `None` when it is not xtext, empty, not UTF-8
-/// or holds control characters once decoded.
-fn xtext_decode(raw: &[u8]) -> Option<String> {
-    let mut bytes = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while let Some(&b) = raw.get(i) {
-        match b {
-            b'+' => {
-                let hex = std::str::from_utf8(raw.get(i + 1..i + 3)?).ok()?;
-                if !hex.bytes().all(|h| h.is_ascii_hexdigit()) {
-                    return None;
-                }
-                bytes.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'!'..=b'~' if b != b'=' => {
-                bytes.push(b);
-                i += 1;
-            }
-            _ => return None,
-        }
-    }
-    let text = String::from_utf8(bytes).ok()?;
-    (!text.is_empty() && !text.chars().any(char::is_control)).then_some(text)
-}
-
-/// `atext` of RFC 5322, plus any non-ASCII character (RFC 6531).
-fn is_atext(c: char) -> bool {
-    c.is_ascii_alphanumeric()
-        || "!#$%&'*+-/=?^_`{|}~".contains(c)
-        || (!c.is_ascii() && !c.is_control())
-}
-
-/// A local part that needs no quotes: atoms of atext joined by single dots.
-fn is_dot_string(local: &str) -> bool {
-    !local.is_empty()
-        && local
-            .split('.')
-            .all(|atom| !atom.is_empty() && atom.chars().all(is_atext))
-}
-
-/// Parses the mailbox inside a path's brackets (an RFC 5321 source route
-/// is dropped) into the form the envelope keeps and the client writes as
-/// `<...>`: the local part unquoted when it can be, else quoted with `"`
-/// and `\` escaped. `None` for anything else, control characters included.
-fn mailbox(path: &[u8]) -> Option<String> {
-    let mut text = std::str::from_utf8(path).ok()?;
-    if text.starts_with('@') {
-        text = &text[text.find(':')? + 1..];
-    }
-    let (local, domain) = if let Some(quoted) = text.strip_prefix('"') {
-        let mut local = String::new();
-        let mut chars = quoted.char_indices();
-        let end = loop {
-            let (i, c) = chars.next()?;
-            match c {
-                '"' => break i,
-                '\\' => {
-                    let (_, escaped) = chars.next()?;
-                    if escaped.is_control() || escaped == '\t' {
-                        return None;
-                    }
-                    local.push(escaped);
-                }
-                c if c.is_control() => return None,
-                c => local.push(c),
-            }
-        };
-        (local, quoted[end + 1..].strip_prefix('@')?)
-    } else {
-        let (local, domain) = text.split_once('@')?;
-        if !is_dot_string(local) {
-            return None;
-        }
-        (local.to_string(), domain)
-    };
-    let domain_ok = if let Some(literal) = domain.strip_prefix('[') {
-        literal.strip_suffix(']').is_some_and(|l| {
-            !l.is_empty()
-                && l.bytes()
-                    .all(|b| b.is_ascii_graphic() && !matches!(b, b'[' | b']' | b'\\'))
-        })
-    } else {
-        is_dot_string(domain)
-    };
-    if local.is_empty() || !domain_ok {
-        return None;
-    }
-    if is_dot_string(&local) {
-        return Some(format!("{local}@{domain}"));
-    }
-    let mut quoted = String::with_capacity(local.len() + 3 + domain.len());
-    quoted.push('"');
-    for c in local.chars() {
-        if matches!(c, '"' | '\\') {
-            quoted.push('\\');
-        }
-        quoted.push(c);
-    }
-    quoted.push_str("\"@");
-    quoted.push_str(domain);
-    Some(quoted)
-}
-
-/// How many `Received:` fields the header section of `message` holds.
-fn count_received(message: &[u8]) -> usize {
-    let mut count = 0;
-    for line in message.split(|&b| b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.starts_with(b" ") || line.starts_with(b"\t") {
-            continue;
-        }
-        let Some(colon) = memchr::memchr(b':', line) else {
-            // The empty line, or a line that is no header field: the body.
-            break;
-        };
-        let name = line[..colon].trim_ascii_end();
-        if name.is_empty() || !name.iter().all(|b| b.is_ascii_graphic()) {
-            break;
-        }
-        if name.eq_ignore_ascii_case(b"Received") {
-            count += 1;
-        }
-    }
-    count
-}
-
 /// Bytes of replies in `out`.
 fn reply_bytes(out: &[Output]) -> usize {
     out.iter()
@@ -1077,24 +688,6 @@ fn reply_bytes(out: &[Output]) -> usize {
             _ => 0,
         })
         .sum()
-}
-
-/// Client-supplied text for a log line: control characters and `\`
-/// escaped (`\r`, `\u{1b}`, `\\`), so a client cannot forge lines or
-/// send terminal escapes. Borrowed when nothing needs escaping.
-pub fn log_safe(text: &str) -> Cow<'_, str> {
-    if !text.chars().any(|c| c.is_control() || c == '\\') {
-        return Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        if c.is_control() || c == '\\' {
-            out.extend(c.escape_debug());
-        } else {
-            out.push(c);
-        }
-    }
-    Cow::Owned(out)
 }
 
 /// Appends a reply to the last [`Output::Reply`], or starts one.
@@ -1133,30 +726,6 @@ fn parse_error_reply(error: &ProtoError) -> (Rejection, String) {
         ),
         _ => (Rejection::Syntax, "501 5.5.4 syntax error\r\n".into()),
     }
-}
-
-/// Client-supplied text echoed in a reply: no control characters, so it
-/// can never end the reply line early.
-fn printable(text: &str) -> String {
-    text.chars()
-        .take(256)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
-}
-
-/// Client-supplied text in our Received: header: printable ASCII without
-/// the characters that would change its structure (comments, `;`).
-fn header_safe(text: &str) -> String {
-    text.chars()
-        .take(256)
-        .map(|c| {
-            if c.is_ascii_graphic() && !matches!(c, '(' | ')' | ';' | '\\' | '<' | '>') {
-                c
-            } else {
-                '?'
-            }
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -1906,7 +1475,10 @@ DATA\r\n.\r\n",
 
     #[test]
     fn log_safe_escapes_control_characters() {
-        assert!(matches!(log_safe("a@b.test"), Cow::Borrowed("a@b.test")));
+        assert!(matches!(
+            log_safe("a@b.test"),
+            std::borrow::Cow::Borrowed("a@b.test")
+        ));
         assert_eq!(log_safe("a\r\nb\x1b[2J\\"), "a\\r\\nb\\u{1b}[2J\\\\");
         assert_eq!(log_safe("x\u{85}"), "x\\u{85}");
     }
