@@ -36,6 +36,7 @@ fn run(input: &[u8], chunks: &[usize], relay_allowed: bool, fail_every: usize) -
         max_recipients: MAX_RECIPIENTS,
         max_line_length: MAX_LINE_LENGTH,
         relay_allowed,
+        max_hops: 50,
     };
     let peer = SocketAddr::from(([192, 0, 2, 7], 40000));
     let (mut session, banner) = Session::new(config, peer);
