@@ -554,6 +554,19 @@ fn pools(o: &mut String, p: &Plan<'_>) {
                 p.at(&r.origin)
             );
         }
+        if let Some(own) = isolated_host(p, name) {
+            let _ = writeln!(
+                o,
+                "# {} gives this pool a smarthost of its own. LISTSERV uses the",
+                u.forwards.join(", ")
+            );
+            let _ = writeln!(
+                o,
+                "# SMTP_FORWARD fallback only when workers cannot start, not while a host is"
+            );
+            let _ = writeln!(o, "# down, so this pool's mail waits for {own} instead.");
+            let _ = writeln!(o, "fallback = false");
+        }
         if p.unserved.contains(name) {
             let _ = writeln!(
                 o,
@@ -561,6 +574,31 @@ fn pools(o: &mut String, p: &Plan<'_>) {
             );
         }
     }
+}
+
+/// The host of `pool` when its SMTP_FORWARD_n lines isolate it: they serve
+/// it alone, through hosts no other line uses and that are not the site
+/// fallback (with which falling back would change nothing).
+fn isolated_host(p: &Plan<'_>, pool: &str) -> Option<String> {
+    let (fallback, _) = p.site.fallback.as_ref()?;
+    let hosts = |u: &UpstreamOut<'_>| -> Vec<String> {
+        std::iter::once(u.host)
+            .chain(u.failover.iter().map(String::as_str))
+            .map(str::to_ascii_lowercase)
+            .collect()
+    };
+    let (own, others): (Vec<&UpstreamOut<'_>>, Vec<&UpstreamOut<'_>>) = p
+        .upstreams
+        .iter()
+        .partition(|u| u.pools.is_none_or(|ps| ps.iter().any(|x| x == pool)));
+    let alone = !own.is_empty() && own.iter().all(|u| u.pools.is_some_and(|ps| ps.len() == 1));
+    let own_hosts: Vec<String> = own.iter().flat_map(|u| hosts(u)).collect();
+    let shared = others
+        .iter()
+        .flat_map(|u| hosts(u))
+        .chain(std::iter::once(fallback.to_ascii_lowercase()))
+        .any(|h| own_hosts.contains(&h));
+    (alone && !shared).then(|| own.iter().map(|u| u.host).collect::<Vec<_>>().join(", "))
 }
 
 /// `[[upstream]]`, one per worker group.
