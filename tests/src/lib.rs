@@ -6,7 +6,7 @@
 //! the logs of the process concerned. The items of the general modules are
 //! re-exported here (`use poolrelay_tests::{Relay, Sink, ...}`); the
 //! topic modules (`accept_counter`, `admin`, `delivery`, `ledger`, `listserv`, `operating`,
-//! `postfix_upstream`, `scripted`) are used by path.
+//! `postfix_upstream`, `priority`, `scripted`) are used by path.
 
 #![warn(missing_docs)]
 
@@ -22,6 +22,7 @@ pub mod operating;
 pub mod ports;
 pub mod postfix;
 pub mod postfix_upstream;
+pub mod priority;
 pub mod process;
 pub mod prometheus;
 pub mod relay;

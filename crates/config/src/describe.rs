@@ -13,6 +13,11 @@ fn plural(n: usize, one: &str, many: &str) -> String {
     }
 }
 
+/// A fraction as a percentage, e.g. 0.1 -> "10%".
+fn percent(fraction: f64) -> String {
+    format!("{}%", (fraction * 1000.0).round() / 10.0)
+}
+
 fn durations(steps: &[std::time::Duration]) -> String {
     steps
         .iter()
@@ -218,6 +223,16 @@ pub(crate) fn describe(c: &Config) -> String {
             }
         };
         let mut extra = String::new();
+        // Shown only when set, so configs without priorities read as before.
+        if p.priority != 0 {
+            let _ = write!(extra, "   priority {}", p.priority);
+        }
+        if let Some(share) = p.lower_priority_share {
+            let _ = write!(extra, "   lower_priority_share {}", percent(share));
+        }
+        if !p.fallback {
+            let _ = write!(extra, "   no fallback");
+        }
         if let Some(r) = p.rate_limit {
             let _ = write!(extra, "   rate {}", format_bandwidth(r));
         }
@@ -247,6 +262,13 @@ pub(crate) fn describe(c: &Config) -> String {
             plural(u.workers, "worker", "workers"),
             u.pools.join(", ")
         );
+        if u.reserve_workers > 0 {
+            let _ = write!(
+                line,
+                "  reserve_workers {} (priority above 0 only)",
+                u.reserve_workers
+            );
+        }
         if !u.failover.is_empty() {
             let _ = write!(line, "  failover {}", u.failover.join(", "));
         }
@@ -286,7 +308,7 @@ pub(crate) fn describe(c: &Config) -> String {
     );
     let _ = writeln!(
         o,
-        "defaults: list_pool {}   retry {} (last step repeats)   max_age {}   rate_limit {}   delay_warning {}",
+        "defaults: list_pool {}   retry {} (last step repeats)   max_age {}   rate_limit {}   delay_warning {}   lower_priority_share {}",
         d.list_pool,
         durations(&d.retry),
         format_duration(d.max_age),
@@ -295,7 +317,8 @@ pub(crate) fn describe(c: &Config) -> String {
             .unwrap_or_else(|| "none".to_string()),
         d.delay_warning
             .map(format_duration)
-            .unwrap_or_else(|| "off".to_string())
+            .unwrap_or_else(|| "off".to_string()),
+        percent(d.lower_priority_share)
     );
 
     let _ = writeln!(o, "routes (first match wins):");
@@ -418,6 +441,30 @@ mod tests {
     }
 
     #[test]
+    fn priorities_reserve_and_fallback_are_shown_when_set() {
+        let d = described(&format!(
+            "{HEAD}[defaults]\nlower_priority_share = \"5%\"\n\
+             [pool.A]\n[pool.B]\npriority = 5\nlower_priority_share = \"12.5%\"\nfallback = false\n\
+             [[upstream]]\nhost = \"127.0.0.1:2601\"\nworkers = 2\nreserve_workers = 1\n"
+        ));
+        for needle in [
+            "priority 5   lower_priority_share 12.5%   no fallback",
+            "2 workers  pools A, B, -  reserve_workers 1 (priority above 0 only)",
+            "lower_priority_share 5%",
+        ] {
+            assert!(d.contains(needle), "describe lacks {needle:?}:\n{d}");
+        }
+        let a = d
+            .lines()
+            .find(|l| l.starts_with("  A "))
+            .unwrap_or_default();
+        assert!(
+            !a.contains("priority"),
+            "pool A has the default priority: {a}"
+        );
+    }
+
+    #[test]
     fn defaults_are_shown_too() {
         let d = described(&format!("{HEAD}[[upstream]]\nhost = \"127.0.0.1:2601\"\n"));
         for needle in [
@@ -428,6 +475,7 @@ mod tests {
             "data_init_timeout 2m  data_block_timeout 3m  data_end_timeout 10m",
             "    auth none",
             "delay_warning off",
+            "lower_priority_share 10%",
         ] {
             assert!(d.contains(needle), "describe lacks {needle:?}:\n{d}");
         }

@@ -201,6 +201,10 @@ pub struct Defaults {
     /// `delay_warning`: send a "delayed" DSN once a message has waited this
     /// long (to recipients that asked NOTIFY=DELAY, or by default). Off when None.
     pub delay_warning: Option<Duration>,
+    /// `lower_priority_share`: the share of a shared worker's deliveries a
+    /// pool with ready mail keeps while higher-priority pools have ready
+    /// mail too, as a fraction. Default 0.10 (`"10%"`).
+    pub lower_priority_share: f64,
 }
 
 /// `[pool.NAME]`.
@@ -220,6 +224,14 @@ pub struct Pool {
     pub max_messages_per_second: Option<f64>,
     /// `max_recipients_per_hour`.
     pub max_recipients_per_hour: Option<u64>,
+    /// `priority`, -9 to 9, default 0: a worker serving several pools takes
+    /// mail of its highest-priority pool first.
+    pub priority: i8,
+    /// `lower_priority_share`, overriding `defaults.lower_priority_share`.
+    pub lower_priority_share: Option<f64>,
+    /// `fallback`: whether this pool's mail may leave through
+    /// `defaults.fallback` when its upstreams' hosts are down. Default true.
+    pub fallback: bool,
     /// Line of the `[pool.X]` header (0 for the implicit `-`).
     pub line: usize,
 }
@@ -240,6 +252,9 @@ pub struct Upstream {
     pub host: String,
     /// `workers`, default 1.
     pub workers: usize,
+    /// `reserve_workers`: how many of `workers` serve only pools above
+    /// priority 0. Default 0.
+    pub reserve_workers: usize,
     /// `pools` served; omitted = every pool.
     pub pools: Vec<String>,
     /// `failover` hosts in order, "host:port".
@@ -343,6 +358,24 @@ impl Config {
             .get(pool)
             .and_then(|p| p.retry.as_deref())
             .unwrap_or(&self.defaults.retry)
+    }
+
+    /// `priority` of a pool (0 for a pool not in the config).
+    pub fn priority_of(&self, pool: &str) -> i8 {
+        self.pools.get(pool).map_or(0, |p| p.priority)
+    }
+
+    /// `lower_priority_share` of a pool (its own or the defaults), a fraction.
+    pub fn lower_priority_share_of(&self, pool: &str) -> f64 {
+        self.pools
+            .get(pool)
+            .and_then(|p| p.lower_priority_share)
+            .unwrap_or(self.defaults.lower_priority_share)
+    }
+
+    /// Whether a pool's mail may leave through `defaults.fallback`.
+    pub fn fallback_allowed(&self, pool: &str) -> bool {
+        self.pools.get(pool).is_none_or(|p| p.fallback)
     }
 
     /// `max_age` of a pool (its own or the defaults).

@@ -74,6 +74,7 @@ pub(crate) struct RawDefaults {
     pub max_age: Option<Unit>,
     pub rate_limit: Option<Unit>,
     pub delay_warning: Option<Unit>,
+    pub lower_priority_share: Option<Str>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,6 +86,9 @@ pub(crate) struct RawPool {
     pub max_age: Option<Unit>,
     pub max_messages_per_second: Option<Spanned<f64>>,
     pub max_recipients_per_hour: Option<Int>,
+    pub priority: Option<Int>,
+    pub lower_priority_share: Option<Str>,
+    pub fallback: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -92,6 +96,7 @@ pub(crate) struct RawPool {
 pub(crate) struct RawUpstream {
     pub host: Str,
     pub workers: Option<Int>,
+    pub reserve_workers: Option<Int>,
     pub pools: Option<Spanned<Vec<Str>>>,
     pub failover: Option<Vec<Str>>,
     pub window: Option<Str>,

@@ -181,6 +181,7 @@ fn full_example() {
             max_age: secs(3 * 86400),
             rate_limit: Some(12_000_000),
             delay_warning: None,
+            lower_priority_share: 0.10,
         }
     );
     assert_eq!(c.pool_names(), ["A", "B", "bulk_news", "-"]);
@@ -194,6 +195,9 @@ fn full_example() {
             max_age: None,
             max_messages_per_second: None,
             max_recipients_per_hour: None,
+            priority: 0,
+            lower_priority_share: None,
+            fallback: true,
             line: 34,
         }
     );
@@ -207,6 +211,9 @@ fn full_example() {
             max_age: Some(secs(86400)),
             max_messages_per_second: Some(50.0),
             max_recipients_per_hour: Some(100_000),
+            priority: 0,
+            lower_priority_share: None,
+            fallback: true,
             line: 38,
         }
     );
@@ -220,6 +227,7 @@ fn full_example() {
             Upstream {
                 host: "scooby.example.org:25".into(),
                 workers: 2,
+                reserve_workers: 0,
                 pools: vec!["A".into(), "-".into()],
                 failover: vec!["backup.example.org:25".into(), "[2001:db8::1]:2525".into()],
                 window: Some(Window {
@@ -243,6 +251,7 @@ fn full_example() {
             Upstream {
                 host: "192.0.2.25:25".into(),
                 workers: 1,
+                reserve_workers: 0,
                 pools: vec!["A".into(), "B".into(), "bulk_news".into(), "-".into()],
                 failover: vec![],
                 window: None,
@@ -732,6 +741,67 @@ fn upstream_workers_and_pools() {
         &format!("{LISTENER}[[upstream]]\nhost = \"x\"\nmax_messages_per_connection = 0\n"),
         5,
         &["1 or more"],
+    );
+}
+
+#[test]
+fn priorities_shares_reserve_and_fallback() {
+    let c = parse(&format!(
+        "{LISTENER}[defaults]\nlower_priority_share = \"20%\"\n\
+         [pool.A]\n[pool.B]\npriority = 5\nfallback = false\n\
+         [pool.Z]\npriority = -9\nlower_priority_share = \"2.5%\"\n\
+         [[upstream]]\nhost = \"x\"\nworkers = 3\nreserve_workers = 2\n"
+    ))
+    .expect("parses");
+    assert_eq!(
+        (c.priority_of("A"), c.priority_of("B"), c.priority_of("Z")),
+        (0, 5, -9)
+    );
+    assert_eq!(c.priority_of("not-configured"), 0);
+    assert_eq!(c.lower_priority_share_of("A"), 0.2);
+    assert_eq!(c.lower_priority_share_of("Z"), 0.025);
+    assert!(c.fallback_allowed("A") && !c.fallback_allowed("B"));
+    assert_eq!(c.upstreams[0].reserve_workers, 2);
+    let d = parse(LISTENER).expect("parses");
+    assert_eq!(d.defaults.lower_priority_share, 0.1);
+    assert_eq!(d.upstreams.len(), 0);
+    assert!(d.pools["-"].fallback && d.pools["-"].priority == 0);
+}
+
+#[test]
+fn bad_priorities_shares_and_reserves_say_what_to_write() {
+    err(
+        &format!("{LISTENER}[pool.B]\npriority = 10\n"),
+        4,
+        &["pool.B.priority = 10", "from -9 to 9"],
+    );
+    err(
+        &format!("{LISTENER}[defaults]\nlower_priority_share = \"0%\"\n"),
+        4,
+        &["defaults.lower_priority_share", "above 0%", "\"10%\""],
+    );
+    err(
+        &format!("{LISTENER}[pool.A]\nlower_priority_share = 0.1\n"),
+        4,
+        &["double quotes"],
+    );
+    err(
+        &format!("{LISTENER}[pool.A]\nlower_priority_share = \"60%\"\n"),
+        4,
+        &["pool.A.lower_priority_share", "at most 50%"],
+    );
+    err(
+        &format!(
+            "{LISTENER}[pool.A]\n[pool.B]\npriority = 5\n\
+             [[upstream]]\nhost = \"x\"\nworkers = 2\nreserve_workers = 2\n"
+        ),
+        9,
+        &["reserve_workers = 2", "reserve_workers = 1 or less"],
+    );
+    err(
+        &format!("{LISTENER}[[upstream]]\nhost = \"x\"\nworkers = 2\nreserve_workers = 1\n"),
+        6,
+        &["none of the pools it serves has a priority above 0"],
     );
 }
 

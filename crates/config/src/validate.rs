@@ -26,6 +26,9 @@ use crate::{
     Route, Server, Timeouts, TlsMode, Upstream, is_valid_pool_name,
 };
 
+/// `defaults.lower_priority_share` when the config gives none: 10%.
+pub(crate) const DEFAULT_LOWER_PRIORITY_SHARE: f64 = 0.10;
+
 /// Description of the pool `-` when the config gives none.
 pub(crate) const DEFAULT_POOL_DESCRIPTION: &str =
     "default pool: command replies, rejections, bounces";
@@ -440,6 +443,9 @@ impl Ctx<'_> {
                 max_age: None,
                 max_messages_per_second: None,
                 max_recipients_per_hour: None,
+                priority: 0,
+                lower_priority_share: None,
+                fallback: true,
                 line,
             };
             if let Some(v) = &raw.rate_limit {
@@ -467,6 +473,20 @@ impl Ctx<'_> {
                     ", or omit it for no cap",
                 );
             }
+            if let Some(v) = &raw.priority {
+                let n = *v.get_ref();
+                if (-9..=9).contains(&n) {
+                    pool.priority = n as i8;
+                } else {
+                    self.at(v, format!("{} = {n} is out of range; write a whole number from -9 to 9 (higher goes first; default 0)", key("priority")));
+                }
+            }
+            if let Some(v) = &raw.lower_priority_share {
+                pool.lower_priority_share = self.share(&key("lower_priority_share"), v);
+            }
+            if let Some(v) = &raw.fallback {
+                pool.fallback = *v.get_ref();
+            }
             pools.insert(name, pool);
         }
         pools
@@ -479,6 +499,9 @@ impl Ctx<'_> {
                 max_age: None,
                 max_messages_per_second: None,
                 max_recipients_per_hour: None,
+                priority: 0,
+                lower_priority_share: None,
+                fallback: true,
                 line: 0,
             });
         pools
@@ -664,6 +687,7 @@ impl Ctx<'_> {
             max_age: Duration::from_secs(5 * 86400),
             rate_limit: None,
             delay_warning: None,
+            lower_priority_share: DEFAULT_LOWER_PRIORITY_SHARE,
         };
         let Some(raw) = raw else {
             return d;
@@ -695,7 +719,29 @@ impl Ctx<'_> {
         if let Some(v) = &raw.delay_warning {
             d.delay_warning = self.positive_duration("defaults.delay_warning", v);
         }
+        if let Some(v) = &raw.lower_priority_share
+            && let Some(share) = self.share("defaults.lower_priority_share", v)
+        {
+            d.lower_priority_share = share;
+        }
         d
+    }
+
+    /// A `lower_priority_share`: a percentage above 0 and at most 50, as a
+    /// fraction. Zero is refused: it would let a higher pool starve a lower one.
+    fn share(&mut self, key: &str, v: &Str) -> Option<f64> {
+        let text = v.get_ref().trim();
+        let percent = text
+            .strip_suffix('%')
+            .and_then(|p| p.trim().parse::<f64>().ok())
+            .filter(|p| p.is_finite() && *p > 0.0 && *p <= 50.0);
+        match percent {
+            Some(p) => Some(p / 100.0),
+            None => {
+                self.at(v, format!("{key} = {text:?} is not a share above 0% and at most 50%; write e.g. \"10%\" (a lower-priority pool with ready mail gets at least this share of a shared worker's deliveries)"));
+                None
+            }
+        }
     }
 }
 
@@ -708,6 +754,9 @@ fn first_pool_line(text: &str, p: &RawPool) -> usize {
         p.max_age.as_ref().map(|v| v.span()),
         p.max_messages_per_second.as_ref().map(|v| v.span()),
         p.max_recipients_per_hour.as_ref().map(|v| v.span()),
+        p.priority.as_ref().map(|v| v.span()),
+        p.lower_priority_share.as_ref().map(|v| v.span()),
+        p.fallback.as_ref().map(|v| v.span()),
     ];
     spans
         .into_iter()

@@ -28,7 +28,7 @@ pub struct Target {
 /// The queue subcommands.
 #[derive(clap::Subcommand)]
 pub enum QueueCommand {
-    /// A table per pool: ready, deferred, held, oldest age, last-minute rate.
+    /// A table per pool: ready, deferred, held, oldest age, last-minute rate, priority.
     Summary {
         /// JSON instead of a table.
         #[arg(long)]
@@ -371,13 +371,13 @@ fn print_json_or_error(a: Answer) -> i32 {
 
 fn print_summary(body: &Value) {
     println!(
-        "{:<8} {:>8} {:>9} {:>6} {:>9} {:>12} {:>9}  DESCRIPTION",
-        "POOL", "READY", "DEFERRED", "HELD", "INFLIGHT", "OLDEST", "SENT/MIN"
+        "{:<8} {:>8} {:>9} {:>6} {:>9} {:>12} {:>9} {:>5}  DESCRIPTION",
+        "POOL", "READY", "DEFERRED", "HELD", "INFLIGHT", "OLDEST", "SENT/MIN", "PRIO"
     );
     for p in body.as_array().into_iter().flatten() {
         let held = p["held"].as_bool().unwrap_or(false);
         println!(
-            "{:<8} {:>8} {:>9} {:>6} {:>9} {:>12} {:>9}  {}",
+            "{:<8} {:>8} {:>9} {:>6} {:>9} {:>12} {:>9} {:>5}  {}",
             p["pool"].as_str().unwrap_or("?"),
             num(&p["ready"]),
             num(&p["deferred"]),
@@ -385,6 +385,7 @@ fn print_summary(body: &Value) {
             num(&p["in_flight"]),
             age(p["oldest_age_seconds"].as_f64().unwrap_or(0.0)),
             num(&p["delivered_last_minute"]),
+            signed(&p["priority"]),
             p["description"].as_str().unwrap_or("")
         );
     }
@@ -393,6 +394,11 @@ fn print_summary(body: &Value) {
 /// A JSON number as text, so table widths apply (Value's Display ignores them).
 fn num(v: &Value) -> String {
     v.as_u64().map_or_else(|| v.to_string(), |n| n.to_string())
+}
+
+/// A priority as text; "0" for a relay too old to report one.
+fn signed(v: &Value) -> String {
+    v.as_i64().unwrap_or(0).to_string()
 }
 
 fn age(seconds: f64) -> String {
@@ -441,15 +447,16 @@ fn list(api: &Api, pool: Option<String>, json: bool, limit: usize) -> Result<i32
         return Ok(0);
     }
     println!(
-        "{:<17} {:<6} {:>8} {:>9} {:>5} {:>8}  SENDER / LAST REPLY",
-        "QUEUE ID", "POOL", "SIZE", "AGE", "TRIES", "PENDING"
+        "{:<17} {:<6} {:>4} {:>8} {:>9} {:>5} {:>8}  SENDER / LAST REPLY",
+        "QUEUE ID", "POOL", "PRIO", "SIZE", "AGE", "TRIES", "PENDING"
     );
     for m in &all {
         let sender = m["sender"].as_str().unwrap_or("");
         println!(
-            "{:<17} {:<6} {:>8} {:>9} {:>5} {:>4}/{:<3}  <{}>",
+            "{:<17} {:<6} {:>4} {:>8} {:>9} {:>5} {:>4}/{:<3}  <{}>",
             m["id"].as_str().unwrap_or("?"),
             m["pool"].as_str().unwrap_or("?"),
+            signed(&m["priority"]),
             num(&m["size"]),
             age(m["age_seconds"].as_f64().unwrap_or(0.0)),
             num(&m["attempts"]),

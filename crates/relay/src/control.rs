@@ -38,6 +38,8 @@ pub struct PoolSummary {
     pub pool: String,
     /// Description from the config.
     pub description: String,
+    /// `priority` from the config (0 for a pool not in it): higher goes first.
+    pub priority: i8,
     /// Ready (including in flight).
     pub ready: usize,
     /// Deferred.
@@ -65,6 +67,8 @@ pub struct MessageSummary {
     pub id: String,
     /// Pool.
     pub pool: String,
+    /// Its pool's `priority`: the order in which workers take it.
+    pub priority: i8,
     /// Envelope sender ("" = null sender).
     pub sender: String,
     /// Recipient count.
@@ -107,12 +111,18 @@ pub struct MessageDetail {
     pub headers: Vec<(String, String)>,
 }
 
-fn summarize(id: QueueId, env: &Envelope, pool_waiting: Option<&str>) -> MessageSummary {
+fn summarize(
+    id: QueueId,
+    env: &Envelope,
+    priority: i8,
+    pool_waiting: Option<&str>,
+) -> MessageSummary {
     let count = |s: RecipientState| env.recipients.iter().filter(|r| r.state == s).count();
     let now = now_ms();
     MessageSummary {
         id: format_id(id),
         pool: env.pool.clone(),
+        priority,
         sender: env.sender.clone(),
         recipients: env.recipients.len(),
         pending: count(RecipientState::Pending),
@@ -135,10 +145,11 @@ fn summarize(id: QueueId, env: &Envelope, pool_waiting: Option<&str>) -> Message
 }
 
 /// The listing of a record that cannot be read.
-fn corrupt_summary(id: QueueId, pool: &str, error: &SpoolError) -> MessageSummary {
+fn corrupt_summary(id: QueueId, pool: &str, priority: i8, error: &SpoolError) -> MessageSummary {
     MessageSummary {
         id: format_id(id),
         pool: pool.to_string(),
+        priority,
         sender: String::new(),
         recipients: 0,
         pending: 0,
@@ -194,6 +205,7 @@ impl Running {
                         .map(|p| p.description.clone())
                         .unwrap_or_default(),
                     configured: config.pools.contains_key(&name),
+                    priority: config.priority_of(&name),
                     ready: c.ready,
                     deferred: c.deferred,
                     in_flight: c.in_flight,
@@ -220,12 +232,13 @@ impl Running {
         let after = after.map(id_from).transpose()?;
         self.known_pool(pool)?;
         let waiting = self.waiting(pool);
+        let priority = self.config().priority_of(pool);
         let mut out = Vec::new();
         for (id, env) in self.spool().list(pool, after, limit)? {
             match env {
-                Ok(env) => out.push(summarize(id, &env, waiting.as_deref())),
+                Ok(env) => out.push(summarize(id, &env, priority, waiting.as_deref())),
                 // One bad record must not hide the others: listed as corrupt.
-                Err(e) => out.push(corrupt_summary(id, pool, &e)),
+                Err(e) => out.push(corrupt_summary(id, pool, priority, &e)),
             }
         }
         Ok(out)
@@ -241,7 +254,12 @@ impl Running {
             .map(|b| parse_headers(&b))
             .unwrap_or_default();
         Ok(MessageDetail {
-            summary: summarize(id, &envelope, self.waiting(&envelope.pool).as_deref()),
+            summary: summarize(
+                id,
+                &envelope,
+                self.config().priority_of(&envelope.pool),
+                self.waiting(&envelope.pool).as_deref(),
+            ),
             envelope,
             headers,
         })
@@ -292,7 +310,8 @@ impl Running {
         let mut reasons = Vec::new();
         for u in serving {
             let open = generation.clock.is_open(u.window);
-            let hosts = crate::worker::candidate_hosts(config, u, open);
+            let hosts =
+                crate::worker::candidate_hosts(config, u, open, config.fallback_allowed(pool));
             if hosts.is_empty() {
                 let w = u.window.map(|w| w.to_string()).unwrap_or_default();
                 reasons.push(format!("window {w} of {} closed", u.host));

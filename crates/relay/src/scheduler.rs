@@ -204,28 +204,33 @@ impl Scheduler {
     }
 
     /// Takes the oldest ready message of the given pools for which
-    /// `eligible` says yes (rate limits), or None when none is ready.
+    /// `eligible` says yes (rate limits), or None when none is ready. The
+    /// pools are taken as equals: no priority between them.
     pub fn try_take(&self, pools: &[String], eligible: &dyn Fn(&str) -> bool) -> Option<Job> {
+        let mut picker = Picker::new(pools.iter().map(|p| Lane::new(p, 0, 0.0)), false);
+        self.take(&mut picker, eligible)
+    }
+
+    /// Takes the message `picker` chooses among the ready, eligible
+    /// messages of its pools, or None when none is ready.
+    pub fn take(&self, picker: &mut Picker, eligible: &dyn Fn(&str) -> bool) -> Option<Job> {
         let now = now_ms();
         self.with(|all| {
-            let mut best: Option<(QueueId, &str)> = None;
-            for name in pools {
-                let Some(q) = all.get_mut(name) else { continue };
-                if q.held || q.ready.is_empty() && q.deferred.is_empty() {
-                    continue;
-                }
-                q.promote(now);
-                if q.ready.is_empty() || !eligible(name) {
-                    continue;
-                }
-                if let Some(&id) = q.ready.first()
-                    && best.is_none_or(|(b, _)| id < b)
-                {
-                    best = Some((id, name.as_str()));
-                }
-            }
-            let (id, name) = best?;
-            let name = name.to_string();
+            let oldest: Vec<Option<QueueId>> = picker
+                .lanes
+                .iter()
+                .map(|lane| {
+                    let q = all.get_mut(&lane.pool)?;
+                    if q.held || q.ready.is_empty() && q.deferred.is_empty() {
+                        return None;
+                    }
+                    q.promote(now);
+                    q.ready.first().copied().filter(|_| eligible(&lane.pool))
+                })
+                .collect();
+            let chosen = picker.choose(&oldest)?;
+            let id = oldest[chosen]?;
+            let name = picker.lanes[chosen].pool.clone();
             let q = all.get_mut(&name)?;
             q.ready.remove(&id);
             q.in_flight += 1;
@@ -252,7 +257,7 @@ impl Scheduler {
     /// and windows, which change with time rather than with events).
     pub async fn next(
         &self,
-        pools: &[String],
+        picker: &mut Picker,
         idle: Duration,
         recheck: Duration,
         eligible: &(dyn Fn(&str) -> bool + Sync),
@@ -264,11 +269,11 @@ impl Scheduler {
             let notified = self.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(job) = self.try_take(pools, eligible) {
+            if let Some(job) = self.take(picker, eligible) {
                 return Some(job);
             }
             let mut until = deadline.min(tokio::time::Instant::now() + recheck);
-            if let Some(due) = self.next_due_in(pools) {
+            if let Some(due) = self.next_due_in(&picker.pools()) {
                 until = until.min(tokio::time::Instant::now() + due);
             }
             if tokio::time::Instant::now() >= deadline {
@@ -284,6 +289,119 @@ impl Scheduler {
     /// Wakes every waiting worker (after a hold is released, a window opens...).
     pub fn wake_all(&self) {
         self.wake.notify_waiters();
+    }
+}
+
+/// Credits are counted in millionths of a pick, so shares add up exactly.
+const WHOLE_PICK: u64 = 1_000_000;
+
+/// The most that pools below the top priority get together, in millionths:
+/// however many lower pools and shares, the highest pool keeps half.
+const LOWER_TOTAL_MAX: u64 = WHOLE_PICK / 2;
+
+/// One pool as a [`Picker`] sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lane {
+    pool: String,
+    priority: i8,
+    /// `lower_priority_share`, in millionths of a pick.
+    share: u64,
+}
+
+impl Lane {
+    /// A pool with its priority and its `lower_priority_share` (a fraction).
+    pub fn new(pool: &str, priority: i8, share: f64) -> Lane {
+        Lane {
+            pool: pool.to_string(),
+            priority,
+            share: (share.clamp(0.0, 1.0) * WHOLE_PICK as f64).round() as u64,
+        }
+    }
+}
+
+/// How one worker chooses among the pools it serves: the oldest message of
+/// its highest-priority pool with ready mail, except that each lower pool
+/// with ready mail earns its `lower_priority_share` of a pick on every
+/// pick, and is taken once it has earned a whole one. So a burst of urgent
+/// mail goes first without starving the bulk behind it.
+///
+/// Credit is earned only while a pool waits behind a higher one and is
+/// dropped when it stops waiting, so an idle pool cannot save up a burst.
+/// Pure: the scheduler feeds it which pools have ready mail.
+#[derive(Debug, Clone)]
+pub struct Picker {
+    lanes: Vec<Lane>,
+    credit: Vec<u64>,
+}
+
+impl Picker {
+    /// A picker over `lanes`. A `reserved` worker serves only the pools
+    /// above priority 0 (`reserve_workers`).
+    pub fn new(lanes: impl IntoIterator<Item = Lane>, reserved: bool) -> Picker {
+        let lanes: Vec<Lane> = lanes
+            .into_iter()
+            .filter(|l| !reserved || l.priority > 0)
+            .collect();
+        Picker {
+            credit: vec![0; lanes.len()],
+            lanes,
+        }
+    }
+
+    /// The pools it serves.
+    pub fn pools(&self) -> Vec<String> {
+        self.lanes.iter().map(|l| l.pool.clone()).collect()
+    }
+
+    /// Given the oldest ready message of each lane (None: nothing ready or
+    /// not eligible now), the lane to take from.
+    fn choose(&mut self, oldest: &[Option<QueueId>]) -> Option<usize> {
+        let ready = |i: usize| oldest.get(i).copied().flatten();
+        let top = (0..self.lanes.len())
+            .filter_map(|i| ready(i).map(|id| (i, id)))
+            .max_by(|(a, ida), (b, idb)| {
+                // Highest priority, then the oldest message.
+                self.lanes[*a]
+                    .priority
+                    .cmp(&self.lanes[*b].priority)
+                    .then(idb.cmp(ida))
+            })
+            .map(|(i, _)| i)?;
+        let top_priority = self.lanes[top].priority;
+        let waiting: Vec<usize> = (0..self.lanes.len())
+            .filter(|&i| ready(i).is_some() && self.lanes[i].priority < top_priority)
+            .collect();
+        let total: u64 = waiting.iter().map(|&i| self.lanes[i].share).sum();
+        for i in 0..self.lanes.len() {
+            if !waiting.contains(&i) {
+                self.credit[i] = 0;
+            }
+        }
+        for &i in &waiting {
+            let share = self.lanes[i].share;
+            let earned = if total > LOWER_TOTAL_MAX {
+                share * LOWER_TOTAL_MAX / total
+            } else {
+                share
+            };
+            self.credit[i] += earned;
+        }
+        let due = waiting
+            .iter()
+            .copied()
+            .filter(|&i| self.credit[i] >= WHOLE_PICK)
+            .max_by(|&a, &b| {
+                self.credit[a]
+                    .cmp(&self.credit[b])
+                    .then(self.lanes[a].priority.cmp(&self.lanes[b].priority))
+            });
+        match due {
+            Some(i) => {
+                self.credit[i] -= WHOLE_PICK;
+                Some(i)
+            }
+            None => Some(top),
+        }
     }
 }
 
@@ -339,7 +457,7 @@ mod tests {
         let s2 = s.clone();
         let waiter = tokio::spawn(async move {
             s2.next(
-                &pools(&["A"]),
+                &mut Picker::new([Lane::new("A", 0, 0.1)], false),
                 Duration::from_secs(10),
                 Duration::from_secs(10),
                 &|_| true,
@@ -353,5 +471,150 @@ mod tests {
             job.ok().and_then(|r| r.ok()).flatten().map(|j| j.id),
             Some(7)
         );
+    }
+
+    /// Picks `n` times with every lane always ready (the oldest ids fixed);
+    /// returns how often each lane was taken.
+    fn picks(picker: &mut Picker, n: usize) -> Vec<usize> {
+        let mut taken = vec![0; picker.lanes.len()];
+        let oldest: Vec<Option<QueueId>> = (0..picker.lanes.len() as u64).map(Some).collect();
+        for _ in 0..n {
+            let i = picker.choose(&oldest).expect("something is ready");
+            taken[i] += 1;
+        }
+        taken
+    }
+
+    #[test]
+    fn the_highest_priority_pool_goes_first_then_the_oldest_among_equals() {
+        let s = Scheduler::new();
+        s.enqueue(1, "A", 0);
+        s.enqueue(2, "A", 0);
+        s.enqueue(3, "C", 0);
+        s.enqueue(4, "B", 0);
+        let mut p = Picker::new(
+            [
+                Lane::new("A", 0, 0.1),
+                Lane::new("B", 5, 0.1),
+                Lane::new("C", 5, 0.1),
+            ],
+            false,
+        );
+        let order: Vec<QueueId> = std::iter::from_fn(|| s.take(&mut p, &ALL).map(|j| j.id))
+            .take(4)
+            .collect();
+        assert_eq!(order, [3, 4, 1, 2]);
+    }
+
+    #[test]
+    fn a_waiting_lower_pool_gets_its_share_of_picks_exactly() {
+        let mut p = Picker::new([Lane::new("B", 5, 0.1), Lane::new("A", 0, 0.1)], false);
+        assert_eq!(picks(&mut p, 1000), [900, 100]);
+        let mut p = Picker::new([Lane::new("B", 5, 0.1), Lane::new("A", 0, 0.25)], false);
+        assert_eq!(picks(&mut p, 1000), [750, 250]);
+    }
+
+    #[test]
+    fn the_share_of_the_higher_pool_does_not_matter_only_the_waiting_one() {
+        let mut p = Picker::new([Lane::new("B", 5, 0.5), Lane::new("A", 0, 0.1)], false);
+        assert_eq!(picks(&mut p, 100), [90, 10]);
+    }
+
+    #[test]
+    fn equal_priorities_take_the_oldest_and_earn_no_credit() {
+        let mut p = Picker::new([Lane::new("A", 0, 0.5), Lane::new("Z", 0, 0.5)], false);
+        for _ in 0..10 {
+            assert_eq!(p.choose(&[Some(1), Some(2)]), Some(0));
+        }
+        assert_eq!(p.choose(&[Some(3), Some(2)]), Some(1));
+    }
+
+    #[test]
+    fn a_reserved_worker_serves_only_pools_above_priority_zero() {
+        let p = Picker::new(
+            [
+                Lane::new("B", 5, 0.1),
+                Lane::new("A", 0, 0.1),
+                Lane::new("L", -3, 0.1),
+            ],
+            true,
+        );
+        assert_eq!(p.pools(), ["B"]);
+        let s = Scheduler::new();
+        s.enqueue(1, "A", 0);
+        let mut p = p;
+        assert_eq!(
+            s.take(&mut p, &ALL),
+            None,
+            "bulk mail is not for a reserved worker"
+        );
+        s.enqueue(2, "B", 0);
+        assert_eq!(s.take(&mut p, &ALL).map(|j| j.id), Some(2));
+    }
+
+    #[test]
+    fn an_idle_lower_pool_saves_no_credit_for_a_burst() {
+        let mut p = Picker::new([Lane::new("B", 5, 0.1), Lane::new("A", 0, 0.5)], false);
+        // A alone for a long time: it is the top, it earns nothing.
+        for _ in 0..100 {
+            assert_eq!(p.choose(&[None, Some(1)]), Some(1));
+        }
+        // B arrives: B first; A gets its share from now on, not a backlog of picks.
+        assert_eq!(p.choose(&[Some(2), Some(1)]), Some(0));
+        assert_eq!(p.choose(&[Some(2), Some(1)]), Some(1));
+        assert_eq!(p.choose(&[Some(2), Some(1)]), Some(0));
+        // B drained for a moment: A's credit is dropped.
+        p.choose(&[Some(2), None]);
+        assert_eq!(p.choose(&[Some(2), Some(1)]), Some(0));
+    }
+
+    #[test]
+    fn no_pool_starves_over_many_picks_whatever_the_shares() {
+        let lanes = [
+            Lane::new("top", 9, 0.5),
+            Lane::new("mid", 0, 0.01),
+            Lane::new("low", -9, 0.5),
+            Lane::new("low2", -9, 0.5),
+        ];
+        let mut p = Picker::new(lanes, false);
+        let n = 100_000;
+        let taken = picks(&mut p, n);
+        assert!(
+            taken.iter().all(|&t| t > 0),
+            "every pool is served: {taken:?}"
+        );
+        // The lower pools together get at most half; the top keeps the rest.
+        assert!(taken[0] >= n / 2, "{taken:?}");
+        // Each lower pool its share, scaled down to fit that half.
+        let total = 0.01 + 0.5 + 0.5;
+        for (i, share) in [(1, 0.01), (2, 0.5), (3, 0.5)] {
+            let expected = n as f64 * share * 0.5 / total;
+            assert!(
+                (taken[i] as f64 - expected).abs() <= 2.0,
+                "lane {i}: {taken:?}"
+            );
+        }
+        // And no long wait: a waiting pool is taken at least every 1/share picks.
+        let mut p = Picker::new([Lane::new("B", 9, 0.1), Lane::new("A", -9, 0.1)], false);
+        let mut since_a = 0;
+        for _ in 0..10_000 {
+            match p.choose(&[Some(1), Some(0)]) {
+                Some(1) => since_a = 0,
+                _ => since_a += 1,
+            }
+            assert!(since_a < 10, "A waited {since_a} picks");
+        }
+    }
+
+    #[test]
+    fn lanes_not_eligible_now_are_passed_over() {
+        let s = Scheduler::new();
+        s.enqueue(1, "B", 0);
+        s.enqueue(2, "A", 0);
+        let mut p = Picker::new([Lane::new("B", 5, 0.1), Lane::new("A", 0, 0.1)], false);
+        let not_b = |pool: &str| pool != "B";
+        assert_eq!(s.take(&mut p, &not_b).map(|j| j.id), Some(2));
+        assert_eq!(s.take(&mut p, &not_b), None);
+        assert_eq!(s.take(&mut p, &ALL).map(|j| j.id), Some(1));
     }
 }

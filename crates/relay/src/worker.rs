@@ -1,7 +1,8 @@
 //! Workers, the I/O shell of delivery: each `[[upstream]]` entry runs
-//! `workers` of them. A worker takes the oldest ready message of the pools
-//! its entry serves, picks the hosts (entry, failover, site fallback;
-//! windows, health), runs the SMTP client over a reused connection, hands
+//! `workers` of them. A worker takes the ready message its [`Picker`]
+//! chooses among the pools its entry serves (priority first, a share for
+//! lower pools), picks the hosts (entry, failover, site fallback unless the
+//! pool refuses it; windows, health), runs the SMTP client over a reused connection, hands
 //! what happened to [`delivery::decide`] and applies the decision: store or
 //! remove the message, queue DSNs, log and count. No delivery policy lives
 //! here; it is all in `delivery.rs`.
@@ -24,7 +25,7 @@ use crate::dsn;
 use crate::limits::Limits;
 use crate::metric;
 use crate::queue::Queue;
-use crate::scheduler::Job;
+use crate::scheduler::{Job, Lane, Picker};
 use crate::upstream::{Dns, Health};
 
 /// What every worker shares, whatever the config generation.
@@ -96,17 +97,38 @@ pub async fn run(
 ) {
     let mut conn: Option<Connection> = None;
     let mut stop = generation.stop.clone();
-    let all_hosts = candidate_hosts(&generation.config, &upstream, true);
-    let off_window_hosts = candidate_hosts(&generation.config, &upstream, false);
+    let config = &generation.config;
+    let hosts = Hosts::new(config, &upstream);
+    // The first `reserve_workers` workers keep to the urgent pools, so
+    // urgent mail never waits for a bulk transaction to finish.
+    let mut picker = Picker::new(
+        upstream
+            .pools
+            .iter()
+            .map(|p| Lane::new(p, config.priority_of(p), config.lower_priority_share_of(p))),
+        index < upstream.reserve_workers,
+    );
+    // A pool that may not fall back waits while its own hosts are down;
+    // their health changes with the clock (probe times), not with events.
+    let may_wait_for_own_hosts = !config.defaults.fallback.is_empty()
+        && upstream.pools.iter().any(|p| !config.fallback_allowed(p));
     // Windows and rate limits change with the clock, not with events: re-check often.
     let recheck = if generation.limits.any() {
         Duration::from_millis(20)
-    } else if upstream.window.is_some() {
+    } else if upstream.window.is_some() || may_wait_for_own_hosts {
         Duration::from_millis(500)
     } else {
         upstream.idle_timeout
     };
-    let eligible = |pool: &str| generation.limits.wait(pool).is_zero();
+    let in_window = || generation.clock.is_open(upstream.window);
+    let eligible = |pool: &str| {
+        generation.limits.wait(pool).is_zero()
+            && (config.fallback_allowed(pool)
+                || hosts
+                    .get(in_window(), false)
+                    .iter()
+                    .any(|h| shared.health.wait(h).is_zero()))
+    };
     loop {
         if *stop.borrow() {
             break;
@@ -120,13 +142,8 @@ pub async fn run(
             }
             continue;
         }
-        let in_window = |u: &Upstream| generation.clock.is_open(u.window);
-        let hosts = if in_window(&upstream) {
-            &all_hosts
-        } else {
-            &off_window_hosts
-        };
-        if hosts.is_empty() {
+        let any_hosts = hosts.get(in_window(), true);
+        if any_hosts.is_empty() {
             // Outside the window with no failover: idle, the mail waits.
             if let Some(c) = conn.take() {
                 c.client.quit().await;
@@ -137,7 +154,7 @@ pub async fn run(
             }
             continue;
         }
-        let wait = hosts
+        let wait = any_hosts
             .iter()
             .map(|h| shared.health.wait(h))
             .min()
@@ -151,12 +168,11 @@ pub async fn run(
             }
             continue;
         }
-        let next = shared.queue.scheduler().next(
-            &upstream.pools,
-            upstream.idle_timeout,
-            recheck,
-            &eligible,
-        );
+        let next =
+            shared
+                .queue
+                .scheduler()
+                .next(&mut picker, upstream.idle_timeout, recheck, &eligible);
         let job = tokio::select! {
             job = next => job,
             _ = stop.changed() => None,
@@ -170,17 +186,13 @@ pub async fn run(
         };
         // The wait for a job can outlast a window edge: decide the hosts
         // again now, so an edge takes effect for the very next message.
-        let hosts = if in_window(&upstream) {
-            &all_hosts
-        } else {
-            &off_window_hosts
-        };
-        if hosts.is_empty() {
+        let job_hosts = hosts.get(in_window(), config.fallback_allowed(&job.pool));
+        if job_hosts.is_empty() {
             shared.queue.scheduler().finished(&job);
             shared.queue.requeue(job.id, &job.pool);
             continue;
         }
-        deliver(&shared, &generation, &upstream, hosts, &mut conn, &job).await;
+        deliver(&shared, &generation, &upstream, job_hosts, &mut conn, &job).await;
         shared.queue.scheduler().finished(&job);
     }
     if let Some(c) = conn.take() {
@@ -188,13 +200,37 @@ pub async fn run(
     }
 }
 
+/// The hosts of one entry, by window and by whether the pool may fall back.
+struct Hosts {
+    /// Indexed by `[in_window][fallback]`.
+    lists: [[Vec<String>; 2]; 2],
+}
+
+impl Hosts {
+    fn new(config: &Config, upstream: &Upstream) -> Hosts {
+        let list = |open, fallback| candidate_hosts(config, upstream, open, fallback);
+        Hosts {
+            lists: [
+                [list(false, false), list(false, true)],
+                [list(true, false), list(true, true)],
+            ],
+        }
+    }
+
+    fn get(&self, in_window: bool, fallback: bool) -> &[String] {
+        &self.lists[usize::from(in_window)][usize::from(fallback)]
+    }
+}
+
 /// The hosts to try in order: the entry's host, its failover hosts, then the
-/// site fallback, without repeats. Outside the entry's window the host itself
-/// is skipped, and an entry without failover hosts gets none (it idles).
+/// site fallback (when `fallback`, the pool's setting), without repeats.
+/// Outside the entry's window the host itself is skipped, and an entry
+/// without failover hosts gets none (it idles).
 pub(crate) fn candidate_hosts(
     config: &Config,
     upstream: &Upstream,
     in_window: bool,
+    fallback: bool,
 ) -> Vec<String> {
     if !in_window && upstream.failover.is_empty() {
         return Vec::new();
@@ -203,7 +239,12 @@ pub(crate) fn candidate_hosts(
     if in_window {
         hosts.push(upstream.host.clone());
     }
-    for h in upstream.failover.iter().chain(&config.defaults.fallback) {
+    let site: &[String] = if fallback {
+        &config.defaults.fallback
+    } else {
+        &[]
+    };
+    for h in upstream.failover.iter().chain(site) {
         if !hosts.contains(h) {
             hosts.push(h.clone());
         }

@@ -435,6 +435,25 @@ fn listeners(o: &mut String, p: &Plan<'_>) {
         "# at this address, and the routes below choose the pool as LISTSERV would."
     );
     let _ = writeln!(o, "[[listener]]\naddress = {}", q(&listen));
+    if let Some((n, origin)) = &p.site.max_bsmtp {
+        let _ = writeln!(o, "# {}  ({})", c(&origin.text), p.at(origin));
+        if *n > DEFAULT_MAX_RECIPIENTS {
+            let _ = writeln!(
+                o,
+                "# LISTSERV puts up to {n} recipients in one envelope: raised from the default"
+            );
+            let _ = writeln!(
+                o,
+                "# {DEFAULT_MAX_RECIPIENTS}, or its bundles would get 452 4.5.3 and be sent again in parts."
+            );
+            let _ = writeln!(o, "max_recipients = {n}");
+        } else {
+            let _ = writeln!(
+                o,
+                "# Up to {n} recipients per envelope: within max_recipients (default {DEFAULT_MAX_RECIPIENTS})."
+            );
+        }
+    }
     let example = p
         .uses
         .keys()
@@ -466,6 +485,9 @@ fn listeners(o: &mut String, p: &Plan<'_>) {
         q(example)
     );
 }
+
+/// The listener's `max_recipients` when the config gives none.
+const DEFAULT_MAX_RECIPIENTS: usize = 1000;
 
 /// `[admin]`.
 fn admin(o: &mut String, p: &Plan<'_>) {
@@ -530,6 +552,16 @@ fn defaults(o: &mut String, p: &Plan<'_>, warnings: &mut Vec<String>) {
         let _ = writeln!(o, "# whichever is stricter at the moment.");
         let _ = writeln!(o, "rate_limit = {}", q(&format_bandwidth(bps)));
     }
+    if p.site.rates.is_some() && p.site.fallback.is_some() {
+        let _ = writeln!(
+            o,
+            "# LISTSERV's synchronous delivery through SMTP_FORWARD ignores SMTP_RATE_LIMIT;"
+        );
+        let _ = writeln!(
+            o,
+            "# poolrelay holds every delivery to these caps, through the fallback too."
+        );
+    }
     let _ = writeln!(
         o,
         "# retry and max_age keep poolrelay's defaults (1m 5m 15m 30m 1h 2h 4h, 5d)."
@@ -554,6 +586,20 @@ fn pools(o: &mut String, p: &Plan<'_>) {
                 p.at(&r.origin)
             );
         }
+        shared_priority(o, p, name);
+        if let Some(own) = isolated_host(p, name) {
+            let _ = writeln!(
+                o,
+                "# {} gives this pool a smarthost of its own. LISTSERV uses the",
+                u.forwards.join(", ")
+            );
+            let _ = writeln!(
+                o,
+                "# SMTP_FORWARD fallback only when workers cannot start, not while a host is"
+            );
+            let _ = writeln!(o, "# down, so this pool's mail waits for {own} instead.");
+            let _ = writeln!(o, "fallback = false");
+        }
         if p.unserved.contains(name) {
             let _ = writeln!(
                 o,
@@ -561,6 +607,88 @@ fn pools(o: &mut String, p: &Plan<'_>) {
             );
         }
     }
+}
+
+/// Whether `pool` is a lane of its own: the Delivery-Pool of an imported
+/// list's postings, not the default list pool nor `-`.
+fn is_lane(p: &Plan<'_>, pool: &str) -> bool {
+    p.uses.get(pool).is_some_and(|u| {
+        pool != DEFAULT_POOL
+            && !u.default_postings
+            && !(u.whole.is_empty() && u.postings.is_empty())
+    })
+}
+
+/// `priority` for a pool that shares an SMTP_FORWARD_n line with a lane
+/// (see [`is_lane`]): LISTSERV's workers take the oldest message of any of
+/// their pools, so the lane would wait behind bulk; here it goes first.
+fn shared_priority(o: &mut String, p: &Plan<'_>, pool: &str) {
+    let serves = |u: &UpstreamOut<'_>, x: &str| u.pools.is_none_or(|ps| ps.iter().any(|y| y == x));
+    let mut partners: Vec<&str> = Vec::new();
+    for u in p.upstreams.iter().filter(|u| serves(u, pool)) {
+        for other in &p.pool_names {
+            if other != pool && serves(u, other) && !partners.contains(&other.as_str()) {
+                partners.push(other);
+            }
+        }
+    }
+    let lanes: Vec<&str> = partners.iter().copied().filter(|x| is_lane(p, x)).collect();
+    let quoted =
+        |names: &[&str]| -> String { names.iter().map(|n| q(n)).collect::<Vec<_>>().join(", ") };
+    if is_lane(p, pool) && !partners.is_empty() {
+        let u = &p.uses[pool];
+        let lists: Vec<String> = u.whole.iter().chain(&u.postings).cloned().collect();
+        let _ = writeln!(
+            o,
+            "# Shares its workers with {}; LISTSERV's take the oldest message of any of them.",
+            quoted(&partners)
+        );
+        let _ = writeln!(
+            o,
+            "# As the lane of {} it goes first here; the others keep 10% of the deliveries.",
+            some_names(&lists)
+        );
+        let _ = writeln!(o, "priority = {LANE_PRIORITY}");
+    } else if !lanes.is_empty() {
+        let _ = writeln!(
+            o,
+            "# Shares its workers with {}, which goes first (priority {LANE_PRIORITY}); this pool",
+            quoted(&lanes)
+        );
+        let _ = writeln!(
+            o,
+            "# keeps at least 10% of their deliveries while that mail waits (lower_priority_share)."
+        );
+        let _ = writeln!(o, "priority = 0");
+    }
+}
+
+/// The priority the import gives a lane that shares its workers.
+const LANE_PRIORITY: i8 = 5;
+
+/// The host of `pool` when its SMTP_FORWARD_n lines isolate it: they serve
+/// it alone, through hosts no other line uses and that are not the site
+/// fallback (with which falling back would change nothing).
+fn isolated_host(p: &Plan<'_>, pool: &str) -> Option<String> {
+    let (fallback, _) = p.site.fallback.as_ref()?;
+    let hosts = |u: &UpstreamOut<'_>| -> Vec<String> {
+        std::iter::once(u.host)
+            .chain(u.failover.iter().map(String::as_str))
+            .map(str::to_ascii_lowercase)
+            .collect()
+    };
+    let (own, others): (Vec<&UpstreamOut<'_>>, Vec<&UpstreamOut<'_>>) = p
+        .upstreams
+        .iter()
+        .partition(|u| u.pools.is_none_or(|ps| ps.iter().any(|x| x == pool)));
+    let alone = !own.is_empty() && own.iter().all(|u| u.pools.is_some_and(|ps| ps.len() == 1));
+    let own_hosts: Vec<String> = own.iter().flat_map(|u| hosts(u)).collect();
+    let shared = others
+        .iter()
+        .flat_map(|u| hosts(u))
+        .chain(std::iter::once(fallback.to_ascii_lowercase()))
+        .any(|h| own_hosts.contains(&h));
+    (alone && !shared).then(|| own.iter().map(|u| u.host).collect::<Vec<_>>().join(", "))
 }
 
 /// `[[upstream]]`, one per worker group.

@@ -57,6 +57,8 @@ pub(super) struct Site {
     pub(super) list_pool: Option<ListPool>,
     pub(super) rates: Option<Rates>,
     pub(super) domains: Option<(Vec<String>, Origin)>,
+    /// `MAXBSMTP`: most recipients LISTSERV puts in one envelope.
+    pub(super) max_bsmtp: Option<(usize, Origin)>,
     pub(super) skipped: Vec<Skipped>,
 }
 
@@ -198,6 +200,7 @@ fn parse_forward(value: &str, port: Option<u16>) -> Result<ForwardSpec, String> 
         failover: Vec::new(),
         pools: None,
         ignored: Vec::new(),
+        not_hosts: Vec::new(),
     };
     let mut pool_seen = false;
     for part in parts {
@@ -226,6 +229,12 @@ fn parse_forward(value: &str, port: Option<u16>) -> Result<ForwardSpec, String> 
                     "a time window applies to the first host only, not to the failover host \"{part}\"; {FORWARD_FORM}"
                 ));
             }
+            // A bare word (no domain, no address) is more likely one of
+            // LISTSERV's tuning tokens than a host: reported, not used.
+            None if !part.contains(['.', ':', '[']) => {
+                spec.ignored.push(part.to_string());
+                spec.not_hosts.push(part.to_string());
+            }
             None => spec
                 .failover
                 .push(upstream_host(part, port).map_err(|e| format!("failover host: {e}"))?),
@@ -242,6 +251,8 @@ pub(super) struct ForwardSpec {
     pub(super) failover: Vec<String>,
     pub(super) pools: Option<Vec<String>>,
     pub(super) ignored: Vec<String>,
+    /// Bare `;word` parts that are not host names (also in `ignored`).
+    pub(super) not_hosts: Vec<String>,
 }
 
 /// `POOL=` letters; `None` for `*` (every pool).
@@ -406,8 +417,24 @@ pub(super) fn parse_site(
         let imported = forward_n.is_some()
             || matches!(
                 upper.as_str(),
-                "SMTP_FORWARD" | "DEFAULT_LIST_POOL" | "SMTP_RATE_LIMIT" | "MYDOMAIN"
+                "SMTP_FORWARD" | "DEFAULT_LIST_POOL" | "SMTP_RATE_LIMIT" | "MYDOMAIN" | "MAXBSMTP"
             );
+        if upper == "DEFAULT_DIST_POOL" {
+            // Its own advice: the generic "no setting" would hide that
+            // option (b) of README keeps LISTSERV's choice for DISTRIBUTE.
+            warnings.push(src.warn(
+                no,
+                &format!(
+                    "not imported (kept as a comment): {key}={value}: which mail is DISTRIBUTE traffic cannot be seen in the mail, so no route can send it to its pool; \
+                     to keep LISTSERV's choice, pin it by listener (README \"Choosing the pool\", option (b)): a second [[listener]] with pool = the pool, and LISTSERV's workers of that pool pointed at it"
+                ),
+            ));
+            site.skipped.push(Skipped {
+                origin,
+                overridden_by: None,
+            });
+            continue;
+        }
         if !imported {
             // Remembered for `$NAME` in later lines (e.g. NODE in MYDOMAIN).
             if let Ok(v) = unquote(value) {
@@ -447,10 +474,12 @@ pub(super) fn parse_site(
                 let spec =
                     parse_forward(value, port).map_err(|m| src.err(no, format!("{slot}: {m}")))?;
                 for part in &spec.ignored {
-                    warnings.push(src.warn(
-                        no,
-                        &format!("{slot}: \";{part}\" not imported (poolrelay has no such setting; kept as a comment)"),
-                    ));
+                    let why = if spec.not_hosts.contains(part) {
+                        "is not a host name (no domain), so it is not taken as a failover host; kept as a comment. If it is a host, write its full name"
+                    } else {
+                        "not imported (poolrelay has no such setting; kept as a comment)"
+                    };
+                    warnings.push(src.warn(no, &format!("{slot}: \";{part}\" {why}")));
                 }
                 site.forwards.insert(
                     n,
@@ -490,6 +519,19 @@ pub(super) fn parse_site(
                     origin,
                 });
             }
+            (None, "MAXBSMTP") => {
+                let n = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&n| n >= 1)
+                    .ok_or_else(|| {
+                        src.err(
+                            no,
+                            format!("{key}: \"{value}\" is not a number of 1 or more; write e.g. MAXBSMTP=100"),
+                        )
+                    })?;
+                site.max_bsmtp = Some((n, origin));
+            }
             _ => {
                 let hosts = parse_domains(value).map_err(|m| src.err(no, format!("{key}: {m}")))?;
                 site.domains = Some((hosts, origin));
@@ -526,6 +568,7 @@ fn override_earlier(
         "DEFAULT_LIST_POOL" => site.list_pool.take().map(|l| l.origin),
         "SMTP_RATE_LIMIT" => site.rates.take().map(|r| r.origin),
         "MYDOMAIN" => site.domains.take().map(|(_, o)| o),
+        "MAXBSMTP" => site.max_bsmtp.take().map(|(_, o)| o),
         _ => slot
             .strip_prefix("SMTP_FORWARD_")
             .and_then(|n| n.parse::<u64>().ok())

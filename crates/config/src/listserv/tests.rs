@@ -519,9 +519,14 @@ fn unknown_lines_are_kept_as_comments_with_a_warning() {
         i.toml
             .contains("\n# not imported: this line means nothing\n")
     );
-    assert!(i.toml.contains("\n# not imported: MAXBSMTP=\"100\"\n"));
+    // MAXBSMTP is read now (it fits in the default max_recipients).
+    assert!(
+        i.toml.contains("\n# MAXBSMTP=\"100\"  (site.cfg:7)\n"),
+        "{}",
+        i.toml
+    );
     assert!(!i.toml.contains("export"));
-    assert_eq!(i.warnings.len(), 3, "{:?}", i.warnings);
+    assert_eq!(i.warnings.len(), 2, "{:?}", i.warnings);
     assert!(
         i.warnings[0].starts_with("site.cfg:4: not imported"),
         "{:?}",
@@ -529,7 +534,6 @@ fn unknown_lines_are_kept_as_comments_with_a_warning() {
     );
     assert!(i.warnings[0].contains("NODE"));
     assert!(i.warnings[1].starts_with("site.cfg:6: "));
-    assert!(i.warnings[2].starts_with("site.cfg:7: "));
     reparse(&i);
 }
 
@@ -955,4 +959,120 @@ fn quoted_strings_parse_back_to_the_same_value() {
     // The forms the golden files hold stay basic strings.
     assert_eq!(render::q("owner-news@*"), "\"owner-news@*\"");
     assert_eq!(render::q("-"), "\"-\"");
+}
+
+#[test]
+fn maxbsmtp_above_the_default_raises_max_recipients() {
+    let i = import("SMTP_FORWARD_1=MTA.EXAMPLE.ORG\nMAXBSMTP=5000\n", &[]);
+    assert!(i.warnings.is_empty(), "{:?}", i.warnings);
+    assert!(
+        i.toml.contains("# MAXBSMTP=5000  (site.cfg:2)") && i.toml.contains("452 4.5.3"),
+        "{}",
+        i.toml
+    );
+    assert_eq!(reparse(&i).listeners[0].max_recipients, 5000);
+    let i = import("SMTP_FORWARD_1=MTA.EXAMPLE.ORG\nMAXBSMTP=100\n", &[]);
+    assert_eq!(reparse(&i).listeners[0].max_recipients, 1000);
+    import_err(
+        "SMTP_FORWARD_1=MTA.EXAMPLE.ORG\nMAXBSMTP=many\n",
+        &[],
+        "site.cfg",
+        2,
+        &["MAXBSMTP", "\"many\"", "MAXBSMTP=100"],
+    );
+}
+
+#[test]
+fn default_dist_pool_warns_with_the_listener_pinning_advice() {
+    let i = import("SMTP_FORWARD_1=MTA.EXAMPLE.ORG\nDEFAULT_DIST_POOL=D\n", &[]);
+    assert_eq!(i.warnings.len(), 1, "{:?}", i.warnings);
+    let w = &i.warnings[0];
+    assert!(w.starts_with("site.cfg:2: "), "{w}");
+    for needle in [
+        "DEFAULT_DIST_POOL=D",
+        "DISTRIBUTE",
+        "option (b)",
+        "[[listener]]",
+    ] {
+        assert!(w.contains(needle), "warning lacks {needle:?}: {w}");
+    }
+    assert!(!w.contains("no setting"), "{w}");
+    assert!(
+        i.toml.contains("# not imported: DEFAULT_DIST_POOL=D"),
+        "{}",
+        i.toml
+    );
+    reparse(&i);
+}
+
+#[test]
+fn a_bare_word_after_a_semicolon_is_reported_not_taken_as_a_failover_host() {
+    let i = import(
+        "SMTP_FORWARD_1=MTA.EXAMPLE.ORG;NOQUEUE;BACKUP.EXAMPLE.ORG;POOL=A-\n",
+        &[],
+    );
+    assert_eq!(
+        upstreams(&reparse(&i)),
+        [up(
+            "mta.example.org:25",
+            1,
+            &["A", "-"],
+            &["backup.example.org:25"],
+            None
+        )]
+    );
+    assert_eq!(i.warnings.len(), 1, "{:?}", i.warnings);
+    assert!(
+        i.warnings[0].starts_with("site.cfg:1: SMTP_FORWARD_1: \";NOQUEUE\" is not a host name"),
+        "{:?}",
+        i.warnings
+    );
+    assert!(i.toml.contains("# not imported: ;NOQUEUE"), "{}", i.toml);
+}
+
+#[test]
+fn rate_limits_say_the_fallback_is_capped_too() {
+    let i = import(
+        "SMTP_FORWARD=MTA.EXAMPLE.ORG\nSMTP_FORWARD_1=MTA.EXAMPLE.ORG;POOL=A\nSMTP_RATE_LIMIT=12Mbps A:1Mbps\n",
+        &[],
+    );
+    assert!(
+        i.toml.contains("ignores SMTP_RATE_LIMIT") && i.toml.contains("through the fallback too"),
+        "{}",
+        i.toml
+    );
+}
+
+#[test]
+fn a_lane_sharing_its_workers_goes_first_and_the_others_say_so() {
+    let i = import(
+        "DEFAULT_LIST_POOL=A\nSMTP_FORWARD=SCOOBY.EXAMPLE.ORG\n\
+         SMTP_FORWARD_1=2*SCOOBY.EXAMPLE.ORG;POOL=AB-\n",
+        &[("EMERGENCY", "* Delivery-Pool=B\n")],
+    );
+    let c = reparse(&i);
+    assert_eq!(c.priority_of("B"), 5, "{}", i.toml);
+    assert_eq!(c.priority_of("A"), 0);
+    assert_eq!(c.priority_of("-"), 0);
+    assert!(
+        i.toml
+            .contains("As the lane of EMERGENCY it goes first here"),
+        "{}",
+        i.toml
+    );
+    assert_eq!(
+        i.toml.matches("which goes first (priority 5)").count(),
+        2,
+        "A and - say why: {}",
+        i.toml
+    );
+    // Sharing the fallback host is not isolation: every pool may fall back.
+    assert!(!i.toml.contains("fallback = false"), "{}", i.toml);
+    // A lane with workers of its own needs no priority.
+    let i = import(
+        "DEFAULT_LIST_POOL=A\nSMTP_FORWARD_1=SCOOBY.EXAMPLE.ORG;POOL=A-\n\
+         SMTP_FORWARD_2=SCRAPPY.EXAMPLE.ORG;POOL=B\n",
+        &[("EMERGENCY", "* Delivery-Pool=B\n")],
+    );
+    assert!(!i.toml.contains("priority"), "{}", i.toml);
 }

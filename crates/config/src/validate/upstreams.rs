@@ -50,6 +50,25 @@ impl Ctx<'_> {
                     names
                 }
             };
+            let reserve_workers = match &r.reserve_workers {
+                None => 0,
+                Some(v) => {
+                    let n: usize = self.int("reserve_workers", v, 0, "").unwrap_or_default();
+                    let urgent = pool_list
+                        .iter()
+                        .filter(|p| pools.get(*p).is_some_and(|p| p.priority > 0))
+                        .count();
+                    let ordinary = pool_list.len() - urgent;
+                    if n > 0 && n >= workers && ordinary > 0 {
+                        self.at(v, format!("upstream reserve_workers = {n} keeps all {workers} workers of {} for pools above priority 0, so its other pools would never be delivered here; write reserve_workers = {} or less, or raise workers", r.host.get_ref(), workers - 1));
+                    } else if n > workers {
+                        self.at(v, format!("upstream reserve_workers = {n} is more than its workers = {workers}; write reserve_workers = {workers} or less"));
+                    } else if n > 0 && urgent == 0 && !pool_list.is_empty() {
+                        self.at(v, format!("upstream reserve_workers = {n}, but none of the pools it serves has a priority above 0, so the reserved workers would never deliver; give the urgent pool e.g. priority = 5, or remove reserve_workers"));
+                    }
+                    n
+                }
+            };
             let failover = r
                 .failover
                 .iter()
@@ -160,6 +179,7 @@ impl Ctx<'_> {
                 mx: r.mx.as_ref().is_some_and(|v| *v.get_ref()),
                 host,
                 workers,
+                reserve_workers,
                 pools: pool_list,
                 failover,
                 window,
