@@ -148,6 +148,16 @@ pub(crate) fn describe(c: &Config) -> String {
     }
     let _ = writeln!(
         o,
+        "dns servers: {}",
+        if s.dns_servers.is_empty() {
+            "the system's (resolv.conf)".to_string()
+        } else {
+            let servers: Vec<String> = s.dns_servers.iter().map(|a| a.to_string()).collect();
+            servers.join(", ")
+        }
+    );
+    let _ = writeln!(
+        o,
         "admin: {}   {}   allow_unauthenticated {}",
         c.admin.address,
         match &c.admin.token_file {

@@ -110,6 +110,10 @@ pub struct Server {
     /// Test/migration aid (`hosts`): host name -> "ip:port" or "ip", used
     /// instead of DNS for upstream names (case-insensitive keys, stored lowercase).
     pub hosts: BTreeMap<String, String>,
+    /// `dns_servers`: the name servers upstream names are resolved with
+    /// (UDP and TCP); empty = the system's resolv.conf. Read once
+    /// at start: a reload keeps the resolver the process started with.
+    pub dns_servers: Vec<std::net::SocketAddr>,
     /// `spool_min_free`: below this much free space on the spool's
     /// filesystem, new mail is refused with 452 4.3.1 before anything is written.
     pub spool_min_free: MinFree,

@@ -42,6 +42,7 @@ pub(crate) struct RawServer {
     pub max_line_length: Option<Int>,
     pub max_hops: Option<Int>,
     pub hosts: Option<BTreeMap<String, Str>>,
+    pub dns_servers: Option<Vec<Str>>,
     pub spool_min_free: Option<Unit>,
     pub max_data_memory: Option<Unit>,
 }

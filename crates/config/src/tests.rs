@@ -133,6 +133,7 @@ fn full_example() {
                 ),
             ]
             .into(),
+            dns_servers: Vec::new(),
             spool_min_free: crate::MinFree::Default,
             max_data_memory: 128 << 20,
         }
@@ -329,6 +330,7 @@ fn minimal_config_gets_the_defaults() {
     assert_eq!(c.server.max_sessions_per_client, 20);
     assert_eq!(c.server.max_hops, 50);
     assert!(c.server.hosts.is_empty());
+    assert!(c.server.dns_servers.is_empty());
     let l = &c.listeners[0];
     assert_eq!(l.name, "127.0.0.1:2525");
     assert_eq!(l.line, 1);
@@ -680,6 +682,16 @@ fn bad_units() {
         &format!("{LISTENER}[server]\nhosts = {{ x = \"nowhere\" }}\n"),
         4,
         &["server.hosts", "\"192.0.2.1\""],
+    );
+    err(
+        &format!("{LISTENER}[server]\ndns_servers = [\"127.0.0.1:5353\",\n  \"ns.example.org\"]\n"),
+        5,
+        &["server.dns_servers", "\"ns.example.org\"", "127.0.0.1:5353"],
+    );
+    err(
+        &format!("{LISTENER}[server]\ndns_servers = [\"127.0.0.1:0\"]\n"),
+        4,
+        &["server.dns_servers", "optional port"],
     );
     err(
         &format!("{LISTENER}[server]\nhostname = \"not a name\"\n"),
@@ -1108,4 +1120,27 @@ fn per_client_sessions_and_hops_are_read_and_printed() {
     let d = c.describe();
     assert!(d.contains("sessions: max 1000 (5 per client)"), "{d}");
     assert!(d.contains("max hops 30"), "{d}");
+}
+
+#[test]
+fn dns_servers_are_read_and_printed() {
+    let c = parse(&format!(
+        "{LISTENER}[server]\ndns_servers = [\"127.0.0.1:5353\", \"192.0.2.53\", \"::1\"]\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.server.dns_servers,
+        vec![
+            "127.0.0.1:5353".parse().unwrap(),
+            "192.0.2.53:53".parse().unwrap(),
+            "[::1]:53".parse().unwrap()
+        ]
+    );
+    let d = c.describe();
+    assert!(
+        d.contains("dns servers: 127.0.0.1:5353, 192.0.2.53:53, [::1]:53"),
+        "{d}"
+    );
+    let d = parse(LISTENER).unwrap().describe();
+    assert!(d.contains("dns servers: the system's (resolv.conf)"), "{d}");
 }

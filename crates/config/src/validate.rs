@@ -295,6 +295,7 @@ impl Ctx<'_> {
             max_line_length: 2048,
             max_hops: 50,
             hosts: BTreeMap::new(),
+            dns_servers: Vec::new(),
             spool_min_free: crate::MinFree::Default,
             max_data_memory: 128 << 20,
         };
@@ -410,6 +411,27 @@ impl Ctx<'_> {
                 continue;
             }
             s.hosts.insert(key, addr.get_ref().trim().to_string());
+        }
+        for v in raw.dns_servers.iter().flatten() {
+            let text = v.get_ref().trim();
+            let addr = text.parse::<std::net::SocketAddr>().ok().or_else(|| {
+                text.parse::<std::net::IpAddr>()
+                    .ok()
+                    .map(|ip| std::net::SocketAddr::new(ip, 53))
+            });
+            match addr {
+                Some(addr) if addr.port() != 0 => {
+                    if s.dns_servers.contains(&addr) {
+                        self.at(v, format!("server.dns_servers: {addr} is listed twice; keep one entry"));
+                    } else {
+                        s.dns_servers.push(addr);
+                    }
+                }
+                _ => self.at(
+                    v,
+                    format!("server.dns_servers: \"{}\" is not a name server address; write an IP address with an optional port (53 if omitted), e.g. dns_servers = [\"192.0.2.53\", \"127.0.0.1:5353\", \"[2001:db8::53]:53\"]", v.get_ref()),
+                ),
+            }
         }
         s
     }

@@ -269,7 +269,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let shared = Arc::new(Shared {
         queue: queue.clone(),
         health: health.clone(),
-        dns: Dns::new(),
+        // Built once: a reload keeps these name servers (README, `dns_servers`).
+        dns: Dns::new(&config.server.dns_servers),
     });
     let workers = spawn_workers(&shared, &config, &health);
     Ok(Running {

@@ -9,6 +9,9 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{NameServerConfig, NameServerConfigGroup, ResolverConfig};
+use hickory_resolver::name_server::TokioConnectionProvider;
+use hickory_resolver::proto::xfer::Protocol;
 
 /// First backoff after a host goes down.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -121,26 +124,46 @@ impl Health {
     }
 }
 
-/// The one DNS resolver of the process (hickory, with its cache), built
-/// from the system config on first use: every lookup shares its cache
-/// instead of building a resolver (and re-reading resolv.conf) per lookup.
+/// The one DNS resolver of the process (hickory, with its cache), built on
+/// first use from `[server] dns_servers`, or from the system config when
+/// that is empty: every lookup shares its cache instead of building a
+/// resolver (and re-reading resolv.conf) per lookup.
 #[derive(Default)]
 pub struct Dns {
+    /// The name servers to ask; empty: the system's.
+    servers: Vec<SocketAddr>,
     resolver: OnceLock<Result<TokioResolver, String>>,
 }
 
 impl Dns {
-    /// A resolver, built on first use.
-    pub fn new() -> Dns {
-        Dns::default()
+    /// A resolver asking `servers` (UDP, and TCP for truncated answers),
+    /// or the system's name servers when `servers` is empty. Built on
+    /// first use.
+    pub fn new(servers: &[SocketAddr]) -> Dns {
+        Dns {
+            servers: servers.to_vec(),
+            resolver: OnceLock::new(),
+        }
     }
 
     fn resolver(&self) -> Result<&TokioResolver, String> {
         self.resolver
             .get_or_init(|| {
-                TokioResolver::builder_tokio()
-                    .map(|b| b.build())
-                    .map_err(|e| format!("cannot read the system resolver config: {e}"))
+                if self.servers.is_empty() {
+                    return TokioResolver::builder_tokio()
+                        .map(|b| b.build())
+                        .map_err(|e| format!("cannot read the system resolver config: {e}"));
+                }
+                let mut group = NameServerConfigGroup::with_capacity(2 * self.servers.len());
+                for &addr in &self.servers {
+                    group.push(NameServerConfig::new(addr, Protocol::Udp));
+                    group.push(NameServerConfig::new(addr, Protocol::Tcp));
+                }
+                let config = ResolverConfig::from_parts(None, Vec::new(), group);
+                Ok(
+                    TokioResolver::builder_with_config(config, TokioConnectionProvider::default())
+                        .build(),
+                )
             })
             .as_ref()
             .map_err(Clone::clone)
@@ -255,7 +278,7 @@ mod tests {
             "127.0.0.9:2600".to_string(),
         );
         hosts.insert("scrappy.example.org".to_string(), "127.0.0.8".to_string());
-        let dns = Dns::new();
+        let dns = Dns::new(&[]);
         assert_eq!(
             dns.resolve("scooby.example.org:25", &hosts, false).await,
             Ok(vec![(
