@@ -5,9 +5,11 @@
 //! delivery tests share.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use crate::mail::{header_value, strip_brackets};
-use crate::relay::{RelaySetup, toml_str};
+use crate::relay::{Relay, RelaySetup, toml_str};
+use crate::scripted::Scripted;
 
 // ---------------------------------------------------------------------------
 // Log lines
@@ -408,6 +410,52 @@ pub fn head_with_hosts(setup: &RelaySetup, hosts: &[(&str, SocketAddr)]) -> Stri
         map.join(", "),
         setup.admin
     )
+}
+
+/// Waits (bounded) until the relay logged a deferred attempt for `qid`,
+/// then checks that every attempt was deferred, the relay did connect, and
+/// the scripted upstream saw no MAIL, RCPT, DATA nor AUTH and no transaction.
+pub fn deferred_and_nothing_sent(relay: &Relay, up: &Scripted, qid: &str, what: &str) {
+    relay.wait_until(
+        &format!("a deferred attempt for {qid} ({what})"),
+        Duration::from_secs(20),
+        || {
+            attempts_for(&relay.log_text(), qid)
+                .iter()
+                .any(|a| a.status == "deferred")
+        },
+    );
+    let a = attempts_for(&relay.log_text(), qid);
+    assert!(
+        a.iter()
+            .all(|a| a.status == "deferred" && a.delivered == 0 && a.bounced == 0),
+        "{what}: every attempt must be deferred, not sent or bounced:\n{}",
+        a.iter()
+            .map(|a| a.line.clone())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        up.sessions() >= 1,
+        "{what}: the relay never connected\n{}",
+        relay.logs()
+    );
+    let sent: Vec<String> = up
+        .commands()
+        .iter()
+        .map(|c| c.line.to_ascii_uppercase())
+        .filter(|l| {
+            ["MAIL", "RCPT", "DATA", "AUTH"]
+                .iter()
+                .any(|v| l.starts_with(v))
+        })
+        .collect();
+    assert!(
+        sent.is_empty(),
+        "{what}: nothing may be sent, but the upstream saw {sent:?}\n{}",
+        up.dump()
+    );
+    assert!(up.transactions().is_empty(), "{}", up.dump());
 }
 
 #[cfg(test)]

@@ -149,6 +149,27 @@ pub fn latencies(sent: &[Urgent], arrived: &[Arrival]) -> Vec<Option<Duration>> 
         .collect()
 }
 
+/// Waits (bounded) until every message of `sent` reached the sink;
+/// returns every arrival then (bulk included) and each urgent message's
+/// latency from its 250.
+pub fn wait_for_burst(
+    relay: &Relay,
+    sink: &Sink,
+    sent: &[Urgent],
+) -> (Vec<Arrival>, Vec<Duration>) {
+    let mut arrived = Vec::new();
+    relay.wait_until(
+        "every urgent message at the sink",
+        Duration::from_secs(30),
+        || {
+            arrived = arrivals(sink);
+            latencies(sent, &arrived).iter().all(Option::is_some)
+        },
+    );
+    let took = latencies(sent, &arrived).into_iter().flatten().collect();
+    (arrived, took)
+}
+
 /// p50, p99 and max of `values` (nearest rank).
 pub fn percentiles(values: &[Duration]) -> (Duration, Duration, Duration) {
     let mut v = values.to_vec();

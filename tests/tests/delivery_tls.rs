@@ -8,7 +8,7 @@
 use std::fs;
 use std::time::Duration;
 
-use poolrelay_tests::delivery::{attempts_for, head_with_hosts};
+use poolrelay_tests::delivery::{attempts_for, deferred_and_nothing_sent, head_with_hosts};
 use poolrelay_tests::scripted::{AuthRequirement, Scripted, ScriptedOptions, TestPki};
 use poolrelay_tests::{Relay, RelaySetup, message, toml_str, unique_id};
 
@@ -99,52 +99,6 @@ fn delivered(up: &Scripted, id: &str) -> poolrelay_tests::scripted::Transaction 
         up.dump()
     );
     t
-}
-
-/// Waits until the relay logged a deferred attempt for `qid` (and, for a
-/// second look, a second attempt or 3 s), then checks the upstream saw no
-/// MAIL, RCPT, DATA (nor AUTH unless `auth_seen_ok`).
-fn deferred_and_nothing_sent(relay: &Relay, up: &Scripted, qid: &str, what: &str) {
-    relay.wait_until(
-        &format!("a deferred attempt for {qid} ({what})"),
-        DELIVERY,
-        || {
-            attempts_for(&relay.log_text(), qid)
-                .iter()
-                .any(|a| a.status == "deferred")
-        },
-    );
-    let a = attempts_for(&relay.log_text(), qid);
-    assert!(
-        a.iter()
-            .all(|a| a.status == "deferred" && a.delivered == 0 && a.bounced == 0),
-        "{what}: every attempt must be deferred, not sent or bounced:\n{}",
-        a.iter()
-            .map(|a| a.line.clone())
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    assert!(
-        up.sessions() >= 1,
-        "{what}: the relay never connected\n{}",
-        relay.logs()
-    );
-    let sent: Vec<String> = up
-        .commands()
-        .iter()
-        .map(|c| c.line.to_ascii_uppercase())
-        .filter(|l| {
-            ["MAIL", "RCPT", "DATA", "AUTH"]
-                .iter()
-                .any(|v| l.starts_with(v))
-        })
-        .collect();
-    assert!(
-        sent.is_empty(),
-        "{what}: nothing may be sent, but the upstream saw {sent:?}\n{}",
-        up.dump()
-    );
-    assert!(up.transactions().is_empty(), "{}", up.dump());
 }
 
 #[test]

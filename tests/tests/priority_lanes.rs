@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use poolrelay_tests::admin::queued_in;
 use poolrelay_tests::priority::{
-    BULK_FROM, SINK_DELAY_MS, arrivals, latencies, percentiles, queue_backlog, send_burst,
-    shared_upstream_relay, slow_sink,
+    BULK_FROM, SINK_DELAY_MS, percentiles, queue_backlog, send_burst, shared_upstream_relay,
+    slow_sink, wait_for_burst,
 };
 
 /// Bulk messages queued in A: far more than the burst, and more than the
@@ -35,16 +35,7 @@ fn urgent_mail_waits_for_at_most_one_bulk_transaction_while_bulk_keeps_its_share
     let burst_start = SystemTime::now();
     let sent = send_burst(&relay, BURST, GAP);
     let left_after_burst = queued_in(&relay, "A") as usize;
-    let mut arrived = Vec::new();
-    relay.wait_until(
-        "every urgent message at the sink",
-        Duration::from_secs(30),
-        || {
-            arrived = arrivals(&sink);
-            latencies(&sent, &arrived).iter().all(Option::is_some)
-        },
-    );
-    let took: Vec<Duration> = latencies(&sent, &arrived).into_iter().flatten().collect();
+    let (arrived, took) = wait_for_burst(&relay, &sink, &sent);
     let burst_end = sent
         .iter()
         .filter_map(|u| arrived.iter().find(|a| a.id == u.id))

@@ -34,11 +34,12 @@ pub enum Action {
     Delayed,
 }
 
-/// The pool's delivery policy, from the config.
-#[derive(Debug, Clone)]
-pub struct Policy {
+/// The pool's delivery policy, borrowed from the config (built per
+/// message, so it copies nothing).
+#[derive(Debug, Clone, Copy)]
+pub struct Policy<'a> {
     /// `retry`: the wait before attempt n+1 is step n; the last step repeats.
-    pub retry: Vec<Duration>,
+    pub retry: &'a [Duration],
     /// `max_age`: pending recipients older than this bounce with 4.4.7.
     pub max_age: Duration,
     /// `delay_warning`: send one "delayed" DSN once a message is this old.
@@ -181,7 +182,7 @@ pub fn decide(
     envelope: &Envelope,
     attempted: &[usize],
     attempt: &Attempt,
-    policy: &Policy,
+    policy: &Policy<'_>,
     now: u64,
 ) -> Decision {
     let mut env = envelope.clone();
@@ -370,7 +371,7 @@ fn no_connection_reply(attempt: &Attempt) -> Reply {
 /// schedule step (the last step repeats), ±10% so retries of a burst
 /// spread out. The jitter is derived from the queue id, so it is the same
 /// for the same message and attempt (testable, no global RNG).
-pub fn retry_delay(policy: &Policy, attempts: u32, id: QueueId) -> u64 {
+pub fn retry_delay(policy: &Policy<'_>, attempts: u32, id: QueueId) -> u64 {
     let step = policy
         .retry
         .get((attempts as usize).saturating_sub(1))

@@ -136,10 +136,7 @@ pub async fn run(
         if shared.queue.spool().is_failed() {
             // Nothing could be recorded: delivering now would deliver again
             // after the recovery. Wait for the spool to come back.
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                _ = stop.changed() => {}
-            }
+            pause(&mut stop, Duration::from_millis(500)).await;
             continue;
         }
         let any_hosts = hosts.get(in_window(), true);
@@ -148,10 +145,7 @@ pub async fn run(
             if let Some(c) = conn.take() {
                 c.client.quit().await;
             }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                _ = stop.changed() => {}
-            }
+            pause(&mut stop, Duration::from_millis(500)).await;
             continue;
         }
         let wait = any_hosts
@@ -162,10 +156,7 @@ pub async fn run(
         if !wait.is_zero() {
             // Every host of this entry is down: leave the mail to workers
             // that can deliver it, and come back when a probe is due.
-            tokio::select! {
-                _ = tokio::time::sleep(wait.min(Duration::from_secs(1))) => {}
-                _ = stop.changed() => {}
-            }
+            pause(&mut stop, wait.min(Duration::from_secs(1))).await;
             continue;
         }
         let next =
@@ -296,7 +287,7 @@ async fn deliver(
     };
     let config = &generation.config;
     let policy = Policy {
-        retry: config.retry_for(&job.pool).to_vec(),
+        retry: config.retry_for(&job.pool),
         max_age: config.max_age_for(&job.pool),
         delay_warning: config.defaults.delay_warning,
     };
@@ -414,6 +405,14 @@ async fn apply(
     }
 }
 
+/// Sleeps for `d`, or less when the generation is told to stop.
+async fn pause(stop: &mut watch::Receiver<bool>, d: Duration) {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = stop.changed() => {}
+    }
+}
+
 /// Writes an outcome, retrying while the spool cannot record it (a full
 /// disk, a failed fsync): the worker holds the message meanwhile, so what
 /// was delivered is not delivered again. Gives up only when its generation
@@ -442,10 +441,7 @@ where
                     tracing::warn!(queue_id = %id_text, "stopping before {what} could be recorded; the message stays as it was on disk");
                     return false;
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = stop.changed() => {}
-                }
+                pause(&mut stop, Duration::from_secs(1)).await;
             }
         }
     }

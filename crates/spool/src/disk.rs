@@ -434,12 +434,15 @@ fn writer(inner: Arc<Inner>, rx: mpsc::Receiver<Op>, mut last_id: QueueId) {
             Err(mpsc::RecvTimeoutError::Timeout) => None,
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
-        if checked.elapsed() >= CHECK_EVERY || first.is_none() {
-            checked = Instant::now();
+        if first.is_none() {
+            // Idle: keep the floor (and so /readyz) current without writes.
             inner.check_space();
-            if inner.failed.load(Ordering::Relaxed) {
-                reopen(&inner, &mut orphans);
-            }
+        }
+        if inner.failed.load(Ordering::Relaxed)
+            && (first.is_none() || checked.elapsed() >= CHECK_EVERY)
+        {
+            checked = Instant::now();
+            reopen(&inner, &mut orphans);
         }
         let Some(first) = first else { continue };
         ops.push(first);

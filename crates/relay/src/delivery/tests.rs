@@ -28,13 +28,15 @@ fn envelope(sender: &str, rcpts: usize) -> Envelope {
     env
 }
 
-fn policy() -> Policy {
+const RETRY: &[Duration] = &[
+    Duration::from_secs(60),
+    Duration::from_secs(300),
+    Duration::from_secs(900),
+];
+
+fn policy() -> Policy<'static> {
     Policy {
-        retry: vec![
-            Duration::from_secs(60),
-            Duration::from_secs(300),
-            Duration::from_secs(900),
-        ],
+        retry: RETRY,
         max_age: Duration::from_secs(5 * 86_400),
         delay_warning: None,
     }
@@ -345,7 +347,7 @@ fn retry_jitter_stays_within_ten_percent_and_spreads_messages() {
 #[test]
 fn an_empty_schedule_waits_a_minute() {
     let p = Policy {
-        retry: Vec::new(),
+        retry: &[],
         ..policy()
     };
     let d = retry_delay(&p, 3, 1);
@@ -581,7 +583,7 @@ fn delivered_mail_gets_no_dsn() {
     assert!(!d.summary.bounce_dropped);
 }
 
-fn warning_policy() -> Policy {
+fn warning_policy() -> Policy<'static> {
     Policy {
         delay_warning: Some(Duration::from_secs(4 * 3600)),
         ..policy()
