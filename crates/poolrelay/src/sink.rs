@@ -81,7 +81,6 @@ impl Handler for Accepting {
 
 async fn serve(state: Arc<State>, stream: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
-    let (reader, writer) = stream.into_split();
     let (session, banner) = Session::new(
         SessionConfig {
             hostname: state.args.hostname.clone(),
@@ -90,6 +89,7 @@ async fn serve(state: Arc<State>, stream: TcpStream, peer: SocketAddr) -> std::i
             max_line_length: 4096,
             relay_allowed: true,
             max_hops: usize::MAX,
+            security: Default::default(),
         },
         peer,
     );
@@ -98,11 +98,11 @@ async fn serve(state: Arc<State>, stream: TcpStream, peer: SocketAddr) -> std::i
         data: Duration::from_secs(180),
     };
     drive(
-        reader,
-        writer,
+        stream,
         session,
         &banner,
         limits,
+        None,
         &mut Accepting(state),
         None,
     )

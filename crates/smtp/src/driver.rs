@@ -3,16 +3,21 @@
 //! feed the session, write its replies with a timeout, hand finished
 //! transactions to a [`Handler`], stop parsing while replies are unwritten
 //! (the session pauses after [`crate::inbound::MAX_UNWRITTEN_REPLIES`]),
-//! and tell an idle session `421` when the owner is stopping. The policy is
-//! in the session; this only moves bytes.
+//! and tell an idle session `421` when the owner is stopping. It runs the
+//! TLS handshake when the session asks for it (STARTTLS) or before the
+//! banner (implicit TLS), and hands AUTH credentials to the [`Handler`].
+//! The policy is in the session; this only moves bytes.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 
-use crate::inbound::{Output, Session, Transaction};
+use crate::inbound::{AuthAttempt, AuthVerdict, Output, Session, Transaction};
+use crate::tls::ServerTls;
 
 /// What the owner of a session does with what it produces.
 pub trait Handler: Send {
@@ -27,6 +32,101 @@ pub trait Handler: Send {
     /// Called after every feed, e.g. to charge the content the session
     /// holds or to count its rejections.
     fn after_feed(&mut self, _session: &mut Session) {}
+
+    /// Checks credentials the client presented with AUTH. Delays belong
+    /// here (awaited, so other sessions go on). Default: refuse.
+    fn authenticate(
+        &mut self,
+        _session: &Session,
+        _attempt: &AuthAttempt,
+    ) -> impl Future<Output = AuthVerdict> + Send {
+        async { AuthVerdict::Refused }
+    }
+
+    /// TLS is on for this session (after [`Session::tls_started`]).
+    fn tls_started(&mut self, _session: &Session) {}
+}
+
+/// How the listener does TLS.
+#[derive(Clone)]
+pub struct Tls {
+    /// The certificate and key to serve.
+    pub server: ServerTls,
+    /// Handshake at once, before the banner (port-465 style), instead of
+    /// on STARTTLS.
+    pub implicit: bool,
+}
+
+/// The client connection: plain until a handshake turns it into TLS.
+enum Conn<S> {
+    Plain(S),
+    Tls(Box<tokio_rustls::server::TlsStream<S>>),
+    /// Only while a handshake holds the stream.
+    Upgrading,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Conn<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Upgrading => Poll::Ready(Err(upgrading())),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Conn<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Upgrading => Poll::Ready(Err(upgrading())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s).poll_flush(cx),
+            Conn::Upgrading => Poll::Ready(Err(upgrading())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Upgrading => Poll::Ready(Err(upgrading())),
+        }
+    }
+}
+
+fn upgrading() -> std::io::Error {
+    std::io::Error::other("TLS handshake failed earlier")
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    /// Runs the server handshake; on failure the connection is unusable.
+    async fn upgrade(
+        &mut self,
+        tls: &ServerTls,
+        limit: Duration,
+    ) -> std::io::Result<crate::inbound::TlsInfo> {
+        let Conn::Plain(stream) = std::mem::replace(self, Conn::Upgrading) else {
+            return Err(std::io::Error::other("TLS is already on"));
+        };
+        let (stream, info) = tls.accept(stream, limit).await?;
+        *self = Conn::Tls(Box::new(stream));
+        Ok(info)
+    }
 }
 
 /// How long the driver waits for the client.
@@ -38,24 +138,32 @@ pub struct Limits {
     pub data: Duration,
 }
 
-/// Drives `session` over `reader`/`writer` until the client leaves, a
-/// timeout, or `stopping` turns true while no transaction is open (the
-/// session is then told `bye`). `banner` is written first.
-pub async fn drive<R, W, H>(
-    mut reader: R,
-    mut writer: W,
+/// Drives `session` over `stream` until the client leaves, a timeout, or
+/// `stopping` turns true while no transaction is open (the session is then
+/// told `bye`). `banner` is written first (after the handshake, for
+/// implicit TLS). `tls`: the certificate for STARTTLS or implicit TLS.
+#[allow(clippy::too_many_arguments)]
+pub async fn drive<S, H>(
+    stream: S,
     mut session: Session,
     banner: &[u8],
     limits: Limits,
+    tls: Option<&Tls>,
     handler: &mut H,
     mut stopping: Option<(watch::Receiver<bool>, Vec<u8>)>,
 ) -> std::io::Result<()>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
     H: Handler,
 {
     let write_limit = limits.command;
+    let mut conn = Conn::Plain(stream);
+    if let Some(tls) = tls.filter(|t| t.implicit) {
+        let info = conn.upgrade(&tls.server, write_limit).await?;
+        session.tls_started(info);
+        handler.tls_started(&session);
+    }
+    let (mut reader, mut writer) = tokio::io::split(conn);
     write(&mut writer, banner, write_limit).await?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut out: Vec<u8> = Vec::with_capacity(4096);
@@ -102,12 +210,35 @@ where
             let mut close = false;
             loop {
                 let mut resume = false;
-                for output in outputs {
+                let mut queue = std::collections::VecDeque::from(outputs);
+                while let Some(output) = queue.pop_front() {
                     match output {
                         Output::Reply(bytes) => out.extend_from_slice(&bytes),
                         Output::Message(tx) => {
                             let reply = handler.message(&mut session, *tx).await;
                             out.extend_from_slice(&reply);
+                            resume = true;
+                        }
+                        Output::StartTls => {
+                            let Some(tls) = tls else {
+                                // The session offers STARTTLS only with a
+                                // certificate; without one, end cleanly.
+                                return Err(std::io::Error::other("STARTTLS without a certificate"));
+                            };
+                            write(&mut writer, &out, write_limit).await?;
+                            out.clear();
+                            // Reunite the halves: the handshake needs the
+                            // whole stream, and nothing else holds it now.
+                            let mut conn = reader.unsplit(writer);
+                            let info = conn.upgrade(&tls.server, write_limit).await?;
+                            (reader, writer) = tokio::io::split(conn);
+                            session.tls_started(info);
+                            handler.tls_started(&session);
+                            resume = true;
+                        }
+                        Output::Authenticate(attempt) => {
+                            let verdict = handler.authenticate(&session, &attempt).await;
+                            queue.extend(session.authenticated(&attempt, verdict));
                             resume = true;
                         }
                         Output::Close => close = true,

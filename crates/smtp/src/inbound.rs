@@ -11,7 +11,10 @@ use std::time::SystemTime;
 pub use crate::date::rfc5322_date;
 
 mod envelope;
+mod security;
 mod syntax;
+pub use security::{AuthAttempt, AuthPolicy, AuthVerdict, Security, TlsInfo};
+use security::AuthStep;
 pub use syntax::log_safe;
 use syntax::*;
 
@@ -26,10 +29,13 @@ pub struct SessionConfig {
     pub max_recipients: usize,
     /// Longest command line, CRLF included (beyond: 500 5.5.2).
     pub max_line_length: usize,
-    /// Whether this client may relay; if not, RCPT gets 554 5.7.1.
+    /// Whether this client's address may relay; if not, RCPT gets 554 5.7.1
+    /// unless the session authenticated.
     pub relay_allowed: bool,
     /// Most `Received:` fields a message may arrive with (beyond: 554 5.4.6).
     pub max_hops: usize,
+    /// STARTTLS and AUTH: what is offered and required.
+    pub security: Security,
 }
 
 /// The DSN RET parameter (RFC 3461): how much of the message a failure
@@ -76,6 +82,10 @@ pub struct Transaction {
     /// The message: our Received: header first, then the content as
     /// received, dot-unstuffed, lines ending in CRLF, without the final dot.
     pub message: Vec<u8>,
+    /// The user the session authenticated as (see [`Session::authenticated_user`]).
+    pub user: Option<String>,
+    /// The TLS the message came over.
+    pub tls: Option<TlsInfo>,
 }
 
 /// What the session asks the caller to do.
@@ -87,6 +97,14 @@ pub enum Output {
     /// [`Session::queued`] or [`Session::queue_failed`] and write the reply
     /// they return. The session processes no further input until then.
     Message(Box<Transaction>),
+    /// Write the replies before this, then run the TLS server handshake
+    /// and call [`Session::tls_started`] (or close when it fails). The
+    /// session processes no further input until then.
+    StartTls,
+    /// Check these credentials, then call [`Session::authenticated`] and
+    /// handle what it returns. The session processes no further input
+    /// until then.
+    Authenticate(AuthAttempt),
     /// Close the connection (after writing any reply before it).
     Close,
 }
@@ -139,11 +157,18 @@ pub enum Rejection {
     /// The relay's memory for message content in flight was used up
     /// (452 4.3.1): the message was read to its end and dropped.
     InsufficientStorage,
+    /// MAIL before STARTTLS on a listener that requires TLS (530 5.7.0),
+    /// or AUTH before TLS (538 5.7.11).
+    TlsRequired,
+    /// MAIL before AUTH on a listener that requires it (530 5.7.0).
+    AuthRequired,
+    /// Wrong credentials (535 5.7.8), or too many of them (421 4.7.0).
+    AuthFailed,
 }
 
 impl Rejection {
     /// Every reason, for exporting each counter at 0 before the first event.
-    pub const ALL: [Rejection; 13] = [
+    pub const ALL: [Rejection; 16] = [
         Rejection::Syntax,
         Rejection::Sequence,
         Rejection::Unimplemented,
@@ -157,6 +182,9 @@ impl Rejection {
         Rejection::TooManyJunkCommands,
         Rejection::TooManyHops,
         Rejection::InsufficientStorage,
+        Rejection::TlsRequired,
+        Rejection::AuthRequired,
+        Rejection::AuthFailed,
     ];
 
     /// A stable label for metrics.
@@ -175,6 +203,9 @@ impl Rejection {
             Rejection::TooManyJunkCommands => "too_many_junk_commands",
             Rejection::TooManyHops => "too_many_hops",
             Rejection::InsufficientStorage => "insufficient_storage",
+            Rejection::TlsRequired => "tls_required",
+            Rejection::AuthRequired => "auth_required",
+            Rejection::AuthFailed => "auth_failed",
         }
     }
 }
@@ -198,6 +229,10 @@ enum State {
     Data(DataDecoder),
     /// A transaction was handed out; waiting for queued()/queue_failed().
     AwaitQueue,
+    /// STARTTLS was accepted; waiting for tls_started().
+    AwaitTls,
+    /// Credentials were handed out; waiting for authenticated().
+    AwaitAuth,
     /// QUIT or a fatal error: input is dropped.
     Closed,
 }
@@ -229,6 +264,12 @@ pub struct Session {
     /// answers its final dot (see [`Session::refuse_content`]).
     content_refused: Option<&'static [u8]>,
     rejections: Vec<Rejection>,
+    /// Set once TLS is on.
+    tls: Option<TlsInfo>,
+    /// Set once AUTH succeeded.
+    user: Option<String>,
+    /// An AUTH exchange waiting for the client's next response line.
+    auth_step: Option<AuthStep>,
 }
 
 impl Session {
@@ -252,6 +293,9 @@ impl Session {
             paused: false,
             content_refused: None,
             rejections: Vec::new(),
+            tls: None,
+            user: None,
+            auth_step: None,
         };
         (session, banner)
     }
@@ -379,7 +423,7 @@ impl Session {
             let rest = input.get(pos..).unwrap_or_default();
             match &mut self.state {
                 State::Closed => return input.len(),
-                State::AwaitQueue => return pos,
+                State::AwaitQueue | State::AwaitTls | State::AwaitAuth => return pos,
                 State::Data(decoder) => {
                     let (used, status) = decoder.feed(rest, &mut self.message);
                     pos += used;
@@ -481,6 +525,8 @@ impl Session {
                     body_8bit: mail.body_8bit,
                     smtputf8: mail.smtputf8,
                     message: std::mem::take(&mut self.message),
+                    user: self.user.clone(),
+                    tls: self.tls.clone(),
                 };
                 self.reset_transaction();
                 self.state = State::AwaitQueue;
@@ -537,6 +583,9 @@ impl Session {
     }
 
     fn command(&mut self, line: &[u8], out: &mut Vec<Output>) {
+        if self.security_command(line, out) {
+            return;
+        }
         let verb = verb(line);
         if verb.eq_ignore_ascii_case(b"BDAT") {
             // CHUNKING is not offered, so the client's chunk follows with
@@ -588,7 +637,11 @@ impl Session {
                 let reply = format!("250 {}\r\n", self.config.hostname);
                 push_reply(out, reply.as_bytes());
             }
-            Request::Mail { from } => self.mail_from(from, line, out),
+            Request::Mail { from } => {
+                if !self.mail_forbidden(out) {
+                    self.mail_from(from, line, out)
+                }
+            }
             Request::Rcpt { to } => self.rcpt_to(to, line, out),
             Request::Data => self.data(out),
             Request::Rset => {
@@ -615,7 +668,8 @@ impl Session {
                     b"500 5.5.1 command unrecognized\r\n",
                 );
             }
-            // Not offered in EHLO: STARTTLS, AUTH, BDAT, EXPN, ETRN, ATRN, BURL.
+            // Not offered in EHLO: BDAT, EXPN, ETRN, ATRN, BURL (STARTTLS
+            // and AUTH are handled before parsing, in security.rs).
             _ => self.refuse(
                 out,
                 Rejection::Unimplemented,
@@ -627,8 +681,10 @@ impl Session {
     fn ehlo_reply(&self) -> String {
         format!(
             "250-{}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n\
-             250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250 DSN\r\n",
-            self.config.hostname, self.config.max_message_size
+             250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n{}250 DSN\r\n",
+            self.config.hostname,
+            self.config.max_message_size,
+            self.security_keywords()
         )
     }
 
@@ -663,13 +719,17 @@ impl Session {
             },
         };
         let smtputf8 = self.mail.as_ref().is_some_and(|m| m.smtputf8);
-        let protocol = match (self.esmtp, smtputf8) {
-            (false, _) => "SMTP",
-            (true, false) => "ESMTP",
-            (true, true) => "UTF8SMTP",
+        let protocol = self.protocol(smtputf8);
+        let tls = match &self.tls {
+            Some(t) => format!(
+                "\r\n\t(using {} with cipher {})",
+                t.version,
+                header_safe(&t.cipher)
+            ),
+            None => String::new(),
         };
         let mut header = format!(
-            "Received: from {helo} ({ip})\r\n\tby {} (poolrelay) with {protocol}",
+            "Received: from {helo} ({ip}){tls}\r\n\tby {} (poolrelay) with {protocol}",
             header_safe(&self.config.hostname)
         );
         if let [only] = self.recipients.as_slice() {
@@ -740,6 +800,7 @@ mod tests {
             max_line_length: 100,
             relay_allowed: true,
             max_hops: 50,
+            security: Security::default(),
         }
     }
 
@@ -772,6 +833,9 @@ mod tests {
                         resumed = session.feed(&[]);
                     }
                     Output::Close => seen.closed = true,
+                    Output::StartTls | Output::Authenticate(_) => {
+                        panic!("no STARTTLS or AUTH in these tests")
+                    }
                 }
             }
             pending = resumed;

@@ -15,6 +15,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod reply;
 mod tls;
+pub use tls::ServerTls;
 
 pub use data::{DataDecoder, DataEncoder, DataError, DataStatus};
 pub use inbound::{Output, Recipient, Rejection, Ret, Session, SessionConfig, Transaction};

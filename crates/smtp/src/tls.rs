@@ -1,22 +1,22 @@
-//! rustls plumbing for the outbound client. The crypto provider is always
-//! ring, passed explicitly (never the process default), so this crate works
-//! whatever else is linked and never pulls aws-lc-rs.
+//! rustls plumbing for the outbound client and the listeners. The crypto
+//! provider is always ring, passed explicitly (never the process default),
+//! so this crate works whatever else is linked and never pulls aws-lc-rs.
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{
     CryptoProvider, WebPkiSupportedAlgorithms, verify_tls12_signature, verify_tls13_signature,
 };
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::timeout;
-use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// Why TLS could not be set up or negotiated; the outbound client turns it
 /// into its own error, so this module needs nothing from it.
@@ -173,6 +173,105 @@ impl ServerCertVerifier for AcceptAnyCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+/// A listener's certificate chain and key, loaded once per config
+/// generation: a reload reads the files again, and sessions already open
+/// keep the one they started with. TLS 1.2 and 1.3 only (rustls offers
+/// nothing older).
+#[derive(Clone)]
+pub struct ServerTls {
+    config: Arc<ServerConfig>,
+    /// The chain as loaded, to tell two loads apart.
+    chain: Arc<Vec<CertificateDer<'static>>>,
+}
+
+impl ServerTls {
+    /// Reads a PEM certificate chain (leaf first) and its PEM private key;
+    /// the error says which file is wrong and why.
+    pub fn load(cert: &Path, key: &Path) -> Result<ServerTls, String> {
+        let bad = |path: &Path, what: String| format!("\"{}\": {what}", path.display());
+        std::fs::File::open(cert).map_err(|e| bad(cert, format!("cannot be read: {e}")))?;
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| bad(cert, e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(cert, format!("not a PEM certificate file: {e}")))?;
+        if chain.is_empty() {
+            return Err(bad(cert, "holds no CERTIFICATE block".into()));
+        }
+        std::fs::File::open(key).map_err(|e| bad(key, format!("cannot be read: {e}")))?;
+        let private = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+            bad(
+                key,
+                format!("holds no usable PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"),
+            )
+        })?;
+        let config = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS setup: {e}"))?
+            .with_no_client_auth()
+            .with_single_cert(chain.clone(), private)
+            .map_err(|e| {
+                format!(
+                    "the key \"{}\" does not fit the certificate \"{}\": {e}",
+                    key.display(),
+                    cert.display()
+                )
+            })?;
+        Ok(ServerTls {
+            config: Arc::new(config),
+            chain: Arc::new(chain),
+        })
+    }
+
+    /// Runs the server handshake over `stream` within `limit`; on success,
+    /// also returns the negotiated version and cipher suite.
+    pub(crate) async fn accept<S>(
+        &self,
+        stream: S,
+        limit: Duration,
+    ) -> std::io::Result<(tokio_rustls::server::TlsStream<S>, crate::inbound::TlsInfo)>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let acceptor = TlsAcceptor::from(self.config.clone());
+        let stream = match timeout(limit, acceptor.accept(stream)).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "TLS handshake timed out",
+                ));
+            }
+        };
+        let (_, connection) = stream.get_ref();
+        let version = match connection.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "TLS",
+        };
+        let cipher = connection
+            .negotiated_cipher_suite()
+            .and_then(|s| s.suite().as_str())
+            .unwrap_or("unknown");
+        let info = crate::inbound::TlsInfo {
+            version,
+            cipher: cipher.to_string(),
+        };
+        Ok((stream, info))
+    }
+}
+
+impl PartialEq for ServerTls {
+    fn eq(&self, other: &ServerTls) -> bool {
+        self.chain == other.chain
+    }
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServerTls({} certificates)", self.chain.len())
     }
 }
 

@@ -188,7 +188,7 @@ impl Session {
             );
             return;
         }
-        if !self.config.relay_allowed {
+        if !self.may_relay() {
             let reply = format!(
                 "554 5.7.1 <{}>: relay access denied\r\n",
                 printable(&address)
