@@ -32,6 +32,9 @@ fn matchers(r: &Route) -> String {
     if let Some(l) = &r.listener {
         parts.push(format!("listener {l}"));
     }
+    if let Some(u) = &r.user {
+        parts.push(format!("user {u}"));
+    }
     if let Some(s) = &r.sender {
         if s.is_empty() {
             parts.push("sender <> (null sender)".to_string());
@@ -50,6 +53,41 @@ fn matchers(r: &Route) -> String {
     } else {
         parts.join(" and ")
     }
+}
+
+/// A listener's TLS and AUTH: `tls starttls (cert ..., key ...), require_tls  auth optional (3 users in ...)`.
+fn security(l: &crate::Listener) -> String {
+    let tls = match &l.tls {
+        Some(t) => format!(
+            "tls {} (cert {}, key {}){}",
+            t.mode.name(),
+            t.cert.display(),
+            t.key.display(),
+            if l.require_tls { ", require_tls" } else { "" }
+        ),
+        None => "tls off".to_string(),
+    };
+    let auth = match l.auth {
+        crate::AuthPolicy::Off => "auth off".to_string(),
+        policy => format!(
+            "auth {} ({}){}",
+            if policy == crate::AuthPolicy::Required {
+                "required"
+            } else {
+                "optional"
+            },
+            match &l.users_file {
+                Some(u) => format!("{} users in {}", u.len(), u.path.display()),
+                None => "no users_file".to_string(),
+            },
+            if l.auth_plaintext {
+                ", auth_plaintext: also without TLS"
+            } else {
+                ", after TLS only"
+            }
+        ),
+    };
+    format!("{tls}  {auth}")
 }
 
 /// How an upstream uses its window: `00:00-05:00 (else failover)` or `(idle outside)`.
@@ -192,6 +230,7 @@ pub(crate) fn describe(c: &Config) -> String {
             format_size(l.max_message_size),
             l.max_recipients
         );
+        let _ = writeln!(o, "    {}", security(l));
     }
 
     let _ = writeln!(o, "pools:");
@@ -332,6 +371,11 @@ pub(crate) fn describe(c: &Config) -> String {
     );
 
     let _ = writeln!(o, "routes (first match wins):");
+    for (name, u) in &c.users {
+        if let Some(pool) = &u.pool {
+            let _ = writeln!(o, "  user {name} -> {pool} (pinned by [user.{name}])");
+        }
+    }
     for l in c.listeners.iter().filter(|l| l.pool.is_some()) {
         let _ = writeln!(
             o,
@@ -351,7 +395,11 @@ pub(crate) fn describe(c: &Config) -> String {
         );
     }
     let catch_all = c.routes.last().is_some_and(|r| {
-        r.sender.is_none() && r.recipient.is_none() && r.header.is_none() && r.listener.is_none()
+        r.sender.is_none()
+            && r.recipient.is_none()
+            && r.header.is_none()
+            && r.listener.is_none()
+            && r.user.is_none()
     });
     if !catch_all {
         let _ = writeln!(

@@ -21,6 +21,7 @@ mod describe;
 mod listserv;
 mod raw;
 mod units;
+mod users;
 mod validate;
 
 pub use listserv::{Import, ImportOptions, import_listserv, parse_list_arg};
@@ -35,7 +36,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use ipnet::IpNet;
+pub use poolrelay_smtp::inbound::AuthPolicy;
 pub use poolrelay_smtp::outbound::{Credentials, Timeouts, TlsMode};
+pub use users::{UsersFile, hash_password};
 
 /// The name of the default pool: command replies, rejections, bounces.
 pub const DEFAULT_POOL: &str = "-";
@@ -84,6 +87,8 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     /// `[[route]]`, in file order: first match wins.
     pub routes: Vec<Route>,
+    /// `[user.NAME]`, by name.
+    pub users: BTreeMap<String, User>,
 }
 
 /// `[server]`.
@@ -172,7 +177,60 @@ pub struct Listener {
     pub max_message_size: u64,
     /// `max_recipients` per envelope. Default 1000.
     pub max_recipients: usize,
+    /// `tls_cert`, `tls_key`, `tls`: `None` when the listener speaks plain SMTP only.
+    pub tls: Option<ListenerTls>,
+    /// `require_tls`: MAIL before STARTTLS gets `530 5.7.0`. Default false.
+    pub require_tls: bool,
+    /// `auth`: off, optional or required. Default off.
+    pub auth: AuthPolicy,
+    /// `users_file`: who may AUTH, read with the config.
+    pub users_file: Option<std::sync::Arc<UsersFile>>,
+    /// `auth_plaintext`: offer AUTH without TLS. Default false.
+    pub auth_plaintext: bool,
     /// Line of the `[[listener]]` header.
+    pub line: usize,
+}
+
+/// How a listener starts TLS (`tls`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerTlsMode {
+    /// `starttls`: plain first, TLS after the client's STARTTLS (RFC 3207).
+    Starttls,
+    /// `implicit`: TLS from the first byte (port 465, RFC 8314).
+    Implicit,
+}
+
+impl ListenerTlsMode {
+    /// The config spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            ListenerTlsMode::Starttls => "starttls",
+            ListenerTlsMode::Implicit => "implicit",
+        }
+    }
+}
+
+/// A listener's TLS: its files and the certificate read from them when
+/// the config was loaded (again on every reload).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerTls {
+    /// `tls`.
+    pub mode: ListenerTlsMode,
+    /// `tls_cert`: PEM chain, leaf first.
+    pub cert: PathBuf,
+    /// `tls_key`: PEM private key.
+    pub key: PathBuf,
+    /// The loaded certificate and key.
+    pub server: poolrelay_smtp::ServerTls,
+}
+
+/// `[user.NAME]`: settings of a user who authenticates with AUTH.
+#[derive(Debug, Clone, PartialEq)]
+pub struct User {
+    /// `pool`: everything this user sends goes to this pool (before the
+    /// listener's pool and the routes).
+    pub pool: Option<String>,
+    /// Line of the `[user.NAME]` header.
     pub line: usize,
 }
 
@@ -317,6 +375,9 @@ pub struct Route {
     pub header: Option<HeaderMatch>,
     /// `listener`: name of the listener the message came in on.
     pub listener: Option<String>,
+    /// `user`: case-insensitive glob on the user the client authenticated
+    /// as; never matches mail sent without AUTH.
+    pub user: Option<String>,
     /// Line of the `[[route]]` header, shown in logs as the route that matched.
     pub line: usize,
 }

@@ -27,6 +27,13 @@ pub(crate) struct RawConfig {
     pub pool: Option<BTreeMap<String, Located<RawPool>>>,
     pub upstream: Option<Vec<Spanned<RawUpstream>>>,
     pub route: Option<Vec<Spanned<RawRoute>>>,
+    pub user: Option<BTreeMap<String, Located<RawUser>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUser {
+    pub pool: Option<Str>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -56,6 +63,13 @@ pub(crate) struct RawListener {
     pub pool: Option<Str>,
     pub max_message_size: Option<Unit>,
     pub max_recipients: Option<Int>,
+    pub tls_cert: Option<Str>,
+    pub tls_key: Option<Str>,
+    pub tls: Option<Str>,
+    pub require_tls: Option<Spanned<bool>>,
+    pub auth: Option<Str>,
+    pub users_file: Option<Str>,
+    pub auth_plaintext: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -134,6 +148,7 @@ pub(crate) struct RawRoute {
     pub recipient: Option<Str>,
     pub header: Option<Located<RawHeader>>,
     pub listener: Option<Str>,
+    pub user: Option<Str>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -152,6 +152,11 @@ fn full_example() {
                 pool: None,
                 max_message_size: 20 << 20,
                 max_recipients: 500,
+                tls: None,
+                require_tls: false,
+                auth: crate::AuthPolicy::Off,
+                users_file: None,
+                auth_plaintext: false,
                 line: 12,
             },
             Listener {
@@ -161,6 +166,11 @@ fn full_example() {
                 pool: Some("B".into()),
                 max_message_size: 50 << 20,
                 max_recipients: 1000,
+                tls: None,
+                require_tls: false,
+                auth: crate::AuthPolicy::Off,
+                users_file: None,
+                auth_plaintext: false,
                 line: 18,
             },
         ]
@@ -278,6 +288,7 @@ fn full_example() {
                 recipient: None,
                 header: None,
                 listener: None,
+                user: None,
                 line: 64,
             },
             Route {
@@ -289,6 +300,7 @@ fn full_example() {
                     value: "*news*".into(),
                 }),
                 listener: Some("127.0.0.1:2525".into()),
+                user: None,
                 line: 68,
             },
             Route {
@@ -297,6 +309,7 @@ fn full_example() {
                 recipient: Some("*@example.org".into()),
                 header: None,
                 listener: None,
+                user: None,
                 line: 73,
             },
             Route {
@@ -305,6 +318,7 @@ fn full_example() {
                 recipient: None,
                 header: None,
                 listener: None,
+                user: None,
                 line: 78,
             },
         ]

@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use toml::Spanned;
 
 mod messages;
+mod security;
 mod upstreams;
 
 pub(crate) use messages::closest;
@@ -50,6 +51,7 @@ pub(crate) fn build(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let defaults = cx.defaults(raw.defaults, &pools);
     let upstreams = cx.upstreams(raw.upstream, &pools);
     let routes = cx.routes(raw.route, &pools, &listeners);
+    let users = cx.users(raw.user, &pools);
     if let Some(first) = cx.errors.into_iter().min_by_key(|e| (e.line == 0, e.line)) {
         return Err(first);
     }
@@ -62,6 +64,7 @@ pub(crate) fn build(text: &str, path: &Path) -> Result<Config, ConfigError> {
         pools,
         upstreams,
         routes,
+        users,
     })
 }
 
@@ -606,6 +609,7 @@ impl Ctx<'_> {
                     .unwrap_or(0),
                 None => 1000,
             };
+            let security = self.listener_security(r, line, address);
             listeners.push(Listener {
                 name,
                 address,
@@ -613,6 +617,11 @@ impl Ctx<'_> {
                 pool,
                 max_message_size,
                 max_recipients,
+                tls: security.tls,
+                require_tls: security.require_tls,
+                auth: security.auth,
+                users_file: security.users_file,
+                auth_plaintext: security.auth_plaintext,
                 line,
             });
         }

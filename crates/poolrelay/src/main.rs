@@ -1,6 +1,7 @@
 //! The `poolrelay` binary: command line, logging, signals, wiring.
 
 mod admin;
+mod passwd;
 mod queue;
 mod sink;
 mod telemetry;
@@ -81,6 +82,12 @@ enum Command {
         /// Only report: warnings, then the resolved pools, workers and routes.
         #[arg(long)]
         check: bool,
+    },
+    /// Print a users_file line (USER:argon2id hash) for AUTH on a listener;
+    /// the password is read from the terminal, or from standard input.
+    Passwd {
+        /// The user name clients give to AUTH.
+        user: String,
     },
     /// Make a running relay re-read its config (same as SIGHUP).
     Reload {
@@ -212,6 +219,13 @@ fn main() -> ExitCode {
             }
         }
         Command::Reload { target } => ExitCode::from(queue::reload(&target) as u8),
+        Command::Passwd { user } => match passwd::run(&user) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("poolrelay passwd: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Health {
             config,
             admin,

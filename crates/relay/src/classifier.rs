@@ -1,4 +1,5 @@
-//! Decides the pool of a message: the listener's pinned pool, else the first
+//! Decides the pool of a message: the authenticated user's pool
+//! (`[user.NAME] pool`), else the listener's pinned pool, else the first
 //! `[[route]]` whose matchers all match, else `defaults.list_pool` for
 //! `owner-*@` senders, else `-`.
 
@@ -10,6 +11,10 @@ pub struct Facts<'a> {
     pub listener: &'a str,
     /// The listener's pinned pool, if any.
     pub pinned_pool: Option<&'a str>,
+    /// The user the client authenticated as (AUTH), if any.
+    pub user: Option<&'a str>,
+    /// That user's pinned pool (`[user.NAME] pool`), if any.
+    pub user_pool: Option<&'a str>,
     /// Envelope sender; empty for `<>`.
     pub sender: &'a str,
     /// Envelope recipients.
@@ -25,7 +30,7 @@ pub struct Decision {
     pub pool: String,
     /// Line of the route that matched; 0 when none did.
     pub route_line: usize,
-    /// Short reason: "listener", "route", "list_pool", "default".
+    /// Short reason: "user", "listener", "route", "list_pool", "default".
     pub reason: &'static str,
 }
 
@@ -47,6 +52,13 @@ impl Classifier {
 
     /// Classifies one message. All its recipients stay together in one pool.
     pub fn classify(&self, facts: &Facts<'_>) -> Decision {
+        if let Some(pool) = facts.user_pool {
+            return Decision {
+                pool: pool.to_string(),
+                route_line: 0,
+                reason: "user",
+            };
+        }
         if let Some(pool) = facts.pinned_pool {
             return Decision {
                 pool: pool.to_string(),
@@ -87,6 +99,11 @@ fn route_matches(
 ) -> bool {
     if let Some(listener) = &route.listener
         && listener != facts.listener
+    {
+        return false;
+    }
+    if let Some(user) = &route.user
+        && !facts.user.is_some_and(|u| glob_match(user, u))
     {
         return false;
     }
@@ -182,6 +199,7 @@ mod tests {
             recipient: None,
             header: None,
             listener: None,
+            user: None,
             line,
         }
     }
@@ -197,6 +215,8 @@ mod tests {
         Facts {
             listener: "main",
             pinned_pool: None,
+            user: None,
+            user_pool: None,
             sender,
             recipients: rcpts,
             message,
@@ -293,5 +313,23 @@ mod tests {
             "R"
         );
         assert_eq!(c.classify(&facts("a@b", &["x@y"], b"")).pool, "-");
+    }
+
+    #[test]
+    fn user_pool_overrides_the_listener_and_user_matches_only_authenticated_mail() {
+        let mut r = route("U", 3);
+        r.user = Some("list-*".into());
+        let c = classifier(vec![r]);
+        let mut f = facts("a@b", &["x@y"], b"");
+        assert_eq!(c.classify(&f).pool, "-");
+        f.user = Some("LIST-news");
+        let d = c.classify(&f);
+        assert_eq!((d.pool.as_str(), d.reason), ("U", "route"));
+        f.user = Some("alice");
+        assert_eq!(c.classify(&f).pool, "-");
+        f.pinned_pool = Some("B");
+        f.user_pool = Some("A");
+        let d = c.classify(&f);
+        assert_eq!((d.pool.as_str(), d.reason), ("A", "user"));
     }
 }

@@ -6,6 +6,7 @@
 //!
 //! [`start`] wires them for one config and returns a [`Running`] relay.
 
+pub mod auth;
 pub mod classifier;
 pub mod clock;
 pub mod control;
@@ -259,6 +260,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         per_client: Arc::default(),
         stopping: stopping_rx,
         content: Arc::new(listener::ContentBudget::new(config.server.max_data_memory)),
+        auth_failures: auth::Failures::default(),
     });
     let mut listeners = Vec::new();
     for (l, socket) in bound {

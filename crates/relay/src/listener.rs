@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use poolrelay_config::{Config, Listener};
 use poolrelay_smtp::driver::{self, Handler};
-use poolrelay_smtp::inbound::{Session, SessionConfig, Transaction, log_safe};
+use poolrelay_config::ListenerTlsMode;
+use poolrelay_smtp::inbound::{
+    AuthAttempt, AuthVerdict, Security, Session, SessionConfig, Transaction, log_safe,
+};
 use poolrelay_spool::{Envelope, Recipient, format_id};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -44,6 +47,8 @@ pub struct Inbound {
     pub stopping: watch::Receiver<bool>,
     /// Memory for message content over all sessions (`server.max_data_memory`).
     pub content: Arc<ContentBudget>,
+    /// Failed AUTHs per client address.
+    pub auth_failures: crate::auth::Failures,
 }
 
 /// Memory held by message content in flight over every session: DATA
@@ -271,6 +276,7 @@ async fn refuse(mut stream: TcpStream, reply: &str) {
 struct Queueing<'a> {
     inbound: &'a Inbound,
     listener: &'a Listener,
+    peer: SocketAddr,
     charge: Charge<'a>,
 }
 
@@ -289,6 +295,22 @@ impl Handler for Queueing<'_> {
         }
         count_rejections(session, &self.listener.name);
     }
+
+    async fn authenticate(&mut self, _session: &Session, attempt: &AuthAttempt) -> AuthVerdict {
+        crate::auth::check(
+            &self.inbound.auth_failures,
+            self.listener.users_file.as_ref(),
+            &self.listener.name,
+            self.peer.ip(),
+            attempt,
+        )
+        .await
+    }
+
+    fn tls_started(&mut self, _session: &Session) {
+        metrics::counter!(metric::SMTP_TLS_SESSIONS.name, "listener" => self.listener.name.clone())
+            .increment(1);
+    }
 }
 
 async fn session(
@@ -298,9 +320,21 @@ async fn session(
     peer: SocketAddr,
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
-    let (reader, writer) = stream.into_split();
     let rules = inbound.rules();
     let server = &rules.config.server;
+    // Settings other than the address come from the config in force when
+    // the session starts, so a reload's new certificate, users and rules
+    // reach the next session; this one keeps what it started with.
+    let listener = rules
+        .config
+        .listeners
+        .iter()
+        .find(|l| l.address == listener.address)
+        .unwrap_or(listener);
+    let tls = listener.tls.as_ref().map(|t| driver::Tls {
+        server: t.server.clone(),
+        implicit: t.mode == ListenerTlsMode::Implicit,
+    });
     let relay_allowed = listener
         .relay_from
         .iter()
@@ -313,6 +347,12 @@ async fn session(
             max_line_length: server.max_line_length,
             relay_allowed,
             max_hops: server.max_hops,
+            security: Security {
+                starttls: tls.as_ref().is_some_and(|t| !t.implicit),
+                require_tls: listener.require_tls,
+                auth: listener.auth,
+                auth_plaintext: listener.auth_plaintext,
+            },
         },
         peer,
     );
@@ -324,20 +364,21 @@ async fn session(
     let mut handler = Queueing {
         inbound,
         listener,
+        peer,
         charge: Charge {
             budget: &inbound.content,
             held: 0,
         },
     };
     driver::drive(
-        reader,
-        writer,
+        stream,
         session,
         &banner,
         driver::Limits {
             command: server.command_timeout,
             data: server.data_timeout,
         },
+        tls.as_ref(),
         &mut handler,
         Some((inbound.stopping.clone(), bye)),
     )
@@ -359,9 +400,15 @@ async fn queue(
 ) -> Vec<u8> {
     let recipients: Vec<&str> = tx.recipients.iter().map(|r| r.address.as_str()).collect();
     let rules = inbound.rules();
+    let user = tx.user.as_deref();
+    let user_pool = user
+        .and_then(|u| rules.config.users.get(u))
+        .and_then(|u| u.pool.as_deref());
     let decision = rules.classifier.classify(&Facts {
         listener: &listener.name,
         pinned_pool: listener.pool.as_deref(),
+        user,
+        user_pool,
         sender: &tx.sender,
         recipients: &recipients,
         message: &tx.message,
@@ -399,6 +446,8 @@ async fn queue(
                 client = %tx.peer,
                 helo = %log_safe(&tx.helo),
                 sender = %log_safe(&tx.sender),
+                user = %log_safe(user.unwrap_or_default()),
+                tls = tx.tls.as_ref().map(|t| t.version).unwrap_or("none"),
                 recipients = rcpt_count,
                 size,
                 pool = %decision.pool,

@@ -159,6 +159,20 @@ pub const SMTP_REJECTIONS: Metric = metric(
     "Inbound commands, messages or connections refused, by reason.",
     &["listener", "reason"],
 );
+/// Inbound sessions that started TLS.
+pub const SMTP_TLS_SESSIONS: Metric = metric(
+    "poolrelay_smtp_tls_sessions_total",
+    Kind::Counter,
+    "Inbound sessions that completed a TLS handshake (STARTTLS or implicit), by listener.",
+    &["listener"],
+);
+/// AUTH attempts by outcome.
+pub const SMTP_AUTH: Metric = metric(
+    "poolrelay_smtp_auth_total",
+    Kind::Counter,
+    "Inbound AUTH attempts checked against the users_file, by listener and result (success, failure, blocked).",
+    &["listener", "result"],
+);
 /// Whether the relay takes mail.
 pub const READY: Metric = metric(
     "poolrelay_ready",
@@ -202,6 +216,8 @@ pub const ALL: &[Metric] = &[
     SPOOL_COMMIT_SECONDS,
     SMTP_SESSIONS,
     SMTP_REJECTIONS,
+    SMTP_TLS_SESSIONS,
+    SMTP_AUTH,
     READY,
     BUILD_INFO,
     RESIDENT_MEMORY,
@@ -212,6 +228,10 @@ pub const ALL: &[Metric] = &[
 pub const TOO_MANY_SESSIONS: &str = "too_many_sessions";
 /// The rejection reason of a connection refused at `max_sessions_per_client`.
 pub const TOO_MANY_SESSIONS_PER_CLIENT: &str = "too_many_sessions_per_client";
+
+/// Every `result` label of [`SMTP_AUTH`]: accepted, wrong credentials,
+/// refused unchecked because the address had too many failures.
+pub const AUTH_RESULTS: [&str; 3] = ["success", "failure", "blocked"];
 
 /// Every `reason` label of [`SMTP_REJECTIONS`].
 pub fn rejection_reasons() -> Vec<&'static str> {
@@ -263,6 +283,16 @@ pub fn export_zeros(config: &Config) {
         for reason in rejection_reasons() {
             metrics::counter!(SMTP_REJECTIONS.name, "listener" => listener.name.clone(), "reason" => reason)
                 .increment(0);
+        }
+        if listener.tls.is_some() {
+            metrics::counter!(SMTP_TLS_SESSIONS.name, "listener" => listener.name.clone())
+                .increment(0);
+        }
+        if listener.auth != poolrelay_config::AuthPolicy::Off {
+            for result in AUTH_RESULTS {
+                metrics::counter!(SMTP_AUTH.name, "listener" => listener.name.clone(), "result" => result)
+                    .increment(0);
+            }
         }
         let targets: Vec<&String> = match &listener.pool {
             Some(p) => pools.iter().filter(|n| *n == p).collect(),

@@ -241,10 +241,17 @@ impl Ctx<'_> {
                 }
                 None => None,
             };
-            let catch_all =
-                sender.is_none() && recipient.is_none() && header.is_none() && listener.is_none();
+            let user = r.user.as_ref().map(|s| s.get_ref().trim().to_string());
+            if let (Some(v), Some("")) = (&r.user, user.as_deref()) {
+                self.at(v, "route user = \"\" matches no user; write a user name or a glob such as \"list-*\", or omit user".to_string());
+            }
+            let catch_all = sender.is_none()
+                && recipient.is_none()
+                && header.is_none()
+                && listener.is_none()
+                && user.is_none();
             if catch_all && let Some(next) = lines.get(i + 1) {
-                self.at_line(line, format!("route has no matcher, so it takes every message and the route on line {next} can never match; add sender, recipient, header or listener, or move it to the end as the catch-all"));
+                self.at_line(line, format!("route has no matcher, so it takes every message and the route on line {next} can never match; add sender, recipient, header, listener or user, or move it to the end as the catch-all"));
             }
             out.push(Route {
                 pool: r.pool.get_ref().clone(),
@@ -252,6 +259,7 @@ impl Ctx<'_> {
                 recipient,
                 header,
                 listener,
+                user,
                 line,
             });
         }
