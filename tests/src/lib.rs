@@ -28,6 +28,7 @@ pub mod process;
 pub mod prometheus;
 pub mod relay;
 pub mod scripted;
+pub mod secure_listener;
 pub mod sink;
 pub mod smtp_client;
 pub mod wait;

@@ -447,7 +447,7 @@ async fn queue(
                 helo = %log_safe(&tx.helo),
                 sender = %log_safe(&tx.sender),
                 user = %log_safe(user.unwrap_or_default()),
-                tls = tx.tls.as_ref().map(|t| t.version).unwrap_or("none"),
+                tls = %tx.tls.as_ref().map(|t| t.version).unwrap_or("none"),
                 recipients = rcpt_count,
                 size,
                 pool = %decision.pool,

@@ -138,12 +138,12 @@ impl Ctx<'_> {
             }),
             Err(e) => {
                 let key_text = format!("\"{}\"", key.display());
-                let at = if e.starts_with(&key_text) {
-                    key_v
+                let (at, key) = if e.starts_with(&key_text) {
+                    (key_v, "tls_key")
                 } else {
-                    cert_v
+                    (cert_v, "tls_cert")
                 };
-                self.at(at, format!("listener TLS: {e}"));
+                self.at(at, format!("listener {key} {e}"));
                 None
             }
         }
