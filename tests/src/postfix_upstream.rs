@@ -37,6 +37,19 @@ pub struct PostfixOptions {
     /// `smtpd_tls_cert_file` and `smtpd_tls_key_file`: offer STARTTLS
     /// (`smtpd_tls_security_level = may`).
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Its SMTP client's side towards the relayhost: STARTTLS required
+    /// (`smtp_tls_security_level = encrypt`) and AUTH with these credentials
+    /// (`smtp_sasl_auth_enable`, Cyrus SASL PLAIN/LOGIN).
+    pub relayhost_auth: Option<RelayhostAuth>,
+}
+
+/// Credentials the throwaway Postfix gives its relayhost.
+#[derive(Debug, Clone)]
+pub struct RelayhostAuth {
+    /// SASL user name.
+    pub username: String,
+    /// SASL password.
+    pub password: String,
 }
 
 impl PostfixOptions {
@@ -46,6 +59,7 @@ impl PostfixOptions {
             relayhost,
             hostname: "upstream.postfix.test".into(),
             tls: None,
+            relayhost_auth: None,
         }
     }
 }
@@ -188,6 +202,38 @@ impl PostfixUpstream {
             ));
         } else {
             main_cf.push_str("smtpd_tls_security_level = none\n");
+        }
+        if let Some(auth) = &opts.relayhost_auth {
+            // Cyrus SASL's PLAIN and LOGIN live in libsasl2-modules.
+            let plugins = ["/usr/lib/x86_64-linux-gnu/sasl2", "/usr/lib/aarch64-linux-gnu/sasl2"];
+            if !plugins
+                .iter()
+                .any(|d| Path::new(d).join("libplain.so.2").exists() || Path::new(d).join("libplain.so").exists())
+            {
+                panic!("Cyrus SASL's PLAIN plugin is missing: install the Debian package libsasl2-modules (see .ci/run)");
+            }
+            let passwords = conf_dir.join("sasl_passwd");
+            fs::write(
+                &passwords,
+                format!(
+                    "[{}]:{} {}:{}\n",
+                    opts.relayhost.ip(),
+                    opts.relayhost.port(),
+                    auth.username,
+                    auth.password
+                ),
+            )
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", passwords.display()));
+            // Later lines win in main.cf: these replace "none" above.
+            main_cf.push_str(&format!(
+                "smtp_tls_security_level = encrypt\n\
+                 smtp_tls_loglevel = 1\n\
+                 smtp_sasl_auth_enable = yes\n\
+                 smtp_sasl_password_maps = texthash:{}\n\
+                 smtp_sasl_security_options = noanonymous\n\
+                 smtp_sasl_tls_security_options = noanonymous\n",
+                passwords.display()
+            ));
         }
         fs::write(conf_dir.join("main.cf"), main_cf)
             .unwrap_or_else(|e| panic!("cannot write main.cf: {e}"));
