@@ -9,11 +9,16 @@
 //! xtext-encoded), 1 to
 //! max_recipients recipients, and content with only CRLF line endings
 //! within max_message_size; and the outcome does not depend on how the
-//! bytes were split into reads.
+//! bytes were split into reads. STARTTLS and AUTH are on for some inputs:
+//! AUTH is answered from the password (only "pw" is right), and a STARTTLS
+//! ends the run (real TLS would follow; what was pipelined behind it is
+//! dropped by the session).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use poolrelay_smtp::inbound::{Output, Session, SessionConfig, Transaction};
+use poolrelay_smtp::inbound::{
+    AuthPolicy, AuthVerdict, Output, Security, Session, SessionConfig, TlsInfo, Transaction,
+};
 use std::net::SocketAddr;
 
 const MAX_MESSAGE_SIZE: u64 = 2000;
@@ -29,7 +34,13 @@ struct Seen {
     closed: bool,
 }
 
-fn run(input: &[u8], chunks: &[usize], relay_allowed: bool, fail_every: usize) -> Seen {
+fn run(
+    input: &[u8],
+    chunks: &[usize],
+    relay_allowed: bool,
+    fail_every: usize,
+    security: Security,
+) -> Seen {
     let config = SessionConfig {
         hostname: "relay.fuzz".into(),
         max_message_size: MAX_MESSAGE_SIZE,
@@ -37,6 +48,7 @@ fn run(input: &[u8], chunks: &[usize], relay_allowed: bool, fail_every: usize) -
         max_line_length: MAX_LINE_LENGTH,
         relay_allowed,
         max_hops: 50,
+        security,
     };
     let peer = SocketAddr::from(([192, 0, 2, 7], 40000));
     let (mut session, banner) = Session::new(config, peer);
@@ -55,8 +67,10 @@ fn run(input: &[u8], chunks: &[usize], relay_allowed: bool, fail_every: usize) -
         pos = end;
         let _ = session.take_rejections();
         let mut close = false;
+        let mut tls = false;
         loop {
             let mut resume = false;
+            let mut extra = Vec::new();
             for output in outputs {
                 assert!(!seen.closed, "output after Close: {output:?}");
                 match output {
@@ -76,6 +90,24 @@ fn run(input: &[u8], chunks: &[usize], relay_allowed: bool, fail_every: usize) -
                         seen.written.extend_from_slice(&reply);
                         resume = true;
                     }
+                    Output::StartTls => {
+                        session.tls_started(TlsInfo {
+                            version: "TLSv1.3",
+                            cipher: "TLS13_AES_128_GCM_SHA256".into(),
+                        });
+                        tls = true;
+                    }
+                    Output::Authenticate(attempt) => {
+                        let verdict = if attempt.password == b"pw" {
+                            AuthVerdict::Accepted
+                        } else if attempt.password == b"stop" {
+                            AuthVerdict::TooManyFailures
+                        } else {
+                            AuthVerdict::Refused
+                        };
+                        extra.extend(session.authenticated(&attempt, verdict));
+                        resume = true;
+                    }
                     Output::Close => {
                         close = true;
                     }
@@ -84,11 +116,15 @@ fn run(input: &[u8], chunks: &[usize], relay_allowed: bool, fail_every: usize) -
             if close {
                 seen.closed = true;
             }
-            if !resume || close {
+            if !resume || close || tls {
                 break;
             }
-            outputs = session.feed(&[]);
+            outputs = extra;
+            outputs.extend(session.feed(&[]));
             let _ = session.take_rejections();
+        }
+        if tls {
+            break;
         }
         if close {
             assert!(session.is_closed());
@@ -216,14 +252,24 @@ fuzz_target!(|input: &[u8]| {
     let chunks: Vec<usize> = (0..6)
         .map(|i| ((h >> (8 + i * 8)) & 0x3f) as usize)
         .collect();
-    let whole = run(input, &[usize::MAX], relay_allowed, fail_every);
-    let split = run(input, &chunks, relay_allowed, fail_every);
+    let security = Security {
+        starttls: (h >> 56) & 1 != 0,
+        require_tls: (h >> 57) & 1 != 0,
+        auth: match (h >> 58) & 0x3 {
+            0 => AuthPolicy::Off,
+            1 | 2 => AuthPolicy::Optional,
+            _ => AuthPolicy::Required,
+        },
+        auth_plaintext: (h >> 60) & 1 != 0,
+    };
+    let whole = run(input, &[usize::MAX], relay_allowed, fail_every, security);
+    let split = run(input, &chunks, relay_allowed, fail_every, security);
     assert_eq!(
         whole, split,
         "the outcome depends on how the input was split ({chunks:?})"
     );
     if input.len() <= 512 {
-        let bytewise = run(input, &[1], relay_allowed, fail_every);
+        let bytewise = run(input, &[1], relay_allowed, fail_every, security);
         assert_eq!(whole, bytewise, "byte by byte differs");
     }
 });

@@ -205,12 +205,17 @@ impl PostfixUpstream {
         }
         if let Some(auth) = &opts.relayhost_auth {
             // Cyrus SASL's PLAIN and LOGIN live in libsasl2-modules.
-            let plugins = ["/usr/lib/x86_64-linux-gnu/sasl2", "/usr/lib/aarch64-linux-gnu/sasl2"];
-            if !plugins
-                .iter()
-                .any(|d| Path::new(d).join("libplain.so.2").exists() || Path::new(d).join("libplain.so").exists())
-            {
-                panic!("Cyrus SASL's PLAIN plugin is missing: install the Debian package libsasl2-modules (see .ci/run)");
+            let plugins = [
+                "/usr/lib/x86_64-linux-gnu/sasl2",
+                "/usr/lib/aarch64-linux-gnu/sasl2",
+            ];
+            if !plugins.iter().any(|d| {
+                Path::new(d).join("libplain.so.2").exists()
+                    || Path::new(d).join("libplain.so").exists()
+            }) {
+                panic!(
+                    "Cyrus SASL's PLAIN plugin is missing: install the Debian package libsasl2-modules (see .ci/run)"
+                );
             }
             let passwords = conf_dir.join("sasl_passwd");
             fs::write(

@@ -258,7 +258,10 @@ impl TlsSmtp {
         let tcp = tcp.try_clone().unwrap_or_else(|e| panic!("clone: {e}"));
         let mut roots = rustls::RootCertStore::empty();
         roots
-            .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap_or_else(|e| panic!("CA: {e}")))
+            .add(
+                CertificateDer::from_pem_slice(ca_pem.as_bytes())
+                    .unwrap_or_else(|e| panic!("CA: {e}")),
+            )
             .unwrap_or_else(|e| panic!("root: {e}"));
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),

@@ -59,7 +59,11 @@ s.quit()
     let mut args = smtplib_args(relay.smtp_addr(), &secured.files.ca, STRANGER);
     args.extend([USER.to_string(), PASSWORD.to_string()]);
     let out = python(&script, &args);
-    assert!(out.status.success(), "smtplib failed: {out}\n{}", relay.logs());
+    assert!(
+        out.status.success(),
+        "smtplib failed: {out}\n{}",
+        relay.logs()
+    );
     for want in [
         "auth before tls False",
         "starttls 220",
@@ -82,9 +86,16 @@ s.quit()
         .find(|l| l.contains("poolrelay::accept"))
         .unwrap_or_else(|| panic!("no accepted line\n{log}"));
     assert!(accepted.contains(&format!(" user={USER} ")), "{accepted}");
-    assert!(!log.contains(PASSWORD), "the password is in the log:\n{log}");
+    assert!(
+        !log.contains(PASSWORD),
+        "the password is in the log:\n{log}"
+    );
     assert_eq!(
-        metric(&relay, "poolrelay_smtp_auth_total", &[("result", "success")]),
+        metric(
+            &relay,
+            "poolrelay_smtp_auth_total",
+            &[("result", "success")]
+        ),
         1.0
     );
 }
@@ -123,13 +134,24 @@ fn swaks_tls_auth_plain_relays_and_without_auth_is_refused() {
         header.as_str(),
     ]);
     let out = swaks(&args);
-    assert!(out.status.success(), "swaks failed: {out}\n{}", relay.logs());
+    assert!(
+        out.status.success(),
+        "swaks failed: {out}\n{}",
+        relay.logs()
+    );
     assert!(out.stdout.contains("<~  235 2.7.0"), "{out}");
     let message = sink.wait_for_message_id(&id, DELIVERY);
     assert!(relay_received(&message.raw).contains(" with ESMTPSA "));
     // LOGIN works as well.
     let mut args = base.to_vec();
-    args.extend(["--auth", "LOGIN", "--auth-user", USER, "--auth-password", PASSWORD]);
+    args.extend([
+        "--auth",
+        "LOGIN",
+        "--auth-user",
+        USER,
+        "--auth-password",
+        PASSWORD,
+    ]);
     let out = swaks(&args);
     assert!(out.status.success(), "swaks AUTH LOGIN failed: {out}");
 }
@@ -142,7 +164,10 @@ fn auth_before_starttls_is_refused_and_not_offered() {
     let stranger: IpAddr = STRANGER.parse().expect("ip");
     let (mut c, _) = TlsSmtp::connect_from(stranger, relay.smtp_addr());
     let ehlo = c.cmd("EHLO client.test");
-    assert!(ehlo.contains("250-STARTTLS") && !ehlo.contains("AUTH"), "{ehlo}");
+    assert!(
+        ehlo.contains("250-STARTTLS") && !ehlo.contains("AUTH"),
+        "{ehlo}"
+    );
     // "\0listserv\0c0rrect horse": right credentials, in the clear.
     let plain = c.cmd("AUTH PLAIN AGxpc3RzZXJ2AGMwcnJlY3QgaG9yc2U=");
     assert!(plain.starts_with("538 5.7.11 "), "{plain}");
@@ -212,7 +237,11 @@ s.quit()
         noop_started.elapsed()
     );
     let out = handle.join().expect("python thread");
-    assert!(out.status.success(), "smtplib failed: {out}\n{}", relay.logs());
+    assert!(
+        out.status.success(),
+        "smtplib failed: {out}\n{}",
+        relay.logs()
+    );
     let attempts: Vec<(u32, f64)> = out
         .stdout
         .lines()
@@ -231,11 +260,19 @@ s.quit()
     assert!(out.stdout.contains("other address 235"), "{out}");
     assert!(started.elapsed() < Duration::from_secs(30));
     assert_eq!(
-        metric(&relay, "poolrelay_smtp_auth_total", &[("result", "failure")]),
+        metric(
+            &relay,
+            "poolrelay_smtp_auth_total",
+            &[("result", "failure")]
+        ),
         5.0
     );
     assert_eq!(
-        metric(&relay, "poolrelay_smtp_auth_total", &[("result", "blocked")]),
+        metric(
+            &relay,
+            "poolrelay_smtp_auth_total",
+            &[("result", "blocked")]
+        ),
         1.0
     );
     let log = relay.log_text();
@@ -280,7 +317,13 @@ s.quit()
     let reply = relay.send(
         "joe@lists.test",
         &["member@example.test"],
-        &message(&id, "joe@lists.test", "member@example.test", "trusted", "hi"),
+        &message(
+            &id,
+            "joe@lists.test",
+            "member@example.test",
+            "trusted",
+            "hi",
+        ),
     );
     assert_eq!(reply.code, 250, "{reply}");
     sink_a.wait_for_message_id(&id, DELIVERY);
@@ -311,7 +354,13 @@ fn a_throwaway_postfix_relays_through_us_with_starttls_and_sasl() {
         .send_mail(
             "owner-news@lists.test",
             &["member@example.test"],
-            &message(&id, "owner-news@lists.test", "member@example.test", "via postfix", "hi"),
+            &message(
+                &id,
+                "owner-news@lists.test",
+                "member@example.test",
+                "via postfix",
+                "hi",
+            ),
         )
         .unwrap_or_else(|e| panic!("postfix refused the message: {e}\n{}", postfix.logs()));
     assert_eq!(reply.code, 250, "{reply}");
@@ -339,7 +388,11 @@ fn a_throwaway_postfix_relays_through_us_with_starttls_and_sasl() {
         postfix.logs()
     );
     assert_eq!(
-        metric(&relay, "poolrelay_smtp_auth_total", &[("result", "success")]),
+        metric(
+            &relay,
+            "poolrelay_smtp_auth_total",
+            &[("result", "success")]
+        ),
         1.0
     );
 }

@@ -7,11 +7,11 @@ use std::net::IpAddr;
 use std::process::Command;
 use std::time::Duration;
 
+use poolrelay_tests::delivery::strip_ansi;
 use poolrelay_tests::secure_listener::{
     SMTPLIB_PREAMBLE, Secured, TlsSmtp, der_of, python, relay_received, served_certificate,
     smtplib_args,
 };
-use poolrelay_tests::delivery::strip_ansi;
 use poolrelay_tests::{Relay, Sink, metric_sum, parse_metrics, run_with_deadline, toml_str};
 
 const DELIVERY: Duration = Duration::from_secs(30);
@@ -53,14 +53,19 @@ s.quit()
         &script,
         &smtplib_args(relay.smtp_addr(), &secured.files.ca, "127.0.0.1"),
     );
-    assert!(out.status.success(), "smtplib failed: {out}\n{}", relay.logs());
+    assert!(
+        out.status.success(),
+        "smtplib failed: {out}\n{}",
+        relay.logs()
+    );
     assert!(out.stdout.contains("offers True"), "{out}");
     assert!(out.stdout.contains("starttls 220"), "{out}");
     assert!(out.stdout.contains("cipher TLSv1.3"), "{out}");
     let message = sink.wait_for_message_id("tls-1@test", DELIVERY);
     let received = relay_received(&message.raw);
     assert!(
-        received.contains("(using TLSv1.3 with cipher TLS13_") && received.contains(" with ESMTPS for "),
+        received.contains("(using TLSv1.3 with cipher TLS13_")
+            && received.contains(" with ESMTPS for "),
         "Received: {received}"
     );
     let log = strip_ansi(&relay.log_text());
@@ -90,7 +95,10 @@ fn tls_1_1_is_refused() {
     cmd.args(["s_client", "-starttls", "smtp", "-tls1_2", "-connect"])
         .arg(relay.smtp_addr().to_string());
     let out = run_with_deadline(cmd, "openssl s_client -tls1_2", Duration::from_secs(60));
-    assert!(out.stdout.contains("BEGIN CERTIFICATE"), "TLS 1.2 failed: {out}");
+    assert!(
+        out.stdout.contains("BEGIN CERTIFICATE"),
+        "TLS 1.2 failed: {out}"
+    );
 }
 
 #[test]
@@ -126,7 +134,10 @@ fn commands_pipelined_behind_starttls_are_never_executed() {
     // Had the injected MAIL run inside TLS, its 503 (no EHLO after the
     // reset) would come first; the first reply must be EHLO's.
     let ehlo = c.cmd("EHLO client.test");
-    assert!(ehlo.starts_with("250-relay.test\r\n"), "first reply inside TLS: {ehlo}");
+    assert!(
+        ehlo.starts_with("250-relay.test\r\n"),
+        "first reply inside TLS: {ehlo}"
+    );
     let rcpt = c.cmd("RCPT TO:<victim@example.test>");
     assert!(rcpt.starts_with("503 5.5.1 need MAIL"), "{rcpt}");
     assert_eq!(c.cmd("QUIT"), "221 2.0.0 relay.test closing\r\n");
@@ -161,11 +172,18 @@ s.quit()
         &script,
         &smtplib_args(relay.smtp_addr(), &secured.files.ca, "127.0.0.1"),
     );
-    assert!(out.status.success(), "SMTP_SSL failed: {out}\n{}", relay.logs());
+    assert!(
+        out.status.success(),
+        "SMTP_SSL failed: {out}\n{}",
+        relay.logs()
+    );
     assert!(out.stdout.contains("offers False"), "{out}");
     let message = sink.wait_for_message_id("implicit-1@test", DELIVERY);
     let received = relay_received(&message.raw);
-    assert!(received.contains(" with ESMTPS for "), "Received: {received}");
+    assert!(
+        received.contains(" with ESMTPS for "),
+        "Received: {received}"
+    );
     // openssl speaks TLS first and gets our certificate and banner.
     let served = served_certificate(relay.smtp_addr(), false);
     assert_eq!(der_of(&served), der_of(&secured.pki.cert_pem));
@@ -241,7 +259,10 @@ fn missing_or_wrong_files_are_config_errors_with_their_line() {
     let out = check(&format!(
         "[[listener]]\naddress = \"127.0.0.1:2525\"\ntls_cert = {cert}\ntls_key = {missing}\n"
     ));
-    assert!(out.stderr.contains("poolrelay.toml:4:") && out.stderr.contains("tls_key"), "{out}");
+    assert!(
+        out.stderr.contains("poolrelay.toml:4:") && out.stderr.contains("tls_key"),
+        "{out}"
+    );
     // The CA's certificate with the leaf's key: they do not fit.
     let ca = toml_str(&secured.files.ca.to_string_lossy());
     let out = check(&format!(
@@ -251,11 +272,20 @@ fn missing_or_wrong_files_are_config_errors_with_their_line() {
     let out = check(&format!(
         "[[listener]]\naddress = \"127.0.0.1:2525\"\ntls_cert = {cert}\n"
     ));
-    assert!(out.stderr.contains("poolrelay.toml:1:") && out.stderr.contains("no tls_key"), "{out}");
+    assert!(
+        out.stderr.contains("poolrelay.toml:1:") && out.stderr.contains("no tls_key"),
+        "{out}"
+    );
     let out = check("[[listener]]\naddress = \"127.0.0.1:2525\"\nrequire_tls = true\n");
-    assert!(out.stderr.contains("poolrelay.toml:3:") && out.stderr.contains("require_tls"), "{out}");
+    assert!(
+        out.stderr.contains("poolrelay.toml:3:") && out.stderr.contains("require_tls"),
+        "{out}"
+    );
     let out = check("[[listener]]\naddress = \"127.0.0.1:2525\"\ntls = \"always\"\n");
-    assert!(out.stderr.contains("poolrelay.toml:3:") && out.stderr.contains("\"starttls\""), "{out}");
+    assert!(
+        out.stderr.contains("poolrelay.toml:3:") && out.stderr.contains("\"starttls\""),
+        "{out}"
+    );
 }
 
 #[test]

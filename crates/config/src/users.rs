@@ -36,7 +36,12 @@ pub struct UsersFile {
 
 impl std::fmt::Debug for UsersFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "UsersFile({}, {} users)", self.path.display(), self.len())
+        write!(
+            f,
+            "UsersFile({}, {} users)",
+            self.path.display(),
+            self.len()
+        )
     }
 }
 
@@ -151,7 +156,11 @@ fn scheme_of(hash: &str) -> Result<Scheme, String> {
     if hash.starts_with("$argon2") {
         PasswordHash::new(hash)
             .map(|_| Scheme::Argon2)
-            .map_err(|e| format!("the argon2 hash is malformed ({e}); make a new one with poolrelay passwd USER"))
+            .map_err(|e| {
+                format!(
+                    "the argon2 hash is malformed ({e}); make a new one with poolrelay passwd USER"
+                )
+            })
     } else if ["$2b$", "$2a$", "$2y$"].iter().any(|p| hash.starts_with(p)) {
         // $2b$NN$ then 22 characters of salt and 31 of hash.
         let ok = hash.len() == 60
@@ -161,7 +170,10 @@ fn scheme_of(hash: &str) -> Result<Scheme, String> {
         if ok {
             Ok(Scheme::Bcrypt)
         } else {
-            Err("the bcrypt hash is malformed; it looks like $2b$10$ followed by 53 characters".into())
+            Err(
+                "the bcrypt hash is malformed; it looks like $2b$10$ followed by 53 characters"
+                    .into(),
+            )
         }
     } else if hash.starts_with("$6$") {
         sha_crypt::PasswordHashRef::new(hash)
@@ -199,9 +211,8 @@ mod tests {
         // `openssl passwd -6 -salt saltsalt 'correct horse'`
         let sha = "$6$saltsalt$hRM5XZ86KXEw9UOmjigeVqFgULtFB2sgpC9lXQDfMib3Zgw7mEiUvBJI2EplzfAqxL5Vvwp2scFtv/uamSo5z0";
         let bcrypt = bcrypt::hash(b"correct horse", 4).expect("bcrypt");
-        let text = format!(
-            "# users\n\nalice:{argon}\nbob:{{SHA512-CRYPT}}{sha}::::\ncarol:{bcrypt}\n"
-        );
+        let text =
+            format!("# users\n\nalice:{argon}\nbob:{{SHA512-CRYPT}}{sha}::::\ncarol:{bcrypt}\n");
         let u = users(&text).expect("parses");
         assert_eq!(u.len(), 3);
         for user in ["alice", "bob", "carol"] {
@@ -217,7 +228,8 @@ mod tests {
     fn known_bcrypt_vectors_verify() {
         // Solar Designer's test vector ($2a$) and the same as $2b$.
         for prefix in ["$2a$", "$2b$"] {
-            let line = format!("eve:{prefix}05$CCCCCCCCCCCCCCCCCCCCC.E5YPO9kmyuRGyh0XouQYb4YMJKvyOeW\n");
+            let line =
+                format!("eve:{prefix}05$CCCCCCCCCCCCCCCCCCCCC.E5YPO9kmyuRGyh0XouQYb4YMJKvyOeW\n");
             let u = users(&line).expect("parses");
             assert!(u.verify("eve", b"U*U"), "{prefix}");
             assert!(!u.verify("eve", b"U*V"), "{prefix}");
@@ -229,7 +241,10 @@ mod tests {
         let e = users("a:$argon2id$v=19$m=19456,t=2,p=1$bad\n").unwrap_err();
         assert!(e.contains("line 1") && e.contains("argon2"), "{e}");
         let e = users("# c\nplain:secret\n").unwrap_err();
-        assert!(e.contains("line 2") && e.contains("unsupported hash"), "{e}");
+        assert!(
+            e.contains("line 2") && e.contains("unsupported hash"),
+            "{e}"
+        );
         let e = users("nocolon\n").unwrap_err();
         assert!(e.contains("user:hash"), "{e}");
         let e = users("x:$2b$04$short\n").unwrap_err();

@@ -7,7 +7,11 @@ use std::io::{BufRead, IsTerminal, Write};
 
 /// Runs the subcommand; the error is for stderr.
 pub fn run(user: &str) -> Result<(), String> {
-    if user.is_empty() || user.chars().any(|c| c == ':' || c.is_whitespace() || c.is_control()) {
+    if user.is_empty()
+        || user
+            .chars()
+            .any(|c| c == ':' || c.is_whitespace() || c.is_control())
+    {
         return Err(format!(
             "user name {user:?} cannot go in a users_file: use no colon, space or control character"
         ));

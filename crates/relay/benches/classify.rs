@@ -97,6 +97,8 @@ fn classify(c: &mut Criterion) {
         let facts = Facts {
             listener: "127.0.0.1:2525",
             pinned_pool: None,
+            user: None,
+            user_pool: None,
             sender,
             recipients: &rcpts,
             message: msg,

@@ -31,8 +31,9 @@ impl Failures {
     /// its credentials are not even checked.
     pub fn blocked(&self, ip: IpAddr, now: Instant) -> bool {
         let map = self.by_address.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(&ip)
-            .is_some_and(|(n, last)| *n >= MAX_FAILURES && now.duration_since(*last) < FAILURE_MEMORY)
+        map.get(&ip).is_some_and(|(n, last)| {
+            *n >= MAX_FAILURES && now.duration_since(*last) < FAILURE_MEMORY
+        })
     }
 
     /// Records a failure; returns how many `ip` has now.

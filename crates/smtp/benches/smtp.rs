@@ -17,6 +17,7 @@ fn config() -> SessionConfig {
         max_line_length: 2048,
         relay_allowed: true,
         max_hops: 50,
+        security: Default::default(),
     }
 }
 
@@ -82,6 +83,9 @@ fn run_session(input: &[u8], chunk: usize) -> usize {
                         resume = true;
                     }
                     Output::Close => {}
+                    Output::StartTls | Output::Authenticate(_) => {
+                        unreachable!("the benchmark offers no STARTTLS or AUTH")
+                    }
                 }
             }
             if !resume {

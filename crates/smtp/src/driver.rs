@@ -223,7 +223,9 @@ where
                             let Some(tls) = tls else {
                                 // The session offers STARTTLS only with a
                                 // certificate; without one, end cleanly.
-                                return Err(std::io::Error::other("STARTTLS without a certificate"));
+                                return Err(std::io::Error::other(
+                                    "STARTTLS without a certificate",
+                                ));
                             };
                             write(&mut writer, &out, write_limit).await?;
                             out.clear();

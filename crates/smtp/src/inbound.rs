@@ -13,8 +13,8 @@ pub use crate::date::rfc5322_date;
 mod envelope;
 mod security;
 mod syntax;
-pub use security::{AuthAttempt, AuthPolicy, AuthVerdict, Security, TlsInfo};
 use security::AuthStep;
+pub use security::{AuthAttempt, AuthPolicy, AuthVerdict, Security, TlsInfo};
 pub use syntax::log_safe;
 use syntax::*;
 

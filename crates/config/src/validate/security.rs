@@ -98,14 +98,22 @@ impl Ctx<'_> {
             }
             None => {
                 if auth != AuthPolicy::Off {
-                    let at = r.auth.as_ref().map(|v| self.line(&v.span())).unwrap_or(line);
+                    let at = r
+                        .auth
+                        .as_ref()
+                        .map(|v| self.line(&v.span()))
+                        .unwrap_or(line);
                     self.at_line(at, "auth is on but no users_file is given; add users_file = \"/etc/poolrelay/users\" (lines of user:hash, made with poolrelay passwd USER)".to_string());
                 }
                 None
             }
         };
         if auth != AuthPolicy::Off && tls.is_none() && !auth_plaintext {
-            let at = r.auth.as_ref().map(|v| self.line(&v.span())).unwrap_or(line);
+            let at = r
+                .auth
+                .as_ref()
+                .map(|v| self.line(&v.span()))
+                .unwrap_or(line);
             self.at_line(at, "auth is on but the listener has no TLS, and AUTH is offered only after TLS; add tls_cert and tls_key, or auth_plaintext = true if the network path is trusted".to_string());
         }
         ListenerSecurity {
@@ -173,5 +181,124 @@ impl Ctx<'_> {
             out.insert(name, User { pool, line });
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{AuthPolicy, Config, ConfigError};
+    use std::path::Path;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("t.toml"))
+    }
+
+    #[track_caller]
+    fn error_at(text: &str, line: usize, needle: &str) {
+        match parse(text) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => {
+                assert_eq!(e.line, line, "{e}\n{text}");
+                assert!(e.message.contains(needle), "{e}");
+            }
+        }
+    }
+
+    fn users_file(text: &str) -> tempfile_path::Path {
+        tempfile_path::write(text)
+    }
+
+    /// A file under the target directory's temp space, removed on drop.
+    mod tempfile_path {
+        pub struct Path(pub std::path::PathBuf);
+        impl Drop for Path {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        pub fn write(text: &str) -> Path {
+            use std::sync::atomic::{AtomicU32, Ordering};
+            static N: AtomicU32 = AtomicU32::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "poolrelay-users-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::write(&p, text).expect("write users file");
+            Path(p)
+        }
+    }
+
+    const HEAD: &str = "[[listener]]\naddress = \"127.0.0.1:2525\"\n";
+
+    #[test]
+    fn auth_needs_users_and_tls_or_plaintext() {
+        error_at(
+            &format!("{HEAD}auth = \"optional\"\nauth_plaintext = true\n"),
+            3,
+            "no users_file",
+        );
+        let hash = crate::hash_password(b"pw").expect("hash");
+        let users = users_file(&format!("alice:{hash}\n"));
+        let path = users.0.display().to_string();
+        error_at(
+            &format!("{HEAD}auth = \"required\"\nusers_file = \"{path}\"\n"),
+            3,
+            "AUTH is offered only after TLS",
+        );
+        error_at(&format!("{HEAD}auth = \"sometimes\"\n"), 3, "\"optional\"");
+        error_at(
+            &format!("{HEAD}users_file = \"{path}\"\n"),
+            3,
+            "auth is off",
+        );
+        let c = parse(&format!(
+            "{HEAD}auth = \"required\"\nusers_file = \"{path}\"\nauth_plaintext = true\n"
+        ))
+        .expect("valid");
+        let l = &c.listeners[0];
+        assert_eq!(l.auth, AuthPolicy::Required);
+        assert!(l.auth_plaintext && l.tls.is_none());
+        let users = l.users_file.as_ref().expect("users");
+        assert!(users.contains("alice") && users.verify("alice", b"pw"));
+    }
+
+    #[test]
+    fn a_bad_users_file_line_is_named_at_the_users_file_key() {
+        let users = users_file("# ok\nbob:plaintext\n");
+        let path = users.0.display().to_string();
+        error_at(
+            &format!("{HEAD}auth = \"optional\"\nauth_plaintext = true\nusers_file = \"{path}\"\n"),
+            5,
+            "line 2: unsupported hash",
+        );
+        error_at(
+            &format!(
+                "{HEAD}auth = \"optional\"\nauth_plaintext = true\nusers_file = \"/nonexistent/users\"\n"
+            ),
+            5,
+            "cannot be read",
+        );
+    }
+
+    #[test]
+    fn user_tables_and_user_routes() {
+        error_at(
+            &format!("{HEAD}\n[user.alice]\npool = \"Q\"\n"),
+            5,
+            "user alice pool \"Q\" is not a known pool",
+        );
+        let c = parse(&format!(
+            "{HEAD}\n[pool.A]\n\n[user.alice]\npool = \"A\"\n\n[[route]]\npool = \"A\"\nuser = \"list-*\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(c.users["alice"].pool.as_deref(), Some("A"));
+        assert_eq!(c.users["alice"].line, 6);
+        assert_eq!(c.routes[0].user.as_deref(), Some("list-*"));
+        error_at(
+            &format!("{HEAD}\n[[route]]\npool = \"-\"\nuser = \"\"\n"),
+            6,
+            "matches no user",
+        );
     }
 }

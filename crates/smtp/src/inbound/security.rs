@@ -227,7 +227,11 @@ impl Session {
                 b"502 5.5.1 command not implemented\r\n",
             );
         } else if self.tls.is_some() {
-            self.refuse(out, Rejection::Sequence, b"503 5.5.1 TLS already active\r\n");
+            self.refuse(
+                out,
+                Rejection::Sequence,
+                b"503 5.5.1 TLS already active\r\n",
+            );
         } else if line.len() != b"STARTTLS\r\n".len() {
             self.refuse(
                 out,
@@ -262,15 +266,15 @@ impl Session {
             return;
         }
         if !self.esmtp {
-            self.refuse(
-                out,
-                Rejection::Sequence,
-                b"503 5.5.1 send EHLO first\r\n",
-            );
+            self.refuse(out, Rejection::Sequence, b"503 5.5.1 send EHLO first\r\n");
             return;
         }
         if self.user.is_some() {
-            self.refuse(out, Rejection::Sequence, b"503 5.5.1 already authenticated\r\n");
+            self.refuse(
+                out,
+                Rejection::Sequence,
+                b"503 5.5.1 already authenticated\r\n",
+            );
             return;
         }
         if self.mail.is_some() {
@@ -282,10 +286,7 @@ impl Session {
             return;
         }
         let text = line.strip_suffix(b"\r\n").unwrap_or(line);
-        let mut words = text
-            .split(|b| *b == b' ')
-            .filter(|w| !w.is_empty())
-            .skip(1);
+        let mut words = text.split(|b| *b == b' ').filter(|w| !w.is_empty()).skip(1);
         let mechanism = words.next().unwrap_or_default();
         let initial = words.next();
         if words.next().is_some() {
@@ -309,7 +310,11 @@ impl Session {
                 }
             }
         } else if mechanism.is_empty() {
-            self.refuse(out, Rejection::Syntax, b"501 5.5.4 AUTH needs a mechanism\r\n");
+            self.refuse(
+                out,
+                Rejection::Syntax,
+                b"501 5.5.4 AUTH needs a mechanism\r\n",
+            );
         } else {
             self.refuse(
                 out,
@@ -323,7 +328,11 @@ impl Session {
     fn auth_response(&mut self, step: AuthStep, line: &[u8], out: &mut Vec<Output>) {
         let text = line.strip_suffix(b"\r\n").unwrap_or(line);
         if text == b"*" {
-            self.refuse(out, Rejection::Syntax, b"501 5.0.0 Authentication cancelled\r\n");
+            self.refuse(
+                out,
+                Rejection::Syntax,
+                b"501 5.0.0 Authentication cancelled\r\n",
+            );
             return;
         }
         // "=" is an empty initial response (RFC 4954 §4).
@@ -435,7 +444,7 @@ fn base64_decode(text: &[u8]) -> Option<Vec<u8>> {
             _ => return None,
         } as u32)
     }
-    if text.len() % 4 != 0 {
+    if !text.len().is_multiple_of(4) {
         return None;
     }
     let mut out = Vec::with_capacity(text.len() / 4 * 3);

@@ -163,7 +163,10 @@ fn bytes_pipelined_after_starttls_never_run() {
 fn starttls_not_offered_or_with_parameters() {
     let mut c = Client::new(Security::default());
     let ehlo = c.send("EHLO client.test\r\n");
-    assert!(!ehlo.contains("STARTTLS") && !ehlo.contains("AUTH"), "{ehlo}");
+    assert!(
+        !ehlo.contains("STARTTLS") && !ehlo.contains("AUTH"),
+        "{ehlo}"
+    );
     assert!(c.send("STARTTLS\r\n").starts_with("502 5.5.1 "));
     assert!(c.send("AUTH PLAIN\r\n").starts_with("502 5.5.1 "));
     let mut c = Client::new(starttls_auth());
@@ -295,7 +298,10 @@ fn auth_required_refuses_mail_and_too_many_failures_close() {
     });
     c.send("EHLO client.test\r\n");
     let refused = c.send("MAIL FROM:<a@b.test>\r\n");
-    assert!(refused.starts_with("530 5.7.0 Authentication required"), "{refused}");
+    assert!(
+        refused.starts_with("530 5.7.0 Authentication required"),
+        "{refused}"
+    );
     c.send("STARTTLS\r\n");
     c.handshake();
     c.send("EHLO client.test\r\n");
