@@ -214,6 +214,15 @@ fn a_certificate_replaced_on_disk_is_served_after_sighup_to_new_sessions() {
     assert!(old.cmd("STARTTLS").starts_with("220 "));
     let leaf = old.handshake(&secured.pki.ca_pem);
     assert_eq!(leaf, der_of(&secured.pki.cert_pem));
+    // `poolrelay reload` (the admin API) does the same.
+    let third = secured.replace_certificate();
+    let out = poolrelay_tests::poolrelay(
+        &["reload", "--admin", &relay.admin_url()],
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "poolrelay reload: {out}");
+    let served = served_certificate(relay.smtp_addr(), true);
+    assert_eq!(der_of(&served), der_of(&third.cert_pem));
 }
 
 #[test]
@@ -321,4 +330,41 @@ fn check_print_shows_each_listeners_tls_and_auth() {
         smtps.starts_with("tls implicit (cert ") && smtps.contains("auth required (1 users"),
         "{smtps}"
     );
+}
+
+#[test]
+fn a_large_pipelined_batch_and_a_large_message_inside_tls() {
+    let secured = Secured::new();
+    let sink = Sink::start();
+    let relay = relay_with_tls(&secured, &sink, "");
+    let (mut c, _) = TlsSmtp::connect_from(loopback(), relay.smtp_addr());
+    c.cmd("EHLO client.test");
+    c.cmd("STARTTLS");
+    c.handshake(&secured.pki.ca_pem);
+    c.cmd("EHLO client.test");
+    // About 30 KB of replies for one write: more than the session lets
+    // pile up unwritten, so the driver writes, flushes TLS and resumes.
+    let mut batch = String::from("MAIL FROM:<owner-big@lists.test>\r\n");
+    for n in 0..1000 {
+        batch.push_str(&format!("RCPT TO:<member{n}@example.test>\r\n"));
+    }
+    c.write(batch.as_bytes());
+    assert!(c.read_reply().starts_with("250 "));
+    for n in 0..1000 {
+        let reply = c.read_reply();
+        assert!(reply.starts_with("250 "), "RCPT {n}: {reply}");
+    }
+    assert!(c.cmd("DATA").starts_with("354 "));
+    let line = "x".repeat(998);
+    let mut content = String::from("Subject: big\r\nMessage-ID: <big-tls@test>\r\n\r\n");
+    while content.len() < 3 << 20 {
+        content.push_str(&line);
+        content.push_str("\r\n");
+    }
+    content.push_str(".\r\n");
+    c.write(content.as_bytes());
+    let reply = c.read_reply();
+    assert!(reply.starts_with("250 2.0.0 Ok: queued"), "{reply}");
+    let message = sink.wait_for_message_id("big-tls@test", DELIVERY);
+    assert!(message.raw.len() >= 3 << 20);
 }

@@ -163,8 +163,9 @@ where
         session.tls_started(info);
         handler.tls_started(&session);
     }
-    let (mut reader, mut writer) = tokio::io::split(conn);
-    write(&mut writer, banner, write_limit).await?;
+    // Reads and writes take turns, so one stream serves both (no split:
+    // STARTTLS needs the whole stream for its handshake).
+    write(&mut conn, banner, write_limit).await?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut out: Vec<u8> = Vec::with_capacity(4096);
     loop {
@@ -173,7 +174,7 @@ where
             && !session.in_transaction()
         {
             // Shutting down: an idle session is told so rather than held open.
-            write(&mut writer, bye, write_limit).await?;
+            write(&mut conn, bye, write_limit).await?;
             return Ok(());
         }
         let limit = if session.in_data() {
@@ -184,18 +185,18 @@ where
         let read = match &mut stopping {
             Some((rx, _)) => {
                 tokio::select! {
-                    r = tokio::time::timeout(limit, reader.read(&mut buf)) => r,
+                    r = tokio::time::timeout(limit, conn.read(&mut buf)) => r,
                     _ = rx.changed(), if !*rx.borrow() => continue,
                 }
             }
-            None => tokio::time::timeout(limit, reader.read(&mut buf)).await,
+            None => tokio::time::timeout(limit, conn.read(&mut buf)).await,
         };
         let n = match read {
             Ok(Ok(0)) => return Ok(()),
             Ok(Ok(n)) => n,
             Ok(Err(e)) => return Err(e),
             Err(_) => {
-                write(&mut writer, &session.timeout_reply(), write_limit).await?;
+                write(&mut conn, &session.timeout_reply(), write_limit).await?;
                 return Ok(());
             }
         };
@@ -227,13 +228,9 @@ where
                                     "STARTTLS without a certificate",
                                 ));
                             };
-                            write(&mut writer, &out, write_limit).await?;
+                            write(&mut conn, &out, write_limit).await?;
                             out.clear();
-                            // Reunite the halves: the handshake needs the
-                            // whole stream, and nothing else holds it now.
-                            let mut conn = reader.unsplit(writer);
                             let info = conn.upgrade(&tls.server, write_limit).await?;
-                            (reader, writer) = tokio::io::split(conn);
                             session.tls_started(info);
                             handler.tls_started(&session);
                             resume = true;
@@ -253,11 +250,11 @@ where
                 handler.after_feed(&mut session);
             }
             if !out.is_empty() {
-                write(&mut writer, &out, write_limit).await?;
+                write(&mut conn, &out, write_limit).await?;
                 out.clear();
             }
             if close {
-                let _ = tokio::time::timeout(write_limit, writer.shutdown()).await;
+                let _ = tokio::time::timeout(write_limit, conn.shutdown()).await;
                 return Ok(());
             }
             if !session.paused() {
@@ -268,13 +265,18 @@ where
 }
 
 /// Writes `bytes`, giving up after `limit`: a client that never reads its
-/// replies loses its session instead of holding a slot for ever.
+/// replies loses its session instead of holding a slot for ever. Flushed,
+/// so TLS records rustls still holds reach the client before we read again.
 async fn write<W: AsyncWrite + Unpin>(
     writer: &mut W,
     bytes: &[u8],
     limit: Duration,
 ) -> std::io::Result<()> {
-    match tokio::time::timeout(limit, writer.write_all(bytes)).await {
+    let all = async {
+        writer.write_all(bytes).await?;
+        writer.flush().await
+    };
+    match tokio::time::timeout(limit, all).await {
         Ok(result) => result,
         Err(_) => Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
