@@ -89,6 +89,8 @@ fuzz_target!(|message: &[u8]| {
     let decision = classifier().classify(&Facts {
         listener: "127.0.0.1:2525",
         pinned_pool: None,
+        user: None,
+        user_pool: None,
         sender: "owner-list@lists.example.org",
         recipients: &["a@example.org"],
         message,
