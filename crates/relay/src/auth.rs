@@ -19,6 +19,11 @@ pub const MAX_FAILURES: u32 = 5;
 pub const FAILURE_MEMORY: Duration = Duration::from_secs(15 * 60);
 /// At most this many addresses are remembered; beyond, the stalest go.
 const MAX_TRACKED: usize = 65_536;
+/// Password checks running at once over all sessions: argon2id takes 19 MiB
+/// and tens of milliseconds each, so a crowd of AUTHs queues here instead
+/// of taking the relay's memory and every core.
+const MAX_CONCURRENT_CHECKS: usize = 4;
+static CHECKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_CONCURRENT_CHECKS);
 
 /// Failed AUTHs per client address, over all sessions and listeners.
 #[derive(Debug, Default)]
@@ -89,9 +94,18 @@ pub async fn check(
             let users = users.clone();
             let username = attempt.username.clone();
             let password = attempt.password.clone();
-            tokio::task::spawn_blocking(move || users.verify(&username, &password))
+            match CHECKS.acquire().await {
+                // The permit goes with the check: a session that leaves
+                // meanwhile does not free it early.
+                Ok(permit) => tokio::task::spawn_blocking(move || {
+                    let valid = users.verify(&username, &password);
+                    drop(permit);
+                    valid
+                })
                 .await
-                .unwrap_or(false)
+                .unwrap_or(false),
+                Err(_) => false,
+            }
         }
         None => false,
     };
