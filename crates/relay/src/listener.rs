@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use poolrelay_config::ListenerTlsMode;
-use poolrelay_config::{Config, Listener};
+use poolrelay_config::{Config, Listener, ListenerTlsMode};
 use poolrelay_smtp::driver::{self, Handler};
 use poolrelay_smtp::inbound::{
     AuthAttempt, AuthVerdict, Security, Session, SessionConfig, Transaction, log_safe,
