@@ -396,3 +396,35 @@ fn a_throwaway_postfix_relays_through_us_with_starttls_and_sasl() {
         1.0
     );
 }
+
+#[test]
+fn passwd_prints_an_argon2id_line_and_refuses_bad_input() {
+    use poolrelay_tests::run_with_input;
+    use std::process::Command;
+    let run = |user: &str, input: &str| {
+        let mut cmd = Command::new(poolrelay_tests::binary());
+        cmd.arg("passwd").arg(user);
+        run_with_input(cmd, input.as_bytes(), "poolrelay passwd", DELIVERY)
+    };
+    let out = run("alice", "open sesame\n");
+    assert!(out.status.success(), "{out}");
+    let line = out.stdout.trim();
+    let hash = line
+        .strip_prefix("alice:")
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(hash.starts_with("$argon2id$v=19$"), "{line}");
+    // A fresh salt every time.
+    assert_ne!(run("alice", "open sesame\n").stdout.trim(), line);
+    for (user, input, why) in [
+        ("al:ice", "pw\n", "colon"),
+        ("al ice", "pw\n", "space"),
+        ("alice", "\n", "empty"),
+    ] {
+        let out = run(user, input);
+        assert!(
+            !out.status.success() && out.stdout.is_empty(),
+            "{why}: {out}"
+        );
+        assert!(out.stderr.starts_with("poolrelay passwd: "), "{why}: {out}");
+    }
+}

@@ -83,12 +83,25 @@ fn tls_1_1_is_refused() {
     let sink = Sink::start();
     let relay = relay_with_tls(&secured, &sink, "");
     let mut cmd = Command::new("openssl");
-    cmd.args(["s_client", "-starttls", "smtp", "-tls1_1", "-connect"])
-        .arg(relay.smtp_addr().to_string());
+    // SECLEVEL=0 lets openssl offer TLS 1.1: the refusal must be ours.
+    cmd.args([
+        "s_client",
+        "-starttls",
+        "smtp",
+        "-tls1_1",
+        "-cipher",
+        "DEFAULT@SECLEVEL=0",
+        "-connect",
+    ])
+    .arg(relay.smtp_addr().to_string());
     let out = run_with_deadline(cmd, "openssl s_client -tls1_1", Duration::from_secs(60));
     assert!(
         !out.stdout.contains("BEGIN CERTIFICATE"),
         "a TLS 1.1 handshake succeeded: {out}"
+    );
+    assert!(
+        out.stderr.contains("SSL alert number"),
+        "the relay did not answer TLS 1.1 with an alert: {out}"
     );
     // TLS 1.2 is still fine.
     let mut cmd = Command::new("openssl");
