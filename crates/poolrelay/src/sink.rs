@@ -90,6 +90,8 @@ async fn serve(state: Arc<State>, stream: TcpStream, peer: SocketAddr) -> std::i
             max_line_length: 4096,
             relay_allowed: true,
             max_hops: usize::MAX,
+            mt_priority: None,
+            mt_priority_trusted: false,
         },
         peer,
     );
