@@ -56,6 +56,8 @@ pub(crate) struct RawListener {
     pub pool: Option<Str>,
     pub max_message_size: Option<Unit>,
     pub max_recipients: Option<Int>,
+    pub mt_priority: Option<Str>,
+    pub mt_priority_trusted: Option<Vec<Str>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -134,6 +136,7 @@ pub(crate) struct RawRoute {
     pub recipient: Option<Str>,
     pub header: Option<Located<RawHeader>>,
     pub listener: Option<Str>,
+    pub mt_priority: Option<Unit>,
 }
 
 #[derive(Debug, Deserialize)]
