@@ -37,6 +37,9 @@ fn run(input: &[u8], chunks: &[usize], relay_allowed: bool, fail_every: usize) -
         max_line_length: MAX_LINE_LENGTH,
         relay_allowed,
         max_hops: 50,
+        // On, so the fuzzer reaches the MT-PRIORITY checks too.
+        mt_priority: Some(poolrelay_smtp::MtPriorityPolicy::Mixer),
+        mt_priority_trusted: relay_allowed,
     };
     let peer = SocketAddr::from(([192, 0, 2, 7], 40000));
     let (mut session, banner) = Session::new(config, peer);

@@ -16,6 +16,9 @@ pub struct Facts<'a> {
     pub recipients: &'a [&'a str],
     /// The message bytes (only the header section is read).
     pub message: &'a [u8],
+    /// Its MT-PRIORITY; 0 when it has none (RFC 6710's default), so a
+    /// route for `"<= 0"` takes mail without one.
+    pub mt_priority: i8,
 }
 
 /// The decision and why it was made, for the per-message log line.
@@ -105,6 +108,11 @@ fn route_matches(
     {
         return false;
     }
+    if let Some(range) = route.mt_priority
+        && !range.contains(facts.mt_priority)
+    {
+        return false;
+    }
     if let Some(header) = &route.header {
         // Parsed lazily: most routes match on the envelope alone.
         let parsed = headers.get_or_insert_with(|| parse_headers(facts.message));
@@ -182,6 +190,7 @@ mod tests {
             recipient: None,
             header: None,
             listener: None,
+            mt_priority: None,
             line,
         }
     }
@@ -200,6 +209,7 @@ mod tests {
             sender,
             recipients: rcpts,
             message,
+            mt_priority: 0,
         }
     }
 
@@ -293,5 +303,26 @@ mod tests {
             "R"
         );
         assert_eq!(c.classify(&facts("a@b", &["x@y"], b"")).pool, "-");
+    }
+
+    #[test]
+    fn mt_priority_matcher_takes_mail_without_one_as_zero() {
+        let ranges = poolrelay_config::parse_mt_priority_range;
+        let mut urgent = route("B", 1);
+        urgent.mt_priority = ranges(">= 5").ok();
+        let mut low = route("L", 2);
+        low.mt_priority = ranges("<= -1").ok();
+        let mut zero = route("Z", 3);
+        zero.mt_priority = ranges("0").ok();
+        let c = classifier(vec![urgent, low, zero]);
+        let pool = |mt_priority| {
+            let mut f = facts("a@b", &[], b"");
+            f.mt_priority = mt_priority;
+            c.classify(&f).pool
+        };
+        assert_eq!(
+            [pool(9), pool(5), pool(4), pool(-1), pool(-9), pool(0)],
+            ["B", "B", "-", "L", "L", "Z"]
+        );
     }
 }

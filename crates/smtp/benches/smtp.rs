@@ -17,6 +17,8 @@ fn config() -> SessionConfig {
         max_line_length: 2048,
         relay_allowed: true,
         max_hops: 50,
+        mt_priority: None,
+        mt_priority_trusted: false,
     }
 }
 
