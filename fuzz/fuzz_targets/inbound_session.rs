@@ -155,6 +155,9 @@ fn check_transaction(mut tx: Transaction) -> Transaction {
         assert!(!r.address.is_empty(), "empty recipient");
         no_line_breaks("recipient", &r.address);
     }
+    if let Some(p) = tx.mt_priority {
+        assert!((-9..=9).contains(&p), "MT-PRIORITY {p} out of range");
+    }
     if !tx.smtputf8 {
         assert!(tx.sender.is_ascii(), "non-ASCII sender without SMTPUTF8");
         assert!(tx.recipients.iter().all(|r| r.address.is_ascii()));

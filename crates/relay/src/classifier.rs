@@ -325,4 +325,27 @@ mod tests {
             ["B", "B", "-", "L", "L", "Z"]
         );
     }
+
+    #[test]
+    fn the_mt_priority_rewrite_leaves_one_field_as_this_parser_reads_headers() {
+        // What an upstream without MT-PRIORITY receives must carry exactly
+        // one MT-Priority field, however odd the header it came with.
+        for message in [
+            &b"Subject: a\r\nMT-Priority: 2\r\n\r\nbody"[..],
+            b"MT-Priority: 2\nmt-priority:\n 4\nTo: x\n\nMT-Priority: 9\n",
+            b" leading continuation\r\nMT-Priority : 1\r\n",
+            b"garbage line\r\nMT-Priority\x0b: 3\r\n\tfolded\r\nX: y",
+            b"\x0cMT-Priority: 5\r\nMT-Priority\xc2\x85: 6\r\n\r\n",
+            b"X: 1\r\r\nMT-Priority: 7\r",
+            b"",
+        ] {
+            let rewritten = poolrelay_smtp::mt_priority::set_header(message, -4);
+            let found: Vec<String> = parse_headers(&rewritten)
+                .into_iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case("MT-Priority"))
+                .map(|(_, v)| v)
+                .collect();
+            assert_eq!(found, ["-4"], "{:?}", String::from_utf8_lossy(message));
+        }
+    }
 }

@@ -126,17 +126,16 @@ pub fn set_header(message: &[u8], value: i8) -> Vec<u8> {
 }
 
 /// Whether a header line starts field `name` (`Name:` or the obsolete
-/// `Name :`), ignoring case.
+/// `Name :`), ignoring case. Whitespace around the name is trimmed as the
+/// classifier's header parser trims it, so every field a lenient reader
+/// would take for `name` is found.
 fn is_field(line: &[u8], name: &str) -> bool {
     let Some(colon) = line.iter().position(|&b| b == b':') else {
         return false;
     };
-    let field = &line[..colon];
-    let field = field
-        .iter()
-        .rposition(|b| !matches!(b, b' ' | b'\t'))
-        .map_or(&field[..0], |last| &field[..=last]);
-    field.eq_ignore_ascii_case(name.as_bytes())
+    String::from_utf8_lossy(&line[..colon])
+        .trim()
+        .eq_ignore_ascii_case(name)
 }
 
 #[cfg(test)]
@@ -202,7 +201,8 @@ mod tests {
     #[test]
     fn removes_existing_fields_in_any_case_and_folded() {
         let msg = "Received: x\r\nMT-Priority: 2\r\nSubject: a\r\n\
-                   mt-priority :\r\n  4\r\n\t(folded)\r\nTo: b\r\n\r\nMT-Priority: 1\r\n";
+                   mt-priority :\r\n  4\r\n\t(folded)\r\nTo: b\r\nMT-Priority\x0b: 3\r\n\
+                   \r\nMT-Priority: 1\r\n";
         assert_eq!(
             rewritten(msg, 6),
             "Received: x\r\nSubject: a\r\nTo: b\r\nMT-Priority: 6\r\n\r\nMT-Priority: 1\r\n"
