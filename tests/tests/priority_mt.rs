@@ -15,7 +15,8 @@ use std::time::Duration;
 use poolrelay_tests::admin::{api_json, api_post, json_of, queue_ok, queued_in};
 use poolrelay_tests::scripted::{Scripted, ScriptedOptions, Transaction};
 use poolrelay_tests::{
-    Relay, Reply, SmtpClient, data_bytes, header_value, message, run_with_input, unique_id,
+    Relay, Reply, SmtpClient, data_bytes, header_value, message, poolrelay, run_with_input,
+    unique_id,
 };
 use serde_json::Value;
 
@@ -175,6 +176,17 @@ fn ehlo_advertises_it_and_bad_values_are_refused() {
         "nothing was queued: {}",
         up.dump()
     );
+
+    // `check --print` shows the listener's settings.
+    let path = relay.config_path().to_string_lossy().into_owned();
+    let out = poolrelay(&["check", "-c", &path, "--print"], WAIT);
+    assert!(out.status.success(), "{out}");
+    assert!(
+        out.stdout
+            .contains("    mt_priority stanag4406  trusted above 0: 127.0.0.0/8, ::1/128\n"),
+        "{out}"
+    );
+    assert_eq!(out.stdout.matches("mt_priority").count(), 1, "{out}");
 }
 
 #[test]
