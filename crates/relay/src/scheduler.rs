@@ -43,17 +43,26 @@ impl Ready {
         }
     }
 
-    /// Removes `id` from whichever lane holds it (at most 19 lanes).
+    /// Removes `id` from whichever lane holds it (at most 19 lanes; for
+    /// the operator's moves, where the priority is not at hand).
     fn remove(&mut self, id: QueueId) -> bool {
-        let Some(lane) = self
+        let lane = self
             .lanes
-            .iter_mut()
-            .find_map(|(p, ids)| ids.remove(&id).then_some(*p))
-        else {
+            .iter()
+            .find_map(|(p, ids)| ids.contains(&id).then_some(*p));
+        lane.is_some_and(|p| self.remove_from(p, id))
+    }
+
+    /// Removes `id` from the lane of `mt_priority`.
+    fn remove_from(&mut self, mt_priority: i8, id: QueueId) -> bool {
+        let Some(ids) = self.lanes.get_mut(&mt_priority) else {
             return false;
         };
-        if self.lanes.get(&lane).is_some_and(BTreeSet::is_empty) {
-            self.lanes.remove(&lane);
+        if !ids.remove(&id) {
+            return false;
+        }
+        if ids.is_empty() {
+            self.lanes.remove(&mt_priority);
         }
         self.len -= 1;
         true
@@ -298,7 +307,7 @@ impl Scheduler {
             let (id, mt_priority) = next[chosen]?;
             let name = picker.lanes[chosen].pool.clone();
             let q = all.get_mut(&name)?;
-            q.ready.remove(id);
+            q.ready.remove_from(mt_priority, id);
             q.in_flight += 1;
             Some(Job {
                 id,
