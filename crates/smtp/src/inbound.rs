@@ -675,7 +675,7 @@ impl Session {
     }
 
     /// Whether this client's MT-PRIORITY values above 0 are honoured
-    /// (RFC 6710 §5: others may be lowered). The one place trust is
+    /// (RFC 6710 lets a server lower others). The one place trust is
     /// decided: a client in the listener's `mt_priority_trusted` networks,
     /// or, once the session offers SMTP AUTH, an authenticated client
     /// (that half joins here: `|| self.authenticated`).

@@ -7,15 +7,15 @@
 use std::fmt;
 
 /// The priority assignment policy advertised after `MT-PRIORITY` in EHLO
-/// (RFC 6710 §9). It tells clients how many distinct levels the server
+/// (RFC 6710). It tells clients how many distinct levels the server
 /// tells apart; every value from -9 to 9 is accepted whatever the policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MtPriorityPolicy {
-    /// `MIXER`: the six levels of RFC 1327/2156 mixers.
+    /// `MIXER`: the levels of X.400/Internet mail gateways (RFC 2156).
     Mixer,
-    /// `STANAG4406`: the six levels of military messaging.
+    /// `STANAG4406`: the levels of military messaging (STANAG 4406).
     Stanag4406,
-    /// `NSEP`: the five levels of National Security / Emergency Preparedness.
+    /// `NSEP`: the levels of National Security / Emergency Preparedness.
     Nsep,
 }
 

@@ -159,7 +159,7 @@ impl Envelope {
     }
 
     /// The MT-PRIORITY the message is ordered and routed by: its own, or 0
-    /// when it has none (RFC 6710 §4: absent means the default, 0).
+    /// when it has none (RFC 6710: absent means the default, 0).
     pub fn mt_priority_or_default(&self) -> i8 {
         self.mt_priority.unwrap_or(0)
     }

@@ -101,7 +101,7 @@ impl Session {
                     return;
                 }
                 match crate::mt_priority::parse_value(value) {
-                    // RFC 6710 §5: an untrusted client's raise is lowered
+                    // RFC 6710 allows it: an untrusted client's raise is lowered
                     // to the default, never refused.
                     Some(v) if v > 0 && !self.mt_priority_trusted() => mt_priority = Some(0),
                     Some(v) => mt_priority = Some(v),
