@@ -94,6 +94,32 @@ fuzz_target!(|message: &[u8]| {
         sender: "owner-list@lists.example.org",
         recipients: &["a@example.org"],
         message,
+        mt_priority: 0,
     });
     assert!(["A", "B"].contains(&decision.pool.as_str()), "{decision:?}");
+
+    // The MT-Priority rewrite (RFC 6758 §4): the header as the classifier
+    // reads it holds exactly one field, with the value; the body is kept.
+    let value = (message.len() % 19) as i8 - 9;
+    let rewritten = poolrelay_smtp::mt_priority::set_header(message, value);
+    let found: Vec<String> = parse_headers(&rewritten)
+        .into_iter()
+        .filter(|(name, _)| name.eq_ignore_ascii_case("MT-Priority"))
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(found, [value.to_string()], "MT-Priority fields after the rewrite");
+    // The body starts at the first empty line (LF or CRLF), if any.
+    let mut body_start = message.len();
+    let mut pos = 0;
+    for line in message.split_inclusive(|&b| b == b'\n') {
+        if line == b"\n" || line == b"\r\n" {
+            body_start = pos;
+            break;
+        }
+        pos += line.len();
+    }
+    assert!(
+        rewritten.ends_with(&message[body_start..]),
+        "the rewrite changed the body"
+    );
 });

@@ -49,6 +49,9 @@ fn run(
         relay_allowed,
         max_hops: 50,
         security,
+        // On, so the fuzzer reaches the MT-PRIORITY checks too.
+        mt_priority: Some(poolrelay_smtp::MtPriorityPolicy::Mixer),
+        mt_priority_trusted: relay_allowed,
     };
     let peer = SocketAddr::from(([192, 0, 2, 7], 40000));
     let (mut session, banner) = Session::new(config, peer);
@@ -187,6 +190,9 @@ fn check_transaction(mut tx: Transaction) -> Transaction {
     for r in &tx.recipients {
         assert!(!r.address.is_empty(), "empty recipient");
         no_line_breaks("recipient", &r.address);
+    }
+    if let Some(p) = tx.mt_priority {
+        assert!((-9..=9).contains(&p), "MT-PRIORITY {p} out of range");
     }
     if !tx.smtputf8 {
         assert!(tx.sender.is_ascii(), "non-ASCII sender without SMTPUTF8");

@@ -199,6 +199,9 @@ pub struct Transaction {
     pub auth_mechanism: Option<String>,
     /// The MAIL FROM address, without angle brackets (`""` for `<>`).
     pub mail_from: String,
+    /// The ESMTP parameters after the MAIL FROM path, as sent
+    /// (e.g. `SIZE=120 MT-PRIORITY=6`).
+    pub mail_params: String,
     /// Every RCPT address, in order, with the reply given.
     pub rcpts: Vec<(String, String)>,
     /// The recipients accepted (2xx).
@@ -232,11 +235,12 @@ impl fmt::Display for Transaction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "session {} tls={} auth={:?} MAIL <{}> RCPT {:?} -> data reply {:?} ({} bytes)",
+            "session {} tls={} auth={:?} MAIL <{}> {} RCPT {:?} -> data reply {:?} ({} bytes)",
             self.session,
             self.tls,
             self.auth_user,
             self.mail_from,
+            self.mail_params,
             self.rcpts,
             self.data_reply,
             self.data.len()
@@ -277,6 +281,9 @@ pub struct ScriptedOptions {
     /// The SIZE limit the EHLO reply advertises (not enforced: the test
     /// looks at what the relay chose to send).
     pub size: u64,
+    /// More EHLO keywords to advertise, as lines (e.g. `MT-PRIORITY MIXER`);
+    /// their parameters are recorded, never acted on.
+    pub extensions: Vec<String>,
 }
 
 impl Default for ScriptedOptions {
@@ -289,6 +296,7 @@ impl Default for ScriptedOptions {
             implicit_tls: None,
             auth: None,
             size: 104_857_600,
+            extensions: Vec::new(),
         }
     }
 }
@@ -584,6 +592,7 @@ struct Session {
     auth_user: Option<String>,
     auth_mechanism: Option<String>,
     mail: Option<String>,
+    mail_params: String,
     rcpts: Vec<(String, String)>,
     accepted: Vec<String>,
 }
@@ -599,6 +608,7 @@ impl Session {
                 auth_user: self.auth_user.clone(),
                 auth_mechanism: self.auth_mechanism.clone(),
                 mail_from: from,
+                mail_params: std::mem::take(&mut self.mail_params),
                 rcpts: std::mem::take(&mut self.rcpts),
                 accepted: std::mem::take(&mut self.accepted),
                 data,
@@ -674,6 +684,7 @@ fn session_loop(
                 }
                 lines.extend([format!("SIZE {}", opts.size), "8BITMIME".into()]);
                 lines.push("ENHANCEDSTATUSCODES".into());
+                lines.extend(opts.extensions.iter().cloned());
                 if opts.starttls.is_some() && !s.tls {
                     lines.push("STARTTLS".into());
                 }
@@ -723,6 +734,10 @@ fn session_loop(
                 match path_of(&args) {
                     Some(from) => {
                         s.mail = Some(from);
+                        s.mail_params = args
+                            .split_once('>')
+                            .map(|(_, rest)| rest.trim().to_string())
+                            .unwrap_or_default();
                         wire.send("250 2.1.0 Ok\r\n")?;
                     }
                     None => wire.send("501 5.5.4 Syntax: MAIL FROM:<address>\r\n")?,

@@ -48,6 +48,9 @@ fn matchers(r: &Route) -> String {
     if let Some(h) = &r.header {
         parts.push(format!("header {}: {}", h.name, h.value));
     }
+    if let Some(range) = r.mt_priority {
+        parts.push(format!("mt_priority {range}"));
+    }
     if parts.is_empty() {
         "everything else (catch-all)".to_string()
     } else {
@@ -231,6 +234,23 @@ pub(crate) fn describe(c: &Config) -> String {
             l.max_recipients
         );
         let _ = writeln!(o, "    {}", security(l));
+        if let Some(policy) = l.mt_priority {
+            let trusted: Vec<String> = l
+                .mt_priority_trusted
+                .iter()
+                .map(|n| n.to_string())
+                .collect();
+            let _ = writeln!(
+                o,
+                "    mt_priority {}  trusted above 0: {}",
+                policy.config_name(),
+                if trusted.is_empty() {
+                    "nobody".to_string()
+                } else {
+                    trusted.join(", ")
+                }
+            );
+        }
     }
 
     let _ = writeln!(o, "pools:");
@@ -394,13 +414,7 @@ pub(crate) fn describe(c: &Config) -> String {
             r.pool
         );
     }
-    let catch_all = c.routes.last().is_some_and(|r| {
-        r.sender.is_none()
-            && r.recipient.is_none()
-            && r.header.is_none()
-            && r.listener.is_none()
-            && r.user.is_none()
-    });
+    let catch_all = c.routes.last().is_some_and(Route::is_catch_all);
     if !catch_all {
         let _ = writeln!(
             o,

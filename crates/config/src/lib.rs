@@ -27,7 +27,7 @@ mod validate;
 pub use listserv::{Import, ImportOptions, import_listserv, parse_list_arg};
 pub use units::{
     format_bandwidth, format_duration, format_size, normalize_host, parse_bandwidth,
-    parse_duration, parse_size, parse_window,
+    parse_duration, parse_mt_priority_range, parse_size, parse_window,
 };
 
 use std::collections::BTreeMap;
@@ -36,6 +36,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use ipnet::IpNet;
+pub use poolrelay_smtp::MtPriorityPolicy;
 pub use poolrelay_smtp::inbound::AuthPolicy;
 pub use poolrelay_smtp::outbound::{Credentials, Timeouts, TlsMode};
 pub use users::{UsersFile, hash_password};
@@ -187,6 +188,12 @@ pub struct Listener {
     pub users_file: Option<std::sync::Arc<UsersFile>>,
     /// `auth_plaintext`: offer AUTH without TLS. Default false.
     pub auth_plaintext: bool,
+    /// `mt_priority`: the MT-PRIORITY policy advertised in EHLO (RFC 6710).
+    /// None (the default): the extension is off.
+    pub mt_priority: Option<MtPriorityPolicy>,
+    /// `mt_priority_trusted`: clients whose MT-PRIORITY values above 0 are
+    /// honoured (others are lowered to 0). Default: `relay_from`.
+    pub mt_priority_trusted: Vec<IpNet>,
     /// Line of the `[[listener]]` header.
     pub line: usize,
 }
@@ -362,6 +369,47 @@ pub struct HeaderMatch {
     pub value: String,
 }
 
+/// A route's `mt_priority` matcher: the MT-PRIORITY values it matches,
+/// both ends included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MtPriorityRange {
+    /// Lowest value matched, -9 or more.
+    pub min: i8,
+    /// Highest value matched, 9 or less.
+    pub max: i8,
+}
+
+impl MtPriorityRange {
+    /// Whether `value` is in the range.
+    pub fn contains(self, value: i8) -> bool {
+        (self.min..=self.max).contains(&value)
+    }
+}
+
+impl std::fmt::Display for MtPriorityRange {
+    /// In the matcher syntax: `5`, `>= 5`, `<= -1` or `3..9`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.min, self.max) {
+            (a, b) if a == b => write!(f, "{a}"),
+            (a, 9) => write!(f, ">= {a}"),
+            (-9, b) => write!(f, "<= {b}"),
+            (a, b) => write!(f, "{a}..{b}"),
+        }
+    }
+}
+
+impl Route {
+    /// A route without matchers takes every message.
+    pub fn is_catch_all(&self) -> bool {
+        self.sender.is_none()
+            && self.recipient.is_none()
+            && self.header.is_none()
+            && self.listener.is_none()
+            && self.user.is_none()
+            && self.mt_priority.is_none()
+    }
+}
+
 /// `[[route]]`: every matcher given must match; first matching route wins.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
@@ -378,6 +426,9 @@ pub struct Route {
     /// `user`: case-insensitive glob on the user the client authenticated
     /// as; never matches mail sent without AUTH.
     pub user: Option<String>,
+    /// `mt_priority`: the message's MT-PRIORITY (0 when it has none, as
+    /// RFC 6710 says) is in this range.
+    pub mt_priority: Option<MtPriorityRange>,
     /// Line of the `[[route]]` header, shown in logs as the route that matched.
     pub line: usize,
 }

@@ -70,6 +70,8 @@ pub(crate) struct RawListener {
     pub auth: Option<Str>,
     pub users_file: Option<Str>,
     pub auth_plaintext: Option<Spanned<bool>>,
+    pub mt_priority: Option<Str>,
+    pub mt_priority_trusted: Option<Vec<Str>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -149,6 +151,7 @@ pub(crate) struct RawRoute {
     pub header: Option<Located<RawHeader>>,
     pub listener: Option<Str>,
     pub user: Option<Str>,
+    pub mt_priority: Option<Unit>,
 }
 
 #[derive(Debug, Deserialize)]

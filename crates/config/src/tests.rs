@@ -157,6 +157,12 @@ fn full_example() {
                 auth: crate::AuthPolicy::Off,
                 users_file: None,
                 auth_plaintext: false,
+                mt_priority: None,
+                mt_priority_trusted: vec![
+                    "127.0.0.0/8".parse().unwrap(),
+                    "::1/128".parse().unwrap(),
+                    "192.0.2.7/32".parse().unwrap(),
+                ],
                 line: 12,
             },
             Listener {
@@ -171,6 +177,11 @@ fn full_example() {
                 auth: crate::AuthPolicy::Off,
                 users_file: None,
                 auth_plaintext: false,
+                mt_priority: None,
+                mt_priority_trusted: vec![
+                    "127.0.0.0/8".parse().unwrap(),
+                    "::1/128".parse().unwrap()
+                ],
                 line: 18,
             },
         ]
@@ -289,6 +300,7 @@ fn full_example() {
                 header: None,
                 listener: None,
                 user: None,
+                mt_priority: None,
                 line: 64,
             },
             Route {
@@ -301,6 +313,7 @@ fn full_example() {
                 }),
                 listener: Some("127.0.0.1:2525".into()),
                 user: None,
+                mt_priority: None,
                 line: 68,
             },
             Route {
@@ -310,6 +323,7 @@ fn full_example() {
                 header: None,
                 listener: None,
                 user: None,
+                mt_priority: None,
                 line: 73,
             },
             Route {
@@ -319,6 +333,7 @@ fn full_example() {
                 header: None,
                 listener: None,
                 user: None,
+                mt_priority: None,
                 line: 78,
             },
         ]
@@ -1157,4 +1172,95 @@ fn dns_servers_are_read_and_printed() {
     );
     let d = parse(LISTENER).unwrap().describe();
     assert!(d.contains("dns servers: the system's (resolv.conf)"), "{d}");
+}
+
+#[test]
+fn listener_mt_priority_and_its_trusted_clients() {
+    let c = parse(
+        "[[listener]]\naddress = \"127.0.0.1:2525\"\nrelay_from = [\"192.0.2.0/24\"]\nmt_priority = \"STANAG4406\"\n\
+         [[listener]]\naddress = \"127.0.0.1:2526\"\nmt_priority = \"nsep\"\nmt_priority_trusted = [\"192.0.2.9\"]\n\
+         [[listener]]\naddress = \"127.0.0.1:2527\"\n",
+    )
+    .unwrap();
+    let l = &c.listeners;
+    assert_eq!(l[0].mt_priority, Some(crate::MtPriorityPolicy::Stanag4406));
+    assert_eq!(
+        l[0].mt_priority_trusted,
+        ["192.0.2.0/24".parse::<IpNet>().unwrap()]
+    );
+    assert_eq!(l[1].mt_priority, Some(crate::MtPriorityPolicy::Nsep));
+    assert_eq!(
+        l[1].mt_priority_trusted,
+        ["192.0.2.9/32".parse::<IpNet>().unwrap()]
+    );
+    assert_eq!(l[2].mt_priority, None);
+    let printed = c.describe();
+    assert!(
+        printed.contains("    mt_priority stanag4406  trusted above 0: 192.0.2.0/24\n"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("    mt_priority nsep  trusted above 0: 192.0.2.9/32\n"),
+        "{printed}"
+    );
+    assert_eq!(printed.matches("mt_priority").count(), 2, "{printed}");
+
+    err(
+        &format!("{LISTENER}mt_priority = \"high\"\n"),
+        3,
+        &[
+            "\"high\" is not an MT-PRIORITY policy",
+            "\"mixer\", \"stanag4406\", \"nsep\"",
+        ],
+    );
+    err(
+        &format!("{LISTENER}mt_priority = \"mixer\"\nmt_priority_trusted = [\"10.0.0.0/33\"]\n"),
+        4,
+        &["mt_priority_trusted entry \"10.0.0.0/33\" is not an IP network"],
+    );
+    err(
+        &format!("{LISTENER}mt_priority_trusted = [\"10.0.0.1\"]\n"),
+        1,
+        &["mt_priority_trusted is set but mt_priority is not"],
+    );
+}
+
+#[test]
+fn route_mt_priority_matcher() {
+    let c = parse(&format!(
+        "{LISTENER}[pool.B]\n[[route]]\npool = \"B\"\nmt_priority = \">= 5\"\n[[route]]\npool = \"B\"\nmt_priority = 3\n\
+         [[route]]\npool = \"-\"\nmt_priority = \"-2..-1\"\n"
+    ))
+    .unwrap();
+    let ranges: Vec<_> = c
+        .routes
+        .iter()
+        .map(|r| r.mt_priority.map(|m| (m.min, m.max)))
+        .collect();
+    assert_eq!(ranges, [Some((5, 9)), Some((3, 3)), Some((-2, -1))]);
+    assert!(!c.routes[2].is_catch_all());
+    let printed = c.describe();
+    assert!(
+        printed.contains("line 4  mt_priority >= 5  -> B"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("line 10  mt_priority -2..-1  -> -"),
+        "{printed}"
+    );
+    assert!(printed.contains("unmatched:"), "{printed}");
+    err(
+        &format!("{LISTENER}[[route]]\npool = \"-\"\nmt_priority = \">= 12\"\n"),
+        5,
+        &[
+            "route mt_priority",
+            "12 in \">= 12\" is outside -9..9",
+            "\">= 5\"",
+        ],
+    );
+    err(
+        &format!("{LISTENER}[[route]]\npool = \"-\"\nmt_priority = \"9..3\"\n"),
+        5,
+        &["matches no MT-PRIORITY value"],
+    );
 }

@@ -7,7 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
-use crate::Window;
+use crate::{MtPriorityRange, Window};
 
 /// A decimal number split into its integer part and its fraction digits.
 struct Decimal<'a> {
@@ -431,6 +431,45 @@ pub(crate) fn is_ip_or_socket(s: &str) -> bool {
     s.parse::<IpAddr>().is_ok() || s.parse::<std::net::SocketAddr>().is_ok()
 }
 
+const MT_PRIORITY_FORMS: &str = "write a value from -9 to 9 (\"5\"), a bound (\">= 5\", \"<= -1\", \"> 0\", \"< 0\") or a range (\"3..9\")";
+
+/// Parses a route's `mt_priority` matcher: `"5"`, `">= 5"`, `"<= -1"`,
+/// `"> 0"`, `"< 0"` or `"3..9"` (inclusive), values from -9 to 9.
+pub fn parse_mt_priority_range(s: &str) -> Result<MtPriorityRange, String> {
+    let bad = || format!("\"{s}\" is not an MT-PRIORITY matcher; {MT_PRIORITY_FORMS}");
+    let value = |t: &str| -> Result<i8, String> {
+        let t = t.trim();
+        let v: i64 = t.parse().map_err(|_| bad())?;
+        if !(-9..=9).contains(&v) {
+            return Err(format!(
+                "{v} in \"{s}\" is outside -9..9, the MT-PRIORITY range; {MT_PRIORITY_FORMS}"
+            ));
+        }
+        Ok(v as i8)
+    };
+    let t = s.trim();
+    let (min, max) = if let Some(rest) = t.strip_prefix(">=") {
+        (value(rest)?, 9)
+    } else if let Some(rest) = t.strip_prefix("<=") {
+        (-9, value(rest)?)
+    } else if let Some(rest) = t.strip_prefix('>') {
+        (value(rest)?.saturating_add(1), 9)
+    } else if let Some(rest) = t.strip_prefix('<') {
+        (-9, value(rest)?.saturating_sub(1))
+    } else if let Some((a, b)) = t.split_once("..") {
+        (value(a)?, value(b.strip_prefix('=').unwrap_or(b))?)
+    } else {
+        let v = value(t)?;
+        (v, v)
+    };
+    if min > max {
+        return Err(format!(
+            "\"{s}\" matches no MT-PRIORITY value; {MT_PRIORITY_FORMS}"
+        ));
+    }
+    Ok(MtPriorityRange { min, max })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -630,5 +669,25 @@ mod tests {
             let e = n(bad).unwrap_err();
             assert!(e.contains("name:port"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn mt_priority_ranges() {
+        let r = |s: &str| parse_mt_priority_range(s).map(|r| (r.min, r.max));
+        assert_eq!(r(">= 5"), Ok((5, 9)));
+        assert_eq!(r(">=5"), Ok((5, 9)));
+        assert_eq!(r("<= -1"), Ok((-9, -1)));
+        assert_eq!(r("> 0"), Ok((1, 9)));
+        assert_eq!(r("< 0"), Ok((-9, -1)));
+        assert_eq!(r("3..9"), Ok((3, 9)));
+        assert_eq!(r("-2..=2"), Ok((-2, 2)));
+        assert_eq!(r(" 5 "), Ok((5, 5)));
+        assert_eq!(r("-9"), Ok((-9, -9)));
+        for bad in [
+            "", "high", ">= 12", "5..3", "> 9", "< -9", "..", "1..", "=> 5",
+        ] {
+            assert!(r(bad).is_err(), "{bad}");
+        }
+        assert!(r(">= 12").unwrap_err().contains("outside -9..9"));
     }
 }

@@ -19,12 +19,12 @@ use messages::toml_error;
 
 use crate::raw::{Int, Located, RawConfig, RawListener, RawPool, Str, Unit};
 use crate::units::{
-    is_host_name, is_ip_or_socket, normalize_host, parse_bandwidth, parse_duration, parse_size,
-    parse_window,
+    is_host_name, is_ip_or_socket, normalize_host, parse_bandwidth, parse_duration,
+    parse_mt_priority_range, parse_size, parse_window,
 };
 use crate::{
-    Admin, Config, ConfigError, Credentials, DEFAULT_POOL, Defaults, HeaderMatch, Listener, Pool,
-    Route, Server, Timeouts, TlsMode, Upstream, is_valid_pool_name,
+    Admin, Config, ConfigError, Credentials, DEFAULT_POOL, Defaults, HeaderMatch, Listener,
+    MtPriorityPolicy, Pool, Route, Server, Timeouts, TlsMode, Upstream, is_valid_pool_name,
 };
 
 /// `defaults.lower_priority_share` when the config gives none: 10%.
@@ -581,7 +581,10 @@ impl Ctx<'_> {
                 if list.is_empty() {
                     self.at_line(line, "relay_from is empty, so this listener would refuse every client; list who may relay, e.g. relay_from = [\"192.0.2.0/24\"], or omit it for loopback only".to_string());
                 }
-                relay_from = list.iter().filter_map(|n| self.network(n)).collect();
+                relay_from = list
+                    .iter()
+                    .filter_map(|n| self.network("relay_from", n))
+                    .collect();
             }
             let pool = match &r.pool {
                 Some(p) => self
@@ -610,6 +613,28 @@ impl Ctx<'_> {
                 None => 1000,
             };
             let security = self.listener_security(r, line, address);
+            let mt_priority = r.mt_priority.as_ref().and_then(|v| {
+                let policy = MtPriorityPolicy::from_name(v.get_ref());
+                if policy.is_none() {
+                    let names: Vec<String> = MtPriorityPolicy::ALL
+                        .iter()
+                        .map(|p| format!("\"{}\"", p.config_name()))
+                        .collect();
+                    self.at(v, format!("listener mt_priority \"{}\" is not an MT-PRIORITY policy; write one of {} (RFC 6710), or omit it to leave the extension off", v.get_ref(), names.join(", ")));
+                }
+                policy
+            });
+            let mt_priority_trusted = match &r.mt_priority_trusted {
+                Some(list) => {
+                    if r.mt_priority.is_none() {
+                        self.at_line(line, "mt_priority_trusted is set but mt_priority is not, so no client can give a priority here; add mt_priority = \"mixer\" (or \"stanag4406\", \"nsep\"), or remove mt_priority_trusted".to_string());
+                    }
+                    list.iter()
+                        .filter_map(|n| self.network("mt_priority_trusted", n))
+                        .collect()
+                }
+                None => relay_from.clone(),
+            };
             listeners.push(Listener {
                 name,
                 address,
@@ -622,14 +647,17 @@ impl Ctx<'_> {
                 auth: security.auth,
                 users_file: security.users_file,
                 auth_plaintext: security.auth_plaintext,
+                mt_priority,
+                mt_priority_trusted,
                 line,
             });
         }
         listeners
     }
 
-    /// A `relay_from` entry: a CIDR network, or a bare address as /32 or /128.
-    fn network(&mut self, v: &Str) -> Option<IpNet> {
+    /// An entry of `key` (`relay_from`, `mt_priority_trusted`): a CIDR
+    /// network, or a bare address as /32 or /128.
+    fn network(&mut self, key: &str, v: &Str) -> Option<IpNet> {
         let s = v.get_ref().trim();
         let parsed = if s.contains('/') {
             s.parse::<IpNet>().ok()
@@ -639,7 +667,7 @@ impl Ctx<'_> {
         if parsed.is_none() {
             self.at(
                 v,
-                format!("relay_from entry \"{}\" is not an IP network; write an address such as \"192.0.2.1\" or a network such as \"192.0.2.0/24\" or \"2001:db8::/32\"", v.get_ref()),
+                format!("{key} entry \"{}\" is not an IP network; write an address such as \"192.0.2.1\" or a network such as \"192.0.2.0/24\" or \"2001:db8::/32\"", v.get_ref()),
             );
         }
         parsed

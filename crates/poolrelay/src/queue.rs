@@ -447,16 +447,20 @@ fn list(api: &Api, pool: Option<String>, json: bool, limit: usize) -> Result<i32
         return Ok(0);
     }
     println!(
-        "{:<17} {:<6} {:>4} {:>8} {:>9} {:>5} {:>8}  SENDER / LAST REPLY",
-        "QUEUE ID", "POOL", "PRIO", "SIZE", "AGE", "TRIES", "PENDING"
+        "{:<17} {:<6} {:>4} {:>4} {:>8} {:>9} {:>5} {:>8}  SENDER / LAST REPLY",
+        "QUEUE ID", "POOL", "PRIO", "MTP", "SIZE", "AGE", "TRIES", "PENDING"
     );
     for m in &all {
         let sender = m["sender"].as_str().unwrap_or("");
         println!(
-            "{:<17} {:<6} {:>4} {:>8} {:>9} {:>5} {:>4}/{:<3}  <{}>",
+            "{:<17} {:<6} {:>4} {:>4} {:>8} {:>9} {:>5} {:>4}/{:<3}  <{}>",
             m["id"].as_str().unwrap_or("?"),
             m["pool"].as_str().unwrap_or("?"),
             signed(&m["priority"]),
+            // The message's own MT-PRIORITY; "-" when it has none.
+            m["mt_priority"]
+                .as_i64()
+                .map_or_else(|| "-".to_string(), |v| v.to_string()),
             num(&m["size"]),
             age(m["age_seconds"].as_f64().unwrap_or(0.0)),
             num(&m["attempts"]),

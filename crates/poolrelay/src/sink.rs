@@ -90,6 +90,8 @@ async fn serve(state: Arc<State>, stream: TcpStream, peer: SocketAddr) -> std::i
             relay_allowed: true,
             max_hops: usize::MAX,
             security: Default::default(),
+            mt_priority: None,
+            mt_priority_trusted: false,
         },
         peer,
     );

@@ -102,6 +102,7 @@ fn classify(c: &mut Criterion) {
             sender,
             recipients: &rcpts,
             message: msg,
+            mt_priority: 0,
         };
         assert_eq!(classifier.classify(&facts).reason, reason, "{name}");
         group.bench_with_input(BenchmarkId::from_parameter(name), &facts, |b, facts| {

@@ -21,6 +21,9 @@ pub struct Facts<'a> {
     pub recipients: &'a [&'a str],
     /// The message bytes (only the header section is read).
     pub message: &'a [u8],
+    /// Its MT-PRIORITY; 0 when it has none (RFC 6710's default), so a
+    /// route for `"<= 0"` takes mail without one.
+    pub mt_priority: i8,
 }
 
 /// The decision and why it was made, for the per-message log line.
@@ -122,6 +125,11 @@ fn route_matches(
     {
         return false;
     }
+    if let Some(range) = route.mt_priority
+        && !range.contains(facts.mt_priority)
+    {
+        return false;
+    }
     if let Some(header) = &route.header {
         // Parsed lazily: most routes match on the envelope alone.
         let parsed = headers.get_or_insert_with(|| parse_headers(facts.message));
@@ -200,6 +208,7 @@ mod tests {
             header: None,
             listener: None,
             user: None,
+            mt_priority: None,
             line,
         }
     }
@@ -220,6 +229,7 @@ mod tests {
             sender,
             recipients: rcpts,
             message,
+            mt_priority: 0,
         }
     }
 
@@ -331,5 +341,49 @@ mod tests {
         f.user_pool = Some("A");
         let d = c.classify(&f);
         assert_eq!((d.pool.as_str(), d.reason), ("A", "user"));
+    }
+
+    #[test]
+    fn mt_priority_matcher_takes_mail_without_one_as_zero() {
+        let ranges = poolrelay_config::parse_mt_priority_range;
+        let mut urgent = route("B", 1);
+        urgent.mt_priority = ranges(">= 5").ok();
+        let mut low = route("L", 2);
+        low.mt_priority = ranges("<= -1").ok();
+        let mut zero = route("Z", 3);
+        zero.mt_priority = ranges("0").ok();
+        let c = classifier(vec![urgent, low, zero]);
+        let pool = |mt_priority| {
+            let mut f = facts("a@b", &[], b"");
+            f.mt_priority = mt_priority;
+            c.classify(&f).pool
+        };
+        assert_eq!(
+            [pool(9), pool(5), pool(4), pool(-1), pool(-9), pool(0)],
+            ["B", "B", "-", "L", "L", "Z"]
+        );
+    }
+
+    #[test]
+    fn the_mt_priority_rewrite_leaves_one_field_as_this_parser_reads_headers() {
+        // What an upstream without MT-PRIORITY receives must carry exactly
+        // one MT-Priority field, however odd the header it came with.
+        for message in [
+            &b"Subject: a\r\nMT-Priority: 2\r\n\r\nbody"[..],
+            b"MT-Priority: 2\nmt-priority:\n 4\nTo: x\n\nMT-Priority: 9\n",
+            b" leading continuation\r\nMT-Priority : 1\r\n",
+            b"garbage line\r\nMT-Priority\x0b: 3\r\n\tfolded\r\nX: y",
+            b"\x0cMT-Priority: 5\r\nMT-Priority\xc2\x85: 6\r\n\r\n",
+            b"X: 1\r\r\nMT-Priority: 7\r",
+            b"",
+        ] {
+            let rewritten = poolrelay_smtp::mt_priority::set_header(message, -4);
+            let found: Vec<String> = parse_headers(&rewritten)
+                .into_iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case("MT-Priority"))
+                .map(|(_, v)| v)
+                .collect();
+            assert_eq!(found, ["-4"], "{:?}", String::from_utf8_lossy(message));
+        }
     }
 }

@@ -69,6 +69,10 @@ pub struct MessageSummary {
     pub pool: String,
     /// Its pool's `priority`: the order in which workers take it.
     pub priority: i8,
+    /// Its own MT-PRIORITY (RFC 6710), which orders it within its pool;
+    /// absent when the client gave none (ordered as 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mt_priority: Option<i8>,
     /// Envelope sender ("" = null sender).
     pub sender: String,
     /// Recipient count.
@@ -123,6 +127,7 @@ fn summarize(
         id: format_id(id),
         pool: env.pool.clone(),
         priority,
+        mt_priority: env.mt_priority,
         sender: env.sender.clone(),
         recipients: env.recipients.len(),
         pending: count(RecipientState::Pending),
@@ -150,6 +155,7 @@ fn corrupt_summary(id: QueueId, pool: &str, priority: i8, error: &SpoolError) ->
         id: format_id(id),
         pool: pool.to_string(),
         priority,
+        mt_priority: None,
         sender: String::new(),
         recipients: 0,
         pending: 0,
@@ -369,7 +375,8 @@ impl Running {
     pub fn flush_message(&self, id: &str) -> Result<(), ControlError> {
         let id = id_from(id)?;
         let envelope = self.claim(id)?;
-        self.queue.requeue(id, &envelope.pool);
+        self.queue
+            .requeue(id, &envelope.pool, envelope.mt_priority_or_default());
         tracing::info!(queue_id = %format_id(id), "message flushed");
         Ok(())
     }
@@ -387,8 +394,12 @@ impl Running {
         }
         let envelope = self.claim(id)?;
         if let Err(e) = self.queue.remove(id, &envelope.pool).await {
-            self.scheduler
-                .enqueue(id, &envelope.pool, envelope.next_attempt_ms);
+            self.scheduler.enqueue(
+                id,
+                &envelope.pool,
+                envelope.next_attempt_ms,
+                envelope.mt_priority_or_default(),
+            );
             return Err(e.into());
         }
         tracing::info!(queue_id = %format_id(id), pool = %envelope.pool, "message deleted by the operator");
@@ -417,10 +428,11 @@ impl Running {
         let id = id_from(id)?;
         let envelope = self.claim(id)?;
         let (pool, due) = (envelope.pool.clone(), envelope.next_attempt_ms);
+        let mt_priority = envelope.mt_priority_or_default();
         let result = self.bounce_claimed(id, envelope).await;
         if result.is_err() {
             // Still on disk as it was: put it back where it stood.
-            self.scheduler.enqueue(id, &pool, due);
+            self.scheduler.enqueue(id, &pool, due, mt_priority);
         }
         result
     }

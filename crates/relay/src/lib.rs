@@ -307,7 +307,7 @@ async fn recover(spool: &Arc<dyn Spool>, scheduler: &Arc<Scheduler>) -> anyhow::
             } else {
                 0
             };
-            index.enqueue(id, &envelope.pool, due);
+            index.enqueue(id, &envelope.pool, due, envelope.mt_priority_or_default());
             count += 1;
         })?;
         Ok::<_, poolrelay_spool::SpoolError>((count, finished))

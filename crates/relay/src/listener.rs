@@ -338,6 +338,7 @@ async fn session(
         .relay_from
         .iter()
         .any(|net| net.contains(&peer.ip().to_canonical()));
+    let mt_priority_trusted = mt_priority_trusted(listener, peer);
     let (session, banner) = Session::new(
         SessionConfig {
             hostname: server.hostname.clone(),
@@ -352,6 +353,8 @@ async fn session(
                 auth: listener.auth,
                 auth_plaintext: listener.auth_plaintext,
             },
+            mt_priority: listener.mt_priority,
+            mt_priority_trusted,
         },
         peer,
     );
@@ -384,6 +387,19 @@ async fn session(
     .await
 }
 
+/// Whether a client's MT-PRIORITY values above 0 are honoured, as far as
+/// the connection tells: its address is in the listener's
+/// `mt_priority_trusted` networks. An authenticated client is trusted
+/// too; that is known only inside the session, which adds it in
+/// `Session::mt_priority_trusted`.
+fn mt_priority_trusted(listener: &Listener, peer: SocketAddr) -> bool {
+    let ip = peer.ip().to_canonical();
+    listener
+        .mt_priority_trusted
+        .iter()
+        .any(|net| net.contains(&ip))
+}
+
 fn count_rejections(session: &mut Session, listener: &str) {
     for r in session.take_rejections() {
         metrics::counter!(metric::SMTP_REJECTIONS.name, "listener" => listener.to_string(), "reason" => r.label()).increment(1);
@@ -411,6 +427,7 @@ async fn queue(
         sender: &tx.sender,
         recipients: &recipients,
         message: &tx.message,
+        mt_priority: tx.mt_priority.unwrap_or(0),
     });
     let recipients = tx
         .recipients
@@ -434,6 +451,7 @@ async fn queue(
     envelope.ret = tx.ret;
     envelope.body_8bit = tx.body_8bit;
     envelope.smtputf8 = tx.smtputf8;
+    envelope.mt_priority = tx.mt_priority;
     let size = tx.message.len();
     let rcpt_count = tx.recipients.len();
     match inbound.queue.append(envelope, tx.message).await {
@@ -450,6 +468,7 @@ async fn queue(
                 recipients = rcpt_count,
                 size,
                 pool = %decision.pool,
+                mt_priority = tx.mt_priority.map(i64::from),
                 classified_by = decision.reason,
                 route_line = decision.route_line,
                 listener = %listener.name,

@@ -42,8 +42,9 @@ impl Queue {
     ) -> Result<QueueId, SpoolError> {
         let pool = envelope.pool.clone();
         let due = envelope.next_attempt_ms;
+        let mt_priority = envelope.mt_priority_or_default();
         let id = self.spool.append(envelope, message).await?;
-        self.scheduler.enqueue(id, &pool, due);
+        self.scheduler.enqueue(id, &pool, due, mt_priority);
         Ok(id)
     }
 
@@ -60,13 +61,16 @@ impl Queue {
     ) -> Result<(), SpoolError> {
         let pool = envelope.pool.clone();
         let due = envelope.next_attempt_ms;
+        // A store never changes the priority: the old record has the same.
+        let mt_priority = envelope.mt_priority_or_default();
         match self.spool.update(id, old_pool, envelope).await {
             Ok(()) => {
-                self.scheduler.enqueue(id, &pool, due);
+                self.scheduler.enqueue(id, &pool, due, mt_priority);
                 Ok(())
             }
             Err(e) => {
-                self.scheduler.enqueue(id, old_pool, fallback_due);
+                self.scheduler
+                    .enqueue(id, old_pool, fallback_due, mt_priority);
                 Err(e)
             }
         }
@@ -78,9 +82,9 @@ impl Queue {
     }
 
     /// Puts a message back as ready without writing anything (nothing
-    /// about it changed).
-    pub fn requeue(&self, id: QueueId, pool: &str) {
-        self.scheduler.enqueue(id, pool, 0);
+    /// about it changed), with its MT-PRIORITY (0 when it has none).
+    pub fn requeue(&self, id: QueueId, pool: &str, mt_priority: i8) {
+        self.scheduler.enqueue(id, pool, 0, mt_priority);
     }
 }
 

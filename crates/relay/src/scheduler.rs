@@ -1,12 +1,13 @@
 //! The in-memory index of the spool: per pool, which messages are ready
-//! (oldest first), which are deferred until when, and whether the pool is held.
+//! (highest MT-PRIORITY first, then oldest), which are deferred until
+//! when, and whether the pool is held.
 //!
 //! Cost: about 40 bytes per queued message (an id in a `BTreeSet` or a
-//! `(due, id)` in a heap); envelopes and bodies stay on disk. One mutex
+//! `(due, id, mt_priority)` in a heap); envelopes and bodies stay on disk. One mutex
 //! guards the index; it is held only for set operations, never across I/O.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -20,11 +21,80 @@ pub struct Job {
     pub id: QueueId,
     /// Its pool.
     pub pool: String,
+    /// Its MT-PRIORITY (0 when it has none), kept so that putting it back
+    /// needs no read of the envelope.
+    pub mt_priority: i8,
+}
+
+/// The ready messages of one pool: a FIFO lane per MT-PRIORITY value, so
+/// the next message is the oldest of the highest non-empty lane. Nearly
+/// all mail has one priority, so there is usually a single lane and the
+/// cost is that of one ordered set.
+#[derive(Default)]
+struct Ready {
+    lanes: BTreeMap<i8, BTreeSet<QueueId>>,
+    len: usize,
+}
+
+impl Ready {
+    fn insert(&mut self, mt_priority: i8, id: QueueId) {
+        if self.lanes.entry(mt_priority).or_default().insert(id) {
+            self.len += 1;
+        }
+    }
+
+    /// Removes `id` from whichever lane holds it (at most 19 lanes; for
+    /// the operator's moves, where the priority is not at hand).
+    fn remove(&mut self, id: QueueId) -> bool {
+        let lane = self
+            .lanes
+            .iter()
+            .find_map(|(p, ids)| ids.contains(&id).then_some(*p));
+        lane.is_some_and(|p| self.remove_from(p, id))
+    }
+
+    /// Removes `id` from the lane of `mt_priority`.
+    fn remove_from(&mut self, mt_priority: i8, id: QueueId) -> bool {
+        let Some(ids) = self.lanes.get_mut(&mt_priority) else {
+            return false;
+        };
+        if !ids.remove(&id) {
+            return false;
+        }
+        if ids.is_empty() {
+            self.lanes.remove(&mt_priority);
+        }
+        self.len -= 1;
+        true
+    }
+
+    /// The message to deliver next and its MT-PRIORITY.
+    fn next(&self) -> Option<(QueueId, i8)> {
+        let (p, ids) = self.lanes.iter().next_back()?;
+        ids.first().map(|id| (*id, *p))
+    }
+
+    /// The oldest ready message, whatever its priority.
+    fn oldest(&self) -> Option<QueueId> {
+        self.lanes
+            .values()
+            .filter_map(|ids| ids.first())
+            .min()
+            .copied()
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 struct PoolQueue {
-    ready: BTreeSet<QueueId>,
-    deferred: BinaryHeap<Reverse<(u64, QueueId)>>,
+    ready: Ready,
+    deferred: BinaryHeap<Reverse<(u64, QueueId, i8)>>,
     in_flight: usize,
     held: bool,
     /// Messages finished per second over the last minute, as a ring indexed by second.
@@ -36,7 +106,7 @@ struct PoolQueue {
 impl Default for PoolQueue {
     fn default() -> Self {
         PoolQueue {
-            ready: BTreeSet::new(),
+            ready: Ready::default(),
             deferred: BinaryHeap::new(),
             in_flight: 0,
             held: false,
@@ -65,12 +135,12 @@ impl PoolQueue {
 
     /// Moves every deferred message whose time has come to `ready`.
     fn promote(&mut self, now: u64) {
-        while let Some(Reverse((due, id))) = self.deferred.peek().copied() {
+        while let Some(Reverse((due, id, mt_priority))) = self.deferred.peek().copied() {
             if due > now {
                 break;
             }
             self.deferred.pop();
-            self.ready.insert(id);
+            self.ready.insert(mt_priority, id);
         }
     }
 }
@@ -111,14 +181,16 @@ impl Scheduler {
         f(&mut guard)
     }
 
-    /// Adds a message, ready at `due_ms` (0 or past = now).
-    pub fn enqueue(&self, id: QueueId, pool: &str, due_ms: u64) {
+    /// Adds a message, ready at `due_ms` (0 or past = now). Within its
+    /// pool, ready messages of a higher `mt_priority` go first (give 0 for
+    /// a message without MT-PRIORITY), then the oldest.
+    pub fn enqueue(&self, id: QueueId, pool: &str, due_ms: u64, mt_priority: i8) {
         self.with(|pools| {
             let q = pools.entry(pool.to_string()).or_default();
             if due_ms <= now_ms() {
-                q.ready.insert(id);
+                q.ready.insert(mt_priority, id);
             } else {
-                q.deferred.push(Reverse((due_ms, id)));
+                q.deferred.push(Reverse((due_ms, id, mt_priority)));
             }
         });
         self.wake.notify_waiters();
@@ -167,11 +239,11 @@ impl Scheduler {
             let Some(q) = pools.get_mut(pool) else {
                 return false;
             };
-            if q.ready.remove(&id) {
+            if q.ready.remove(id) {
                 return true;
             }
             let before = q.deferred.len();
-            q.deferred.retain(|Reverse((_, i))| *i != id);
+            q.deferred.retain(|Reverse((_, i, _))| *i != id);
             q.deferred.len() != before
         })
     }
@@ -184,8 +256,8 @@ impl Scheduler {
                 .iter_mut()
                 .map(|(name, q)| {
                     q.promote(now);
-                    let oldest_deferred = q.deferred.iter().map(|Reverse((_, id))| *id).min();
-                    let oldest = match (q.ready.first().copied(), oldest_deferred) {
+                    let oldest_deferred = q.deferred.iter().map(|Reverse((_, id, _))| *id).min();
+                    let oldest = match (q.ready.oldest(), oldest_deferred) {
                         (Some(a), Some(b)) => Some(a.min(b)),
                         (a, b) => a.or(b),
                     };
@@ -212,11 +284,13 @@ impl Scheduler {
     }
 
     /// Takes the message `picker` chooses among the ready, eligible
-    /// messages of its pools, or None when none is ready.
+    /// messages of its pools, or None when none is ready. Each pool offers
+    /// its next message (highest MT-PRIORITY, then oldest); the picker
+    /// chooses between pools by their `priority` and those messages' age.
     pub fn take(&self, picker: &mut Picker, eligible: &dyn Fn(&str) -> bool) -> Option<Job> {
         let now = now_ms();
         self.with(|all| {
-            let oldest: Vec<Option<QueueId>> = picker
+            let next: Vec<Option<(QueueId, i8)>> = picker
                 .lanes
                 .iter()
                 .map(|lane| {
@@ -225,16 +299,21 @@ impl Scheduler {
                         return None;
                     }
                     q.promote(now);
-                    q.ready.first().copied().filter(|_| eligible(&lane.pool))
+                    q.ready.next().filter(|_| eligible(&lane.pool))
                 })
                 .collect();
-            let chosen = picker.choose(&oldest)?;
-            let id = oldest[chosen]?;
+            let ids: Vec<Option<QueueId>> = next.iter().map(|n| n.map(|(id, _)| id)).collect();
+            let chosen = picker.choose(&ids)?;
+            let (id, mt_priority) = next[chosen]?;
             let name = picker.lanes[chosen].pool.clone();
             let q = all.get_mut(&name)?;
-            q.ready.remove(&id);
+            q.ready.remove_from(mt_priority, id);
             q.in_flight += 1;
-            Some(Job { id, pool: name })
+            Some(Job {
+                id,
+                pool: name,
+                mt_priority,
+            })
         })
     }
 
@@ -246,7 +325,7 @@ impl Scheduler {
                 .iter()
                 .filter_map(|p| all.get(p))
                 .filter(|q| !q.held)
-                .filter_map(|q| q.deferred.peek().map(|Reverse((due, _))| *due))
+                .filter_map(|q| q.deferred.peek().map(|Reverse((due, _, _))| *due))
                 .min()
                 .map(|due| Duration::from_millis(due.saturating_sub(now)))
         })
@@ -353,7 +432,7 @@ impl Picker {
         self.lanes.iter().map(|l| l.pool.clone()).collect()
     }
 
-    /// Given the oldest ready message of each lane (None: nothing ready or
+    /// Given the next ready message of each lane (None: nothing ready or
     /// not eligible now), the lane to take from.
     fn choose(&mut self, oldest: &[Option<QueueId>]) -> Option<usize> {
         let ready = |i: usize| oldest.get(i).copied().flatten();
@@ -418,9 +497,9 @@ mod tests {
     #[test]
     fn oldest_ready_message_of_the_served_pools_comes_first() {
         let s = Scheduler::new();
-        s.enqueue(30, "A", 0);
-        s.enqueue(10, "B", 0);
-        s.enqueue(20, "A", 0);
+        s.enqueue(30, "A", 0, 0);
+        s.enqueue(10, "B", 0, 0);
+        s.enqueue(20, "A", 0, 0);
         assert_eq!(s.try_take(&pools(&["A"]), &ALL).map(|j| j.id), Some(20));
         assert_eq!(
             s.try_take(&pools(&["A", "B"]), &ALL).map(|j| j.id),
@@ -430,10 +509,60 @@ mod tests {
     }
 
     #[test]
+    fn within_a_pool_higher_mt_priority_first_then_oldest() {
+        let s = Scheduler::new();
+        for (id, mt_priority) in [(1, 0), (2, 0), (3, 5), (4, -2), (5, 5), (6, 9)] {
+            s.enqueue(id, "A", 0, mt_priority);
+        }
+        let mut order = Vec::new();
+        while let Some(job) = s.try_take(&pools(&["A"]), &ALL) {
+            order.push((job.id, job.mt_priority));
+        }
+        assert_eq!(order, [(6, 9), (3, 5), (5, 5), (1, 0), (2, 0), (4, -2)]);
+    }
+
+    #[test]
+    fn mt_priority_survives_deferral_and_lanes_stay_consistent() {
+        let s = Scheduler::new();
+        s.enqueue(1, "A", 0, 0);
+        s.enqueue(2, "A", now_ms() + 60_000, 7);
+        s.enqueue(3, "A", 0, -1);
+        s.enqueue(4, "A", 0, 3);
+        let c = s.counts()["A"];
+        assert_eq!((c.ready, c.deferred, c.oldest), (3, 1, Some(1)));
+        // The oldest is reported whatever its lane; forget finds any lane.
+        assert!(s.forget(1, "A"));
+        assert!(!s.forget(1, "A"));
+        assert_eq!(s.counts()["A"].oldest, Some(2));
+        s.flush("A");
+        assert_eq!(
+            s.try_take(&pools(&["A"]), &ALL)
+                .map(|j| (j.id, j.mt_priority)),
+            Some((2, 7))
+        );
+        assert!(s.forget(4, "A"));
+        assert_eq!(s.try_take(&pools(&["A"]), &ALL).map(|j| j.id), Some(3));
+        assert_eq!(s.try_take(&pools(&["A"]), &ALL), None);
+        assert_eq!(s.counts()["A"].ready, 2, "two in flight");
+    }
+
+    #[test]
+    fn mt_priority_orders_within_a_pool_not_between_pools() {
+        // Pools of equal priority still alternate by age: a message's
+        // MT-PRIORITY does not jump it ahead of an older one in another pool.
+        let s = Scheduler::new();
+        s.enqueue(1, "A", 0, 0);
+        s.enqueue(2, "B", 0, 9);
+        s.enqueue(3, "A", 0, 9);
+        let take = || s.try_take(&pools(&["A", "B"]), &ALL).map(|j| j.id);
+        assert_eq!((take(), take(), take()), (Some(2), Some(3), Some(1)));
+    }
+
+    #[test]
     fn deferred_mail_does_not_block_ready_mail() {
         let s = Scheduler::new();
-        s.enqueue(1, "A", now_ms() + 60_000);
-        s.enqueue(2, "A", 0);
+        s.enqueue(1, "A", now_ms() + 60_000, 0);
+        s.enqueue(2, "A", 0, 0);
         assert_eq!(s.try_take(&pools(&["A"]), &ALL).map(|j| j.id), Some(2));
         assert_eq!(s.try_take(&pools(&["A"]), &ALL), None);
         s.flush("A");
@@ -443,7 +572,7 @@ mod tests {
     #[test]
     fn held_pools_deliver_nothing_until_released() {
         let s = Scheduler::new();
-        s.enqueue(1, "B", 0);
+        s.enqueue(1, "B", 0, 0);
         s.set_held("B", true);
         assert_eq!(s.try_take(&pools(&["B"]), &ALL), None);
         assert_eq!(s.counts()["B"].ready, 1);
@@ -465,7 +594,7 @@ mod tests {
             .await
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
-        s.enqueue(7, "A", 0);
+        s.enqueue(7, "A", 0, 0);
         let job = tokio::time::timeout(Duration::from_secs(5), waiter).await;
         assert_eq!(
             job.ok().and_then(|r| r.ok()).flatten().map(|j| j.id),
@@ -488,10 +617,10 @@ mod tests {
     #[test]
     fn the_highest_priority_pool_goes_first_then_the_oldest_among_equals() {
         let s = Scheduler::new();
-        s.enqueue(1, "A", 0);
-        s.enqueue(2, "A", 0);
-        s.enqueue(3, "C", 0);
-        s.enqueue(4, "B", 0);
+        s.enqueue(1, "A", 0, 0);
+        s.enqueue(2, "A", 0, 0);
+        s.enqueue(3, "C", 0, 0);
+        s.enqueue(4, "B", 0, 0);
         let mut p = Picker::new(
             [
                 Lane::new("A", 0, 0.1),
@@ -541,14 +670,14 @@ mod tests {
         );
         assert_eq!(p.pools(), ["B"]);
         let s = Scheduler::new();
-        s.enqueue(1, "A", 0);
+        s.enqueue(1, "A", 0, 0);
         let mut p = p;
         assert_eq!(
             s.take(&mut p, &ALL),
             None,
             "bulk mail is not for a reserved worker"
         );
-        s.enqueue(2, "B", 0);
+        s.enqueue(2, "B", 0, 0);
         assert_eq!(s.take(&mut p, &ALL).map(|j| j.id), Some(2));
     }
 
@@ -609,8 +738,8 @@ mod tests {
     #[test]
     fn lanes_not_eligible_now_are_passed_over() {
         let s = Scheduler::new();
-        s.enqueue(1, "B", 0);
-        s.enqueue(2, "A", 0);
+        s.enqueue(1, "B", 0, 0);
+        s.enqueue(2, "A", 0, 0);
         let mut p = Picker::new([Lane::new("B", 5, 0.1), Lane::new("A", 0, 0.1)], false);
         let not_b = |pool: &str| pool != "B";
         assert_eq!(s.take(&mut p, &not_b).map(|j| j.id), Some(2));

@@ -180,7 +180,7 @@ pub async fn run(
         let job_hosts = hosts.get(in_window(), config.fallback_allowed(&job.pool));
         if job_hosts.is_empty() {
             shared.queue.scheduler().finished(&job);
-            shared.queue.requeue(job.id, &job.pool);
+            shared.queue.requeue(job.id, &job.pool, job.mt_priority);
             continue;
         }
         deliver(&shared, &generation, &upstream, job_hosts, &mut conn, &job).await;
@@ -264,7 +264,7 @@ async fn deliver(
             shared
                 .queue
                 .scheduler()
-                .enqueue(job.id, &job.pool, now_ms() + 60_000);
+                .enqueue(job.id, &job.pool, now_ms() + 60_000, job.mt_priority);
             return;
         }
     };
@@ -307,6 +307,7 @@ fn outbound_envelope(envelope: &Envelope, pending: &[usize]) -> OutboundEnvelope
         smtputf8: envelope.smtputf8,
         envid: envelope.envid.clone(),
         ret_full: envelope.ret().map(|r| r == Ret::Full),
+        mt_priority: envelope.mt_priority,
         dsn: pending
             .iter()
             .map(|&i| RecipientDsn {
@@ -388,7 +389,7 @@ async fn apply(
             )
             .await;
         }
-        Next::Requeue => shared.queue.requeue(job.id, &job.pool),
+        Next::Requeue => shared.queue.requeue(job.id, &job.pool, job.mt_priority),
         Next::RetryAt(due) => {
             let recorded = record(generation, &id_text, "the attempt", || {
                 shared
@@ -400,7 +401,10 @@ async fn apply(
             // Not recorded (stopping): the old envelope is on disk and
             // the message is retried as it was.
             let due = if recorded { due } else { now_ms() + 60_000 };
-            shared.queue.scheduler().enqueue(job.id, &job.pool, due);
+            shared
+                .queue
+                .scheduler()
+                .enqueue(job.id, &job.pool, due, job.mt_priority);
         }
     }
 }

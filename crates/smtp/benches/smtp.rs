@@ -18,6 +18,8 @@ fn config() -> SessionConfig {
         relay_allowed: true,
         max_hops: 50,
         security: Default::default(),
+        mt_priority: None,
+        mt_priority_trusted: false,
     }
 }
 

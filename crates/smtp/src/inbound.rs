@@ -3,6 +3,7 @@
 
 use crate::data::{DataDecoder, DataError, DataStatus};
 use crate::date::unix_secs;
+use crate::mt_priority::MtPriorityPolicy;
 use smtp_proto::{Error as ProtoError, Request};
 use std::net::{IpAddr, SocketAddr};
 use std::time::SystemTime;
@@ -36,6 +37,13 @@ pub struct SessionConfig {
     pub max_hops: usize,
     /// STARTTLS and AUTH: what is offered and required.
     pub security: Security,
+    /// MT-PRIORITY (RFC 6710): the policy advertised in EHLO. None: the
+    /// extension is off and `MT-PRIORITY=` gets 555 like any unknown parameter.
+    pub mt_priority: Option<MtPriorityPolicy>,
+    /// Whether this client is trusted with MT-PRIORITY values above 0
+    /// (the listener's `mt_priority_trusted` networks); the session adds
+    /// what it learns itself in [`Session::mt_priority_trusted`].
+    pub mt_priority_trusted: bool,
 }
 
 /// The DSN RET parameter (RFC 3461): how much of the message a failure
@@ -79,6 +87,9 @@ pub struct Transaction {
     pub body_8bit: bool,
     /// SMTPUTF8 was given.
     pub smtputf8: bool,
+    /// MT-PRIORITY as honoured (-9 to 9): a value above 0 from a client not
+    /// trusted with it is already lowered to 0. None: not given.
+    pub mt_priority: Option<i8>,
     /// The message: our Received: header first, then the content as
     /// received, dot-unstuffed, lines ending in CRLF, without the final dot.
     pub message: Vec<u8>,
@@ -219,6 +230,7 @@ struct MailState {
     ret: Option<Ret>,
     body_8bit: bool,
     smtputf8: bool,
+    mt_priority: Option<i8>,
 }
 
 #[derive(Debug)]
@@ -524,6 +536,7 @@ impl Session {
                     ret: mail.ret,
                     body_8bit: mail.body_8bit,
                     smtputf8: mail.smtputf8,
+                    mt_priority: mail.mt_priority,
                     message: std::mem::take(&mut self.message),
                     user: self.user.clone(),
                     tls: self.tls.clone(),
@@ -616,6 +629,30 @@ impl Session {
         let mut bytes = line.iter();
         let request = match Request::parse(&mut bytes) {
             Ok(request) => request,
+            Err(ProtoError::InvalidParameter {
+                param: "MT-PRIORITY",
+            }) if self.config.mt_priority.is_none() => {
+                // smtp-proto knows the parameter; a listener that does not
+                // offer it answers as for any parameter it does not know.
+                self.refuse(
+                    out,
+                    Rejection::Syntax,
+                    b"555 5.5.4 unsupported parameter MT-PRIORITY\r\n",
+                );
+                return;
+            }
+            Err(ProtoError::UnsupportedParameter { param })
+                if self.config.mt_priority.is_some()
+                    && param.eq_ignore_ascii_case("MT-PRIORITY") =>
+            {
+                // The keyword without `=value`.
+                self.refuse(
+                    out,
+                    Rejection::Syntax,
+                    b"501 5.5.4 invalid MT-PRIORITY parameter, write -9 to 9\r\n",
+                );
+                return;
+            }
             Err(error) => {
                 let (reason, reply) = parse_error_reply(&error);
                 self.refuse(out, reason, reply.as_bytes());
@@ -679,13 +716,27 @@ impl Session {
     }
 
     fn ehlo_reply(&self) -> String {
+        let mt_priority = self
+            .config
+            .mt_priority
+            .map(|policy| format!("250-MT-PRIORITY {policy}\r\n"))
+            .unwrap_or_default();
         format!(
             "250-{}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n\
-             250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n{}250 DSN\r\n",
+             250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n{}{mt_priority}250 DSN\r\n",
             self.config.hostname,
             self.config.max_message_size,
             self.security_keywords()
         )
+    }
+
+    /// Whether this client's MT-PRIORITY values above 0 are honoured
+    /// (RFC 6710 lets a server lower others). The one place trust is
+    /// decided: a client in the listener's `mt_priority_trusted` networks,
+    /// or an authenticated one (AUTH happens mid-connection, so only the
+    /// session knows).
+    pub fn mt_priority_trusted(&self) -> bool {
+        self.config.mt_priority_trusted || self.authenticated_user().is_some()
     }
 
     fn data(&mut self, out: &mut Vec<Output>) {
@@ -801,6 +852,8 @@ mod tests {
             relay_allowed: true,
             max_hops: 50,
             security: Security::default(),
+            mt_priority: None,
+            mt_priority_trusted: false,
         }
     }
 
@@ -1545,5 +1598,83 @@ DATA\r\n.\r\n",
         ));
         assert_eq!(log_safe("a\r\nb\x1b[2J\\"), "a\\r\\nb\\u{1b}[2J\\\\");
         assert_eq!(log_safe("x\u{85}"), "x\\u{85}");
+    }
+
+    fn mt_config(trusted: bool) -> SessionConfig {
+        SessionConfig {
+            mt_priority: Some(MtPriorityPolicy::Stanag4406),
+            mt_priority_trusted: trusted,
+            ..config()
+        }
+    }
+
+    #[test]
+    fn mt_priority_is_advertised_only_when_on() {
+        let seen = run_with(mt_config(true), b"EHLO c\r\n", false);
+        assert!(
+            seen.replies.contains("250-MT-PRIORITY STANAG4406\r\n"),
+            "{}",
+            seen.replies
+        );
+        let seen = run(b"EHLO c\r\n");
+        assert!(!seen.replies.contains("MT-PRIORITY"), "{}", seen.replies);
+    }
+
+    #[test]
+    fn mt_priority_values_are_checked_and_kept() {
+        for (param, code) in [
+            ("MT-PRIORITY=6", "250 2.1.0"),
+            ("MT-PRIORITY=-9", "250 2.1.0"),
+            ("MT-PRIORITY=+3", "250 2.1.0"),
+            ("mt-priority=0", "250 2.1.0"),
+            ("MT-PRIORITY=12", "501 5.5.4"),
+            ("MT-PRIORITY=-10", "501 5.5.4"),
+            ("MT-PRIORITY=x", "501 5.5.4"),
+            ("MT-PRIORITY=", "501 5.5.4"),
+            ("MT-PRIORITY", "501 5.5.4"),
+            ("MT-PRIORITY=06", "501 5.5.4"),
+            ("MT-PRIORITY=1 MT-PRIORITY=1", "501 5.5.4"),
+            ("MT-PRIORITY=1 SIZE=10 MT-PRIORITY=2", "501 5.5.4"),
+        ] {
+            let seen = run_with(
+                mt_config(true),
+                format!("EHLO c\r\nMAIL FROM:<a@b> {param}\r\n").as_bytes(),
+                false,
+            );
+            assert_eq!(codes(&seen.replies)[2..], [code], "{param}");
+        }
+        let seen = run_with(
+            mt_config(true),
+            b"EHLO c\r\nMAIL FROM:<a@b> MT-PRIORITY=-4\r\nRCPT TO:<x@y>\r\nDATA\r\n.\r\n\
+MAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\n.\r\n",
+            false,
+        );
+        let got: Vec<Option<i8>> = seen.messages.iter().map(|t| t.mt_priority).collect();
+        assert_eq!(got, [Some(-4), None]);
+    }
+
+    #[test]
+    fn mt_priority_when_off_is_an_unknown_parameter() {
+        for param in [
+            "MT-PRIORITY=6",
+            "MT-PRIORITY=x",
+            "MT-PRIORITY=12",
+            "MT-PRIORITY",
+        ] {
+            let seen = run(format!("EHLO c\r\nMAIL FROM:<a@b> {param}\r\n").as_bytes());
+            assert_eq!(codes(&seen.replies)[2..], ["555 5.5.4"], "{param}");
+        }
+    }
+
+    #[test]
+    fn an_untrusted_clients_raise_is_lowered_to_zero() {
+        let input = b"EHLO c\r\nMAIL FROM:<a@b> MT-PRIORITY=6\r\nRCPT TO:<x@y>\r\nDATA\r\n.\r\n\
+MAIL FROM:<a@b> MT-PRIORITY=-2\r\nRCPT TO:<x@y>\r\nDATA\r\n.\r\n";
+        let seen = run_with(mt_config(false), input, false);
+        let got: Vec<Option<i8>> = seen.messages.iter().map(|t| t.mt_priority).collect();
+        assert_eq!(got, [Some(0), Some(-2)]);
+        let seen = run_with(mt_config(true), input, false);
+        let got: Vec<Option<i8>> = seen.messages.iter().map(|t| t.mt_priority).collect();
+        assert_eq!(got, [Some(6), Some(-2)]);
     }
 }

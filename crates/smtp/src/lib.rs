@@ -12,6 +12,7 @@ pub mod driver;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod inbound;
+pub mod mt_priority;
 pub mod outbound;
 pub mod reply;
 mod tls;
@@ -19,6 +20,7 @@ pub use tls::ServerTls;
 
 pub use data::{DataDecoder, DataEncoder, DataError, DataStatus};
 pub use inbound::{Output, Recipient, Rejection, Ret, Session, SessionConfig, Transaction};
+pub use mt_priority::MtPriorityPolicy;
 pub use outbound::{
     Capabilities, Client, ClientError, ConnectOptions, Credentials, DeliveryReport,
     OutboundEnvelope, RecipientDsn, Timeouts, TlsMode,

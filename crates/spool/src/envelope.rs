@@ -83,6 +83,12 @@ pub struct Envelope {
     /// A "delayed" DSN was sent (at most one per message).
     #[serde(default)]
     pub delay_warned: bool,
+    /// MT-PRIORITY (RFC 6710) as honoured by the listener, -9 to 9. None:
+    /// the client gave none (and records older than the field); such a
+    /// message orders and matches routes as 0, the RFC's default, and is
+    /// relayed without a priority. See [`Envelope::mt_priority_or_default`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mt_priority: Option<i8>,
 }
 
 impl Recipient {
@@ -126,6 +132,7 @@ impl Envelope {
             body_8bit: false,
             smtputf8: false,
             delay_warned: false,
+            mt_priority: None,
         }
     }
 
@@ -149,6 +156,12 @@ impl Envelope {
     /// True when no recipient is pending: the message can leave the spool.
     pub fn is_done(&self) -> bool {
         self.pending().next().is_none()
+    }
+
+    /// The MT-PRIORITY the message is ordered and routed by: its own, or 0
+    /// when it has none (RFC 6710: absent means the default, 0).
+    pub fn mt_priority_or_default(&self) -> i8 {
+        self.mt_priority.unwrap_or(0)
     }
 
     /// RET, including what records of older versions said.
@@ -214,8 +227,21 @@ mod tests {
         );
         assert_eq!(reply.text, "busy");
         assert_eq!(env.ret(), Some(Ret::Full));
+        assert_eq!((env.mt_priority, env.mt_priority_or_default()), (None, 0));
         let again: Envelope = serde_json::from_slice(&serde_json::to_vec(&env).unwrap()).unwrap();
         assert_eq!(again.recipients[0].last_reply, Some(reply));
+    }
+
+    #[test]
+    fn mt_priority_is_stored_only_when_given() {
+        let mut env = Envelope::new("A", "s@x", vec![Recipient::pending("a@x")], 1, "l", "c");
+        assert!(!serde_json::to_string(&env).unwrap().contains("mt_priority"));
+        env.mt_priority = Some(-3);
+        let again: Envelope = serde_json::from_slice(&serde_json::to_vec(&env).unwrap()).unwrap();
+        assert_eq!(
+            (again.mt_priority, again.mt_priority_or_default()),
+            (Some(-3), -3)
+        );
     }
 
     #[test]

@@ -245,23 +245,27 @@ impl Ctx<'_> {
             if let (Some(v), Some("")) = (&r.user, user.as_deref()) {
                 self.at(v, "route user = \"\" matches no user; write a user name or a glob such as \"list-*\", or omit user".to_string());
             }
-            let catch_all = sender.is_none()
-                && recipient.is_none()
-                && header.is_none()
-                && listener.is_none()
-                && user.is_none();
-            if catch_all && let Some(next) = lines.get(i + 1) {
-                self.at_line(line, format!("route has no matcher, so it takes every message and the route on line {next} can never match; add sender, recipient, header, listener or user, or move it to the end as the catch-all"));
-            }
-            out.push(Route {
+            let mt_priority = match &r.mt_priority {
+                Some(v) => self.unit("route mt_priority", v, parse_mt_priority_range),
+                None => None,
+            };
+            let route = Route {
                 pool: r.pool.get_ref().clone(),
                 sender,
                 recipient,
                 header,
                 listener,
                 user,
+                mt_priority,
                 line,
-            });
+            };
+            if route.is_catch_all()
+                && r.mt_priority.is_none()
+                && let Some(next) = lines.get(i + 1)
+            {
+                self.at_line(line, format!("route has no matcher, so it takes every message and the route on line {next} can never match; add sender, recipient, header, listener, user or mt_priority, or move it to the end as the catch-all"));
+            }
+            out.push(route);
         }
         out
     }

@@ -1,5 +1,6 @@
 //! MAIL and RCPT: the envelope sender and recipients with their ESMTP
-//! parameters (SIZE, BODY, SMTPUTF8, DSN's RET, ENVID, NOTIFY, ORCPT),
+//! parameters (SIZE, BODY, SMTPUTF8, DSN's RET, ENVID, NOTIFY, ORCPT,
+//! MT-PRIORITY),
 //! checked before anything is accepted.
 
 use std::borrow::Cow;
@@ -80,8 +81,40 @@ impl Session {
             }
         };
         let mut envid = None;
+        let mut mt_priority = None;
         for (key, value) in parameters(params) {
-            if key.eq_ignore_ascii_case(b"ENVID") {
+            if key.eq_ignore_ascii_case(b"MT-PRIORITY") {
+                if self.config.mt_priority.is_none() {
+                    self.refuse(
+                        out,
+                        Rejection::Syntax,
+                        b"555 5.5.4 unsupported parameter MT-PRIORITY\r\n",
+                    );
+                    return;
+                }
+                if mt_priority.is_some() {
+                    self.refuse(
+                        out,
+                        Rejection::Syntax,
+                        b"501 5.5.4 MT-PRIORITY given more than once\r\n",
+                    );
+                    return;
+                }
+                match crate::mt_priority::parse_value(value) {
+                    // RFC 6710 allows it: an untrusted client's raise is lowered
+                    // to the default, never refused.
+                    Some(v) if v > 0 && !self.mt_priority_trusted() => mt_priority = Some(0),
+                    Some(v) => mt_priority = Some(v),
+                    None => {
+                        self.refuse(
+                            out,
+                            Rejection::Syntax,
+                            b"501 5.5.4 invalid MT-PRIORITY parameter, write -9 to 9\r\n",
+                        );
+                        return;
+                    }
+                }
+            } else if key.eq_ignore_ascii_case(b"ENVID") {
                 match xtext_decode(value) {
                     Some(v) => envid = Some(v),
                     None => {
@@ -125,6 +158,7 @@ impl Session {
             ret,
             body_8bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
             smtputf8,
+            mt_priority,
         });
         self.recipients.clear();
         push_reply(out, b"250 2.1.0 Ok\r\n");

@@ -9,6 +9,9 @@ fn config(security: Security) -> SessionConfig {
         relay_allowed: false,
         max_hops: 50,
         security,
+        mt_priority: Some(crate::MtPriorityPolicy::Mixer),
+        // Not trusted by address: only AUTH can make a raise count.
+        mt_priority_trusted: false,
     }
 }
 
@@ -329,4 +332,23 @@ fn received_protocols() {
     assert_eq!(c.session.protocol(true), "UTF8SMTPS");
     c.send("HELO client.test\r\n");
     assert_eq!(c.session.protocol(false), "SMTP");
+}
+
+#[test]
+fn an_authenticated_clients_mt_priority_raise_is_kept() {
+    let mut c = Client::new(starttls_auth());
+    c.send("EHLO client.test\r\nSTARTTLS\r\n");
+    c.handshake();
+    c.send("EHLO client.test\r\n");
+    // Before AUTH (relay refused anyway): the raise is lowered.
+    assert!(!c.session.mt_priority_trusted());
+    let ok = c.send(&format!("AUTH PLAIN {}\r\n", b64("\0alice\0s3cret")));
+    assert!(ok.starts_with("235 "), "{ok}");
+    assert!(c.session.mt_priority_trusted());
+    c.send("MAIL FROM:<a@b.test> MT-PRIORITY=6\r\nRCPT TO:<x@y.test>\r\nDATA\r\n");
+    c.send("Subject: hi\r\n\r\nbody\r\n.\r\n");
+    let [t] = c.messages.as_slice() else {
+        panic!("{}", c.replies)
+    };
+    assert_eq!(t.mt_priority, Some(6));
 }

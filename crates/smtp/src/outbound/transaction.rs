@@ -15,7 +15,9 @@ const BLOCK: usize = 64 * 1024;
 impl Client {
     /// Runs one transaction: MAIL, every RCPT (pipelined when offered),
     /// DATA only if a recipient was accepted, the dot-stuffed body.
-    /// `message` is unstuffed with CRLF line ends.
+    /// `message` is unstuffed with CRLF line ends. A message with an
+    /// MT-PRIORITY goes to an upstream without the extension with its
+    /// `MT-Priority:` header field set instead.
     ///
     /// On `Ok` no transaction is left open, so the next `send` may follow
     /// directly (RSET is sent here when the transaction stopped before the
@@ -45,6 +47,16 @@ impl Client {
                 reply: local_reply("5.1.7", "invalid sender address, not sent"),
             });
         }
+        // RFC 6758 §4: past an upstream without the extension the
+        // priority travels in the header, replacing any the message had.
+        let with_header;
+        let message = match envelope.mt_priority {
+            Some(value) if !self.caps.mt_priority => {
+                with_header = crate::mt_priority::set_header(message, value);
+                with_header.as_slice()
+            }
+            _ => message,
+        };
         if let Some(reply) = self.unsendable(envelope, message) {
             return Err(ClientError::Rejected {
                 stage: stage::MAIL,
@@ -271,6 +283,9 @@ impl Client {
         }
         if self.caps.size.is_some() {
             cmd.push_str(&format!(" SIZE={size}"));
+        }
+        if let (true, Some(value)) = (self.caps.mt_priority, envelope.mt_priority) {
+            cmd.push_str(&format!(" MT-PRIORITY={value}"));
         }
         if self.caps.dsn {
             match envelope.ret_full {
@@ -799,6 +814,56 @@ mod tests {
                 "RCPT TO:<b@x.test>\r\n",
                 "RCPT TO:<c@x.test>\r\n",
             ]
+        );
+    }
+
+    #[tokio::test]
+    async fn mt_priority_as_a_parameter_or_as_a_header() {
+        let (listener, addr) = listener().await;
+        let server = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for ehlo in [
+                "250-up.test\r\n250-MT-PRIORITY MIXER\r\n250 SIZE 1000\r\n",
+                "250-up.test\r\n250 SIZE 1000\r\n",
+            ] {
+                let mut p = Peer::accept(&listener).await;
+                p.greet(ehlo).await;
+                let mail = p.expect("MAIL").await;
+                p.send("250 ok\r\n").await;
+                p.expect("RCPT").await;
+                p.send("250 ok\r\n").await;
+                p.expect("DATA").await;
+                p.send("354 go\r\n").await;
+                let body = p.body().await;
+                p.send("250 ok\r\n").await;
+                seen.push((mail, String::from_utf8(body).unwrap()));
+            }
+            seen
+        });
+        let mut env = envelope(&["a@x.test"]);
+        env.body_8bit = false;
+        env.mt_priority = Some(6);
+        let message = b"MT-Priority: 2\r\nSubject: s\r\n\r\n.dot\r\n";
+        for _ in 0..2 {
+            let mut client = bounded(Client::connect(addr, "relay.test", quick()))
+                .await
+                .unwrap();
+            bounded(client.send(&env, message)).await.unwrap();
+        }
+        let seen = server.await.unwrap();
+        assert_eq!(
+            seen[0],
+            (
+                "MAIL FROM:<owner-list@lists.test> SIZE=36 MT-PRIORITY=6\r\n".to_string(),
+                "MT-Priority: 2\r\nSubject: s\r\n\r\n..dot\r\n.\r\n".to_string()
+            )
+        );
+        assert_eq!(
+            seen[1],
+            (
+                "MAIL FROM:<owner-list@lists.test> SIZE=36\r\n".to_string(),
+                "Subject: s\r\nMT-Priority: 6\r\n\r\n..dot\r\n.\r\n".to_string()
+            )
         );
     }
 

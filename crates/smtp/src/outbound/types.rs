@@ -98,6 +98,10 @@ pub struct OutboundEnvelope {
     /// DSN parameters per recipient, indexed like `recipients`; a missing
     /// entry means none. Sent on RCPT when the upstream offers DSN.
     pub dsn: Vec<RecipientDsn>,
+    /// MT-PRIORITY (RFC 6710): sent on MAIL when the upstream offers the
+    /// extension, else carried in an `MT-Priority:` header field (RFC 6758
+    /// §4). None: the message has no priority and goes as it is.
+    pub mt_priority: Option<i8>,
 }
 
 /// The DSN parameters (RFC 3461) of one recipient.

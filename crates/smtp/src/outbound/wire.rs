@@ -6,8 +6,8 @@ use super::types::ClientError;
 use crate::reply::Reply;
 use smtp_proto::response::generate::BitToString;
 use smtp_proto::{
-    EXT_8BIT_MIME, EXT_AUTH, EXT_DSN, EXT_ENHANCED_STATUS_CODES, EXT_PIPELINING, EXT_SIZE,
-    EXT_SMTP_UTF8, EXT_START_TLS, EhloResponse,
+    EXT_8BIT_MIME, EXT_AUTH, EXT_DSN, EXT_ENHANCED_STATUS_CODES, EXT_MT_PRIORITY, EXT_PIPELINING,
+    EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS, EhloResponse,
 };
 use std::time::Duration;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -44,6 +44,8 @@ pub struct Capabilities {
     pub starttls: bool,
     /// ENHANCEDSTATUSCODES (RFC 2034).
     pub enhanced_status_codes: bool,
+    /// MT-PRIORITY (RFC 6710), whatever its policy.
+    pub mt_priority: bool,
     /// AUTH mechanisms offered, upper case, sorted. Only those smtp-proto
     /// knows (the registered ones, XOAUTH2 and the like); others are
     /// dropped, which costs nothing as only PLAIN and LOGIN are used.
@@ -72,6 +74,7 @@ impl Capabilities {
         caps.dsn = has(EXT_DSN);
         caps.starttls = has(EXT_START_TLS);
         caps.enhanced_status_codes = has(EXT_ENHANCED_STATUS_CODES);
+        caps.mt_priority = has(EXT_MT_PRIORITY);
         if has(EXT_AUTH) {
             caps.auth = (0..64)
                 .map(|bit| 1u64 << bit)
@@ -380,7 +383,8 @@ mod tests {
     fn ehlo_capabilities() {
         let caps = Capabilities::from_ehlo(
             b"250-up.test says hi\r\n250-PIPELINING\r\n250-SIZE 1000000\r\n250-8BITMIME\r\n\
-250-ENHANCEDSTATUSCODES\r\n250-AUTH PLAIN login\r\n250-X-UNKNOWN a b\r\n250 DSN\r\n",
+250-ENHANCEDSTATUSCODES\r\n250-AUTH PLAIN login\r\n250-X-UNKNOWN a b\r\n\
+250-MT-PRIORITY STANAG4406\r\n250 DSN\r\n",
         );
         assert_eq!(
             caps,
@@ -393,6 +397,7 @@ mod tests {
                 dsn: true,
                 starttls: false,
                 enhanced_status_codes: true,
+                mt_priority: true,
                 auth: vec!["LOGIN".into(), "PLAIN".into()],
             }
         );
@@ -402,7 +407,9 @@ mod tests {
         );
         assert_eq!(caps.auth, ["LOGIN"]);
         assert_eq!(caps.size, Some(0));
-        assert!(caps.smtputf8 && caps.starttls && !caps.pipelining);
+        assert!(caps.smtputf8 && caps.starttls && !caps.pipelining && !caps.mt_priority);
+        // MT-PRIORITY without a policy name is the extension too (MIXER).
+        assert!(Capabilities::from_ehlo(b"250-up.test\r\n250 MT-PRIORITY\r\n").mt_priority);
         // Only a greeting line: ESMTP, nothing offered.
         let caps = Capabilities::from_ehlo(b"250 up.test\r\n");
         assert_eq!(
