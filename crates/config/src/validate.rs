@@ -10,6 +10,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use toml::Spanned;
 
+mod dkim;
 mod messages;
 mod upstreams;
 
@@ -50,6 +51,7 @@ pub(crate) fn build(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let defaults = cx.defaults(raw.defaults, &pools);
     let upstreams = cx.upstreams(raw.upstream, &pools);
     let routes = cx.routes(raw.route, &pools, &listeners);
+    let dkim = cx.dkim(raw.dkim, &pools);
     if let Some(first) = cx.errors.into_iter().min_by_key(|e| (e.line == 0, e.line)) {
         return Err(first);
     }
@@ -62,6 +64,7 @@ pub(crate) fn build(text: &str, path: &Path) -> Result<Config, ConfigError> {
         pools,
         upstreams,
         routes,
+        dkim,
     })
 }
 
@@ -468,6 +471,7 @@ impl Ctx<'_> {
                 priority: 0,
                 lower_priority_share: None,
                 fallback: true,
+                arc_seal: false,
                 line,
             };
             if let Some(v) = &raw.rate_limit {
@@ -509,6 +513,9 @@ impl Ctx<'_> {
             if let Some(v) = &raw.fallback {
                 pool.fallback = *v.get_ref();
             }
+            if let Some(v) = &raw.arc_seal {
+                pool.arc_seal = *v.get_ref();
+            }
             pools.insert(name, pool);
         }
         pools
@@ -524,6 +531,7 @@ impl Ctx<'_> {
                 priority: 0,
                 lower_priority_share: None,
                 fallback: true,
+                arc_seal: false,
                 line: 0,
             });
         pools
@@ -779,6 +787,7 @@ fn first_pool_line(text: &str, p: &RawPool) -> usize {
         p.priority.as_ref().map(|v| v.span()),
         p.lower_priority_share.as_ref().map(|v| v.span()),
         p.fallback.as_ref().map(|v| v.span()),
+        p.arc_seal.as_ref().map(|v| v.span()),
     ];
     spans
         .into_iter()

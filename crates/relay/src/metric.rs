@@ -159,6 +159,20 @@ pub const SMTP_REJECTIONS: Metric = metric(
     "Inbound commands, messages or connections refused, by reason.",
     &["listener", "reason"],
 );
+/// Signatures added at acceptance.
+pub const SIGNATURES: Metric = metric(
+    "poolrelay_signatures_total",
+    Kind::Counter,
+    "Signatures added to accepted messages, by signing domain and kind (dkim: a DKIM-Signature; arc: an ARC set).",
+    &["domain", "kind"],
+);
+/// Signatures that failed (the message went out without them).
+pub const SIGNING_FAILURES: Metric = metric(
+    "poolrelay_signing_failures_total",
+    Kind::Counter,
+    "Signatures that could not be made; the message was relayed without them.",
+    &["domain", "kind"],
+);
 /// Whether the relay takes mail.
 pub const READY: Metric = metric(
     "poolrelay_ready",
@@ -202,6 +216,8 @@ pub const ALL: &[Metric] = &[
     SPOOL_COMMIT_SECONDS,
     SMTP_SESSIONS,
     SMTP_REJECTIONS,
+    SIGNATURES,
+    SIGNING_FAILURES,
     READY,
     BUILD_INFO,
     RESIDENT_MEMORY,
@@ -256,6 +272,19 @@ pub fn export_zeros(config: &Config) {
                     metrics::counter!(m.name, "pool" => (*pool).clone(), "upstream" => host.clone())
                         .increment(0);
                 }
+            }
+        }
+    }
+    for d in &config.dkim {
+        for m in [SIGNATURES, SIGNING_FAILURES] {
+            metrics::counter!(m.name, "domain" => d.domain.clone(), "kind" => "dkim").increment(0);
+        }
+    }
+    for pool in &pools {
+        if let Some(d) = config.arc_key_for(pool) {
+            for m in [SIGNATURES, SIGNING_FAILURES] {
+                metrics::counter!(m.name, "domain" => d.domain.clone(), "kind" => "arc")
+                    .increment(0);
             }
         }
     }
