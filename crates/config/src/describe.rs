@@ -353,7 +353,6 @@ pub(crate) fn describe(c: &Config) -> String {
             r.pool
         );
     }
-    dkim(&mut o, c);
     let catch_all = c.routes.last().is_some_and(|r| {
         r.sender.is_none() && r.recipient.is_none() && r.header.is_none() && r.listener.is_none()
     });
@@ -364,6 +363,7 @@ pub(crate) fn describe(c: &Config) -> String {
             d.list_pool
         );
     }
+    dkim(&mut o, c);
     o
 }
 
