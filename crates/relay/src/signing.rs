@@ -386,6 +386,141 @@ fn strip_comments_and_quotes(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+
+    /// A config with an RSA key for example.org (pool A, ARC-sealed) and an
+    /// Ed25519 key for example.com (every pool).
+    fn config(dir: &str) -> Config {
+        use std::os::unix::fs::PermissionsExt;
+        let dir =
+            std::env::temp_dir().join(format!("poolrelay-signing-{}-{dir}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut text =
+            "[[listener]]\naddress = \"127.0.0.1:2525\"\n[pool.A]\narc_seal = true\n".to_string();
+        for (name, pem, domain, extra) in [
+            (
+                "rsa",
+                include_str!("../../config/src/testdata/dkim-rsa2048.pem"),
+                "example.org",
+                "pools = [\"A\"]\n",
+            ),
+            (
+                "ed",
+                include_str!("../../config/src/testdata/dkim-ed25519.pem"),
+                "example.com",
+                "algorithm = \"ed25519-sha256\"\n",
+            ),
+        ] {
+            let path = dir.join(format!("{name}.pem"));
+            std::fs::write(&path, pem).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            text.push_str(&format!(
+                "[[dkim]]\ndomain = \"{domain}\"\nselector = \"s\"\nkey_file = \"{}\"\n{extra}",
+                path.display()
+            ));
+        }
+        let c = Config::parse(&text, Path::new("t.toml")).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        c
+    }
+
+    const MESSAGE: &[u8] =
+        b"From: List <list@lists.example.org>\r\nTo: m@example.test\r\nSubject: s\r\n\r\nbody\r\n";
+
+    #[test]
+    fn aligned_keys_sign_and_the_pool_key_seals() {
+        let c = config("ok");
+        let s = Signing::new(&c);
+        let arrival = Arrival {
+            client: Some("192.0.2.7".parse().unwrap()),
+            ..Arrival::default()
+        };
+        let stamp = s.stamp(&c, "A", "owner@example.org", MESSAGE, &arrival);
+        assert!(stamp.failed.is_empty(), "{:?}", stamp.failed);
+        assert_eq!(stamp.signed, ["example.org"]);
+        assert_eq!(stamp.sealed.as_deref(), Some("example.org"));
+        let fields = split_fields(&stamp.headers);
+        let names: Vec<String> = fields
+            .iter()
+            .map(|f| {
+                String::from_utf8_lossy(f)
+                    .split(':')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "ARC-Seal",
+                "ARC-Message-Signature",
+                "ARC-Authentication-Results",
+                "DKIM-Signature"
+            ]
+        );
+        let text = String::from_utf8_lossy(&stamp.headers);
+        assert!(text.contains("smtp.remote-ip=192.0.2.7"), "{text}");
+        for f in &fields {
+            assert!(f.ends_with(b"\r\n"), "{}", String::from_utf8_lossy(f));
+        }
+        let dkim = fields.last().unwrap();
+        assert!(
+            !dkim.ends_with(FOLDED_END),
+            "{}",
+            String::from_utf8_lossy(dkim)
+        );
+
+        // Pool B: only the Ed25519 key serves it, and it is not aligned:
+        // no envelope match either (example.net).
+        assert!(s.may_sign(&c, "B"));
+        let stamp = s.stamp(&c, "B", "x@example.net", MESSAGE, &arrival);
+        assert!(stamp.headers.is_empty() && stamp.signed.is_empty());
+        // The envelope domain's key signs when From: has none.
+        let stamp = s.stamp(&c, "B", "x@example.com", MESSAGE, &arrival);
+        assert_eq!(stamp.signed, ["example.com"]);
+    }
+
+    #[test]
+    fn an_unusable_key_is_a_failure_not_a_refusal() {
+        let mut c = config("bad");
+        c.dkim[0].key = DkimKey::Rsa {
+            pkcs1_der: vec![1, 2, 3],
+            bits: 2048,
+        };
+        let s = Signing::new(&c);
+        let stamp = s.stamp(&c, "A", "owner@example.org", MESSAGE, &Arrival::default());
+        assert!(stamp.signed.is_empty());
+        assert!(
+            stamp.headers.is_empty(),
+            "nothing added: relayed as received"
+        );
+        assert_eq!(stamp.failed.len(), 1, "{:?}", stamp.failed);
+        assert_eq!(stamp.failed[0].0, "example.org");
+        assert_eq!(stamp.failed[0].1, "dkim");
+    }
+
+    #[test]
+    fn a_message_with_an_arc_chain_is_signed_but_not_sealed_again() {
+        let c = config("chain");
+        let s = Signing::new(&c);
+        let mut m = b"ARC-Seal: i=1; a=rsa-sha256; cv=none; d=x.test; s=s; b=AAAA\r\n".to_vec();
+        m.extend_from_slice(MESSAGE);
+        let stamp = s.stamp(&c, "A", "owner@example.org", &m, &Arrival::default());
+        assert_eq!(stamp.signed, ["example.org"]);
+        assert!(stamp.sealed.is_none());
+        assert!(stamp.arc_skipped.is_some());
+    }
+
+    #[test]
+    fn a_fold_before_the_final_semicolon_is_dropped() {
+        let mut f = b"DKIM-Signature: v=1; b=AAAA\r\n\t;\r\n".to_vec();
+        drop_final_fold(&mut f);
+        assert_eq!(f, b"DKIM-Signature: v=1; b=AAAA;\r\n");
+        let mut g = b"X: a;\r\n".to_vec();
+        drop_final_fold(&mut g);
+        assert_eq!(g, b"X: a;\r\n");
+    }
 
     #[test]
     fn the_from_domain_is_read_from_the_one_address_of_the_one_from() {
