@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use poolrelay_tests::dkim::{TestKey, Verdict, count_fields, dkimpy, tamper_body, verify};
 use poolrelay_tests::scripted::Scripted;
-use poolrelay_tests::{Relay, Sink, message, metric_sum, new_tempdir, parse_metrics, unique_id};
+use poolrelay_tests::{
+    Relay, Sink, message, metric_sum, new_tempdir, parse_metrics, poolrelay, unique_id,
+};
 
 const DELIVERY: Duration = Duration::from_secs(30);
 const RCPT: &str = "member@example.test";
@@ -267,5 +269,89 @@ fn an_arc_sealed_pool_adds_a_set_that_verifies() {
             &[("domain", "example.org"), ("kind", "arc")]
         ),
         Some(1.0)
+    );
+}
+
+/// `poolrelay dkim keygen` as an operator runs it: the key it writes signs,
+/// and the TXT record it prints verifies the signature.
+#[test]
+fn keygen_writes_a_key_whose_printed_record_verifies_its_signatures() {
+    dkimpy();
+    let dir = new_tempdir("poolrelay-dkim-keygen-");
+    let mut keys = Vec::new();
+    for (domain, algorithm) in [
+        ("example.org", "rsa-sha256"),
+        ("example.com", "ed25519-sha256"),
+    ] {
+        let path = dir.path().join(format!("{domain}.pem"));
+        let p = path.to_string_lossy().into_owned();
+        let args = [
+            "dkim",
+            "keygen",
+            "--domain",
+            domain,
+            "--selector",
+            "gen",
+            "--algorithm",
+            algorithm,
+            "--out",
+            &p,
+        ];
+        let out = poolrelay(&args, Duration::from_secs(60));
+        assert!(out.status.success(), "{out}");
+        let txt = out
+            .stdout
+            .split("IN TXT \"")
+            .nth(1)
+            .and_then(|t| t.split('"').next())
+            .unwrap_or_else(|| panic!("no TXT record printed: {out}"))
+            .to_string();
+        assert!(out.stdout.contains("[[dkim]]"), "{out}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path)
+            .expect("the key file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", path.display());
+        // Never over an existing key.
+        let again = poolrelay(&args, Duration::from_secs(60));
+        assert!(
+            !again.status.success() && again.stderr.contains("never overwritten"),
+            "{again}"
+        );
+        keys.push(TestKey {
+            domain: domain.to_string(),
+            selector: "gen".to_string(),
+            path,
+            algorithm: if algorithm == "rsa-sha256" {
+                "rsa-sha256"
+            } else {
+                "ed25519-sha256"
+            },
+            txt,
+        });
+    }
+    let sink = Sink::start();
+    let relay = Relay::start(|s| {
+        format!(
+            "{}\n{}{}",
+            s.single_upstream(sink.addr(), ""),
+            keys[0].config(""),
+            keys[1].config("")
+        )
+    });
+    let org = send(&relay, "owner-a@example.org", "list@example.org", "genorg");
+    let com = send(&relay, "owner-b@example.com", "list@example.com", "gencom");
+    let m = sink.wait_for_message_id(&org, DELIVERY);
+    assert_passes(
+        &verify(m.raw.as_bytes(), &[&keys[0], &keys[1]]),
+        "example.org",
+        "rsa-sha256",
+    );
+    let m = sink.wait_for_message_id(&com, DELIVERY);
+    assert_passes(
+        &verify(m.raw.as_bytes(), &[&keys[0], &keys[1]]),
+        "example.com",
+        "ed25519-sha256",
     );
 }
