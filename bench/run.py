@@ -18,6 +18,9 @@ take turns, scenario by scenario, each with a fresh spool/queue:
   full rate (into a fast smarthost);
 - poolrelay only: RSS with 1,000,000 x BENCH_SCALE messages of 4 KB queued
   (upstream down), then the time from restart to the first delivery;
+- DKIM signing (poolrelay only): the 4 KB x 1 rcpt load with signing off,
+  with an RSA 2048 key and with an Ed25519 key, one after the other in the
+  same run (accept and end-to-end rates, CPU per message);
 - the disk's raw write+fdatasync latency;
 - criterion micro-benchmarks of the hot paths (skip with BENCH_MICRO=0).
 
@@ -26,7 +29,7 @@ bounded in time, every loop in count; every process started is stopped by
 PID in a finally block. Python 3.11 standard library only.
 
 Environment: BENCH_SCALE (default 1.0), BENCH_MICRO (default 1),
-BENCH_ONLY (comma list of: baseline,fsync,throughput,emergency,rss,micro),
+BENCH_ONLY (comma list of: baseline,fsync,throughput,signing,emergency,rss,micro),
 BENCH_WORKERS (poolrelay bulk workers, default 8), BENCH_KEEP=1 keeps the
 work directory, BENCH_NO_BUILD=1 skips the release build, BENCH_POOLRELAY
 names the binary to measure (default target/release/poolrelay).
@@ -1201,6 +1204,88 @@ def run_micro() -> dict:
 
 
 # ---------------------------------------------------------------------------
+# DKIM signing: the same load with signing off, RSA 2048, Ed25519
+# ---------------------------------------------------------------------------
+
+SIGNING_VARIANTS = ("off", "rsa-sha256", "ed25519-sha256")
+
+
+def signing_dkim_table(workdir: Path, variant: str) -> str:
+    """A [[dkim]] entry with a fresh key (openssl) signing the bulk sender's domain."""
+    key = workdir / f"dkim-{variant}.pem"
+    algo = ["RSA", "-pkeyopt", "rsa_keygen_bits:2048"] if variant == "rsa-sha256" else ["ed25519"]
+    subprocess.run(["openssl", "genpkey", "-algorithm", *algo, "-out", str(key)], check=True, capture_output=True)
+    os.chmod(key, 0o600)
+    domain = BULK_SENDER.split("@", 1)[1]
+    return f'''
+[[dkim]]
+domain = "{domain}"
+selector = "bench"
+key_file = "{key}"
+algorithm = "{variant}"
+'''
+
+
+def run_signing(workdir: Path, variant: str) -> dict:
+    """poolrelay alone, 4 KB x 1 rcpt, signing as `variant` says."""
+    n = scaled(20000, 200)
+    sub = workdir / f"signing-{variant}"
+    sub.mkdir()
+    bulk = Sink(sub, "bulk", free_port())
+    emergency = Sink(sub, "emergency", free_port())
+    relay = PoolRelay(sub, bulk.port, emergency.port)
+    if variant != "off":
+        with open(relay.config, "a") as f:
+            f.write(signing_dkim_table(sub, variant))
+    result: dict = {"relay": "poolrelay", "signing": variant, "size": 4096, "rcpts": 1, "messages": n}
+    try:
+        relay.start()
+        win = CpuWindow(relay_root=relay.pid, helpers=[bulk.pid, emergency.pid]).start()
+        load = Load(relay.port, n, 4096, 1)
+        deadline = time.monotonic() + 180 + n / 20
+        while time.monotonic() < deadline and not (bulk.poll() >= n and load.done()):
+            time.sleep(0.05)
+        load.wait(5)
+        win.extra_children = load.cpu
+        cpu = win.stop()
+        load.kill()
+        signed = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in relay.metrics().splitlines()
+            if line.startswith("poolrelay_signatures_total{")
+        )
+        accept_s = (load.end or time.time()) - load.t0
+        e2e_s = bulk.last_ts - load.t0 if bulk.count >= n else float("nan")
+        result.update(
+            {
+                "smtp_source_rc": load.rc,
+                "delivered": bulk.count,
+                "signed": int(signed),
+                "accept_rate": n / accept_s if load.rc == 0 else float("nan"),
+                "e2e_rate": n / e2e_s if e2e_s == e2e_s else float("nan"),
+                "cpu_ms_per_msg": cpu["relay_cpu_s"] / n * 1000,
+                **cpu,
+            }
+        )
+    finally:
+        relay.stop()
+        bulk.stop()
+        emergency.stop()
+    return result
+
+
+def signing_report(rows: list[dict]) -> list[str]:
+    lines = ["", f"{'DKIM signing, 4 KB x 1':<26} {'msgs':>7} {'signed':>7} {'accept/s':>9} {'e2e/s':>8} {'CPU ms/msg':>10} {'machine':>8}"]
+    for r in rows:
+        lines.append(
+            f"{'poolrelay, ' + r['signing']:<26} {r['messages']:>7,} {fmt(r.get('signed')):>7} "
+            f"{fmt(r.get('accept_rate')):>9} {fmt(r.get('e2e_rate')):>8} {fmt(r.get('cpu_ms_per_msg'), 3):>10} "
+            f"{fmt(r.get('machine_busy_share', 0) * 100, 0, '%'):>8}"
+        )
+    return lines
+
+
+# ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
 
@@ -1272,6 +1357,8 @@ def report(res: dict) -> tuple[str, list[dict]]:
             goals.append({"goal": f"{label}: accept ≥ 3× Postfix", "value": a, "met": a >= 3})
             goals.append({"goal": f"{label}: end-to-end ≥ 3× Postfix", "value": e, "met": e >= 3})
             goals.append({"goal": f"{label}: CPU/msg ≤ ¼ Postfix", "value": c, "met": c >= 4})
+    if res.get("signing"):
+        lines.extend(signing_report(res["signing"]))
     if res.get("emergency"):
         lines.append("")
         lines.append(
@@ -1402,6 +1489,13 @@ def main() -> int:
                     t = run_throughput(workdir, kind, size, rcpts)
                     log(f"  accept {fmt(t.get('accept_rate'))}/s e2e {fmt(t.get('e2e_rate'))}/s cpu {fmt(t.get('cpu_ms_per_msg'), 3)} ms/msg")
                     res["throughput"].append(t)
+        if wanted("signing"):
+            res["signing"] = []
+            for variant in SIGNING_VARIANTS:
+                log(f"signing {variant}: 4096 B x 1 rcpt")
+                r = run_signing(workdir, variant)
+                log(f"  accept {fmt(r.get('accept_rate'))}/s e2e {fmt(r.get('e2e_rate'))}/s signed {r.get('signed')}")
+                res["signing"].append(r)
         if wanted("emergency"):
             res["emergency"] = []
             for variant in ("backlog", "arriving"):

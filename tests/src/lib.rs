@@ -5,7 +5,7 @@
 //! wait is bounded. When a wait fails, the panic message carries the tail of
 //! the logs of the process concerned. The items of the general modules are
 //! re-exported here (`use poolrelay_tests::{Relay, Sink, ...}`); the
-//! topic modules (`accept_counter`, `admin`, `delivery`, `dns`, `ledger`, `listserv`, `operating`,
+//! topic modules (`accept_counter`, `admin`, `delivery`, `dkim`, `dns`, `ledger`, `listserv`, `operating`,
 //! `postfix_upstream`, `priority`, `scripted`) are used by path.
 
 #![warn(missing_docs)]
@@ -14,6 +14,7 @@ pub mod accept_counter;
 pub mod admin;
 pub mod command;
 pub mod delivery;
+pub mod dkim;
 pub mod dns;
 pub mod http;
 pub mod ledger;

@@ -302,6 +302,9 @@ pub(crate) fn describe(c: &Config) -> String {
         if !p.fallback {
             let _ = write!(extra, "   no fallback");
         }
+        if let Some(k) = c.arc_key_for(name) {
+            let _ = write!(extra, "   arc_seal {}._domainkey.{}", k.selector, k.domain);
+        }
         if let Some(r) = p.rate_limit {
             let _ = write!(extra, "   rate {}", format_bandwidth(r));
         }
@@ -422,7 +425,41 @@ pub(crate) fn describe(c: &Config) -> String {
             d.list_pool
         );
     }
+    dkim(&mut o, c);
     o
+}
+
+/// The `[[dkim]]` entries: where each key is published, what it signs;
+/// the key file's name and the key's kind, never the key.
+fn dkim(o: &mut String, c: &Config) {
+    if c.dkim.is_empty() {
+        let _ = writeln!(o, "dkim: none (mail is relayed unsigned)");
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "dkim (signs with every key aligned with From:, else the envelope domain's where envelope_fallback):"
+    );
+    for d in &c.dkim {
+        let pools = if d.pools.is_empty() {
+            "every pool".to_string()
+        } else {
+            format!("pools {}", d.pools.join(", "))
+        };
+        let _ = writeln!(
+            o,
+            "  line {}  {}._domainkey.{}  {}  {} ({})  {}  envelope_fallback {}",
+            d.line,
+            d.selector,
+            d.domain,
+            d.algorithm.as_str(),
+            d.key_file.display(),
+            d.key.kind(),
+            pools,
+            d.envelope_fallback
+        );
+        let _ = writeln!(o, "    headers {}", d.headers.join(" "));
+    }
 }
 
 #[cfg(test)]

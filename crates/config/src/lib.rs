@@ -18,12 +18,17 @@
 #![warn(missing_docs)]
 
 mod describe;
+mod dkim;
 mod listserv;
 mod raw;
 mod units;
 mod users;
 mod validate;
 
+pub use dkim::{
+    DEFAULT_DKIM_HEADERS, Dkim, DkimAlgorithm, DkimKey, MIN_RSA_BITS, domain_within,
+    signing_entries,
+};
 pub use listserv::{Import, ImportOptions, import_listserv, parse_list_arg};
 pub use units::{
     format_bandwidth, format_duration, format_size, normalize_host, parse_bandwidth,
@@ -90,6 +95,8 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// `[user.NAME]`, by name.
     pub users: BTreeMap<String, User>,
+    /// `[[dkim]]`, in file order: the signing keys.
+    pub dkim: Vec<Dkim>,
 }
 
 /// `[server]`.
@@ -301,6 +308,9 @@ pub struct Pool {
     /// `fallback`: whether this pool's mail may leave through
     /// `defaults.fallback` when its upstreams' hosts are down. Default true.
     pub fallback: bool,
+    /// `arc_seal`: add an ARC set (RFC 8617) to this pool's mail at
+    /// acceptance, with the first RSA `[[dkim]]` entry naming this pool. Default false.
+    pub arc_seal: bool,
     /// Line of the `[pool.X]` header (0 for the implicit `-`).
     pub line: usize,
 }
@@ -492,6 +502,17 @@ impl Config {
     /// Whether a pool's mail may leave through `defaults.fallback`.
     pub fn fallback_allowed(&self, pool: &str) -> bool {
         self.pools.get(pool).is_none_or(|p| p.fallback)
+    }
+
+    /// The `[[dkim]]` entry that ARC-seals mail of `pool`: with
+    /// `arc_seal = true`, the first RSA entry whose `pools` names it.
+    pub fn arc_key_for(&self, pool: &str) -> Option<&Dkim> {
+        if !self.pools.get(pool).is_some_and(|p| p.arc_seal) {
+            return None;
+        }
+        self.dkim
+            .iter()
+            .find(|d| d.algorithm == DkimAlgorithm::RsaSha256 && d.pools.iter().any(|p| p == pool))
     }
 
     /// `max_age` of a pool (its own or the defaults).

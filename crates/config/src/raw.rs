@@ -28,6 +28,7 @@ pub(crate) struct RawConfig {
     pub upstream: Option<Vec<Spanned<RawUpstream>>>,
     pub route: Option<Vec<Spanned<RawRoute>>>,
     pub user: Option<BTreeMap<String, Located<RawUser>>>,
+    pub dkim: Option<Vec<Spanned<RawDkim>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -106,6 +107,19 @@ pub(crate) struct RawPool {
     pub priority: Option<Int>,
     pub lower_priority_share: Option<Str>,
     pub fallback: Option<Spanned<bool>>,
+    pub arc_seal: Option<Spanned<bool>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDkim {
+    pub domain: Str,
+    pub selector: Str,
+    pub key_file: Str,
+    pub algorithm: Option<Str>,
+    pub pools: Option<Spanned<Vec<Str>>>,
+    pub headers: Option<Spanned<Vec<Str>>>,
+    pub envelope_fallback: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

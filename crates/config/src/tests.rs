@@ -220,6 +220,7 @@ fn full_example() {
             priority: 0,
             lower_priority_share: None,
             fallback: true,
+            arc_seal: false,
             line: 34,
         }
     );
@@ -236,6 +237,7 @@ fn full_example() {
             priority: 0,
             lower_priority_share: None,
             fallback: true,
+            arc_seal: false,
             line: 38,
         }
     );
@@ -1262,5 +1264,139 @@ fn route_mt_priority_matcher() {
         &format!("{LISTENER}[[route]]\npool = \"-\"\nmt_priority = \"9..3\"\n"),
         5,
         &["matches no MT-PRIORITY value"],
+    );
+}
+
+/// A `[[dkim]]` key file (mode 600) made from a test key, removed when dropped.
+fn dkim_key(name: &str, pem: &str) -> PasswordFile {
+    PasswordFile::new(&format!("dkim-{name}"), pem)
+}
+
+const RSA2048: &str = include_str!("testdata/dkim-rsa2048.pem");
+const RSA2048_PKCS1: &str = include_str!("testdata/dkim-rsa2048-pkcs1.pem");
+const RSA1024: &str = include_str!("testdata/dkim-rsa1024.pem");
+const ED25519: &str = include_str!("testdata/dkim-ed25519.pem");
+
+#[test]
+fn dkim_entries_read_their_keys_and_default_their_headers() {
+    let rsa = dkim_key("ok-rsa", RSA2048);
+    let pkcs1 = dkim_key("ok-pkcs1", RSA2048_PKCS1);
+    let ed = dkim_key("ok-ed", ED25519);
+    let text = format!(
+        "{LISTENER}[pool.A]\narc_seal = true\n\
+         [[dkim]]\ndomain = \"Example.ORG\"\nselector = \"s1\"\nkey_file = \"{}\"\npools = [\"A\"]\n\
+         [[dkim]]\ndomain = \"example.org\"\nselector = \"s2\"\nkey_file = \"{}\"\n\
+         [[dkim]]\ndomain = \"example.com\"\nselector = \"ed\"\nkey_file = \"{}\"\nalgorithm = \"ed25519-sha256\"\nheaders = [\"From\", \"Subject\"]\nenvelope_fallback = false\n",
+        rsa.0.display(),
+        pkcs1.0.display(),
+        ed.0.display()
+    );
+    let c = parse(&text).unwrap();
+    assert_eq!(c.dkim.len(), 3);
+    assert_eq!(c.dkim[0].domain, "example.org");
+    assert_eq!(c.dkim[0].key.kind(), "RSA 2048 bits");
+    assert_eq!(c.dkim[0].pools, ["A"]);
+    assert_eq!(c.dkim[0].line, 5);
+    assert_eq!(
+        c.dkim[0].headers.iter().filter(|h| *h == "From").count(),
+        2,
+        "From is oversigned"
+    );
+    for h in [
+        "To",
+        "Subject",
+        "Date",
+        "Message-ID",
+        "List-Id",
+        "List-Unsubscribe",
+        "List-Unsubscribe-Post",
+    ] {
+        assert!(c.dkim[0].headers.iter().any(|x| x == h), "{h}");
+    }
+    assert!(c.dkim[0].envelope_fallback);
+    assert_eq!(c.dkim[1].key, c.dkim[0].key, "PKCS#1 and PKCS#8 of one key");
+    assert_eq!(c.dkim[2].algorithm, DkimAlgorithm::Ed25519Sha256);
+    assert_eq!(c.dkim[2].headers, ["From", "Subject"]);
+    assert!(!c.dkim[2].envelope_fallback);
+    assert_eq!(c.arc_key_for("A").map(|d| d.selector.as_str()), Some("s1"));
+    assert!(c.arc_key_for("-").is_none());
+    let d = c.describe();
+    assert!(d.contains("s1._domainkey.example.org"), "{d}");
+    assert!(!d.contains("MII"), "never the key: {d}");
+    assert!(!format!("{c:?}").contains(&RSA2048[30..60]));
+}
+
+#[test]
+fn bad_dkim_entries_name_the_line_and_the_fix() {
+    let small = dkim_key("small", RSA1024);
+    let ed = dkim_key("mismatch", ED25519);
+    let rsa = dkim_key("rsa", RSA2048);
+    let entry = |path: &Path, extra: &str| {
+        format!(
+            "{LISTENER}[[dkim]]\ndomain = \"example.org\"\nselector = \"s\"\nkey_file = \"{}\"\n{extra}",
+            path.display()
+        )
+    };
+    err(
+        &entry(&small.0, ""),
+        6,
+        &["1024 bits", "2048", "openssl genpkey"],
+    );
+    err(
+        &entry(&ed.0, ""),
+        6,
+        &["does not match", "Ed25519", "ed25519-sha256"],
+    );
+    err(
+        &entry(&rsa.0, "algorithm = \"ed25519-sha256\"\n"),
+        7,
+        &["does not match", "RSA 2048", "rsa-sha256"],
+    );
+    err(
+        &entry(&rsa.0, "algorithm = \"rsa-sha1\"\n"),
+        7,
+        &["not known", "rsa-sha256"],
+    );
+    err(
+        &entry(Path::new("/nonexistent/dkim.pem"), ""),
+        6,
+        &["/nonexistent/dkim.pem", "cannot be read", "openssl genpkey"],
+    );
+    let garbage = dkim_key("garbage", "hello\n");
+    err(&entry(&garbage.0, ""), 6, &["no PEM private key"]);
+    set_mode(&rsa.0, 0o644);
+    err(&entry(&rsa.0, ""), 6, &["chmod 600"]);
+    set_mode(&rsa.0, 0o600);
+    err(
+        &entry(&rsa.0, "pools = [\"Q\"]\n"),
+        7,
+        &["not a known pool"],
+    );
+    err(
+        &entry(&rsa.0, "headers = [\"Subject\"]\n"),
+        7,
+        &["must include \"From\""],
+    );
+    err(
+        &format!(
+            "{}[[dkim]]\ndomain = \"example.org\"\nselector = \"s\"\nkey_file = \"{}\"\n",
+            entry(&rsa.0, ""),
+            rsa.0.display()
+        ),
+        9,
+        &["already configured on line 3"],
+    );
+    err(
+        &format!("{LISTENER}[pool.A]\narc_seal = true\n"),
+        3,
+        &["arc_seal", "no RSA [[dkim]] entry", "pools = [\"A\"]"],
+    );
+    err(
+        &format!(
+            "{LISTENER}[[dkim]]\ndomain = \"nodot\"\nselector = \"s\"\nkey_file = \"{}\"\n",
+            rsa.0.display()
+        ),
+        4,
+        &["not a domain name"],
     );
 }

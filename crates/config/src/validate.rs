@@ -10,6 +10,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use toml::Spanned;
 
+mod dkim;
 mod messages;
 mod security;
 mod upstreams;
@@ -52,6 +53,7 @@ pub(crate) fn build(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let upstreams = cx.upstreams(raw.upstream, &pools);
     let routes = cx.routes(raw.route, &pools, &listeners);
     let users = cx.users(raw.user, &pools);
+    let dkim = cx.dkim(raw.dkim, &pools);
     if let Some(first) = cx.errors.into_iter().min_by_key(|e| (e.line == 0, e.line)) {
         return Err(first);
     }
@@ -65,6 +67,7 @@ pub(crate) fn build(text: &str, path: &Path) -> Result<Config, ConfigError> {
         upstreams,
         routes,
         users,
+        dkim,
     })
 }
 
@@ -471,6 +474,7 @@ impl Ctx<'_> {
                 priority: 0,
                 lower_priority_share: None,
                 fallback: true,
+                arc_seal: false,
                 line,
             };
             if let Some(v) = &raw.rate_limit {
@@ -512,6 +516,9 @@ impl Ctx<'_> {
             if let Some(v) = &raw.fallback {
                 pool.fallback = *v.get_ref();
             }
+            if let Some(v) = &raw.arc_seal {
+                pool.arc_seal = *v.get_ref();
+            }
             pools.insert(name, pool);
         }
         pools
@@ -527,6 +534,7 @@ impl Ctx<'_> {
                 priority: 0,
                 lower_priority_share: None,
                 fallback: true,
+                arc_seal: false,
                 line: 0,
             });
         pools
@@ -816,6 +824,7 @@ fn first_pool_line(text: &str, p: &RawPool) -> usize {
         p.priority.as_ref().map(|v| v.span()),
         p.lower_priority_share.as_ref().map(|v| v.span()),
         p.fallback.as_ref().map(|v| v.span()),
+        p.arc_seal.as_ref().map(|v| v.span()),
     ];
     spans
         .into_iter()

@@ -1,6 +1,7 @@
 //! The `poolrelay` binary: command line, logging, signals, wiring.
 
 mod admin;
+mod dkim;
 mod passwd;
 mod queue;
 mod sink;
@@ -89,6 +90,12 @@ enum Command {
         /// The user name clients give to AUTH.
         user: String,
     },
+    /// DKIM keys: `dkim keygen --domain D --selector S` writes a new key and
+    /// prints the DNS TXT record to publish.
+    Dkim {
+        #[command(subcommand)]
+        command: DkimCommand,
+    },
     /// Make a running relay re-read its config (same as SIGHUP).
     Reload {
         #[command(flatten)]
@@ -110,6 +117,12 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         timeout: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum DkimCommand {
+    /// Write a new signing key (mode 600) and print its TXT record and [[dkim]] table.
+    Keygen(dkim::KeygenArgs),
 }
 
 fn parse_host_arg(arg: &str) -> Result<(String, String), String> {
@@ -218,6 +231,18 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Dkim {
+            command: DkimCommand::Keygen(args),
+        } => match dkim::keygen(&args) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("poolrelay dkim keygen: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Reload { target } => ExitCode::from(queue::reload(&target) as u8),
         Command::Passwd { user } => match passwd::run(&user) {
             Ok(()) => ExitCode::SUCCESS,

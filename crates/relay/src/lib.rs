@@ -17,6 +17,7 @@ pub mod listener;
 pub mod metric;
 pub mod queue;
 pub mod scheduler;
+pub mod signing;
 pub mod upstream;
 pub mod worker;
 
@@ -31,7 +32,6 @@ use crate::queue::Queue;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
-use crate::classifier::Classifier;
 use crate::clock::Clock;
 use crate::limits::Limits;
 use crate::listener::{Inbound, Rules};
@@ -119,10 +119,7 @@ impl Running {
             .inbound
             .rules
             .write()
-            .unwrap_or_else(|e| e.into_inner()) = Arc::new(Rules {
-            config: new.clone(),
-            classifier: Classifier::new(&new),
-        });
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(Rules::new(new.clone()));
         let fresh = spawn_workers(&self.shared, &new, &self.health);
         let old_workers = {
             let mut guard = self.workers.lock().unwrap_or_else(|e| e.into_inner());
@@ -251,10 +248,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let bound = listener::bind_all(&config).await?;
     let (stopping, stopping_rx) = watch::channel(false);
     let inbound = Arc::new(Inbound {
-        rules: RwLock::new(Arc::new(Rules {
-            config: config.clone(),
-            classifier: Classifier::new(&config),
-        })),
+        rules: RwLock::new(Arc::new(Rules::new(config.clone()))),
         queue: queue.clone(),
         sessions: Arc::new(Semaphore::new(config.server.max_sessions)),
         per_client: Arc::default(),

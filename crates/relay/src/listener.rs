@@ -22,6 +22,7 @@ use tokio::sync::{Semaphore, watch};
 use crate::classifier::{Classifier, Facts};
 use crate::metric;
 use crate::queue::Queue;
+use crate::signing::{Arrival, Signing, Stamp};
 
 /// The config and routes sessions use; swapped whole on reload, so a
 /// session sees either the old or the new one, never a mix.
@@ -30,6 +31,19 @@ pub struct Rules {
     pub config: Arc<Config>,
     /// Its routes.
     pub classifier: Classifier,
+    /// Its DKIM signers and ARC sealers.
+    pub signing: Signing,
+}
+
+impl Rules {
+    /// The routes and signers of `config`.
+    pub fn new(config: Arc<Config>) -> Rules {
+        Rules {
+            classifier: Classifier::new(&config),
+            signing: Signing::new(&config),
+            config,
+        }
+    }
 }
 
 /// What every session of every listener shares.
@@ -406,16 +420,95 @@ fn count_rejections(session: &mut Session, listener: &str) {
     }
 }
 
+/// Signs `tx.message` of `pool` as the config says (DKIM, then an ARC
+/// seal) and puts the headers in front of it, before it is spooled: what
+/// is stored is what every attempt sends. Signing runs on the blocking
+/// pool (an RSA signature and a body hash take about a millisecond of
+/// CPU, a large body more), so sessions on the reactor are never held up.
+/// A failed or lost signing keeps the message as received: it is relayed
+/// unsigned, logged and counted, never refused.
+async fn sign(rules: &Arc<Rules>, pool: &str, tx: &mut Transaction) {
+    if !rules.signing.may_sign(&rules.config, pool) {
+        return;
+    }
+    // Shared, not moved, so the message survives whatever happens to the task.
+    let message = Arc::new(std::mem::take(&mut tx.message));
+    // The one place that says what the relay knows of the client.
+    let arrival = Arrival {
+        client: Some(tx.peer.ip()),
+        tls: tx.tls.as_ref().map(|t| t.version.to_string()),
+        auth: tx.user.clone(),
+    };
+    let task = {
+        let (rules, message, pool, sender) = (
+            rules.clone(),
+            message.clone(),
+            pool.to_string(),
+            tx.sender.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            rules
+                .signing
+                .stamp(&rules.config, &pool, &sender, &message, &arrival)
+        })
+    };
+    let stamp = match task.await {
+        Ok(stamp) => stamp,
+        Err(e) => Stamp {
+            failed: rules
+                .config
+                .dkim
+                .iter()
+                .filter(|d| d.serves(pool))
+                .map(|d| {
+                    (
+                        d.domain.clone(),
+                        "dkim",
+                        format!("signing task failed: {e}"),
+                    )
+                })
+                .collect(),
+            ..Stamp::default()
+        },
+    };
+    let message = Arc::try_unwrap(message).unwrap_or_else(|shared| shared.to_vec());
+    for domain in &stamp.signed {
+        metrics::counter!(metric::SIGNATURES.name, "domain" => domain.clone(), "kind" => "dkim")
+            .increment(1);
+    }
+    if let Some(domain) = &stamp.sealed {
+        metrics::counter!(metric::SIGNATURES.name, "domain" => domain.clone(), "kind" => "arc")
+            .increment(1);
+    }
+    for (domain, kind, why) in &stamp.failed {
+        metrics::counter!(metric::SIGNING_FAILURES.name, "domain" => domain.clone(), "kind" => *kind)
+            .increment(1);
+        tracing::warn!(client = %tx.peer, sender = %log_safe(&tx.sender), pool = %pool, domain = %domain, kind = *kind, "signing failed, the message goes out without this signature: {why}");
+    }
+    if let Some(why) = stamp.arc_skipped {
+        tracing::debug!(client = %tx.peer, pool = %pool, "not ARC-sealed: {why}");
+    }
+    tx.message = if stamp.headers.is_empty() {
+        message
+    } else {
+        let mut signed = Vec::with_capacity(stamp.headers.len() + message.len());
+        signed.extend_from_slice(&stamp.headers);
+        signed.extend_from_slice(&message);
+        signed
+    };
+}
+
 /// Classifies and spools one transaction; returns the reply to the final dot.
 async fn queue(
     inbound: &Inbound,
     listener: &Listener,
     session: &mut Session,
-    tx: Transaction,
+    mut tx: Transaction,
 ) -> Vec<u8> {
     let recipients: Vec<&str> = tx.recipients.iter().map(|r| r.address.as_str()).collect();
     let rules = inbound.rules();
-    let user = tx.user.as_deref();
+    let user = tx.user.clone();
+    let user = user.as_deref();
     let user_pool = user
         .and_then(|u| rules.config.users.get(u))
         .and_then(|u| u.pool.as_deref());
@@ -429,6 +522,7 @@ async fn queue(
         message: &tx.message,
         mt_priority: tx.mt_priority.unwrap_or(0),
     });
+    sign(&rules, &decision.pool, &mut tx).await;
     let recipients = tx
         .recipients
         .iter()

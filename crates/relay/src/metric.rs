@@ -173,6 +173,20 @@ pub const SMTP_AUTH: Metric = metric(
     "Inbound AUTH attempts checked against the users_file, by listener and result (success, failure, blocked).",
     &["listener", "result"],
 );
+/// Signatures added at acceptance.
+pub const SIGNATURES: Metric = metric(
+    "poolrelay_signatures_total",
+    Kind::Counter,
+    "Signatures added to accepted messages, by signing domain and kind (dkim: a DKIM-Signature; arc: an ARC set).",
+    &["domain", "kind"],
+);
+/// Signatures that failed (the message went out without them).
+pub const SIGNING_FAILURES: Metric = metric(
+    "poolrelay_signing_failures_total",
+    Kind::Counter,
+    "Signatures that could not be made; the message was relayed without them.",
+    &["domain", "kind"],
+);
 /// Whether the relay takes mail.
 pub const READY: Metric = metric(
     "poolrelay_ready",
@@ -218,6 +232,8 @@ pub const ALL: &[Metric] = &[
     SMTP_REJECTIONS,
     SMTP_TLS_SESSIONS,
     SMTP_AUTH,
+    SIGNATURES,
+    SIGNING_FAILURES,
     READY,
     BUILD_INFO,
     RESIDENT_MEMORY,
@@ -276,6 +292,19 @@ pub fn export_zeros(config: &Config) {
                     metrics::counter!(m.name, "pool" => (*pool).clone(), "upstream" => host.clone())
                         .increment(0);
                 }
+            }
+        }
+    }
+    for d in &config.dkim {
+        for m in [SIGNATURES, SIGNING_FAILURES] {
+            metrics::counter!(m.name, "domain" => d.domain.clone(), "kind" => "dkim").increment(0);
+        }
+    }
+    for pool in &pools {
+        if let Some(d) = config.arc_key_for(pool) {
+            for m in [SIGNATURES, SIGNING_FAILURES] {
+                metrics::counter!(m.name, "domain" => d.domain.clone(), "kind" => "arc")
+                    .increment(0);
             }
         }
     }

@@ -184,6 +184,7 @@ pub(super) fn render(
     pools(&mut o, &p);
     upstreams(&mut o, &p);
     routes(&mut o, &p);
+    dkim(&mut o, &p);
     not_imported(&mut o, &p);
     o
 }
@@ -771,6 +772,46 @@ fn routes(o: &mut String, p: &Plan<'_>) {
             "# Imported lists that rely on it: {}.",
             c(&plain.join(", "))
         );
+    }
+}
+
+/// A commented `[[dkim]]` skeleton per MYDOMAIN host: list mail comes
+/// `From:` those hosts, so their keys align with it (README "Signing").
+fn dkim(o: &mut String, p: &Plan<'_>) {
+    let Some((hosts, origin)) = p.site.domains.as_ref() else {
+        return;
+    };
+    let hosts: Vec<String> = hosts
+        .iter()
+        .filter(|h| !h.contains('*'))
+        .map(|h| h.to_ascii_lowercase())
+        .collect();
+    if hosts.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "\n# DKIM signing for the MYDOMAIN hosts ({}): list mail is From: them, so a",
+        p.at(origin)
+    );
+    let _ = writeln!(
+        o,
+        "# key of each aligns with it (DMARC). Make the key, publish its TXT record at"
+    );
+    let _ = writeln!(
+        o,
+        "# SELECTOR._domainkey.DOMAIN, uncomment, and check (README \"Signing\"):"
+    );
+    for host in &hosts {
+        let key = format!("/etc/poolrelay/dkim/{host}.pem");
+        let _ = writeln!(
+            o,
+            "#   openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out {key} && chmod 600 {key}"
+        );
+        let _ = writeln!(o, "# [[dkim]]");
+        let _ = writeln!(o, "# domain = {}", q(host));
+        let _ = writeln!(o, "# selector = \"poolrelay\"");
+        let _ = writeln!(o, "# key_file = {}", q(&key));
     }
 }
 

@@ -1076,3 +1076,62 @@ fn a_lane_sharing_its_workers_goes_first_and_the_others_say_so() {
     );
     assert!(!i.toml.contains("priority"), "{}", i.toml);
 }
+
+#[test]
+fn a_commented_dkim_skeleton_per_mydomain_host_that_parses_once_uncommented() {
+    let key = std::env::temp_dir().join(format!(
+        "poolrelay-listserv-dkim-{}.pem",
+        std::process::id()
+    ));
+    std::fs::write(&key, include_str!("../testdata/dkim-rsa2048.pem")).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let i = import(
+        "SMTP_FORWARD_1=MTA.EXAMPLE.ORG\nMYDOMAIN=LISTS.EXAMPLE.ORG *.EXAMPLE.NET LISTS.EXAMPLE.COM\n",
+        &[],
+    );
+    assert!(
+        reparse(&i).dkim.is_empty(),
+        "commented out: nothing signs yet"
+    );
+    for host in ["lists.example.org", "lists.example.com"] {
+        assert!(
+            i.toml.contains(&format!("# domain = \"{host}\"")),
+            "{}",
+            i.toml
+        );
+    }
+    assert!(
+        !i.toml.contains("# domain = \"*"),
+        "no key for a wildcard: {}",
+        i.toml
+    );
+    assert!(i.toml.contains("(site.cfg:2)"), "{}", i.toml);
+    let uncommented = i
+        .toml
+        .lines()
+        .map(|l| {
+            let l = l.strip_prefix("# ").filter(|l| {
+                ["[[dkim]]", "domain =", "selector =", "key_file ="]
+                    .iter()
+                    .any(|k| l.starts_with(k))
+            });
+            match l {
+                Some(l) if l.starts_with("key_file") => {
+                    format!("key_file = \"{}\"", key.display())
+                }
+                Some(l) => l.to_string(),
+                None => String::new(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let text = format!("{}\n{uncommented}", i.toml);
+    let c =
+        Config::parse(&text, Path::new("imported.toml")).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let _ = std::fs::remove_file(&key);
+    let domains: Vec<&str> = c.dkim.iter().map(|d| d.domain.as_str()).collect();
+    assert_eq!(domains, ["lists.example.org", "lists.example.com"]);
+}

@@ -1,0 +1,179 @@
+//! `poolrelay dkim keygen`: a new signing key, written owner-only, and the
+//! DNS TXT record and `[[dkim]]` table to go with it.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use clap::{Args as ClapArgs, ValueEnum};
+use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+
+/// `poolrelay dkim keygen` options.
+#[derive(ClapArgs)]
+pub struct KeygenArgs {
+    /// The signing domain (d=), e.g. example.org.
+    #[arg(long)]
+    domain: String,
+    /// The selector: the key is published at SELECTOR._domainkey.DOMAIN.
+    #[arg(long)]
+    selector: String,
+    /// The algorithm.
+    #[arg(long, value_enum, default_value_t = Algorithm::RsaSha256)]
+    algorithm: Algorithm,
+    /// RSA key size in bits (2048 or more).
+    #[arg(long, default_value_t = 2048)]
+    bits: usize,
+    /// Where to write the key (default: SELECTOR.DOMAIN.pem); never overwritten.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Algorithm {
+    #[value(name = "rsa-sha256")]
+    RsaSha256,
+    #[value(name = "ed25519-sha256")]
+    Ed25519Sha256,
+}
+
+/// Makes the key, writes it (mode 600, never over an existing file) and
+/// prints what to publish and configure. Errors say what went wrong.
+pub fn keygen(args: &KeygenArgs) -> Result<String, String> {
+    let domain = args
+        .domain
+        .trim()
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    let selector = args.selector.trim().to_string();
+    let label_ok = |s: &str| {
+        !s.is_empty()
+            && s.split('.')
+                .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+    };
+    if !label_ok(&domain) || !domain.contains('.') {
+        return Err(format!("--domain {:?} is not a domain name", args.domain));
+    }
+    if !label_ok(&selector) {
+        return Err(format!(
+            "--selector {:?} is not a DNS label; use letters, digits and -",
+            args.selector
+        ));
+    }
+    let (pem, k, public, algorithm) = match args.algorithm {
+        Algorithm::RsaSha256 => {
+            if args.bits < poolrelay_config::MIN_RSA_BITS {
+                return Err(format!(
+                    "--bits {}: receivers refuse RSA keys under {} bits",
+                    args.bits,
+                    poolrelay_config::MIN_RSA_BITS
+                ));
+            }
+            let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, args.bits)
+                .map_err(|e| format!("cannot make an RSA key: {e}"))?;
+            let pem = key
+                .to_pkcs8_pem(LineEnding::LF)
+                .map_err(|e| format!("cannot encode the key: {e}"))?;
+            let public = key
+                .to_public_key()
+                .to_public_key_der()
+                .map_err(|e| format!("cannot encode the public key: {e}"))?;
+            (
+                pem.to_string(),
+                "rsa",
+                public.as_bytes().to_vec(),
+                "rsa-sha256",
+            )
+        }
+        Algorithm::Ed25519Sha256 => {
+            use ring::signature::KeyPair;
+            let rng = ring::rand::SystemRandom::new();
+            let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+                .map_err(|_| "cannot make an Ed25519 key".to_string())?;
+            let pair = ring::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref())
+                .map_err(|_| "cannot read the new Ed25519 key".to_string())?;
+            let pem = pem_encode("PRIVATE KEY", doc.as_ref());
+            // RFC 8463: the TXT record holds the raw 32-byte public key.
+            (
+                pem,
+                "ed25519",
+                pair.public_key().as_ref().to_vec(),
+                "ed25519-sha256",
+            )
+        }
+    };
+    let path = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{selector}.{domain}.pem")));
+    write_new_private(&path, pem.as_bytes())?;
+    let txt = format!("v=DKIM1; k={k}; p={}", base64(&public));
+    Ok(format!(
+        "wrote {path} (mode 600)\n\n\
+         publish this TXT record:\n{selector}._domainkey.{domain}. IN TXT \"{txt}\"\n\n\
+         and add to the config:\n[[dkim]]\ndomain = \"{domain}\"\nselector = \"{selector}\"\nkey_file = \"{path}\"\nalgorithm = \"{algorithm}\"\n",
+        path = path.display()
+    ))
+}
+
+fn write_new_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| {
+            format!(
+                "cannot create {}: {e} (an existing key is never overwritten; choose --out)",
+                path.display()
+            )
+        })?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+fn pem_encode(label: &str, der: &[u8]) -> String {
+    let b64 = base64(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(chunk));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_pads_like_rfc_4648() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    }
+}
