@@ -25,7 +25,7 @@ COLOURS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9"]
 MARKERS = ["circle", "square", "triangle", "diamond", "circle", "square"]
 
 WIDTH, HEIGHT = 760, 440
-LEFT, RIGHT, TOP, BOTTOM = 78, 24, 48, 96  # plot margins; the legend sits below the x axis
+LEFT, RIGHT, TOP, BOTTOM = 86, 24, 48, 106  # plot margins; the legend sits below the x axis
 
 
 def nice_step(span: float, target_ticks: int = 6) -> float:
@@ -76,17 +76,19 @@ def tick_label(v: float) -> str:
     return f"{v:.3g}"
 
 
-def marker(shape: str, x: float, y: float, colour: str) -> str:
+def marker(shape: str, x: float, y: float, colour: str, hollow: bool = False) -> str:
+    """A filled marker, or a hollow one for a value drawn at the axis floor."""
+    paint = f'fill="#ffffff" stroke="{colour}" stroke-width="1.5"' if hollow else f'fill="{colour}"'
     r = 4.0
     if shape == "square":
-        return f'<rect x="{x - r:.1f}" y="{y - r:.1f}" width="{2 * r:.1f}" height="{2 * r:.1f}" fill="{colour}"/>'
+        return f'<rect x="{x - r:.1f}" y="{y - r:.1f}" width="{2 * r:.1f}" height="{2 * r:.1f}" {paint}/>'
     if shape == "triangle":
         pts = f"{x:.1f},{y - r - 1:.1f} {x - r - 0.5:.1f},{y + r:.1f} {x + r + 0.5:.1f},{y + r:.1f}"
-        return f'<polygon points="{pts}" fill="{colour}"/>'
+        return f'<polygon points="{pts}" {paint}/>'
     if shape == "diamond":
         pts = f"{x:.1f},{y - r - 1:.1f} {x + r + 1:.1f},{y:.1f} {x:.1f},{y + r + 1:.1f} {x - r - 1:.1f},{y:.1f}"
-        return f'<polygon points="{pts}" fill="{colour}"/>'
-    return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r:.1f}" fill="{colour}"/>'
+        return f'<polygon points="{pts}" {paint}/>'
+    return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r:.1f}" {paint}/>'
 
 
 def latency_chart(
@@ -102,7 +104,10 @@ def latency_chart(
     `series` is [(label, [(x seconds, y ms or None), ...]), ...]; None means
     the message never arrived and is counted in the legend. The y axis turns
     logarithmic when the values span more than two decades (one relay in
-    milliseconds, another in tens of seconds). `guides` are dashed
+    milliseconds, another in tens of seconds); values at or below its floor
+    (a latency of 0 or less: the message reached the sink before the client
+    had read its 250) are drawn hollow on the floor, which is labelled
+    "≤". `guides` are dashed
     horizontal lines with a label, such as one bulk transaction's time.
     """
     xs = [x for _, pts in series for x, y in pts if y is not None]
@@ -113,16 +118,21 @@ def latency_chart(
     x0, x1, xticks = linear_ticks(min(0.0, min(xs)), max(xs))
     positive = [y for y in ys if y > 0]
     use_log = bool(positive) and max(positive) / max(min(positive), 1e-9) > 100
+    any_clamped = False
     if use_log:
         floor = max(min(positive), 0.01)
         y0, y1, yticks = log_ticks(floor, max(positive))
+        any_clamped = min(ys) < y0
     else:
-        y0, y1, yticks = linear_ticks(0.0, max(ys) * 1.05 if max(ys) > 0 else 1.0)
+        y0, y1, yticks = linear_ticks(min(0.0, min(ys)), max(ys) * 1.05 if max(ys) > 0 else 1.0)
 
     pw, ph = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 
     def px(x: float) -> float:
         return LEFT + (x - x0) / (x1 - x0) * pw
+
+    def clamped(y: float) -> bool:
+        return use_log and y < y0
 
     def py(y: float) -> float:
         if use_log:
@@ -148,8 +158,9 @@ def latency_chart(
         out.append(f'<line x1="{LEFT}" y1="{y:.1f}" x2="{LEFT + pw}" y2="{y:.1f}"/>')
     out.append("</g>")
     out.append('<g class="y-ticks" text-anchor="end" fill="#222222">')
-    for t in yticks:
-        out.append(f'<text x="{LEFT - 8}" y="{py(t) + 4:.1f}">{escape(tick_label(t))}</text>')
+    for i, t in enumerate(yticks):
+        text = ("≤ " if i == 0 and any_clamped else "") + tick_label(t)
+        out.append(f'<text x="{LEFT - 8}" y="{py(t) + 4:.1f}">{escape(text)}</text>')
     out.append("</g>")
     out.append('<g class="x-axis" stroke="#dddddd" stroke-width="1">')
     for t in xticks:
@@ -193,7 +204,7 @@ def latency_chart(
             path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in shown)
             out.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="1.5" stroke-opacity="0.7"/>')
         for x, y in shown:
-            out.append(marker(shape, px(x), py(y), colour))
+            out.append(marker(shape, px(x), py(y), colour, hollow=clamped(y)))
         out.append("</g>")
         lx = LEFT + (i % 3) * col_w
         ly = legend_y + (i // 3) * 20
@@ -203,6 +214,12 @@ def latency_chart(
         out.append(marker(shape, lx + 12, ly, colour))
         out.append(f'<text x="{lx + 32:.1f}" y="{ly + 4:.1f}">{escape(text)}</text>')
         out.append("</g>")
+    if any_clamped:
+        out.append(
+            f'<text class="footnote" x="{LEFT}" y="{HEIGHT - 10}" font-size="11" fill="#444444">'
+            f"{escape(f'Hollow: {tick_label(y0)} ms or less; at or below 0, the message reached the sink before the client read its 250.')}"
+            "</text>"
+        )
     out.append("</svg>")
     return "\n".join(out) + "\n"
 

@@ -93,6 +93,33 @@ class LatencyChart(unittest.TestCase):
         self.assertIn("100,000", ticks)
         self.assertTrue(any("log scale" in (t.text or "") for t in root.iter(f"{SVG}text")))
 
+    def test_latency_of_zero_or_less_is_drawn_hollow_on_a_labelled_floor(self):
+        # A relay can deliver before its 250 reaches the client: a negative latency.
+        series = [("poolrelay", [(0.0, 0.2), (0.25, -1.0), (0.5, 0.0)]), ("postfix", [(0.0, 38000.0), (0.25, 52000.0)])]
+        root = parse(chart.latency_chart("t", series))
+        ticks = texts(root, "y-ticks")
+        self.assertEqual(ticks[0], "≤ 0.1")
+        group = next(g for g in root.iter(f"{SVG}g") if g.get("class") == "series")
+        hollow = [el for el in group if el.tag in MARKS and el.get("fill") == "#ffffff"]
+        self.assertEqual(len(hollow), 2)
+        frame = next(r for r in root.iter(f"{SVG}rect") if r.get("fill") == "none")
+        bottom = float(frame.get("y")) + float(frame.get("height"))
+        for _, y in markers(group)[1:]:
+            self.assertAlmostEqual(y, bottom, delta=0.5)
+        self.assertTrue(any(t.get("class") == "footnote" for t in root.iter(f"{SVG}text")))
+        # Without such values: no floor label, no footnote.
+        root = parse(chart.latency_chart("t", [("poolrelay", [(0.0, 0.2), (0.25, 0.4)]), ("postfix", [(0.0, 38000.0)])]))
+        self.assertFalse(texts(root, "y-ticks")[0].startswith("≤"))
+        self.assertFalse(any(t.get("class") == "footnote" for t in root.iter(f"{SVG}text")))
+
+    def test_negative_values_on_a_linear_axis_stay_inside_the_plot(self):
+        root = parse(chart.latency_chart("t", [("postfix", [(0.0, -5.0), (0.1, 20.0), (0.2, 25.0)])]))
+        self.assertLessEqual(float(texts(root, "y-ticks")[0].replace(",", "")), -5.0)
+        frame = next(r for r in root.iter(f"{SVG}rect") if r.get("fill") == "none")
+        y_bottom = float(frame.get("y")) + float(frame.get("height"))
+        group = next(g for g in root.iter(f"{SVG}g") if g.get("class") == "series")
+        self.assertTrue(all(y <= y_bottom + 0.5 for _, y in markers(group)))
+
     def test_nothing_arrived_still_draws_a_valid_chart(self):
         root = parse(chart.latency_chart("t", [("postfix", [(0.0, None), (0.1, None)])]))
         legend = [" ".join(t.text or "" for t in g.iter(f"{SVG}text")) for g in root.iter(f"{SVG}g") if g.get("class") == "legend"]
