@@ -10,20 +10,23 @@ build:
 run: build
 	./scripts/run-local.sh
 
-# Unit tests of every crate, then the end-to-end suite against the built binary.
+# Unit tests of every crate, then the end-to-end suite against the built binary,
+# then the benchmark's chart writer on synthetic data (bench/test_chart.py).
 test: build
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --no-fail-fast; \
 	else \
 		$(CARGO) test --workspace --no-fail-fast; \
 	fi
+	python3 -m unittest discover -s bench -p 'test_*.py'
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # Side by side with a throwaway Postfix on loopback (bench/run.py; needs
-# Debian's postfix for smtp-source). Prints a table, writes target/bench/results.json.
+# Debian's postfix for smtp-source). Prints a table, writes target/bench/results.json
+# and one chart per emergency scenario, target/bench/emergency-<scenario>.svg.
 # BENCH_SCALE=0.01 is the CI smoke size; BENCH_MICRO=0 skips criterion.
 bench:
 	$(CARGO) build --release -p poolrelay

@@ -10,7 +10,10 @@
 //!
 //! `--delay MS` holds each 250 for at least MS milliseconds and `--max-rate R`
 //! spaces the 250s of all connections at least 1/R s apart: together they make
-//! the "slow smarthost" of the emergency-lane benchmark (200 ms, ≤ 50 msg/s).
+//! the "slow smarthost" of the emergency-lane benchmark (200 ms, ≤ 50 msg/s);
+//! `--delay 50` alone is the smarthost whose workers pools share in the
+//! shared-worker scenario. The arrival time is taken at the dot, before the
+//! hold, so a latency measured to it excludes the message's own transaction.
 //!
 //! One thread per connection, blocking I/O, replies flushed only when no
 //! pipelined input is waiting: it is far faster than the relays it measures
