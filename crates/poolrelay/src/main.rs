@@ -1,6 +1,7 @@
 //! The `poolrelay` binary: command line, logging, signals, wiring.
 
 mod admin;
+mod load;
 mod queue;
 mod sink;
 mod telemetry;
@@ -87,6 +88,9 @@ enum Command {
         #[command(flatten)]
         target: queue::Target,
     },
+    /// Fill a stopped relay's spool directly (benchmarks and tests only).
+    #[command(hide = true)]
+    SpoolLoad(load::Args),
     /// Ask a running relay's /readyz (or /healthz with --live): exit 0 when
     /// it answers 200, 1 otherwise. For container health checks (no shell, no curl).
     Health {
@@ -212,6 +216,13 @@ fn main() -> ExitCode {
             }
         }
         Command::Reload { target } => ExitCode::from(queue::reload(&target) as u8),
+        Command::SpoolLoad(args) => match load::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("poolrelay spool-load: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Health {
             config,
             admin,

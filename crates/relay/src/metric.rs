@@ -166,6 +166,13 @@ pub const READY: Metric = metric(
     "1 when the spool is writable and listeners are bound (what /readyz answers).",
     &[],
 );
+/// Progress of the recovery after a restart.
+pub const RECOVERY_REMAINING: Metric = metric(
+    "poolrelay_recovery_remaining_messages",
+    Kind::Gauge,
+    "Queued messages the recovery after a restart has still to hand to the scheduler (an estimate; 0 once recovery ended).",
+    &[],
+);
 /// Build information.
 pub const BUILD_INFO: Metric = metric(
     "poolrelay_build_info",
@@ -203,6 +210,7 @@ pub const ALL: &[Metric] = &[
     SMTP_SESSIONS,
     SMTP_REJECTIONS,
     READY,
+    RECOVERY_REMAINING,
     BUILD_INFO,
     RESIDENT_MEMORY,
     OPEN_FDS,

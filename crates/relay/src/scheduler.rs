@@ -4,10 +4,18 @@
 //! Cost: about 40 bytes per queued message (an id in a `BTreeSet` or a
 //! `(due, id)` in a heap); envelopes and bodies stay on disk. One mutex
 //! guards the index; it is held only for set operations, never across I/O.
+//!
+//! After a restart the index fills while the relay already runs: recovery
+//! streams the spool into it pool by pool, oldest first ([`Scheduler::recovered`]).
+//! Until it ends, the index also remembers how far the stream got in each
+//! pool, so an operator's move on a message the stream has not reached yet
+//! applies to it (see [`Scheduler::forget`], [`Scheduler::flush`]) and the
+//! stream does not bring it back.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use poolrelay_spool::{QueueId, now_ms};
@@ -92,11 +100,45 @@ pub struct PoolCounts {
     pub delivered_last_minute: u64,
 }
 
+/// Where the recovery stream stands, while it runs.
+#[derive(Default)]
+struct Recovery {
+    /// The highest id stored when the spool was opened: ids above it were
+    /// appended since (and scheduled by their append), so the stream stops there.
+    bound: QueueId,
+    /// Per pool, the last id the stream handed over (`QueueId::MAX` once the
+    /// pool is done); ids above it are still to come.
+    cursor: HashMap<String, QueueId>,
+    /// Ids the operator took (deleted, moved, bounced, flushed) before or
+    /// while the stream reached them: the stream skips them, in any pool.
+    claimed: HashSet<QueueId>,
+    /// Pools flushed during recovery: what the stream still brings is ready now.
+    flushed: HashSet<String>,
+}
+
+impl Recovery {
+    /// Whether the stream has still to reach `id` of `pool`.
+    fn ahead(&self, id: QueueId, pool: &str) -> bool {
+        id <= self.bound && id > self.cursor.get(pool).copied().unwrap_or(0)
+    }
+}
+
+/// The index and, after a restart, the recovery stream's progress.
+#[derive(Default)]
+struct Index {
+    pools: HashMap<String, PoolQueue>,
+    /// `Some` while recovery runs.
+    recovery: Option<Recovery>,
+}
+
 /// The scheduler shared by the listeners (which add mail) and the workers (which take it).
 #[derive(Default)]
 pub struct Scheduler {
-    pools: Mutex<HashMap<String, PoolQueue>>,
+    index: Mutex<Index>,
     wake: Notify,
+    /// Messages the recovery stream has still to hand over (an estimate
+    /// from the spool's counts), for the metric; 0 when not recovering.
+    recovery_remaining: AtomicU64,
 }
 
 impl Scheduler {
@@ -106,9 +148,104 @@ impl Scheduler {
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, PoolQueue>) -> T) -> T {
+        self.with_index(|index| f(&mut index.pools))
+    }
+
+    fn with_index<T>(&self, f: impl FnOnce(&mut Index) -> T) -> T {
         // A poisoned lock only means a panic elsewhere; the sets are still consistent.
-        let mut guard = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.index.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut guard)
+    }
+
+    /// Starts a recovery: the spool held ids up to `bound` when it was
+    /// opened, about `estimate` of them queued.
+    pub fn begin_recovery(&self, bound: QueueId, estimate: u64) {
+        self.with_index(|index| {
+            index.recovery = Some(Recovery {
+                bound,
+                ..Recovery::default()
+            })
+        });
+        self.recovery_remaining.store(estimate, Ordering::Relaxed);
+    }
+
+    /// The highest id the recovery stream hands over (ids above it were
+    /// appended since the start), or `None` when not recovering.
+    pub fn recovery_bound(&self) -> Option<QueueId> {
+        self.with_index(|index| index.recovery.as_ref().map(|r| r.bound))
+    }
+
+    /// The recovery stream hands over a message it read from the spool:
+    /// scheduled at `due_ms` unless the operator took it meanwhile (then
+    /// false). Records how far the stream got in `pool`.
+    pub fn recovered(&self, id: QueueId, pool: &str, due_ms: u64) -> bool {
+        let scheduled = self.with_index(|index| {
+            let mut due = due_ms;
+            if let Some(r) = index.recovery.as_mut() {
+                let cursor = r.cursor.entry(pool.to_string()).or_default();
+                *cursor = (*cursor).max(id);
+                if r.claimed.contains(&id) {
+                    return false;
+                }
+                if r.flushed.contains(pool) {
+                    due = 0;
+                }
+            }
+            let q = index.pools.entry(pool.to_string()).or_default();
+            if due <= now_ms() {
+                q.ready.insert(id);
+            } else {
+                q.deferred.push(Reverse((due, id)));
+            }
+            true
+        });
+        let _ = self
+            .recovery_remaining
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
+        if scheduled {
+            self.wake.notify_waiters();
+        }
+        scheduled
+    }
+
+    /// The recovery stream read a message whose recipients are all done:
+    /// true when it may remove it (the operator did not take it meanwhile).
+    pub fn recovered_done(&self, id: QueueId, pool: &str) -> bool {
+        self.with_index(|index| match index.recovery.as_mut() {
+            Some(r) => {
+                let cursor = r.cursor.entry(pool.to_string()).or_default();
+                *cursor = (*cursor).max(id);
+                !r.claimed.contains(&id)
+            }
+            None => true,
+        })
+    }
+
+    /// The recovery stream read every message of `pool`.
+    pub fn recovered_pool(&self, pool: &str) {
+        self.with_index(|index| {
+            if let Some(r) = index.recovery.as_mut() {
+                r.cursor.insert(pool.to_string(), QueueId::MAX);
+            }
+        });
+    }
+
+    /// Recovery ended: the index holds every queued message.
+    pub fn end_recovery(&self) {
+        self.with_index(|index| index.recovery = None);
+        self.recovery_remaining.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether recovery still streams the spool into the index.
+    pub fn recovering(&self) -> bool {
+        self.with_index(|index| index.recovery.is_some())
+    }
+
+    /// Messages recovery has still to hand over (an estimate), 0 when done.
+    pub fn recovery_remaining(&self) -> u64 {
+        self.recovery_remaining.load(Ordering::Relaxed)
     }
 
     /// Adds a message, ready at `due_ms` (0 or past = now).
@@ -150,10 +287,14 @@ impl Scheduler {
         self.wake.notify_waiters();
     }
 
-    /// Makes every deferred message of `pool` ready now.
+    /// Makes every deferred message of `pool` ready now, including those
+    /// recovery has still to hand over.
     pub fn flush(&self, pool: &str) {
-        self.with(|pools| {
-            if let Some(q) = pools.get_mut(pool) {
+        self.with_index(|index| {
+            if let Some(r) = index.recovery.as_mut() {
+                r.flushed.insert(pool.to_string());
+            }
+            if let Some(q) = index.pools.get_mut(pool) {
                 q.promote(u64::MAX);
             }
         });
@@ -162,17 +303,27 @@ impl Scheduler {
 
     /// Takes a message out of the index (deleted or moved by the operator).
     /// Returns false if it is not queued there or is being delivered.
+    /// During recovery a message the stream has not reached yet can be
+    /// taken too; either way the stream will not hand it over again.
     pub fn forget(&self, id: QueueId, pool: &str) -> bool {
-        self.with(|pools| {
-            let Some(q) = pools.get_mut(pool) else {
-                return false;
-            };
-            if q.ready.remove(&id) {
-                return true;
+        self.with_index(|index| {
+            let taken = index.pools.get_mut(pool).is_some_and(|q| {
+                if q.ready.remove(&id) {
+                    return true;
+                }
+                let before = q.deferred.len();
+                q.deferred.retain(|Reverse((_, i))| *i != id);
+                q.deferred.len() != before
+            });
+            match index.recovery.as_mut() {
+                Some(r) if taken || r.ahead(id, pool) => {
+                    // A move puts it in another pool the stream may not
+                    // have read yet: skip it there too.
+                    r.claimed.insert(id);
+                    true
+                }
+                _ => taken,
             }
-            let before = q.deferred.len();
-            q.deferred.retain(|Reverse((_, i))| *i != id);
-            q.deferred.len() != before
         })
     }
 
@@ -449,6 +600,32 @@ mod tests {
         assert_eq!(s.counts()["B"].ready, 1);
         s.set_held("B", false);
         assert!(s.try_take(&pools(&["B"]), &ALL).is_some());
+    }
+
+    #[test]
+    fn during_recovery_the_operator_can_take_mail_the_stream_has_not_reached() {
+        let s = Scheduler::new();
+        s.begin_recovery(100, 3);
+        assert!(s.recovered(10, "A", 0));
+        // 10 was handed over and is being delivered: busy.
+        assert!(s.try_take(&pools(&["A"]), &ALL).is_some());
+        assert!(!s.forget(10, "A"));
+        // 50 is still ahead in A: taken, and the stream skips it later,
+        // in A or in the pool it was moved to.
+        assert!(s.forget(50, "A"));
+        assert!(!s.recovered(50, "B", 0));
+        // Above the bound: new mail, which its append scheduled.
+        assert!(!s.forget(200, "A"));
+        // A pool flushed during recovery gets what the stream still brings as ready.
+        s.flush("C");
+        assert!(s.recovered(60, "C", now_ms() + 3_600_000));
+        assert_eq!(s.counts()["C"].ready, 1);
+        s.recovered_pool("A");
+        assert!(!s.forget(70, "A"), "A is fully recovered: 70 is not queued");
+        assert_eq!(s.recovery_remaining(), 0);
+        s.end_recovery();
+        assert!(!s.recovering());
+        assert!(!s.forget(80, "C"));
     }
 
     #[tokio::test]

@@ -90,6 +90,8 @@ struct Inner {
     low_space: AtomicBool,
     dir: PathBuf,
     min_free: MinFree,
+    /// The highest id stored at open.
+    opened_bound: QueueId,
 }
 
 impl Inner {
@@ -213,6 +215,7 @@ impl FjallSpool {
             low_space: AtomicBool::new(false),
             dir: dir.to_path_buf(),
             min_free,
+            opened_bound: last_id,
         });
         inner.check_space();
         let (tx, rx) = mpsc::channel();
@@ -320,11 +323,23 @@ impl Spool for FjallSpool {
         Ok(())
     }
 
+    fn opened_bound(&self) -> QueueId {
+        self.inner.opened_bound
+    }
+
     fn count(&self, pool: &str) -> Result<usize, SpoolError> {
         match self.inner.stores()?.existing(pool) {
             Some(ks) => Ok(ks.len()?),
             None => Ok(0),
         }
+    }
+
+    fn approximate_count(&self, pool: &str) -> usize {
+        self.inner
+            .stores()
+            .ok()
+            .and_then(|s| s.existing(pool))
+            .map_or(0, |ks| ks.approximate_len())
     }
 
     fn pools(&self) -> Vec<String> {

@@ -118,8 +118,19 @@ pub trait Spool: Send + Sync + 'static {
     /// Records that cannot be decoded are logged and left untouched.
     fn recover(&self, visit: &mut dyn FnMut(QueueId, Envelope)) -> Result<(), SpoolError>;
 
+    /// The highest queue id stored when the spool was opened. Every id
+    /// appended since is above it, so a recovery that streams the spool
+    /// while new mail arrives stops there.
+    fn opened_bound(&self) -> QueueId;
+
     /// Number of messages queued in `pool`.
     fn count(&self, pool: &str) -> Result<usize, SpoolError>;
+
+    /// About how many messages `pool` holds, cheaply (no scan): for
+    /// progress reports, never for decisions.
+    fn approximate_count(&self, pool: &str) -> usize {
+        self.count(pool).unwrap_or(0)
+    }
 
     /// The pools that hold or held mail (held mail may be in pools no
     /// longer configured).
