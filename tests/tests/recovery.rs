@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use poolrelay_tests::admin::{api_json, pool_entry, queue_ok};
+use poolrelay_tests::delivery::strip_ansi;
 use poolrelay_tests::ledger::id_counts;
 use poolrelay_tests::{
     Relay, RelaySetup, Sink, free_addr, http_get, message, metric_sum, parse_metrics, unique_id,
@@ -69,25 +70,6 @@ fn stop_after_first_start(relay: &mut Relay) {
     relay.kill9();
 }
 
-/// A log line without its terminal colour codes.
-fn without_ansi(line: &str) -> String {
-    let mut out = String::new();
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: up to and including the final letter.
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// Sends one urgent message (pool B); returns its Message-ID.
 fn send_urgent(relay: &Relay, tag: &str) -> String {
     let id = unique_id(tag);
@@ -139,7 +121,7 @@ fn mail_is_accepted_and_delivered_during_recovery_and_kill9_loses_nothing_nor_do
     relay.wait_until("the end of recovery in the log", DEADLINE, || {
         recovered_log_lines(&relay) == ended + 1
     });
-    let line = without_ansi(
+    let line = strip_ansi(
         relay
             .log_text()
             .lines()

@@ -195,6 +195,10 @@ impl Running {
             l.abort();
         }
         self.recovery.abort();
+        // Attempt records are written without an fsync: keep them.
+        if let Err(e) = self.spool().sync() {
+            tracing::warn!("cannot sync the spool at shutdown: {e}; attempt counts may go back");
+        }
         tracing::info!("stopped");
     }
 }
