@@ -12,8 +12,7 @@
 //! applies to it (see [`Scheduler::forget`], [`Scheduler::flush`]) and the
 //! stream does not bring it back.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -32,7 +31,12 @@ pub struct Job {
 
 struct PoolQueue {
     ready: BTreeSet<QueueId>,
-    deferred: BinaryHeap<Reverse<(u64, QueueId)>>,
+    /// By due time, then id: the earliest first, and a message whose due
+    /// time is known is found without a scan.
+    deferred: BTreeSet<(u64, QueueId)>,
+    /// The oldest deferred id, kept up to date on insert and recomputed
+    /// (one pass) only after it left: `None` while unknown.
+    oldest_deferred: Option<Option<QueueId>>,
     in_flight: usize,
     held: bool,
     /// Messages finished per second over the last minute, as a ring indexed by second.
@@ -45,7 +49,8 @@ impl Default for PoolQueue {
     fn default() -> Self {
         PoolQueue {
             ready: BTreeSet::new(),
-            deferred: BinaryHeap::new(),
+            deferred: BTreeSet::new(),
+            oldest_deferred: Some(None),
             in_flight: 0,
             held: false,
             recent: [0; 60],
@@ -73,13 +78,54 @@ impl PoolQueue {
 
     /// Moves every deferred message whose time has come to `ready`.
     fn promote(&mut self, now: u64) {
-        while let Some(Reverse((due, id))) = self.deferred.peek().copied() {
+        while let Some(&(due, id)) = self.deferred.first() {
             if due > now {
                 break;
             }
-            self.deferred.pop();
+            self.deferred.pop_first();
+            self.left_deferred(id);
             self.ready.insert(id);
         }
+    }
+
+    /// Defers a message until `due`.
+    fn defer(&mut self, due: u64, id: QueueId) {
+        self.deferred.insert((due, id));
+        if let Some(oldest) = self.oldest_deferred.as_mut() {
+            *oldest = Some(oldest.map_or(id, |o| o.min(id)));
+        }
+    }
+
+    fn left_deferred(&mut self, id: QueueId) {
+        if self.oldest_deferred == Some(Some(id)) {
+            self.oldest_deferred = None;
+        }
+    }
+
+    /// Takes `id` out of the deferred set: found at once when `due` is the
+    /// time it was deferred until, else by a scan.
+    fn undefer(&mut self, id: QueueId, due: Option<u64>) -> bool {
+        let found = match due {
+            Some(due) if self.deferred.remove(&(due, id)) => true,
+            _ => {
+                let before = self.deferred.len();
+                self.deferred.retain(|&(_, i)| i != id);
+                self.deferred.len() != before
+            }
+        };
+        if found {
+            self.left_deferred(id);
+        }
+        found
+    }
+
+    /// The oldest deferred id (one pass over the deferred set only when
+    /// the previous oldest left it since the last call).
+    fn oldest_deferred(&mut self) -> Option<QueueId> {
+        if self.oldest_deferred.is_none() {
+            self.oldest_deferred = Some(self.deferred.iter().map(|&(_, id)| id).min());
+        }
+        self.oldest_deferred.flatten()
     }
 }
 
@@ -195,7 +241,7 @@ impl Scheduler {
             if due <= now_ms() {
                 q.ready.insert(id);
             } else {
-                q.deferred.push(Reverse((due, id)));
+                q.defer(due, id);
             }
             true
         });
@@ -255,7 +301,7 @@ impl Scheduler {
             if due_ms <= now_ms() {
                 q.ready.insert(id);
             } else {
-                q.deferred.push(Reverse((due_ms, id)));
+                q.defer(due_ms, id);
             }
         });
         self.wake.notify_waiters();
@@ -306,15 +352,17 @@ impl Scheduler {
     /// During recovery a message the stream has not reached yet can be
     /// taken too; either way the stream will not hand it over again.
     pub fn forget(&self, id: QueueId, pool: &str) -> bool {
+        self.forget_due(id, pool, None)
+    }
+
+    /// [`Scheduler::forget`] for a message whose envelope says it is due
+    /// at `due_ms`: found without scanning the pool's deferred mail.
+    pub fn forget_due(&self, id: QueueId, pool: &str, due_ms: Option<u64>) -> bool {
         self.with_index(|index| {
-            let taken = index.pools.get_mut(pool).is_some_and(|q| {
-                if q.ready.remove(&id) {
-                    return true;
-                }
-                let before = q.deferred.len();
-                q.deferred.retain(|Reverse((_, i))| *i != id);
-                q.deferred.len() != before
-            });
+            let taken = index
+                .pools
+                .get_mut(pool)
+                .is_some_and(|q| q.ready.remove(&id) || q.undefer(id, due_ms));
             match index.recovery.as_mut() {
                 Some(r) if taken || r.ahead(id, pool) => {
                     // A move puts it in another pool the stream may not
@@ -327,6 +375,11 @@ impl Scheduler {
         })
     }
 
+    /// Whether `pool` is held (no scan, unlike [`Scheduler::counts`]).
+    pub fn is_held(&self, pool: &str) -> bool {
+        self.with(|pools| pools.get(pool).is_some_and(|q| q.held))
+    }
+
     /// Counts per pool.
     pub fn counts(&self) -> HashMap<String, PoolCounts> {
         let now = now_ms();
@@ -335,7 +388,7 @@ impl Scheduler {
                 .iter_mut()
                 .map(|(name, q)| {
                     q.promote(now);
-                    let oldest_deferred = q.deferred.iter().map(|Reverse((_, id))| *id).min();
+                    let oldest_deferred = q.oldest_deferred();
                     let oldest = match (q.ready.first().copied(), oldest_deferred) {
                         (Some(a), Some(b)) => Some(a.min(b)),
                         (a, b) => a.or(b),
@@ -397,7 +450,7 @@ impl Scheduler {
                 .iter()
                 .filter_map(|p| all.get(p))
                 .filter(|q| !q.held)
-                .filter_map(|q| q.deferred.peek().map(|Reverse((due, _))| *due))
+                .filter_map(|q| q.deferred.first().map(|&(due, _)| due))
                 .min()
                 .map(|due| Duration::from_millis(due.saturating_sub(now)))
         })
@@ -600,6 +653,28 @@ mod tests {
         assert_eq!(s.counts()["B"].ready, 1);
         s.set_held("B", false);
         assert!(s.try_take(&pools(&["B"]), &ALL).is_some());
+    }
+
+    #[test]
+    fn counts_keep_the_oldest_and_deferred_mail_is_found_by_its_due_time() {
+        let s = Scheduler::new();
+        let later = now_ms() + 3_600_000;
+        s.enqueue(5, "A", later);
+        s.enqueue(3, "A", later + 1);
+        s.enqueue(9, "A", 0);
+        assert_eq!(s.counts()["A"].oldest, Some(3));
+        assert!(s.forget_due(3, "A", Some(later + 1)));
+        assert_eq!(s.counts()["A"].oldest, Some(5));
+        assert!(!s.forget_due(3, "A", Some(later + 1)));
+        assert!(
+            s.forget_due(5, "A", Some(1)),
+            "a wrong due time falls back to a scan"
+        );
+        let c = s.counts()["A"];
+        assert_eq!((c.oldest, c.deferred, c.ready), (Some(9), 0, 1));
+        assert!(!s.is_held("A"));
+        s.set_held("A", true);
+        assert!(s.is_held("A"));
     }
 
     #[test]
