@@ -345,6 +345,11 @@ const GRACE: std::time::Duration = std::time::Duration::from_secs(20);
 
 async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
+    // Handlers first: the listeners and the admin API answer before
+    // recovery ends, and a SIGHUP then must reload, not kill the process.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let metrics = telemetry::install()?;
     telemetry::spawn_upkeep(metrics.clone());
     let token = admin::read_token(&config)?;
@@ -362,9 +367,6 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     });
     let admin_task = tokio::spawn(admin::serve(admin.clone(), admin_socket));
     tracing::info!(admin = %admin_address, "poolrelay running");
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
