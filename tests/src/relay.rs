@@ -114,6 +114,7 @@ pub struct Relay {
     stderr_path: PathBuf,
     proc: Proc,
     starts: u32,
+    env: Vec<(String, String)>,
 }
 
 impl Relay {
@@ -145,6 +146,7 @@ impl Relay {
             wait_addrs,
             proc: Proc { child: None },
             starts: 0,
+            env: Vec::new(),
         };
         relay.spawn();
         relay
@@ -163,6 +165,7 @@ impl Relay {
             .arg("-c")
             .arg(&self.config_path)
             .current_dir(self.dir.path())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(o)
             .stderr(e);
         self.proc = Proc::spawn(cmd, "poolrelay run");
@@ -309,6 +312,44 @@ impl Relay {
     pub fn restart(&mut self) {
         self.proc.kill();
         self.spawn();
+    }
+
+    /// Sets an environment variable for the next [`Relay::restart`] and after.
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.env.retain(|(k, _)| k != name);
+        self.env.push((name.to_string(), value.to_string()));
+    }
+
+    /// Fills the spool of the stopped relay with `count` small messages of
+    /// `pool` through `poolrelay spool-load` (the records the listener
+    /// writes), Message-IDs `<PREFIX-N@load.test>`; the loader's JSON
+    /// summary (`count`, `first`, `last` queue ids). `extra` are more flags.
+    pub fn load_spool(
+        &self,
+        pool: &str,
+        count: u64,
+        prefix: &str,
+        extra: &[&str],
+    ) -> serde_json::Value {
+        let spool = self.dir.path().join("spool");
+        let mut cmd = Command::new(binary());
+        cmd.arg("spool-load")
+            .arg("--spool")
+            .arg(&spool)
+            .args([
+                "--pool",
+                pool,
+                "--count",
+                &count.to_string(),
+                "--size",
+                "600",
+            ])
+            .args(["--id-prefix", prefix])
+            .args(extra);
+        let out = run_with_deadline(cmd, "poolrelay spool-load", Duration::from_secs(120));
+        assert!(out.status.success(), "poolrelay spool-load: {out}");
+        serde_json::from_str(out.stdout.trim())
+            .unwrap_or_else(|e| panic!("spool-load printed {:?}: {e}", out.stdout))
     }
 
     /// The tail of the relay's stdout and stderr, for failure messages.

@@ -2,6 +2,7 @@
 
 mod admin;
 mod dkim;
+mod load;
 mod passwd;
 mod queue;
 mod sink;
@@ -101,6 +102,9 @@ enum Command {
         #[command(flatten)]
         target: queue::Target,
     },
+    /// Fill a stopped relay's spool directly (benchmarks and tests only).
+    #[command(hide = true)]
+    SpoolLoad(load::Args),
     /// Ask a running relay's /readyz (or /healthz with --live): exit 0 when
     /// it answers 200, 1 otherwise. For container health checks (no shell, no curl).
     Health {
@@ -251,6 +255,13 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::SpoolLoad(args) => match load::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("poolrelay spool-load: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Health {
             config,
             admin,
@@ -373,6 +384,11 @@ const GRACE: std::time::Duration = std::time::Duration::from_secs(20);
 
 async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
+    // Handlers first: the listeners and the admin API answer before
+    // recovery ends, and a SIGHUP then must reload, not kill the process.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let metrics = telemetry::install()?;
     telemetry::spawn_upkeep(metrics.clone());
     let token = admin::read_token(&config)?;
@@ -390,9 +406,6 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     });
     let admin_task = tokio::spawn(admin::serve(admin.clone(), admin_socket));
     tracing::info!(admin = %admin_address, "poolrelay running");
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }

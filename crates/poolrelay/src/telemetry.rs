@@ -51,6 +51,8 @@ pub fn refresh(relay: &Running) {
             .set(pool.oldest_age_seconds);
     }
     metrics::gauge!(metric::READY.name).set(if relay.ready() { 1.0 } else { 0.0 });
+    metrics::gauge!(metric::RECOVERY_REMAINING.name)
+        .set(relay.scheduler.recovery_remaining() as f64);
     if let Some(rss) = resident_bytes() {
         metrics::gauge!(metric::RESIDENT_MEMORY.name).set(rss as f64);
     }

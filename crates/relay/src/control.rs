@@ -280,7 +280,8 @@ impl Running {
     /// Takes a message out of the scheduler so the operator can change it.
     fn claim(&self, id: QueueId) -> Result<Envelope, ControlError> {
         let envelope = self.find(id)?;
-        if !self.scheduler.forget(id, &envelope.pool) {
+        let due = Some(envelope.next_attempt_ms).filter(|&d| d > 0);
+        if !self.scheduler.forget_due(id, &envelope.pool, due) {
             return Err(ControlError::Busy(format!(
                 "message {} is being delivered right now; try again in a moment",
                 format_id(id)
@@ -293,7 +294,7 @@ impl Running {
     /// worker can deliver it: the pool is held, rate limited, or every
     /// `[[upstream]]` serving it is outside its window or has every host down.
     pub fn waiting(&self, pool: &str) -> Option<String> {
-        if self.scheduler.counts().get(pool).is_some_and(|c| c.held) {
+        if self.scheduler.is_held(pool) {
             return Some("pool held by the operator".to_string());
         }
         let generation = self.generation()?;

@@ -61,6 +61,8 @@ pub struct Running {
     listeners: Vec<JoinHandle<()>>,
     workers: Mutex<Workers>,
     listeners_bound: bool,
+    /// The recovery stream, stopped at shutdown.
+    recovery: JoinHandle<()>,
 }
 
 impl Running {
@@ -100,6 +102,17 @@ impl Running {
             .filter(|(pool, c)| !new.pools.contains_key(*pool) && c.ready + c.deferred > 0)
             .map(|(pool, c)| format!("{pool} ({} messages)", c.ready + c.deferred))
             .collect();
+        if self.scheduler.recovering() {
+            // The index is still filling: ask the spool about the rest.
+            for pool in self.spool().pools() {
+                if !new.pools.contains_key(&pool)
+                    && !counts.contains_key(&pool)
+                    && self.spool().count(&pool).unwrap_or(0) > 0
+                {
+                    orphaned.push(format!("{pool} (being recovered)"));
+                }
+            }
+        }
         if !orphaned.is_empty() {
             orphaned.sort();
             return Err(format!(
@@ -179,6 +192,11 @@ impl Running {
         for l in &self.listeners {
             l.abort();
         }
+        self.recovery.abort();
+        // Attempt records are written without an fsync: keep them.
+        if let Err(e) = self.spool().sync() {
+            tracing::warn!("cannot sync the spool at shutdown: {e}; attempt counts may go back");
+        }
         tracing::info!("stopped");
     }
 }
@@ -217,8 +235,9 @@ fn spawn_workers(shared: &Arc<Shared>, config: &Arc<Config>, health: &Health) ->
     }
 }
 
-/// Opens the spool, recovers its mail into the scheduler, binds the
-/// listeners and starts the workers.
+/// Opens the spool, binds the listeners, starts the workers, and streams
+/// the queued mail into the scheduler in the background: the relay accepts
+/// and delivers new mail while recovery runs (see [`recover`]).
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let config = Arc::new(config);
     let spool_dir = config.server.spool_dir.clone();
@@ -236,15 +255,17 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tracing::info!(pool = %pool, "pool held (recorded before the restart); `poolrelay queue release --pool {pool}` releases it");
         scheduler.set_held(&pool, true);
     }
-    let queue = Queue::new(spool.clone(), scheduler.clone());
-    let started = std::time::Instant::now();
-    let recovered = recover(&spool, &scheduler).await?;
+    // Before anything can append: ids above the bound are new mail, which
+    // its append schedules, so the stream must not.
+    let pools = recovery_order(&config, spool.pools());
+    let estimate: usize = pools.iter().map(|p| spool.approximate_count(p)).sum();
+    scheduler.begin_recovery(spool.opened_bound(), estimate as u64);
     tracing::info!(
         spool = %config.server.spool_dir.display(),
-        messages = recovered,
-        seconds = format_args!("{:.3}", started.elapsed().as_secs_f64()),
-        "spool recovered"
+        messages_estimate = estimate,
+        "recovering the queue in the background; listening meanwhile"
     );
+    let queue = Queue::new(spool.clone(), scheduler.clone());
     let bound = listener::bind_all(&config).await?;
     let (stopping, stopping_rx) = watch::channel(false);
     let inbound = Arc::new(Inbound {
@@ -269,6 +290,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         dns: Dns::new(&config.server.dns_servers),
     });
     let workers = spawn_workers(&shared, &config, &health);
+    let recovery = tokio::spawn(recover(
+        spool.clone(),
+        scheduler.clone(),
+        pools,
+        config.server.spool_dir.display().to_string(),
+    ));
     Ok(Running {
         queue,
         scheduler,
@@ -279,37 +306,130 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         listeners,
         workers: Mutex::new(workers),
         listeners_bound: true,
+        recovery,
     })
 }
-/// Loads every queued message with a pending recipient into the scheduler,
-/// and removes records whose recipients were all done (a crash between the
-/// last delivery and the removal leaves them behind).
-async fn recover(spool: &Arc<dyn Spool>, scheduler: &Arc<Scheduler>) -> anyhow::Result<usize> {
-    let reader = spool.clone();
-    let index = scheduler.clone();
-    let (count, finished) = tokio::task::spawn_blocking(move || {
-        let mut count = 0usize;
-        let mut finished = Vec::new();
-        let now = now_ms();
-        reader.recover(&mut |id, envelope| {
-            if envelope.is_done() {
-                finished.push((id, envelope.pool));
-                return;
-            }
-            let due = if envelope.next_attempt_ms > now {
-                envelope.next_attempt_ms
-            } else {
-                0
+
+/// The pools of the spool in the order recovery reads them: highest
+/// `priority` first (urgent mail is deliverable soonest), then by name.
+fn recovery_order(config: &Config, mut pools: Vec<String>) -> Vec<String> {
+    pools.sort_by(|a, b| {
+        config
+            .priority_of(b)
+            .cmp(&config.priority_of(a))
+            .then_with(|| a.cmp(b))
+    });
+    pools
+}
+
+/// Messages read from the spool per step of the recovery stream: each step
+/// is one blocking read, so the scheduler's lock and the runtime are never
+/// held long.
+const RECOVERY_CHUNK: usize = 1024;
+
+/// A pause between recovery steps, for tests that need to act while
+/// recovery runs (`POOLRELAY_RECOVERY_STEP_PAUSE_MS`; never set in service).
+fn recovery_pause() -> Option<Duration> {
+    std::env::var("POOLRELAY_RECOVERY_STEP_PAUSE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&ms| ms > 0)
+        .map(Duration::from_millis)
+}
+
+/// Streams every queued message with a pending recipient into the
+/// scheduler, pool by pool, oldest first, while listeners and workers
+/// already run; removes records whose recipients were all done (a crash
+/// between the last delivery and the removal leaves them behind). Reads
+/// nothing above the spool's bound at open (new mail), and hands over
+/// nothing the operator took meanwhile ([`Scheduler::recovered`]). A read
+/// error is logged and the stream goes on with the next pool: what it
+/// skipped stays on disk for the next start.
+async fn recover(
+    spool: Arc<dyn Spool>,
+    scheduler: Arc<Scheduler>,
+    pools: Vec<String>,
+    dir: String,
+) {
+    let started = std::time::Instant::now();
+    let bound = spool.opened_bound();
+    let pause = recovery_pause();
+    let (mut recovered, mut finished_count, mut failed) = (0usize, 0usize, 0usize);
+    for pool in pools {
+        let mut after = None;
+        loop {
+            let reader = spool.clone();
+            let name = pool.clone();
+            let chunk =
+                tokio::task::spawn_blocking(move || reader.list(&name, after, RECOVERY_CHUNK))
+                    .await;
+            let records = match chunk {
+                Ok(Ok(records)) => records,
+                Ok(Err(e)) => {
+                    tracing::error!(pool = %pool, "spool recovery cannot read this pool: {e}; its mail is recovered at the next start");
+                    failed += 1;
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(pool = %pool, "spool recovery task failed: {e}");
+                    failed += 1;
+                    break;
+                }
             };
-            index.enqueue(id, &envelope.pool, due, envelope.mt_priority_or_default());
-            count += 1;
-        })?;
-        Ok::<_, poolrelay_spool::SpoolError>((count, finished))
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("spool recovery task failed: {e}"))??;
-    for (id, pool) in finished {
-        spool.remove(id, &pool).await?;
+            let last = records.len() < RECOVERY_CHUNK;
+            let now = now_ms();
+            let mut finished = Vec::new();
+            let mut reached_bound = false;
+            for (id, envelope) in records {
+                after = Some(id);
+                if id > bound {
+                    reached_bound = true;
+                    break;
+                }
+                match envelope {
+                    Ok(env) if env.is_done() => finished.push(id),
+                    Ok(env) => {
+                        let due = if env.next_attempt_ms > now {
+                            env.next_attempt_ms
+                        } else {
+                            0
+                        };
+                        if scheduler.recovered(id, &pool, due, env.mt_priority_or_default()) {
+                            recovered += 1;
+                        }
+                    }
+                    // Kept on disk for inspection; never delete what we cannot read.
+                    Err(e) => tracing::error!("{e}; left in the spool untouched"),
+                }
+            }
+            for id in finished {
+                // Marked as handed over first, so an operator's delete
+                // cannot race the removal.
+                if !scheduler.recovered_done(id, &pool) {
+                    continue;
+                }
+                if let Err(e) = spool.remove(id, &pool).await {
+                    tracing::warn!(queue_id = %poolrelay_spool::format_id(id), "cannot remove a finished message: {e}; removed at the next start");
+                } else {
+                    finished_count += 1;
+                }
+            }
+            if last || reached_bound {
+                break;
+            }
+            if let Some(p) = pause {
+                tokio::time::sleep(p).await;
+            }
+        }
+        scheduler.recovered_pool(&pool);
     }
-    Ok(count)
+    scheduler.end_recovery();
+    tracing::info!(
+        spool = %dir,
+        messages = recovered,
+        finished_removed = finished_count,
+        pools_unreadable = failed,
+        seconds = format_args!("{:.3}", started.elapsed().as_secs_f64()),
+        "spool recovered: recovery finished"
+    );
 }

@@ -194,6 +194,13 @@ pub const READY: Metric = metric(
     "1 when the spool is writable and listeners are bound (what /readyz answers).",
     &[],
 );
+/// Progress of the recovery after a restart.
+pub const RECOVERY_REMAINING: Metric = metric(
+    "poolrelay_recovery_remaining_messages",
+    Kind::Gauge,
+    "Queued messages the recovery after a restart has still to hand to the scheduler (an estimate; 0 once recovery ended).",
+    &[],
+);
 /// Build information.
 pub const BUILD_INFO: Metric = metric(
     "poolrelay_build_info",
@@ -235,6 +242,7 @@ pub const ALL: &[Metric] = &[
     SIGNATURES,
     SIGNING_FAILURES,
     READY,
+    RECOVERY_REMAINING,
     BUILD_INFO,
     RESIDENT_MEMORY,
     OPEN_FDS,

@@ -3,12 +3,19 @@
 //! when, and whether the pool is held.
 //!
 //! Cost: about 40 bytes per queued message (an id in a `BTreeSet` or a
-//! `(due, id, mt_priority)` in a heap); envelopes and bodies stay on disk. One mutex
+//! `(due, id, mt_priority)` in an ordered set); envelopes and bodies stay on disk. One mutex
 //! guards the index; it is held only for set operations, never across I/O.
+//!
+//! After a restart the index fills while the relay already runs: recovery
+//! streams the spool into it pool by pool, oldest first ([`Scheduler::recovered`]).
+//! Until it ends, the index also remembers how far the stream got in each
+//! pool, so an operator's move on a message the stream has not reached yet
+//! applies to it (see [`Scheduler::forget`], [`Scheduler::flush`]) and the
+//! stream does not bring it back.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use poolrelay_spool::{QueueId, now_ms};
@@ -94,7 +101,13 @@ impl Ready {
 
 struct PoolQueue {
     ready: Ready,
-    deferred: BinaryHeap<Reverse<(u64, QueueId, i8)>>,
+    /// By due time, then id (then MT-PRIORITY, carried to its ready lane):
+    /// the earliest first, and a message whose due time is known is found
+    /// without a scan.
+    deferred: BTreeSet<(u64, QueueId, i8)>,
+    /// The oldest deferred id, kept up to date on insert and recomputed
+    /// (one pass) only after it left: `None` while unknown.
+    oldest_deferred: Option<Option<QueueId>>,
     in_flight: usize,
     held: bool,
     /// Messages finished per second over the last minute, as a ring indexed by second.
@@ -107,7 +120,8 @@ impl Default for PoolQueue {
     fn default() -> Self {
         PoolQueue {
             ready: Ready::default(),
-            deferred: BinaryHeap::new(),
+            deferred: BTreeSet::new(),
+            oldest_deferred: Some(None),
             in_flight: 0,
             held: false,
             recent: [0; 60],
@@ -135,13 +149,60 @@ impl PoolQueue {
 
     /// Moves every deferred message whose time has come to `ready`.
     fn promote(&mut self, now: u64) {
-        while let Some(Reverse((due, id, mt_priority))) = self.deferred.peek().copied() {
+        while let Some(&(due, id, mt_priority)) = self.deferred.first() {
             if due > now {
                 break;
             }
-            self.deferred.pop();
+            self.deferred.pop_first();
+            self.left_deferred(id);
             self.ready.insert(mt_priority, id);
         }
+    }
+
+    /// Defers a message until `due`.
+    fn defer(&mut self, due: u64, id: QueueId, mt_priority: i8) {
+        self.deferred.insert((due, id, mt_priority));
+        if let Some(oldest) = self.oldest_deferred.as_mut() {
+            *oldest = Some(oldest.map_or(id, |o| o.min(id)));
+        }
+    }
+
+    fn left_deferred(&mut self, id: QueueId) {
+        if self.oldest_deferred == Some(Some(id)) {
+            self.oldest_deferred = None;
+        }
+    }
+
+    /// Takes `id` out of the deferred set: found at once when `due` is the
+    /// time it was deferred until, else by a scan.
+    fn undefer(&mut self, id: QueueId, due: Option<u64>) -> bool {
+        let known = due.and_then(|due| {
+            self.deferred
+                .range((due, id, i8::MIN)..=(due, id, i8::MAX))
+                .next()
+                .copied()
+        });
+        let found = match known {
+            Some(entry) => self.deferred.remove(&entry),
+            None => {
+                let before = self.deferred.len();
+                self.deferred.retain(|&(_, i, _)| i != id);
+                self.deferred.len() != before
+            }
+        };
+        if found {
+            self.left_deferred(id);
+        }
+        found
+    }
+
+    /// The oldest deferred id (one pass over the deferred set only when
+    /// the previous oldest left it since the last call).
+    fn oldest_deferred(&mut self) -> Option<QueueId> {
+        if self.oldest_deferred.is_none() {
+            self.oldest_deferred = Some(self.deferred.iter().map(|&(_, id, _)| id).min());
+        }
+        self.oldest_deferred.flatten()
     }
 }
 
@@ -162,11 +223,45 @@ pub struct PoolCounts {
     pub delivered_last_minute: u64,
 }
 
+/// Where the recovery stream stands, while it runs.
+#[derive(Default)]
+struct Recovery {
+    /// The highest id stored when the spool was opened: ids above it were
+    /// appended since (and scheduled by their append), so the stream stops there.
+    bound: QueueId,
+    /// Per pool, the last id the stream handed over (`QueueId::MAX` once the
+    /// pool is done); ids above it are still to come.
+    cursor: HashMap<String, QueueId>,
+    /// Ids the operator took (deleted, moved, bounced, flushed) before or
+    /// while the stream reached them: the stream skips them, in any pool.
+    claimed: HashSet<QueueId>,
+    /// Pools flushed during recovery: what the stream still brings is ready now.
+    flushed: HashSet<String>,
+}
+
+impl Recovery {
+    /// Whether the stream has still to reach `id` of `pool`.
+    fn ahead(&self, id: QueueId, pool: &str) -> bool {
+        id <= self.bound && id > self.cursor.get(pool).copied().unwrap_or(0)
+    }
+}
+
+/// The index and, after a restart, the recovery stream's progress.
+#[derive(Default)]
+struct Index {
+    pools: HashMap<String, PoolQueue>,
+    /// `Some` while recovery runs.
+    recovery: Option<Recovery>,
+}
+
 /// The scheduler shared by the listeners (which add mail) and the workers (which take it).
 #[derive(Default)]
 pub struct Scheduler {
-    pools: Mutex<HashMap<String, PoolQueue>>,
+    index: Mutex<Index>,
     wake: Notify,
+    /// Messages the recovery stream has still to hand over (an estimate
+    /// from the spool's counts), for the metric; 0 when not recovering.
+    recovery_remaining: AtomicU64,
 }
 
 impl Scheduler {
@@ -176,9 +271,104 @@ impl Scheduler {
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, PoolQueue>) -> T) -> T {
+        self.with_index(|index| f(&mut index.pools))
+    }
+
+    fn with_index<T>(&self, f: impl FnOnce(&mut Index) -> T) -> T {
         // A poisoned lock only means a panic elsewhere; the sets are still consistent.
-        let mut guard = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.index.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut guard)
+    }
+
+    /// Starts a recovery: the spool held ids up to `bound` when it was
+    /// opened, about `estimate` of them queued.
+    pub fn begin_recovery(&self, bound: QueueId, estimate: u64) {
+        self.with_index(|index| {
+            index.recovery = Some(Recovery {
+                bound,
+                ..Recovery::default()
+            })
+        });
+        self.recovery_remaining.store(estimate, Ordering::Relaxed);
+    }
+
+    /// The highest id the recovery stream hands over (ids above it were
+    /// appended since the start), or `None` when not recovering.
+    pub fn recovery_bound(&self) -> Option<QueueId> {
+        self.with_index(|index| index.recovery.as_ref().map(|r| r.bound))
+    }
+
+    /// The recovery stream hands over a message it read from the spool:
+    /// scheduled at `due_ms` unless the operator took it meanwhile (then
+    /// false). Records how far the stream got in `pool`.
+    pub fn recovered(&self, id: QueueId, pool: &str, due_ms: u64, mt_priority: i8) -> bool {
+        let scheduled = self.with_index(|index| {
+            let mut due = due_ms;
+            if let Some(r) = index.recovery.as_mut() {
+                let cursor = r.cursor.entry(pool.to_string()).or_default();
+                *cursor = (*cursor).max(id);
+                if r.claimed.contains(&id) {
+                    return false;
+                }
+                if r.flushed.contains(pool) {
+                    due = 0;
+                }
+            }
+            let q = index.pools.entry(pool.to_string()).or_default();
+            if due <= now_ms() {
+                q.ready.insert(mt_priority, id);
+            } else {
+                q.defer(due, id, mt_priority);
+            }
+            true
+        });
+        let _ = self
+            .recovery_remaining
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
+        if scheduled {
+            self.wake.notify_waiters();
+        }
+        scheduled
+    }
+
+    /// The recovery stream read a message whose recipients are all done:
+    /// true when it may remove it (the operator did not take it meanwhile).
+    pub fn recovered_done(&self, id: QueueId, pool: &str) -> bool {
+        self.with_index(|index| match index.recovery.as_mut() {
+            Some(r) => {
+                let cursor = r.cursor.entry(pool.to_string()).or_default();
+                *cursor = (*cursor).max(id);
+                !r.claimed.contains(&id)
+            }
+            None => true,
+        })
+    }
+
+    /// The recovery stream read every message of `pool`.
+    pub fn recovered_pool(&self, pool: &str) {
+        self.with_index(|index| {
+            if let Some(r) = index.recovery.as_mut() {
+                r.cursor.insert(pool.to_string(), QueueId::MAX);
+            }
+        });
+    }
+
+    /// Recovery ended: the index holds every queued message.
+    pub fn end_recovery(&self) {
+        self.with_index(|index| index.recovery = None);
+        self.recovery_remaining.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether recovery still streams the spool into the index.
+    pub fn recovering(&self) -> bool {
+        self.with_index(|index| index.recovery.is_some())
+    }
+
+    /// Messages recovery has still to hand over (an estimate), 0 when done.
+    pub fn recovery_remaining(&self) -> u64 {
+        self.recovery_remaining.load(Ordering::Relaxed)
     }
 
     /// Adds a message, ready at `due_ms` (0 or past = now). Within its
@@ -190,7 +380,7 @@ impl Scheduler {
             if due_ms <= now_ms() {
                 q.ready.insert(mt_priority, id);
             } else {
-                q.deferred.push(Reverse((due_ms, id, mt_priority)));
+                q.defer(due_ms, id, mt_priority);
             }
         });
         self.wake.notify_waiters();
@@ -222,10 +412,14 @@ impl Scheduler {
         self.wake.notify_waiters();
     }
 
-    /// Makes every deferred message of `pool` ready now.
+    /// Makes every deferred message of `pool` ready now, including those
+    /// recovery has still to hand over.
     pub fn flush(&self, pool: &str) {
-        self.with(|pools| {
-            if let Some(q) = pools.get_mut(pool) {
+        self.with_index(|index| {
+            if let Some(r) = index.recovery.as_mut() {
+                r.flushed.insert(pool.to_string());
+            }
+            if let Some(q) = index.pools.get_mut(pool) {
                 q.promote(u64::MAX);
             }
         });
@@ -234,18 +428,35 @@ impl Scheduler {
 
     /// Takes a message out of the index (deleted or moved by the operator).
     /// Returns false if it is not queued there or is being delivered.
+    /// During recovery a message the stream has not reached yet can be
+    /// taken too; either way the stream will not hand it over again.
     pub fn forget(&self, id: QueueId, pool: &str) -> bool {
-        self.with(|pools| {
-            let Some(q) = pools.get_mut(pool) else {
-                return false;
-            };
-            if q.ready.remove(id) {
-                return true;
+        self.forget_due(id, pool, None)
+    }
+
+    /// [`Scheduler::forget`] for a message whose envelope says it is due
+    /// at `due_ms`: found without scanning the pool's deferred mail.
+    pub fn forget_due(&self, id: QueueId, pool: &str, due_ms: Option<u64>) -> bool {
+        self.with_index(|index| {
+            let taken = index
+                .pools
+                .get_mut(pool)
+                .is_some_and(|q| q.ready.remove(id) || q.undefer(id, due_ms));
+            match index.recovery.as_mut() {
+                Some(r) if taken || r.ahead(id, pool) => {
+                    // A move puts it in another pool the stream may not
+                    // have read yet: skip it there too.
+                    r.claimed.insert(id);
+                    true
+                }
+                _ => taken,
             }
-            let before = q.deferred.len();
-            q.deferred.retain(|Reverse((_, i, _))| *i != id);
-            q.deferred.len() != before
         })
+    }
+
+    /// Whether `pool` is held (no scan, unlike [`Scheduler::counts`]).
+    pub fn is_held(&self, pool: &str) -> bool {
+        self.with(|pools| pools.get(pool).is_some_and(|q| q.held))
     }
 
     /// Counts per pool.
@@ -256,7 +467,7 @@ impl Scheduler {
                 .iter_mut()
                 .map(|(name, q)| {
                     q.promote(now);
-                    let oldest_deferred = q.deferred.iter().map(|Reverse((_, id, _))| *id).min();
+                    let oldest_deferred = q.oldest_deferred();
                     let oldest = match (q.ready.oldest(), oldest_deferred) {
                         (Some(a), Some(b)) => Some(a.min(b)),
                         (a, b) => a.or(b),
@@ -325,7 +536,7 @@ impl Scheduler {
                 .iter()
                 .filter_map(|p| all.get(p))
                 .filter(|q| !q.held)
-                .filter_map(|q| q.deferred.peek().map(|Reverse((due, _, _))| *due))
+                .filter_map(|q| q.deferred.first().map(|&(due, _, _)| due))
                 .min()
                 .map(|due| Duration::from_millis(due.saturating_sub(now)))
         })
@@ -578,6 +789,54 @@ mod tests {
         assert_eq!(s.counts()["B"].ready, 1);
         s.set_held("B", false);
         assert!(s.try_take(&pools(&["B"]), &ALL).is_some());
+    }
+
+    #[test]
+    fn counts_keep_the_oldest_and_deferred_mail_is_found_by_its_due_time() {
+        let s = Scheduler::new();
+        let later = now_ms() + 3_600_000;
+        s.enqueue(5, "A", later, 0);
+        s.enqueue(3, "A", later + 1, 0);
+        s.enqueue(9, "A", 0, 0);
+        assert_eq!(s.counts()["A"].oldest, Some(3));
+        assert!(s.forget_due(3, "A", Some(later + 1)));
+        assert_eq!(s.counts()["A"].oldest, Some(5));
+        assert!(!s.forget_due(3, "A", Some(later + 1)));
+        assert!(
+            s.forget_due(5, "A", Some(1)),
+            "a wrong due time falls back to a scan"
+        );
+        let c = s.counts()["A"];
+        assert_eq!((c.oldest, c.deferred, c.ready), (Some(9), 0, 1));
+        assert!(!s.is_held("A"));
+        s.set_held("A", true);
+        assert!(s.is_held("A"));
+    }
+
+    #[test]
+    fn during_recovery_the_operator_can_take_mail_the_stream_has_not_reached() {
+        let s = Scheduler::new();
+        s.begin_recovery(100, 3);
+        assert!(s.recovered(10, "A", 0, 0));
+        // 10 was handed over and is being delivered: busy.
+        assert!(s.try_take(&pools(&["A"]), &ALL).is_some());
+        assert!(!s.forget(10, "A"));
+        // 50 is still ahead in A: taken, and the stream skips it later,
+        // in A or in the pool it was moved to.
+        assert!(s.forget(50, "A"));
+        assert!(!s.recovered(50, "B", 0, 0));
+        // Above the bound: new mail, which its append scheduled.
+        assert!(!s.forget(200, "A"));
+        // A pool flushed during recovery gets what the stream still brings as ready.
+        s.flush("C");
+        assert!(s.recovered(60, "C", now_ms() + 3_600_000, 0));
+        assert_eq!(s.counts()["C"].ready, 1);
+        s.recovered_pool("A");
+        assert!(!s.forget(70, "A"), "A is fully recovered: 70 is not queued");
+        assert_eq!(s.recovery_remaining(), 0);
+        s.end_recovery();
+        assert!(!s.recovering());
+        assert!(!s.forget(80, "C"));
     }
 
     #[tokio::test]

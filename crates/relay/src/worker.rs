@@ -391,11 +391,15 @@ async fn apply(
         }
         Next::Requeue => shared.queue.requeue(job.id, &job.pool, job.mt_priority),
         Next::RetryAt(due) => {
+            // A deferral that decided nothing about any recipient is a small
+            // unsynced attempt record; anything else rewrites the envelope.
+            let attempt_only = decision.envelope.attempt_since(before);
             let recorded = record(generation, &id_text, "the attempt", || {
-                shared
-                    .queue
-                    .spool()
-                    .update(job.id, &job.pool, decision.envelope.clone())
+                let spool = shared.queue.spool();
+                match &attempt_only {
+                    Some(a) => spool.record_attempt(job.id, &job.pool, a.clone()),
+                    None => spool.update(job.id, &job.pool, decision.envelope.clone()),
+                }
             })
             .await;
             // Not recorded (stopping): the old envelope is on disk and

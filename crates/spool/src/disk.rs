@@ -4,7 +4,17 @@
 //!   bodies sit in blob files and never in the index);
 //! - keyspace `env.<pool>` per pool: queue id -> [`Envelope`] (JSON, a few
 //!   hundred bytes), which carries everything retries need (recipient
-//!   states, attempt count, next attempt time), so they survive a restart.
+//!   states, attempt count, next attempt time), so they survive a restart;
+//! - keyspace `attempts`: queue id -> [`AttemptRecord`] (JSON, tens of
+//!   bytes), what a deferral that decided nothing about any recipient
+//!   changed. Written straight into fjall without an fsync (the next
+//!   fsynced batch carries it to disk), applied over the envelope on every
+//!   read, and removed in the batch that next rewrites or removes the
+//!   envelope. A retry step over a million deferred messages so costs a
+//!   million small buffered writes and no fsync, instead of a million
+//!   fsynced envelope rewrites. A crash may lose the newest records:
+//!   attempt counts and next attempt times then go back to an earlier
+//!   record (a message is tried a little early), never a recipient outcome.
 //!
 //! One writer thread owns every write. It batches whatever requests are
 //! waiting when it wakes (group commit: while one batch is being fsynced the
@@ -30,7 +40,9 @@ use std::time::{Duration, Instant};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, KvSeparationOptions, PersistMode};
 use tokio::sync::oneshot;
 
-use crate::{Body, Durable, Envelope, Listed, QueueId, Spool, SpoolError, format_id, now_ms};
+use crate::{
+    AttemptRecord, Body, Durable, Envelope, Listed, QueueId, Spool, SpoolError, format_id, now_ms,
+};
 
 impl From<fjall::Error> for SpoolError {
     fn from(e: fjall::Error) -> Self {
@@ -73,6 +85,8 @@ struct Stores {
     bodies: Keyspace,
     /// Pools the operator held: name -> empty. Created at open, like `bodies`.
     held: Keyspace,
+    /// Attempt records: queue id -> [`AttemptRecord`], unsynced.
+    attempts: Keyspace,
     envelopes: RwLock<HashMap<String, Keyspace>>,
 }
 
@@ -90,6 +104,8 @@ struct Inner {
     low_space: AtomicBool,
     dir: PathBuf,
     min_free: MinFree,
+    /// The highest id stored at open.
+    opened_bound: QueueId,
 }
 
 impl Inner {
@@ -137,6 +153,25 @@ fn free_space(dir: &Path) -> Option<(u64, u64)> {
 }
 
 impl Stores {
+    /// `envelope` with its attempt record, if any, applied.
+    fn with_attempt(&self, id: QueueId, mut envelope: Envelope) -> Result<Envelope, SpoolError> {
+        if let Some(bytes) = self.attempts.get(id.to_be_bytes())? {
+            match serde_json::from_slice::<AttemptRecord>(&bytes) {
+                Ok(record) => envelope.apply_attempt(&record),
+                // The envelope alone is a valid, older state.
+                Err(e) => {
+                    tracing::warn!(queue_id = %format_id(id), "unreadable attempt record ignored: {e}")
+                }
+            }
+        }
+        Ok(envelope)
+    }
+
+    /// Decodes a stored envelope and applies its attempt record.
+    fn read(&self, id: QueueId, bytes: &[u8]) -> Result<Envelope, SpoolError> {
+        self.with_attempt(id, decode(id, bytes)?)
+    }
+
     /// The keyspace of `pool` if it exists: reads never create one (a GET
     /// for a made-up pool must not leave a keyspace on disk).
     fn existing(&self, pool: &str) -> Option<Keyspace> {
@@ -213,6 +248,7 @@ impl FjallSpool {
             low_space: AtomicBool::new(false),
             dir: dir.to_path_buf(),
             min_free,
+            opened_bound: last_id,
         });
         inner.check_space();
         let (tx, rx) = mpsc::channel();
@@ -282,13 +318,36 @@ impl Spool for FjallSpool {
     }
 
     fn envelope(&self, id: QueueId, pool: &str) -> Result<Option<Envelope>, SpoolError> {
-        let Some(ks) = self.inner.stores()?.existing(pool) else {
+        let stores = self.inner.stores()?;
+        let Some(ks) = stores.existing(pool) else {
             return Ok(None);
         };
         match ks.get(id.to_be_bytes())? {
-            Some(bytes) => decode(id, &bytes).map(Some),
+            Some(bytes) => stores.read(id, &bytes).map(Some),
             None => Ok(None),
         }
+    }
+
+    fn record_attempt(&self, id: QueueId, _pool: &str, record: AttemptRecord) -> Durable<()> {
+        let result = if self.inner.failed.load(Ordering::Relaxed) {
+            Err(SpoolError::Storage(
+                "the spool cannot be written (a write failed; retrying)".into(),
+            ))
+        } else {
+            // Serialising numbers and replies cannot fail.
+            let value = serde_json::to_vec(&record).unwrap_or_default();
+            self.inner.stores().and_then(|stores| {
+                stores
+                    .attempts
+                    .insert(id.to_be_bytes(), value)
+                    .map_err(SpoolError::from)
+            })
+        };
+        Box::pin(async move { result })
+    }
+
+    fn sync(&self) -> Result<(), SpoolError> {
+        Ok(self.inner.stores()?.db.persist(PersistMode::SyncData)?)
     }
 
     fn body(&self, id: QueueId) -> Result<Option<Body>, SpoolError> {
@@ -296,9 +355,8 @@ impl Spool for FjallSpool {
     }
 
     fn recover(&self, visit: &mut dyn FnMut(QueueId, Envelope)) -> Result<(), SpoolError> {
-        let keyspaces: Vec<Keyspace> = self
-            .inner
-            .stores()?
+        let stores = self.inner.stores()?;
+        let keyspaces: Vec<Keyspace> = stores
             .envelopes
             .read()
             .map(|m| m.values().cloned().collect())
@@ -310,7 +368,7 @@ impl Spool for FjallSpool {
                     tracing::warn!("spool: skipping a record with a malformed key");
                     continue;
                 };
-                match decode(id, &value) {
+                match stores.read(id, &value) {
                     Ok(env) => visit(id, env),
                     // Keep the record on disk for inspection; never delete what we cannot read.
                     Err(e) => tracing::error!("{e}; left in the spool untouched"),
@@ -320,11 +378,23 @@ impl Spool for FjallSpool {
         Ok(())
     }
 
+    fn opened_bound(&self) -> QueueId {
+        self.inner.opened_bound
+    }
+
     fn count(&self, pool: &str) -> Result<usize, SpoolError> {
         match self.inner.stores()?.existing(pool) {
             Some(ks) => Ok(ks.len()?),
             None => Ok(0),
         }
+    }
+
+    fn approximate_count(&self, pool: &str) -> usize {
+        self.inner
+            .stores()
+            .ok()
+            .and_then(|s| s.existing(pool))
+            .map_or(0, |ks| ks.approximate_len())
     }
 
     fn pools(&self) -> Vec<String> {
@@ -344,7 +414,8 @@ impl Spool for FjallSpool {
         after: Option<QueueId>,
         limit: usize,
     ) -> Result<Vec<Listed>, SpoolError> {
-        let Some(ks) = self.inner.stores()?.existing(pool) else {
+        let stores = self.inner.stores()?;
+        let Some(ks) = stores.existing(pool) else {
             return Ok(Vec::new());
         };
         let start = after.map_or(0, |a| a.saturating_add(1));
@@ -355,7 +426,7 @@ impl Spool for FjallSpool {
             }
             let (key, value) = guard.into_inner()?;
             if let Some(id) = key_to_id(&key) {
-                out.push((id, decode(id, &value)));
+                out.push((id, stores.read(id, &value)));
             }
         }
         Ok(out)
@@ -545,6 +616,11 @@ fn open_stores(dir: &Path) -> Result<Stores, SpoolError> {
     let db = Database::builder(dir)
         .cache_size(32 * 1024 * 1024)
         .manual_journal_persist(true)
+        // The journal holds every body until the memtables it covers are
+        // flushed; fjall's default lets it grow to 512 MiB, which made the
+        // spool 1.37x the queued bytes at 100,000 x 4 KB. At 64 MiB (fjall's
+        // minimum) the small envelope memtables are flushed sooner instead.
+        .max_journaling_size(64 * 1024 * 1024)
         .open()
         .map_err(|e| SpoolError::Storage(format!("cannot open spool in {}: {e}", dir.display())))?;
     let bodies = db.keyspace("bodies", || {
@@ -555,6 +631,9 @@ fn open_stores(dir: &Path) -> Result<Stores, SpoolError> {
             ))
     })?;
     let held = db.keyspace("held", KeyspaceCreateOptions::default)?;
+    let attempts = db.keyspace("attempts", || {
+        KeyspaceCreateOptions::default().max_memtable_size(ENVELOPE_MEMTABLE)
+    })?;
     let mut envelopes = HashMap::new();
     for name in db.list_keyspace_names() {
         if let Some(pool) = name.strip_prefix("env.") {
@@ -566,6 +645,7 @@ fn open_stores(dir: &Path) -> Result<Stores, SpoolError> {
         db,
         bodies,
         held,
+        attempts,
         envelopes: RwLock::new(envelopes),
     })
 }
@@ -593,6 +673,14 @@ fn next_id(last_id: &mut QueueId) -> QueueId {
     let candidate = now_ms() << 16;
     *last_id = candidate.max(*last_id + 1);
     *last_id
+}
+
+/// Removes the attempt record of `key` in `batch`, if there is one (most
+/// messages never had one: no tombstone for them).
+fn forget_attempt(stores: &Stores, batch: &mut fjall::OwnedWriteBatch, key: [u8; 8]) {
+    if stores.attempts.contains_key(key).unwrap_or(true) {
+        batch.remove(&stores.attempts, key);
+    }
 }
 
 /// Commits one batch and answers its requests. New messages are refused
@@ -652,6 +740,8 @@ fn commit_batch(
                         if old_pool != envelope.pool {
                             batch.remove(&old, key);
                         }
+                        // The envelope now carries what the record said.
+                        forget_attempt(stores, &mut batch, key);
                         batch.insert(&new, key, encode(&envelope));
                         done.push(Done::Unit(reply));
                     }
@@ -681,6 +771,7 @@ fn commit_batch(
                     let key = id.to_be_bytes();
                     batch.remove(&ks, key);
                     batch.remove(&stores.bodies, key);
+                    forget_attempt(stores, &mut batch, key);
                     done.push(Done::Unit(reply));
                 }
                 Err(e) => {
@@ -782,6 +873,54 @@ mod tests {
             spool.remove(id, "B").await.unwrap();
             assert!(spool.envelope(id, "B").unwrap().is_none());
             assert!(spool.body(id).unwrap().is_none());
+        });
+    }
+
+    #[test]
+    fn attempt_records_apply_over_the_envelope_until_it_is_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = rt().block_on(async {
+            let spool = FjallSpool::open(dir.path()).unwrap();
+            let id = spool.append(envelope("A"), b"x".to_vec()).await.unwrap();
+            let record = AttemptRecord {
+                attempts: 2,
+                next_attempt_ms: 77,
+                replies: vec![(0, poolrelay_smtp::Reply::local(451, "4.3.0", "later"))],
+            };
+            spool.record_attempt(id, "A", record).await.unwrap();
+            spool.sync().unwrap();
+            id
+        });
+        // Reopened: the record is still applied, by every read.
+        let spool = FjallSpool::open(dir.path()).unwrap();
+        let env = spool.envelope(id, "A").unwrap().unwrap();
+        assert_eq!((env.attempts, env.next_attempt_ms), (2, 77));
+        assert_eq!(
+            env.recipients[0].last_reply.as_ref().map(|r| r.code),
+            Some(451)
+        );
+        let listed = spool.list("A", None, 10).unwrap();
+        assert_eq!(listed[0].1.as_ref().unwrap().attempts, 2);
+        let mut seen = Vec::new();
+        spool.recover(&mut |_, e| seen.push(e.attempts)).unwrap();
+        assert_eq!(seen, vec![2]);
+        // A rewrite of the envelope carries the values and drops the record.
+        rt().block_on(async {
+            let mut moved = env.clone();
+            moved.pool = "B".into();
+            spool.update(id, "A", moved).await.unwrap();
+            assert!(
+                spool
+                    .inner
+                    .stores()
+                    .unwrap()
+                    .attempts
+                    .get(id.to_be_bytes())
+                    .unwrap()
+                    .is_none()
+            );
+            assert_eq!(spool.envelope(id, "B").unwrap().unwrap().attempts, 2);
+            spool.remove(id, "B").await.unwrap();
         });
     }
 

@@ -91,6 +91,22 @@ pub struct Envelope {
     pub mt_priority: Option<i8>,
 }
 
+/// What a deferral that decided nothing about any recipient changes: the
+/// attempt count, the next attempt time and the last replies of recipients
+/// still pending. Stored apart from the envelope and without an fsync
+/// ([`crate::Spool::record_attempt`]), so a retry step costs a small write,
+/// not a rewritten envelope.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// Delivery attempts so far.
+    pub attempts: u32,
+    /// Not to be tried before this time, Unix ms.
+    pub next_attempt_ms: u64,
+    /// The last reply per pending recipient, by index in the envelope.
+    #[serde(default)]
+    pub replies: Vec<(usize, Reply)>,
+}
+
 impl Recipient {
     /// A recipient still to be delivered, without DSN parameters.
     pub fn pending(address: &str) -> Recipient {
@@ -162,6 +178,43 @@ impl Envelope {
     /// when it has none (RFC 6710: absent means the default, 0).
     pub fn mt_priority_or_default(&self) -> i8 {
         self.mt_priority.unwrap_or(0)
+    }
+
+    /// The attempt record that turns `before` into `self`, when that is all
+    /// that changed (no recipient delivered or bounced, no DSN flag set):
+    /// such a change can be stored as an [`AttemptRecord`].
+    pub fn attempt_since(&self, before: &Envelope) -> Option<AttemptRecord> {
+        let record = AttemptRecord {
+            attempts: self.attempts,
+            next_attempt_ms: self.next_attempt_ms,
+            replies: self
+                .recipients
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.state == RecipientState::Pending)
+                .filter_map(|(i, r)| r.last_reply.clone().map(|reply| (i, reply)))
+                .collect(),
+        };
+        let mut replayed = before.clone();
+        replayed.apply_attempt(&record);
+        (replayed == *self).then_some(record)
+    }
+
+    /// Applies a stored attempt record (newer than the envelope it was
+    /// written over; an older one, which cannot normally exist, is ignored).
+    pub fn apply_attempt(&mut self, record: &AttemptRecord) {
+        if record.attempts < self.attempts {
+            return;
+        }
+        self.attempts = record.attempts;
+        self.next_attempt_ms = record.next_attempt_ms;
+        for (i, reply) in &record.replies {
+            if let Some(r) = self.recipients.get_mut(*i)
+                && r.state == RecipientState::Pending
+            {
+                r.last_reply = Some(reply.clone());
+            }
+        }
     }
 
     /// RET, including what records of older versions said.
@@ -242,6 +295,40 @@ mod tests {
             (again.mt_priority, again.mt_priority_or_default()),
             (Some(-3), -3)
         );
+    }
+
+    #[test]
+    fn only_a_deferral_that_decided_nothing_is_an_attempt_record() {
+        let mut before = Envelope::new(
+            "A",
+            "s@x",
+            vec![Recipient::pending("a@x"), Recipient::pending("b@x")],
+            1,
+            "l",
+            "c",
+        );
+        before.recipients[1].state = RecipientState::Delivered;
+        let mut after = before.clone();
+        after.attempts = 3;
+        after.next_attempt_ms = 99;
+        after.recipients[0].last_reply = Some(parse_reply_text("451 4.3.0 later"));
+        let record = after.attempt_since(&before).expect("an attempt record");
+        assert_eq!((record.attempts, record.replies.len()), (3, 1));
+        let mut replayed = before.clone();
+        replayed.apply_attempt(&record);
+        assert_eq!(replayed, after);
+        // A recipient's outcome is not an attempt record: the envelope is rewritten.
+        let mut bounced = after.clone();
+        bounced.recipients[0].state = RecipientState::Bounced;
+        assert_eq!(bounced.attempt_since(&before), None);
+        let mut warned = after.clone();
+        warned.delay_warned = true;
+        assert_eq!(warned.attempt_since(&before), None);
+        // An older record never takes a newer envelope back.
+        let mut newer = after.clone();
+        newer.attempts = 5;
+        newer.apply_attempt(&record);
+        assert_eq!(newer.attempts, 5);
     }
 
     #[test]

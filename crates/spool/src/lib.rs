@@ -18,7 +18,7 @@ use std::pin::Pin;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use disk::{FjallSpool, MinFree};
-pub use envelope::{Envelope, Recipient, RecipientState};
+pub use envelope::{AttemptRecord, Envelope, Recipient, RecipientState};
 pub use memory::MemorySpool;
 pub use poolrelay_smtp::{Reply, Ret};
 
@@ -104,6 +104,30 @@ pub trait Spool: Send + Sync + 'static {
     /// A pool change moves the record between pools.
     fn update(&self, id: QueueId, old_pool: &str, envelope: Envelope) -> Durable<()>;
 
+    /// Records a deferral that changed only the attempt fields
+    /// ([`Envelope::attempt_since`]). Resolves once written but, unlike
+    /// the other writes, not once fsynced: the next fsynced write (any
+    /// append, outcome or removal, or [`Spool::sync`]) makes it durable, and
+    /// a crash before that takes the attempt count and next attempt time
+    /// back to the previous record. Recipient outcomes never go this way.
+    /// Reads return envelopes with the record applied.
+    fn record_attempt(&self, id: QueueId, pool: &str, record: AttemptRecord) -> Durable<()> {
+        match self.envelope(id, pool) {
+            Ok(Some(mut envelope)) => {
+                envelope.apply_attempt(&record);
+                self.update(id, pool, envelope)
+            }
+            Ok(None) => Box::pin(async { Ok(()) }),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+
+    /// Makes everything written so far durable (attempt records included):
+    /// called on a graceful stop.
+    fn sync(&self) -> Result<(), SpoolError> {
+        Ok(())
+    }
+
     /// Removes a message whose recipients are all done (or that the
     /// operator deleted).
     fn remove(&self, id: QueueId, pool: &str) -> Durable<()>;
@@ -118,8 +142,19 @@ pub trait Spool: Send + Sync + 'static {
     /// Records that cannot be decoded are logged and left untouched.
     fn recover(&self, visit: &mut dyn FnMut(QueueId, Envelope)) -> Result<(), SpoolError>;
 
+    /// The highest queue id stored when the spool was opened. Every id
+    /// appended since is above it, so a recovery that streams the spool
+    /// while new mail arrives stops there.
+    fn opened_bound(&self) -> QueueId;
+
     /// Number of messages queued in `pool`.
     fn count(&self, pool: &str) -> Result<usize, SpoolError>;
+
+    /// About how many messages `pool` holds, cheaply (no scan): for
+    /// progress reports, never for decisions.
+    fn approximate_count(&self, pool: &str) -> usize {
+        self.count(pool).unwrap_or(0)
+    }
 
     /// The pools that hold or held mail (held mail may be in pools no
     /// longer configured).

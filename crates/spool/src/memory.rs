@@ -114,6 +114,11 @@ impl Spool for MemorySpool {
         Ok(())
     }
 
+    /// A memory spool is never reopened: its bound is the newest id so far.
+    fn opened_bound(&self) -> QueueId {
+        self.last_id.load(Ordering::Relaxed)
+    }
+
     fn count(&self, pool: &str) -> Result<usize, SpoolError> {
         Ok(self.with(|s| s.pools.get(pool).map_or(0, BTreeMap::len)))
     }

@@ -1,0 +1,244 @@
+//! Restart without downtime: the relay listens, accepts and delivers while
+//! recovery still streams the spool into the scheduler; a kill -9 during
+//! recovery or after it loses nothing and delivers nothing twice; the
+//! operator's moves during recovery apply to mail not yet recovered.
+//!
+//! The queue is filled with `poolrelay spool-load` (the listener's records,
+//! written directly) and recovery is slowed to a step per 500 ms with
+//! `POOLRELAY_RECOVERY_STEP_PAUSE_MS`, so "during recovery" lasts seconds
+//! and every check below can see it.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use poolrelay_tests::admin::{api_json, pool_entry, queue_ok};
+use poolrelay_tests::delivery::strip_ansi;
+use poolrelay_tests::ledger::id_counts;
+use poolrelay_tests::{
+    Relay, RelaySetup, Sink, free_addr, http_get, message, metric_sum, parse_metrics, unique_id,
+};
+
+/// Messages read per recovery step (the relay's `RECOVERY_CHUNK`).
+const STEP: u64 = 1024;
+const PAUSE: &str = "POOLRELAY_RECOVERY_STEP_PAUSE_MS";
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// Pools A (bulk, where the load goes), B (priority 1, for mail sent
+/// during recovery), C; one upstream serving them all.
+fn config(s: &RelaySetup, upstream: std::net::SocketAddr) -> String {
+    format!(
+        "{}{}[defaults]\nlist_pool = \"A\"\nretry = [\"1s\"]\n\n\
+         [pool.A]\n[pool.B]\npriority = 1\n[pool.C]\n\n\
+         [[upstream]]\nhost = \"{upstream}\"\n\n\
+         [[route]]\npool = \"B\"\nsender = \"urgent@*\"\n\n\
+         [[route]]\npool = \"A\"\n",
+        s.head(),
+        s.listener("")
+    )
+}
+
+/// The `poolrelay_recovery_remaining_messages` gauge.
+fn remaining(relay: &Relay) -> f64 {
+    metric_sum(
+        &parse_metrics(&relay.scrape()),
+        "poolrelay_recovery_remaining_messages",
+        &[],
+    )
+    .unwrap_or_else(|| panic!("no poolrelay_recovery_remaining_messages\n{}", relay.logs()))
+}
+
+/// Asserts that recovery is still running, saying what the test needed it for.
+fn assert_recovering(relay: &Relay, what: &str) {
+    let left = remaining(relay);
+    assert!(
+        left > 0.0,
+        "recovery had already ended {what} (remaining {left}); the relay must listen before recovery ends\n{}",
+        relay.logs()
+    );
+}
+
+fn recovered_log_lines(relay: &Relay) -> usize {
+    relay.log_count("spool recovered")
+}
+
+/// Waits for the (empty) first start to end its recovery, then kills it,
+/// so the spool can be loaded.
+fn stop_after_first_start(relay: &mut Relay) {
+    relay.wait_until("recovery of the empty spool", DEADLINE, || {
+        recovered_log_lines(relay) == 1
+    });
+    relay.kill9();
+}
+
+/// Sends one urgent message (pool B); returns its Message-ID.
+fn send_urgent(relay: &Relay, tag: &str) -> String {
+    let id = unique_id(tag);
+    let from = "urgent@alerts.test";
+    let r = relay.send(
+        from,
+        &["member@example.test"],
+        &message(&id, from, "member@example.test", tag, "x\n"),
+    );
+    assert_eq!(r.code, 250, "sending {tag}: {r}\n{}", relay.logs());
+    id
+}
+
+#[test]
+fn mail_is_accepted_and_delivered_during_recovery_and_kill9_loses_nothing_nor_doubles() {
+    let n = 10 * STEP;
+    let upstream = free_addr(); // down until phase 3
+    let mut relay = Relay::start(|s| config(s, upstream));
+    stop_after_first_start(&mut relay);
+    let loaded = relay.load_spool("A", n, "rec", &[]);
+    assert_eq!(loaded["count"], n, "{loaded}");
+    let mut expected: BTreeSet<String> = (0..n).map(|i| format!("rec-{i}@load.test")).collect();
+
+    // Phase 1: upstream down; listening during recovery; kill -9 in the middle.
+    let ended = recovered_log_lines(&relay);
+    relay.set_env(PAUSE, "500");
+    relay.restart(); // returns once the listener accepts
+    assert_recovering(&relay, "when the listener accepted");
+    let ready = http_get(relay.admin_addr(), "/readyz").expect("GET /readyz");
+    assert_eq!(
+        ready.status,
+        200,
+        "/readyz during recovery: {ready}\n{}",
+        relay.logs()
+    );
+    expected.insert(send_urgent(&relay, "during-recovery-1"));
+    assert_recovering(&relay, "after a message was accepted");
+    relay.kill9();
+    assert_eq!(
+        recovered_log_lines(&relay),
+        ended,
+        "recovery finished before the kill\n{}",
+        relay.logs()
+    );
+
+    // Phase 2: still down; recovery ends (logged with its duration); kill -9 after.
+    relay.set_env(PAUSE, "0");
+    relay.restart();
+    relay.wait_until("the end of recovery in the log", DEADLINE, || {
+        recovered_log_lines(&relay) == ended + 1
+    });
+    let line = strip_ansi(
+        relay
+            .log_text()
+            .lines()
+            .rfind(|l| l.contains("spool recovered"))
+            .unwrap_or_default(),
+    );
+    assert!(
+        line.contains(&format!("messages={}", n + 1)) && line.contains("seconds="),
+        "{line}"
+    );
+    assert_eq!(
+        remaining(&relay),
+        0.0,
+        "the gauge after recovery\n{}",
+        relay.logs()
+    );
+    expected.insert(send_urgent(&relay, "after-recovery"));
+    relay.kill9();
+
+    // Phase 3: upstream up; slow recovery again; urgent mail sent now is
+    // delivered while recovery still runs; then everything, once.
+    let sink = Sink::start_at(upstream);
+    relay.set_env(PAUSE, "500");
+    relay.restart();
+    let during = send_urgent(&relay, "during-recovery-3");
+    expected.insert(during.clone());
+    sink.wait_for_message_id(&during, DEADLINE);
+    assert_recovering(&relay, "when mail sent during recovery was delivered");
+
+    relay.wait_until(
+        &format!("{} messages at the sink", expected.len()),
+        DEADLINE,
+        || sink.count() >= expected.len(),
+    );
+    relay.wait_until("the end of recovery", DEADLINE, || {
+        recovered_log_lines(&relay) == ended + 2
+    });
+    let counts = id_counts(sink.message_ids());
+    let got: BTreeSet<String> = counts.keys().cloned().collect();
+    let missing: Vec<_> = expected.difference(&got).take(10).collect();
+    let twice: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).take(10).collect();
+    let unknown: Vec<_> = got.difference(&expected).take(10).collect();
+    assert!(
+        missing.is_empty() && twice.is_empty() && unknown.is_empty(),
+        "missing {missing:?}, delivered twice {twice:?}, unexpected {unknown:?}\n{}",
+        relay.logs()
+    );
+}
+
+#[test]
+fn holds_flushes_deletes_and_moves_during_recovery_apply_to_mail_not_yet_recovered() {
+    let n = 6 * STEP;
+    let sink = Sink::start();
+    let mut relay = Relay::start(|s| config(s, sink.addr()));
+    stop_after_first_start(&mut relay);
+    let a = relay.load_spool("A", n, "a", &[]);
+    // B: deferred for an hour (as after an outage); C: due now.
+    let b = relay.load_spool("B", 50, "b", &["--deferred-for", "3600"]);
+    relay.load_spool("C", 20, "c", &[]);
+    let deleted = a["last"].as_str().expect("last id").to_string();
+    let moved = b["first"].as_str().expect("first id").to_string();
+
+    let ended = recovered_log_lines(&relay);
+    relay.set_env(PAUSE, "500");
+    relay.restart();
+    // Recovery reads B first (priority 1), then A, then C: A's last
+    // message and C are seconds away.
+    queue_ok(&relay, &["hold", "--pool", "C"]);
+    queue_ok(&relay, &["delete", &deleted]);
+    queue_ok(&relay, &["move", &moved, "--to", "A"]);
+    queue_ok(&relay, &["flush", "--pool", "B"]);
+    assert_recovering(&relay, "when the operator's moves were done");
+
+    let expected = n - 1 + 50;
+    relay.wait_until(
+        &format!("{expected} messages at the sink (A but the deleted one, B flushed)"),
+        DEADLINE,
+        || sink.count() as u64 >= expected,
+    );
+    relay.wait_until("the end of recovery", DEADLINE, || {
+        recovered_log_lines(&relay) == ended + 1
+    });
+    let pools = api_json(&relay, "/api/v1/pools");
+    let c = pool_entry(&pools, "C");
+    assert_eq!(
+        (c["held"].as_bool(), c["ready"].as_u64()),
+        (Some(true), Some(20)),
+        "pool C held during recovery: {c}\n{}",
+        relay.logs()
+    );
+    let ids = id_counts(sink.message_ids());
+    let last = format!("a-{}@load.test", n - 1);
+    assert!(
+        !ids.contains_key(&last),
+        "the message deleted during recovery was delivered\n{}",
+        relay.logs()
+    );
+    assert_eq!(
+        ids.get("b-0@load.test"),
+        Some(&1),
+        "the moved message, once\n{}",
+        relay.logs()
+    );
+    let twice: Vec<_> = ids.iter().filter(|(_, c)| **c > 1).take(10).collect();
+    assert!(
+        twice.is_empty(),
+        "delivered twice: {twice:?}\n{}",
+        relay.logs()
+    );
+    assert!(
+        !ids.keys().any(|k| k.starts_with("c-")),
+        "held pool C delivered\n{}",
+        relay.logs()
+    );
+
+    queue_ok(&relay, &["release", "--pool", "C"]);
+    relay.wait_until("held pool C delivered after its release", DEADLINE, || {
+        sink.count() as u64 >= expected + 20
+    });
+}
