@@ -24,11 +24,11 @@ const PAUSE: &str = "POOLRELAY_RECOVERY_STEP_PAUSE_MS";
 const DEADLINE: Duration = Duration::from_secs(120);
 
 /// Pools A (bulk, where the load goes), B (priority 1, for mail sent
-/// during recovery), C; one upstream serving them all.
+/// during recovery), C and D (read last); one upstream serving them all.
 fn config(s: &RelaySetup, upstream: std::net::SocketAddr) -> String {
     format!(
         "{}{}[defaults]\nlist_pool = \"A\"\nretry = [\"1s\"]\n\n\
-         [pool.A]\n[pool.B]\npriority = 1\n[pool.C]\n\n\
+         [pool.A]\n[pool.B]\npriority = 1\n[pool.C]\n[pool.D]\n\n\
          [[upstream]]\nhost = \"{upstream}\"\n\n\
          [[route]]\npool = \"B\"\nsender = \"urgent@*\"\n\n\
          [[route]]\npool = \"A\"\n",
@@ -181,8 +181,12 @@ fn holds_flushes_deletes_and_moves_during_recovery_apply_to_mail_not_yet_recover
     // B: deferred for an hour (as after an outage); C: due now.
     let b = relay.load_spool("B", 50, "b", &["--deferred-for", "3600"]);
     relay.load_spool("C", 20, "c", &[]);
+    // D: deferred for an hour, read last, so the move and the flush below
+    // act on mail the stream has not reached.
+    let d = relay.load_spool("D", 10, "d", &["--deferred-for", "3600"]);
     let deleted = a["last"].as_str().expect("last id").to_string();
     let moved = b["first"].as_str().expect("first id").to_string();
+    let moved_unread = d["first"].as_str().expect("first id").to_string();
 
     let ended = recovered_log_lines(&relay);
     relay.set_env(PAUSE, "500");
@@ -193,11 +197,13 @@ fn holds_flushes_deletes_and_moves_during_recovery_apply_to_mail_not_yet_recover
     queue_ok(&relay, &["delete", &deleted]);
     queue_ok(&relay, &["move", &moved, "--to", "A"]);
     queue_ok(&relay, &["flush", "--pool", "B"]);
+    queue_ok(&relay, &["move", &moved_unread, "--to", "B"]);
+    queue_ok(&relay, &["flush", "--pool", "D"]);
     assert_recovering(&relay, "when the operator's moves were done");
 
-    let expected = n - 1 + 50;
+    let expected = n - 1 + 50 + 10;
     relay.wait_until(
-        &format!("{expected} messages at the sink (A but the deleted one, B flushed)"),
+        &format!("{expected} messages at the sink (A but the deleted one, B and D flushed)"),
         DEADLINE,
         || sink.count() as u64 >= expected,
     );
@@ -223,6 +229,12 @@ fn holds_flushes_deletes_and_moves_during_recovery_apply_to_mail_not_yet_recover
         ids.get("b-0@load.test"),
         Some(&1),
         "the moved message, once\n{}",
+        relay.logs()
+    );
+    assert_eq!(
+        ids.get("d-0@load.test"),
+        Some(&1),
+        "the message moved before recovery reached it, once\n{}",
         relay.logs()
     );
     let twice: Vec<_> = ids.iter().filter(|(_, c)| **c > 1).take(10).collect();

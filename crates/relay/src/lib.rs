@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use poolrelay_config::Config;
-use poolrelay_spool::{FjallSpool, Spool, now_ms};
+use poolrelay_spool::{FjallSpool, QueueId, Spool, now_ms};
 
 use crate::queue::Queue;
 use tokio::sync::{Semaphore, watch};
@@ -342,9 +342,10 @@ fn recovery_pause() -> Option<Duration> {
 /// already run; removes records whose recipients were all done (a crash
 /// between the last delivery and the removal leaves them behind). Reads
 /// nothing above the spool's bound at open (new mail), and hands over
-/// nothing the operator took meanwhile ([`Scheduler::recovered`]). A read
-/// error is logged and the stream goes on with the next pool: what it
-/// skipped stays on disk for the next start.
+/// nothing the operator took meanwhile ([`Scheduler::recovered`]). A pool
+/// that cannot be read (the store reopening after a failed write, a disk
+/// error) is tried again later, from where it stopped, with a growing
+/// pause: mail that got a 250 is never left out until the next start.
 async fn recover(
     spool: Arc<dyn Spool>,
     scheduler: Arc<Scheduler>,
@@ -352,84 +353,142 @@ async fn recover(
     dir: String,
 ) {
     let started = std::time::Instant::now();
-    let bound = spool.opened_bound();
     let pause = recovery_pause();
-    let (mut recovered, mut finished_count, mut failed) = (0usize, 0usize, 0usize);
-    for pool in pools {
-        let mut after = None;
-        loop {
-            let reader = spool.clone();
-            let name = pool.clone();
-            let chunk =
-                tokio::task::spawn_blocking(move || reader.list(&name, after, RECOVERY_CHUNK))
-                    .await;
-            let records = match chunk {
-                Ok(Ok(records)) => records,
-                Ok(Err(e)) => {
-                    tracing::error!(pool = %pool, "spool recovery cannot read this pool: {e}; its mail is recovered at the next start");
-                    failed += 1;
-                    break;
-                }
-                Err(e) => {
-                    tracing::error!(pool = %pool, "spool recovery task failed: {e}");
-                    failed += 1;
-                    break;
-                }
-            };
-            let last = records.len() < RECOVERY_CHUNK;
-            let now = now_ms();
-            let mut finished = Vec::new();
-            let mut reached_bound = false;
-            for (id, envelope) in records {
-                after = Some(id);
-                if id > bound {
-                    reached_bound = true;
-                    break;
-                }
-                match envelope {
-                    Ok(env) if env.is_done() => finished.push(id),
-                    Ok(env) => {
-                        let due = if env.next_attempt_ms > now {
-                            env.next_attempt_ms
-                        } else {
-                            0
-                        };
-                        if scheduler.recovered(id, &pool, due, env.mt_priority_or_default()) {
-                            recovered += 1;
-                        }
-                    }
-                    // Kept on disk for inspection; never delete what we cannot read.
-                    Err(e) => tracing::error!("{e}; left in the spool untouched"),
-                }
+    let mut tally = RecoveryTally::default();
+    let mut todo: std::collections::VecDeque<(String, Option<QueueId>)> =
+        pools.into_iter().map(|p| (p, None)).collect();
+    let mut backoff = RECOVERY_RETRY_FIRST;
+    while let Some((pool, mut after)) = todo.pop_front() {
+        match recover_pool(&spool, &scheduler, &pool, &mut after, pause, &mut tally).await {
+            Ok(()) => {
+                scheduler.recovered_pool(&pool);
+                backoff = RECOVERY_RETRY_FIRST;
             }
-            for id in finished {
-                // Marked as handed over first, so an operator's delete
-                // cannot race the removal.
-                if !scheduler.recovered_done(id, &pool) {
-                    continue;
-                }
-                if let Err(e) = spool.remove(id, &pool).await {
-                    tracing::warn!(queue_id = %poolrelay_spool::format_id(id), "cannot remove a finished message: {e}; removed at the next start");
-                } else {
-                    finished_count += 1;
-                }
-            }
-            if last || reached_bound {
-                break;
-            }
-            if let Some(p) = pause {
-                tokio::time::sleep(p).await;
+            Err(e) => {
+                tally.read_errors += 1;
+                tracing::error!(pool = %pool, "spool recovery cannot read this pool: {e}; trying again in {backoff:?}");
+                todo.push_back((pool, after));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RECOVERY_RETRY_MAX);
             }
         }
-        scheduler.recovered_pool(&pool);
     }
     scheduler.end_recovery();
     tracing::info!(
         spool = %dir,
-        messages = recovered,
-        finished_removed = finished_count,
-        pools_unreadable = failed,
+        messages = tally.recovered,
+        finished_removed = tally.finished,
+        read_errors = tally.read_errors,
         seconds = format_args!("{:.3}", started.elapsed().as_secs_f64()),
         "spool recovered: recovery finished"
     );
+}
+
+/// First pause before reading a pool again after a read error; doubles up
+/// to [`RECOVERY_RETRY_MAX`].
+const RECOVERY_RETRY_FIRST: Duration = Duration::from_millis(500);
+const RECOVERY_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// What [`recover`] did, for its closing log line.
+#[derive(Default)]
+struct RecoveryTally {
+    recovered: usize,
+    finished: usize,
+    read_errors: usize,
+}
+
+/// Streams one pool from just after `after` to its end (or the bound at
+/// open); `after` moves with every chunk handed over, so an error leaves
+/// it where the next try starts.
+async fn recover_pool(
+    spool: &Arc<dyn Spool>,
+    scheduler: &Scheduler,
+    pool: &str,
+    after: &mut Option<QueueId>,
+    pause: Option<Duration>,
+    tally: &mut RecoveryTally,
+) -> Result<(), String> {
+    let bound = spool.opened_bound();
+    loop {
+        let reader = spool.clone();
+        let (name, from) = (pool.to_string(), *after);
+        let records = tokio::task::spawn_blocking(move || reader.list(&name, from, RECOVERY_CHUNK))
+            .await
+            .map_err(|e| format!("recovery task failed: {e}"))?
+            .map_err(|e| e.to_string())?;
+        let last = records.len() < RECOVERY_CHUNK;
+        let now = now_ms();
+        let mut finished = Vec::new();
+        let mut reached_bound = false;
+        for (id, envelope) in records {
+            if id > bound {
+                reached_bound = true;
+                break;
+            }
+            *after = Some(id);
+            match envelope {
+                Ok(env) if env.is_done() => finished.push(id),
+                Ok(env) => {
+                    let due = if env.next_attempt_ms > now {
+                        env.next_attempt_ms
+                    } else {
+                        0
+                    };
+                    if scheduler.recovered(id, pool, due, env.mt_priority_or_default()) {
+                        tally.recovered += 1;
+                    }
+                }
+                // Kept on disk for inspection; never delete what we cannot read.
+                Err(e) => tracing::error!("{e}; left in the spool untouched"),
+            }
+        }
+        for id in finished {
+            // Marked as handed over first, so an operator's delete
+            // cannot race the removal.
+            if !scheduler.recovered_done(id, pool) {
+                continue;
+            }
+            if let Err(e) = spool.remove(id, pool).await {
+                tracing::warn!(queue_id = %poolrelay_spool::format_id(id), "cannot remove a finished message: {e}; removed at the next start");
+            } else {
+                tally.finished += 1;
+            }
+        }
+        if last || reached_bound {
+            return Ok(());
+        }
+        if let Some(p) = pause {
+            tokio::time::sleep(p).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use poolrelay_spool::{Envelope, MemorySpool, Recipient};
+
+    #[tokio::test]
+    async fn recovery_reads_a_pool_again_after_a_read_error_instead_of_leaving_it_out() {
+        let memory = MemorySpool::new();
+        let spool: Arc<dyn Spool> = Arc::new(memory.clone());
+        for pool in ["A", "A", "B"] {
+            let envelope = Envelope::new(pool, "s@x", vec![Recipient::pending("r@y")], 1, "l", "c");
+            spool.append(envelope, b"m".to_vec()).await.expect("append");
+        }
+        // The first read of A fails (a store reopening after a failed write).
+        memory.fail_next_lists(1);
+        let scheduler = Arc::new(Scheduler::new());
+        scheduler.begin_recovery(spool.opened_bound(), 3);
+        let pools = vec!["A".to_string(), "B".to_string()];
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            recover(spool, scheduler.clone(), pools, "mem".into()),
+        )
+        .await
+        .expect("recovery ends once the pool reads again");
+        let counts = scheduler.counts();
+        assert_eq!((counts["A"].ready, counts["B"].ready), (2, 1));
+        assert!(!scheduler.recovering());
+    }
 }

@@ -174,8 +174,8 @@ impl PoolQueue {
     }
 
     /// Takes `id` out of the deferred set: found at once when `due` is the
-    /// time it was deferred until, else by a scan.
-    fn undefer(&mut self, id: QueueId, due: Option<u64>) -> bool {
+    /// time it was deferred until, else by a scan when `scan` allows it.
+    fn undefer(&mut self, id: QueueId, due: Option<u64>, scan: bool) -> bool {
         let known = due.and_then(|due| {
             self.deferred
                 .range((due, id, i8::MIN)..=(due, id, i8::MAX))
@@ -184,6 +184,7 @@ impl PoolQueue {
         });
         let found = match known {
             Some(entry) => self.deferred.remove(&entry),
+            None if !scan => false,
             None => {
                 let before = self.deferred.len();
                 self.deferred.retain(|&(_, i, _)| i != id);
@@ -438,10 +439,15 @@ impl Scheduler {
     /// at `due_ms`: found without scanning the pool's deferred mail.
     pub fn forget_due(&self, id: QueueId, pool: &str, due_ms: Option<u64>) -> bool {
         self.with_index(|index| {
+            // A message the stream has not reached is in the index only if
+            // an operator's move put it there (then under its due time):
+            // no scan for it, so taking a whole pool during recovery stays
+            // linear.
+            let unread = index.recovery.as_ref().is_some_and(|r| r.ahead(id, pool));
             let taken = index
                 .pools
                 .get_mut(pool)
-                .is_some_and(|q| q.ready.remove(id) || q.undefer(id, due_ms));
+                .is_some_and(|q| q.ready.remove(id) || q.undefer(id, due_ms, !unread));
             match index.recovery.as_mut() {
                 Some(r) if taken || r.ahead(id, pool) => {
                     // A move puts it in another pool the stream may not

@@ -21,6 +21,7 @@ pub struct MemorySpool {
     state: Arc<Mutex<State>>,
     last_id: Arc<AtomicU64>,
     failing: Arc<AtomicBool>,
+    failing_lists: Arc<AtomicU64>,
 }
 
 impl MemorySpool {
@@ -32,6 +33,12 @@ impl MemorySpool {
     /// While true, every write fails as a full disk would.
     pub fn fail_writes(&self, failing: bool) {
         self.failing.store(failing, Ordering::Relaxed);
+    }
+
+    /// The next `n` calls of [`Spool::list`] fail, as reads do while a
+    /// store reopens after a failed write.
+    pub fn fail_next_lists(&self, n: u64) {
+        self.failing_lists.store(n, Ordering::Relaxed);
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
@@ -133,6 +140,12 @@ impl Spool for MemorySpool {
         after: Option<QueueId>,
         limit: usize,
     ) -> Result<Vec<Listed>, SpoolError> {
+        let failing = self
+            .failing_lists
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(SpoolError::Storage("store reopening (simulated)".into()));
+        }
         let start = after.map_or(0, |a| a.saturating_add(1));
         Ok(self.with(|s| {
             s.pools
