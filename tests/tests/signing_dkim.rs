@@ -299,13 +299,18 @@ fn keygen_writes_a_key_whose_printed_record_verifies_its_signatures() {
         ];
         let out = poolrelay(&args, Duration::from_secs(60));
         assert!(out.status.success(), "{out}");
-        let txt = out
+        // Zone-file strings of at most 255 bytes each, joined as DNS does.
+        let line = out
             .stdout
-            .split("IN TXT \"")
-            .nth(1)
-            .and_then(|t| t.split('"').next())
-            .unwrap_or_else(|| panic!("no TXT record printed: {out}"))
-            .to_string();
+            .lines()
+            .find_map(|l| l.split_once(" IN TXT ").map(|(_, v)| v.to_string()))
+            .unwrap_or_else(|| panic!("no TXT record printed: {out}"));
+        let strings: Vec<&str> = line.split('"').skip(1).step_by(2).collect();
+        assert!(
+            !strings.is_empty() && strings.iter().all(|s| s.len() <= 255),
+            "TXT strings over 255 bytes: {line}"
+        );
+        let txt = strings.concat();
         assert!(out.stdout.contains("[[dkim]]"), "{out}");
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path)
@@ -353,5 +358,55 @@ fn keygen_writes_a_key_whose_printed_record_verifies_its_signatures() {
         &verify(m.raw.as_bytes(), &[&keys[0], &keys[1]]),
         "example.com",
         "ed25519-sha256",
+    );
+}
+
+#[test]
+fn a_message_that_cannot_be_signed_within_the_memory_budget_goes_out_unsigned_and_counted() {
+    dkimpy();
+    let keys = new_tempdir("poolrelay-dkim-keys-");
+    let org = TestKey::rsa(keys.path(), "example.org", "budget");
+    let sink = Sink::start();
+    // 1 MB for content in transit: a 600 KB message fits once (the
+    // session's charge), not twice more (the signing copy).
+    let relay = Relay::start(|s| {
+        format!(
+            "{}{}[defaults]\nlist_pool = \"A\"\n\n[pool.A]\n\n\
+             [[upstream]]\nhost = \"{}\"\n\n{}",
+            s.head()
+                .replacen("[server]\n", "[server]\nmax_data_memory = \"1MB\"\n", 1),
+            s.listener(""),
+            sink.addr(),
+            org.config(""),
+        )
+    });
+    let small = send(&relay, "owner-org@example.org", "list@example.org", "small");
+    let id = unique_id("big");
+    let body = vec!["x".repeat(76); 8_000].join("\n");
+    let text = message(&id, "list@example.org", RCPT, "big", &body);
+    let reply = relay.send("owner-org@example.org", &[RCPT], &text);
+    assert_eq!(reply.code, 250, "final dot got {reply}");
+    let at_small = sink.wait_for_message_id(&small, DELIVERY);
+    let at_big = sink.wait_for_message_id(&id, DELIVERY);
+    assert_passes(
+        &verify(at_small.raw.as_bytes(), &[&org]),
+        "example.org",
+        "rsa-sha256",
+    );
+    assert_eq!(
+        count_fields(&at_big.raw, "DKIM-Signature"),
+        0,
+        "a message over the signing budget went out signed"
+    );
+    let failures = metric_sum(
+        &parse_metrics(&relay.scrape()),
+        "poolrelay_signing_failures_total",
+        &[("domain", "example.org"), ("kind", "dkim")],
+    );
+    assert_eq!(failures, Some(1.0), "{}", relay.logs());
+    assert!(
+        relay.log_text().contains("max_data_memory is spent"),
+        "{}",
+        relay.logs()
     );
 }

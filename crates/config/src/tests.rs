@@ -1360,7 +1360,11 @@ fn bad_dkim_entries_name_the_line_and_the_fix() {
     err(
         &entry(Path::new("/nonexistent/dkim.pem"), ""),
         6,
-        &["/nonexistent/dkim.pem", "cannot be read", "openssl genpkey"],
+        &[
+            "/nonexistent/dkim.pem",
+            "cannot be read",
+            "poolrelay dkim keygen --domain example.org",
+        ],
     );
     let garbage = dkim_key("garbage", "hello\n");
     err(&entry(&garbage.0, ""), 6, &["no PEM private key"]);

@@ -106,13 +106,25 @@ pub fn keygen(args: &KeygenArgs) -> Result<String, String> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("{selector}.{domain}.pem")));
     write_new_private(&path, pem.as_bytes())?;
-    let txt = format!("v=DKIM1; k={k}; p={}", base64(&public));
+    let txt = zone_strings(&format!("v=DKIM1; k={k}; p={}", base64(&public)));
     Ok(format!(
         "wrote {path} (mode 600)\n\n\
-         publish this TXT record:\n{selector}._domainkey.{domain}. IN TXT \"{txt}\"\n\n\
+         publish this TXT record:\n{selector}._domainkey.{domain}. IN TXT {txt}\n\n\
          and add to the config:\n[[dkim]]\ndomain = \"{domain}\"\nselector = \"{selector}\"\nkey_file = \"{path}\"\nalgorithm = \"{algorithm}\"\n",
         path = path.display()
     ))
+}
+
+/// A TXT value as zone-file strings: DNS caps one character-string at 255
+/// bytes (RFC 1035), so a 2048-bit key's record is written as several
+/// quoted strings, which receivers join (RFC 6376 §3.6.2.2).
+fn zone_strings(value: &str) -> String {
+    value
+        .as_bytes()
+        .chunks(255)
+        .map(|chunk| format!("\"{}\"", String::from_utf8_lossy(chunk)))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn write_new_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
@@ -175,5 +187,18 @@ mod tests {
         assert_eq!(base64(b"fo"), "Zm8=");
         assert_eq!(base64(b"foo"), "Zm9v");
         assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    }
+
+    #[test]
+    fn txt_values_are_split_into_strings_of_at_most_255_bytes() {
+        let value = "p=".to_string() + &"A".repeat(400);
+        let zone = zone_strings(&value);
+        let strings: Vec<&str> = zone.split(' ').map(|s| s.trim_matches('"')).collect();
+        assert_eq!(
+            strings.iter().map(|s| s.len()).collect::<Vec<_>>(),
+            [255, 147]
+        );
+        assert_eq!(strings.concat(), value);
+        assert_eq!(zone_strings("v=DKIM1"), "\"v=DKIM1\"");
     }
 }

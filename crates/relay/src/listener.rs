@@ -126,6 +126,15 @@ impl Charge<'_> {
         }
     }
 
+    /// Takes `n` more bytes, or nothing when the budget cannot give them.
+    fn take(&mut self, n: usize) -> bool {
+        let taken = self.budget.try_take(n);
+        if taken {
+            self.held += n;
+        }
+        taken
+    }
+
     fn release(&mut self) {
         self.budget.give(self.held);
         self.held = 0;
@@ -427,8 +436,21 @@ fn count_rejections(session: &mut Session, listener: &str) {
 /// CPU, a large body more), so sessions on the reactor are never held up.
 /// A failed or lost signing keeps the message as received: it is relayed
 /// unsigned, logged and counted, never refused.
-async fn sign(rules: &Arc<Rules>, pool: &str, tx: &mut Transaction) {
+async fn sign(rules: &Arc<Rules>, budget: &ContentBudget, pool: &str, tx: &mut Transaction) {
     if !rules.signing.may_sign(&rules.config, pool) {
+        return;
+    }
+    // Signing holds a second copy of the message (the signed one is built
+    // beside it, and the signer reads the header section as text): charged
+    // to `server.max_data_memory` like the first, or the message goes out
+    // unsigned rather than the relay going over its memory budget.
+    let mut charge = Charge { budget, held: 0 };
+    if !charge.take(tx.message.len().saturating_mul(2)) {
+        for entry in rules.config.dkim.iter().filter(|d| d.serves(pool)) {
+            metrics::counter!(metric::SIGNING_FAILURES.name, "domain" => entry.domain.clone(), "kind" => "dkim")
+                .increment(1);
+        }
+        tracing::warn!(client = %tx.peer, sender = %log_safe(&tx.sender), pool = %pool, "not signed: server.max_data_memory is spent by messages in transit; the message goes out without signatures");
         return;
     }
     // Shared, not moved, so the message survives whatever happens to the task.
@@ -522,7 +544,7 @@ async fn queue(
         message: &tx.message,
         mt_priority: tx.mt_priority.unwrap_or(0),
     });
-    sign(&rules, &decision.pool, &mut tx).await;
+    sign(&rules, &inbound.content, &decision.pool, &mut tx).await;
     let recipients = tx
         .recipients
         .iter()

@@ -40,10 +40,9 @@ pub struct Signing {
     arc: Vec<(String, String, [Sealer; 2])>,
 }
 
-/// What the relay knows about how a message came in, recorded in the
-/// ARC-Authentication-Results header. Add inbound TLS and SMTP AUTH here
-/// once listeners offer them: [`authentication_results`] already writes
-/// both when set.
+/// What the relay knows about how a message came in (client address,
+/// inbound TLS, SMTP AUTH identity), recorded in the
+/// ARC-Authentication-Results header by [`authentication_results`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Arrival {
     /// The client's address.

@@ -806,7 +806,7 @@ fn dkim(o: &mut String, p: &Plan<'_>) {
         let key = format!("/etc/poolrelay/dkim/{host}.pem");
         let _ = writeln!(
             o,
-            "#   openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out {key} && chmod 600 {key}"
+            "#   poolrelay dkim keygen --domain {host} --selector poolrelay --out {key}"
         );
         let _ = writeln!(o, "# [[dkim]]");
         let _ = writeln!(o, "# domain = {}", q(host));

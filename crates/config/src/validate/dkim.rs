@@ -48,17 +48,20 @@ impl Ctx<'_> {
             let Some(key_file) = self.path("dkim key_file", &r.key_file) else {
                 continue;
             };
-            let key = match read_key(&key_file) {
-                Ok(key) => key,
-                Err(e) => {
-                    self.at(&r.key_file, format!("dkim key_file \"{}\" {e}; generate one with: openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out {} (or -algorithm ed25519)", key_file.display(), key_file.display()));
-                    continue;
-                }
-            };
-            if let Err(e) = crate::check_private_file("dkim key_file", &key_file) {
+            // Permissions first: a key others can read is refused unread.
+            if key_file.exists()
+                && let Err(e) = crate::check_private_file("dkim key_file", &key_file)
+            {
                 self.at(&r.key_file, e);
                 continue;
             }
+            let key = match read_key(&key_file) {
+                Ok(key) => key,
+                Err(e) => {
+                    self.at(&r.key_file, format!("dkim key_file \"{}\" {e}; generate one with: poolrelay dkim keygen --domain {} --selector {} --out {}", key_file.display(), r.domain.get_ref(), r.selector.get_ref(), key_file.display()));
+                    continue;
+                }
+            };
             if let DkimKey::Rsa { bits, .. } = &key
                 && *bits < MIN_RSA_BITS
             {
