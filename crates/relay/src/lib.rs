@@ -127,6 +127,7 @@ impl Running {
                 "reload refused: listener addresses changed; that needs a restart".to_string(),
             );
         }
+        prepare_pools(self.spool(), &new);
         let new = Arc::new(new);
         *self
             .inbound
@@ -249,6 +250,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .await
         .map_err(|e| anyhow::anyhow!("spool open task failed: {e}"))??,
     );
+    prepare_pools(spool.as_ref(), &config);
     let scheduler = Arc::new(Scheduler::new());
     // Holds first: no worker may see a held pool's mail as ready.
     for pool in spool.held_pools()? {
@@ -320,6 +322,17 @@ fn recovery_order(config: &Config, mut pools: Vec<String>) -> Vec<String> {
             .then_with(|| a.cmp(b))
     });
     pools
+}
+
+/// Makes every configured pool's storage ready, so the first message of a
+/// pool (an emergency lane's first message after a deploy) does not wait
+/// for its keyspace to be created. A failure only costs that wait later.
+fn prepare_pools(spool: &dyn Spool, config: &Config) {
+    for pool in config.pools.keys() {
+        if let Err(e) = spool.prepare_pool(pool) {
+            tracing::warn!(pool = %pool, "cannot prepare the pool's spool storage now: {e}; it is made with its first message");
+        }
+    }
 }
 
 /// Messages read from the spool per step of the recovery stream: each step

@@ -397,6 +397,10 @@ impl Spool for FjallSpool {
             .map_or(0, |ks| ks.approximate_len())
     }
 
+    fn prepare_pool(&self, pool: &str) -> Result<(), SpoolError> {
+        self.inner.stores()?.envelopes_of(pool).map(|_| ())
+    }
+
     fn pools(&self) -> Vec<String> {
         let Ok(stores) = self.inner.stores() else {
             return Vec::new();
@@ -856,6 +860,22 @@ mod tests {
             vec![(ids[0], "A".to_string()), (ids[1], "-".to_string())]
         );
         assert_eq!(&*spool.body(ids[0]).unwrap().unwrap(), b"hello");
+    }
+
+    #[test]
+    fn a_prepared_pool_exists_before_its_first_message_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let spool = FjallSpool::open(dir.path()).unwrap();
+            spool.prepare_pool("B").unwrap();
+            assert_eq!(spool.pools(), ["B"]);
+            assert!(spool.prepare_pool("../x").is_err(), "never a path");
+        }
+        let spool = FjallSpool::open(dir.path()).unwrap();
+        assert_eq!(
+            (spool.pools(), spool.count("B").unwrap()),
+            (vec!["B".to_string()], 0)
+        );
     }
 
     #[test]

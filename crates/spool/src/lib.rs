@@ -157,8 +157,16 @@ pub trait Spool: Send + Sync + 'static {
     }
 
     /// The pools that hold or held mail (held mail may be in pools no
-    /// longer configured).
+    /// longer configured), and those made ready by [`Spool::prepare_pool`].
     fn pools(&self) -> Vec<String>;
+
+    /// Makes `pool`'s storage ready before its first message, so that
+    /// message's 250 does not wait for it (creating a keyspace costs an
+    /// fsync or more). Optional: a spool without such a cost does nothing.
+    fn prepare_pool(&self, pool: &str) -> Result<(), SpoolError> {
+        let _ = pool;
+        Ok(())
+    }
 
     /// Up to `limit` messages of `pool` with ids above `after`, oldest
     /// first (paging for the admin API). A record that cannot be decoded
