@@ -226,7 +226,13 @@ s.quit()
     // Meanwhile another client's session is served without waiting.
     let started = Instant::now();
     let handle = std::thread::spawn(move || python(&script, &args));
-    std::thread::sleep(Duration::from_millis(1500));
+    // The second failure is counted just before its delay; three more
+    // delays follow, so the other session starts while one runs.
+    poolrelay_tests::wait::wait_until(
+        "the second AUTH failure in the metrics",
+        Duration::from_secs(20),
+        || metric(&relay, "poolrelay_smtp_auth_total", &[("result", "failure")]) >= 2.0,
+    );
     let mut other = SmtpClient::connect(relay.smtp_addr()).expect("connect");
     let noop_started = Instant::now();
     let ehlo = other.ehlo();
