@@ -103,9 +103,10 @@ impl Session {
 
     /// TLS is on (after [`Output::StartTls`], or at once for implicit TLS):
     /// the session starts over as RFC 3207 asks (the client must EHLO
-    /// again), and anything the client sent after STARTTLS, before the
-    /// handshake, is dropped: it came in the clear and must never run as a
-    /// command of the protected session.
+    /// again, and an AUTH identity given before is forgotten, §4.2), and
+    /// anything the client sent after STARTTLS, before the handshake, is
+    /// dropped: it came in the clear and must never run as a command of the
+    /// protected session.
     pub fn tls_started(&mut self, info: TlsInfo) {
         self.tls = Some(info);
         self.pending.clear();
@@ -113,6 +114,7 @@ impl Session {
         self.helo = None;
         self.esmtp = false;
         self.auth_step = None;
+        self.user = None;
         self.reset_transaction();
         if matches!(self.state, State::AwaitTls) {
             self.state = State::Command;
@@ -231,6 +233,14 @@ impl Session {
                 out,
                 Rejection::Sequence,
                 b"503 5.5.1 TLS already active\r\n",
+            );
+        } else if self.user.is_some() {
+            // RFC 3207 §4.2: TLS after AUTH would leave the identity
+            // vouched for by the clear-text part of the session.
+            self.refuse(
+                out,
+                Rejection::Sequence,
+                b"503 5.5.1 STARTTLS not permitted after AUTH\r\n",
             );
         } else if line.len() != b"STARTTLS\r\n".len() {
             self.refuse(

@@ -323,6 +323,27 @@ fn auth_required_refuses_mail_and_too_many_failures_close() {
 }
 
 #[test]
+fn starttls_after_auth_is_refused_and_tls_forgets_the_user() {
+    // auth_plaintext lets a client authenticate before STARTTLS.
+    let mut c = Client::new(Security {
+        auth_plaintext: true,
+        ..starttls_auth()
+    });
+    c.send("EHLO client.test\r\n");
+    c.send(&format!("AUTH PLAIN {}\r\n", b64("\0alice\0pw")));
+    assert_eq!(c.session.authenticated_user(), Some("alice"));
+    let refused = c.send("STARTTLS\r\n");
+    assert_eq!(refused, "503 5.5.1 STARTTLS not permitted after AUTH\r\n");
+    assert!(!c.starttls);
+    // Should TLS start anyway (a driver's own choice), the identity given
+    // in the clear does not carry over (RFC 3207 §4.2).
+    c.session.tls_started(tls13());
+    assert_eq!(c.session.authenticated_user(), None);
+    let ehlo = c.send("EHLO client.test\r\n");
+    assert!(ehlo.contains("250-AUTH PLAIN LOGIN\r\n"), "{ehlo}");
+}
+
+#[test]
 fn received_protocols() {
     let mut c = Client::new(starttls_auth());
     c.send("EHLO client.test\r\nSTARTTLS\r\n");
