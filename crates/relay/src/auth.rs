@@ -199,7 +199,8 @@ pub fn delay(n: u32) -> Duration {
 }
 
 /// Checks `attempt` against `users`; counts, delays and limits failures
-/// of `ip`'s client.
+/// of `ip`'s client. An attempt the session refused itself
+/// ([`AuthAttempt::refused`]) is not checked but counts as a failure.
 /// Never logs the password; the user name only on success.
 pub async fn check(
     failures: &Failures,
@@ -233,7 +234,7 @@ pub async fn check(
         done: false,
     };
     let valid = match users {
-        Some(users) => {
+        Some(users) if !attempt.refused => {
             let users = users.clone();
             let username = attempt.username.clone();
             let password = attempt.password.clone();
@@ -250,7 +251,9 @@ pub async fn check(
                 Err(_) => false,
             }
         }
-        None => false,
+        // No users, or refused by the session: nothing to check, but a
+        // failure like any other.
+        _ => false,
     };
     if valid {
         pending.succeeded();
@@ -330,7 +333,11 @@ mod tests {
             fail(&f, blocked, t0).unwrap();
         }
         // Many other clients, one failure each, some later.
-        let other = |i: usize| IpAddr::V6(Ipv6Addr::from((0x2001_0db8_u128 << 96) | ((i as u128) << 64)));
+        let other = |i: usize| {
+            IpAddr::V6(Ipv6Addr::from(
+                (0x2001_0db8_u128 << 96) | ((i as u128) << 64),
+            ))
+        };
         for i in 0..MAX_TRACKED {
             let at = t0 + Duration::from_secs(1 + (i % 60) as u64);
             fail(&f, other(i), at).unwrap();
