@@ -493,6 +493,12 @@ fn passwd_prints_an_argon2id_line_and_refuses_bad_input() {
         ("al:ice", "pw\n", "colon"),
         ("al ice", "pw\n", "space"),
         ("alice", "\n", "empty"),
+        (&"u".repeat(256), "pw\n", "user name too long for AUTH"),
+        (
+            "alice",
+            &format!("{}\n", "p".repeat(1025)),
+            "password too long for AUTH",
+        ),
     ] {
         let out = run(user, input);
         assert!(
