@@ -226,7 +226,19 @@ s.quit()
     // Meanwhile another client's session is served without waiting.
     let started = Instant::now();
     let handle = std::thread::spawn(move || python(&script, &args));
-    std::thread::sleep(Duration::from_millis(1500));
+    // The second failure is counted just before its delay; three more
+    // delays follow, so the other session starts while one runs.
+    poolrelay_tests::wait::wait_until(
+        "the second AUTH failure in the metrics",
+        Duration::from_secs(20),
+        || {
+            metric(
+                &relay,
+                "poolrelay_smtp_auth_total",
+                &[("result", "failure")],
+            ) >= 2.0
+        },
+    );
     let mut other = SmtpClient::connect(relay.smtp_addr()).expect("connect");
     let noop_started = Instant::now();
     let ehlo = other.ehlo();
@@ -277,6 +289,68 @@ s.quit()
     );
     let log = relay.log_text();
     assert!(!log.contains("wrong") && !log.contains(PASSWORD), "{log}");
+}
+
+#[test]
+fn auths_the_session_refuses_itself_are_counted_delayed_and_limited() {
+    let secured = Secured::new();
+    let sink = Sink::start();
+    let relay = relay_with_auth(&secured, &sink, "");
+    // Malformed PLAIN, acting for another identity, a user name too long
+    // or with a control character: no password is checked, but each costs
+    // what a wrong password costs.
+    let script = format!(
+        "{SMTPLIB_PREAMBLE}
+import time
+user, password = sys.argv[5], sys.argv[6]
+bad = ['PLAIN ' + b64('no nuls'), 'PLAIN ' + b64('root\\0' + user + '\\0x'),
+       'PLAIN ' + b64('\\0' + 'u' * 256 + '\\0x'), 'PLAIN ' + b64('\\0b\\x01b\\0x'),
+       'PLAIN ' + b64('no nuls')]
+s = connect()
+s.ehlo(); s.starttls(context=ctx); s.ehlo()
+for i, r in enumerate(bad):
+    t = time.monotonic()
+    c = code(s.docmd, 'AUTH', r)
+    print('attempt', i + 1, c, round(time.monotonic() - t, 2))
+    if c == 421:
+        break
+s.close()
+s = connect()
+s.ehlo(); s.starttls(context=ctx); s.ehlo()
+print('blocked', code(s.docmd, 'AUTH', 'PLAIN ' + b64('\\0' + user + '\\0' + password)))
+s.close()
+"
+    );
+    let mut args = smtplib_args(relay.smtp_addr(), &secured.files.ca, STRANGER);
+    args.extend([USER.to_string(), PASSWORD.to_string()]);
+    let out = python(&script, &args);
+    assert!(
+        out.status.success(),
+        "smtplib failed: {out}\n{}",
+        relay.logs()
+    );
+    let attempts: Vec<(u32, f64)> = out
+        .stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("attempt "))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[1].parse().expect("code"), f[2].parse().expect("seconds"))
+        })
+        .collect();
+    let codes: Vec<u32> = attempts.iter().map(|a| a.0).collect();
+    assert_eq!(codes, vec![501, 535, 535, 535, 421], "{out}");
+    // Delayed like wrong passwords: 0.25 s, 0.5 s, 1 s, 2 s.
+    assert!(attempts[0].1 >= 0.2 && attempts[3].1 >= 1.9, "{out}");
+    assert!(out.stdout.contains("blocked 421"), "{out}");
+    assert_eq!(
+        metric(
+            &relay,
+            "poolrelay_smtp_auth_total",
+            &[("result", "failure")]
+        ),
+        5.0
+    );
 }
 
 #[test]
@@ -419,6 +493,12 @@ fn passwd_prints_an_argon2id_line_and_refuses_bad_input() {
         ("al:ice", "pw\n", "colon"),
         ("al ice", "pw\n", "space"),
         ("alice", "\n", "empty"),
+        (&"u".repeat(256), "pw\n", "user name too long for AUTH"),
+        (
+            "alice",
+            &format!("{}\n", "p".repeat(1025)),
+            "password too long for AUTH",
+        ),
     ] {
         let out = run(user, input);
         assert!(

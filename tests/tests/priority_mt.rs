@@ -220,13 +220,20 @@ fn priority_routes_and_reaches_upstreams_as_parameter_or_header() {
     let untrusted = untrusted.unwrap_or_else(|| unreachable!());
     let trusted = relay.smtp_addr();
 
-    // Trusted 6 to an upstream that offers the extension: the parameter.
-    let id = python_send(trusted, "x@ext.test", &["MT-PRIORITY=6"], "");
+    // Trusted 6 to an upstream that offers the extension: the parameter,
+    // and the client's own (forged) field removed, so no reader downstream
+    // honours a 9 the relay never granted.
+    let id = python_send(
+        trusted,
+        "x@ext.test",
+        &["MT-PRIORITY=6"],
+        "MT-Priority: 9\r\n",
+    );
     let t = arrived(&offers, &id);
     assert!(t.mail_params.contains("MT-PRIORITY=6"), "{t}");
     assert!(
         mt_priority_fields(&t).is_empty(),
-        "no header added: {}",
+        "no MT-Priority field may pass: {}",
         t.text()
     );
 
@@ -260,12 +267,23 @@ fn priority_routes_and_reaches_upstreams_as_parameter_or_header() {
     assert_eq!(send_raw(trusted, "x@ext.test", "", &id).code, 250);
     let t = arrived(&rest, &id);
     assert!(!t.mail_params.contains("MT-PRIORITY"), "{t}");
+    // Nor does a field of the client's own pass without one.
+    let id = python_send(trusted, "x@ext.test", &[], "MT-Priority: 9\r\n");
+    let t = arrived(&rest, &id);
+    assert!(!t.mail_params.contains("MT-PRIORITY"), "{t}");
+    assert!(mt_priority_fields(&t).is_empty(), "{}", t.text());
 
-    // Untrusted: 6 becomes 0 (so no route for >= 5 takes it); lowering is
-    // always allowed.
-    let id = python_send(untrusted, "x@ext.test", &["MT-PRIORITY=6"], "");
+    // Untrusted: 6 becomes 0 (so no route for >= 5 takes it), and its
+    // field claiming 9 is gone; lowering is always allowed.
+    let id = python_send(
+        untrusted,
+        "x@ext.test",
+        &["MT-PRIORITY=6"],
+        "MT-Priority: 9\r\n",
+    );
     let t = arrived(&rest, &id);
     assert!(t.mail_params.contains("MT-PRIORITY=0"), "{t}");
+    assert!(mt_priority_fields(&t).is_empty(), "{}", t.text());
     let id = python_send(untrusted, "x@ext.test", &["MT-PRIORITY=-3"], "");
     assert!(arrived(&rest, &id).mail_params.contains("MT-PRIORITY=-3"));
 

@@ -5,17 +5,11 @@
 
 use std::io::{BufRead, IsTerminal, Write};
 
+use poolrelay_smtp::inbound::{MAX_PASSWORD, MAX_USERNAME, username_acceptable};
+
 /// Runs the subcommand; the error is for stderr.
 pub fn run(user: &str) -> Result<(), String> {
-    if user.is_empty()
-        || user
-            .chars()
-            .any(|c| c == ':' || c.is_whitespace() || c.is_control())
-    {
-        return Err(format!(
-            "user name {user:?} cannot go in a users_file: use no colon, space or control character"
-        ));
-    }
+    check_user(user)?;
     let password = if std::io::stdin().is_terminal() {
         let first = prompt("Password: ")?;
         let again = prompt("Again: ")?;
@@ -31,11 +25,34 @@ pub fn run(user: &str) -> Result<(), String> {
             .map_err(|e| format!("cannot read the password from standard input: {e}"))?;
         line.trim_end_matches(['\r', '\n']).to_string()
     };
+    check_password(&password)?;
+    let hash = poolrelay_config::hash_password(password.as_bytes())?;
+    println!("{user}:{hash}");
+    Ok(())
+}
+
+/// A user name that fits a users_file line and that AUTH can accept.
+fn check_user(user: &str) -> Result<(), String> {
+    if !username_acceptable(user) || user.chars().any(|c| c == ':' || c.is_whitespace()) {
+        return Err(format!(
+            "user name {user:?} cannot go in a users_file or be used with AUTH: \
+             use 1 to {MAX_USERNAME} bytes, no colon, space or control character"
+        ));
+    }
+    Ok(())
+}
+
+/// A password AUTH can accept.
+fn check_password(password: &str) -> Result<(), String> {
     if password.is_empty() {
         return Err("the password is empty; nothing printed".into());
     }
-    let hash = poolrelay_config::hash_password(password.as_bytes())?;
-    println!("{user}:{hash}");
+    if password.len() > MAX_PASSWORD {
+        return Err(format!(
+            "the password is {} bytes; AUTH accepts at most {MAX_PASSWORD}; nothing printed",
+            password.len()
+        ));
+    }
     Ok(())
 }
 
@@ -81,5 +98,26 @@ impl Drop for Echo {
                 libc::tcsetattr(0, libc::TCSANOW, saved);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_what_auth_would_always_refuse() {
+        assert!(check_user("alice@example.org").is_ok());
+        assert!(check_user(&"u".repeat(MAX_USERNAME)).is_ok());
+        let long = check_user(&"u".repeat(MAX_USERNAME + 1)).unwrap_err();
+        assert!(long.contains("255 bytes"), "{long}");
+        for bad in ["", "al:ice", "al ice", "al\u{7f}ice"] {
+            assert!(check_user(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_password("open sesame").is_ok());
+        assert!(check_password(&"p".repeat(MAX_PASSWORD)).is_ok());
+        let long = check_password(&"p".repeat(MAX_PASSWORD + 1)).unwrap_err();
+        assert!(long.contains("at most 1024"), "{long}");
+        assert!(check_password("").is_err());
     }
 }

@@ -15,7 +15,10 @@ mod envelope;
 mod security;
 mod syntax;
 use security::AuthStep;
-pub use security::{AuthAttempt, AuthPolicy, AuthVerdict, Security, TlsInfo};
+pub use security::{
+    AuthAttempt, AuthPolicy, AuthVerdict, MAX_PASSWORD, MAX_USERNAME, Security, TlsInfo,
+    username_acceptable,
+};
 pub use syntax::log_safe;
 use syntax::*;
 
@@ -282,6 +285,9 @@ pub struct Session {
     user: Option<String>,
     /// An AUTH exchange waiting for the client's next response line.
     auth_step: Option<AuthStep>,
+    /// The reply to an AUTH the session refused itself, once its owner
+    /// counted and delayed it (see [`AuthAttempt::refused`]).
+    auth_refusal: Option<(Rejection, &'static [u8])>,
 }
 
 impl Session {
@@ -308,6 +314,7 @@ impl Session {
             tls: None,
             user: None,
             auth_step: None,
+            auth_refusal: None,
         };
         (session, banner)
     }

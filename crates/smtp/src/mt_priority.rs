@@ -91,37 +91,77 @@ pub const HEADER: &str = "MT-Priority";
 /// changed; the body and every line ending are kept byte for byte.
 /// `message` is unstuffed (dot-stuffing happens when it is sent).
 pub fn set_header(message: &[u8], value: i8) -> Vec<u8> {
-    let mut out = Vec::with_capacity(message.len() + HEADER.len() + 8);
+    rewrite(message, Some(value))
+}
+
+/// The message with every `MT-Priority:` header field removed, as
+/// [`set_header`] removes them, and none added: for a next hop that gets
+/// the priority as a parameter, or a message without one, so that a
+/// client's own field never reaches a reader that would honour it.
+/// Borrowed when there is no such field.
+pub fn remove_header(message: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if has_header(message) {
+        std::borrow::Cow::Owned(rewrite(message, None))
+    } else {
+        std::borrow::Cow::Borrowed(message)
+    }
+}
+
+/// The header section's lines (each with its line ending), up to the
+/// empty line before the body; and where the rest starts.
+fn header_lines(message: &[u8]) -> (Vec<&[u8]>, usize) {
+    let mut lines = Vec::new();
     let mut pos = 0;
-    let mut dropping = false;
     while pos < message.len() {
         let end = message[pos..]
             .iter()
             .position(|&b| b == b'\n')
             .map_or(message.len(), |i| pos + i + 1);
         let line = &message[pos..end];
-        let content = line
-            .strip_suffix(b"\n")
-            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
-            .unwrap_or(line);
-        if content.is_empty() {
+        if line_content(line).is_empty() {
             // The empty line before the body.
             break;
         }
+        lines.push(line);
+        pos = end;
+    }
+    (lines, pos)
+}
+
+fn line_content(line: &[u8]) -> &[u8] {
+    line.strip_suffix(b"\n")
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+        .unwrap_or(line)
+}
+
+fn has_header(message: &[u8]) -> bool {
+    header_lines(message).0.iter().any(|l| {
+        let content = line_content(l);
+        !matches!(content[0], b' ' | b'\t') && is_field(content, HEADER)
+    })
+}
+
+fn rewrite(message: &[u8], value: Option<i8>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len() + HEADER.len() + 8);
+    let (lines, body) = header_lines(message);
+    let mut dropping = false;
+    for line in lines {
+        let content = line_content(line);
         if !matches!(content[0], b' ' | b'\t') {
             dropping = is_field(content, HEADER);
         }
         if !dropping {
             out.extend_from_slice(line);
         }
-        pos = end;
     }
-    if !out.is_empty() && !out.ends_with(b"\n") {
-        // A message that is all header and lacks its last line ending.
-        out.extend_from_slice(b"\r\n");
+    if let Some(value) = value {
+        if !out.is_empty() && !out.ends_with(b"\n") {
+            // A message that is all header and lacks its last line ending.
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(format!("{HEADER}: {value}\r\n").as_bytes());
     }
-    out.extend_from_slice(format!("{HEADER}: {value}\r\n").as_bytes());
-    out.extend_from_slice(&message[pos..]);
+    out.extend_from_slice(&message[body..]);
     out
 }
 
@@ -180,6 +220,33 @@ mod tests {
             Some("mixer")
         );
         assert_eq!(MtPriorityPolicy::from_name("high"), None);
+    }
+
+    fn removed(message: &str) -> String {
+        String::from_utf8(remove_header(message.as_bytes()).into_owned()).unwrap()
+    }
+
+    #[test]
+    fn remove_header_removes_every_field_and_adds_none() {
+        let msg = "Received: x\r\nMT-Priority: 9\r\nSubject: a\r\n\
+                   mt-priority :\r\n  4\r\n\t(folded)\r\nTo: b\r\n\
+                   \r\nMT-Priority: 1\r\n";
+        assert_eq!(
+            removed(msg),
+            "Received: x\r\nSubject: a\r\nTo: b\r\n\r\nMT-Priority: 1\r\n"
+        );
+        assert_eq!(removed("MT-Priority: 9"), "");
+        assert_eq!(removed("MT-Priority: 9\r\n\r\nbody"), "\r\nbody");
+        // Nothing to remove: the message itself, not a copy.
+        let plain = "X-MT-Priority: 2\r\nSubject: MT-Priority: 4\r\n\r\nMT-Priority: 5\r\n";
+        assert!(matches!(
+            remove_header(plain.as_bytes()),
+            std::borrow::Cow::Borrowed(m) if m == plain.as_bytes()
+        ));
+        assert!(matches!(
+            remove_header(b""),
+            std::borrow::Cow::Borrowed(b"")
+        ));
     }
 
     fn rewritten(message: &str, value: i8) -> String {

@@ -50,6 +50,23 @@ pub struct AuthAttempt {
     pub username: String,
     /// The password, as sent.
     pub password: Vec<u8>,
+    /// The session already refused these credentials (a malformed PLAIN
+    /// response, acting for another identity, a user name or password no
+    /// account can have); user name and password are then empty. The owner
+    /// checks nothing but counts, delays and limits it like a wrong
+    /// password, so such guesses cost what the others cost.
+    pub refused: bool,
+}
+
+impl AuthAttempt {
+    /// An attempt the session refused itself (see [`AuthAttempt::refused`]).
+    fn refused() -> AuthAttempt {
+        AuthAttempt {
+            username: String::new(),
+            password: Vec::new(),
+            refused: true,
+        }
+    }
 }
 
 impl std::fmt::Debug for AuthAttempt {
@@ -57,6 +74,7 @@ impl std::fmt::Debug for AuthAttempt {
         f.debug_struct("AuthAttempt")
             .field("username", &self.username)
             .field("password", &"<redacted>")
+            .field("refused", &self.refused)
             .finish()
     }
 }
@@ -85,9 +103,20 @@ pub(super) enum AuthStep {
 }
 
 /// Longest user name accepted (bytes).
-const MAX_USERNAME: usize = 255;
+pub const MAX_USERNAME: usize = 255;
 /// Longest password accepted (bytes).
-const MAX_PASSWORD: usize = 1024;
+pub const MAX_PASSWORD: usize = 1024;
+
+/// Whether AUTH could ever accept `username`: 1 to [`MAX_USERNAME`] bytes,
+/// no control character.
+pub fn username_acceptable(username: &str) -> bool {
+    !username.is_empty()
+        && username.len() <= MAX_USERNAME
+        && !username.chars().any(char::is_control)
+}
+
+/// The reply to credentials that are wrong.
+const AUTH_INVALID: &[u8] = b"535 5.7.8 Authentication credentials invalid\r\n";
 
 impl Session {
     /// The user this session authenticated as, if any: the one place to
@@ -103,9 +132,10 @@ impl Session {
 
     /// TLS is on (after [`Output::StartTls`], or at once for implicit TLS):
     /// the session starts over as RFC 3207 asks (the client must EHLO
-    /// again), and anything the client sent after STARTTLS, before the
-    /// handshake, is dropped: it came in the clear and must never run as a
-    /// command of the protected session.
+    /// again, and an AUTH identity given before is forgotten, §4.2), and
+    /// anything the client sent after STARTTLS, before the handshake, is
+    /// dropped: it came in the clear and must never run as a command of the
+    /// protected session.
     pub fn tls_started(&mut self, info: TlsInfo) {
         self.tls = Some(info);
         self.pending.clear();
@@ -113,6 +143,7 @@ impl Session {
         self.helo = None;
         self.esmtp = false;
         self.auth_step = None;
+        self.user = None;
         self.reset_transaction();
         if matches!(self.state, State::AwaitTls) {
             self.state = State::Command;
@@ -126,16 +157,24 @@ impl Session {
         if matches!(self.state, State::AwaitAuth) {
             self.state = State::Command;
         }
+        let refusal = self.auth_refusal.take();
+        // An owner must never accept what the session refused.
+        let verdict = match (verdict, refusal) {
+            (AuthVerdict::Accepted, Some(_)) => AuthVerdict::Refused,
+            (v, _) => v,
+        };
         match verdict {
             AuthVerdict::Accepted => {
                 self.user = Some(attempt.username.clone());
                 push_reply(&mut out, b"235 2.7.0 Authentication successful\r\n");
             }
-            AuthVerdict::Refused => self.refuse(
-                &mut out,
-                Rejection::AuthFailed,
-                b"535 5.7.8 Authentication credentials invalid\r\n",
-            ),
+            AuthVerdict::Refused => {
+                let (rejection, reply) = refusal.unwrap_or((
+                    Rejection::AuthFailed,
+                    b"535 5.7.8 Authentication credentials invalid\r\n",
+                ));
+                self.refuse(&mut out, rejection, reply);
+            }
             AuthVerdict::TooManyFailures => {
                 self.note(Rejection::AuthFailed);
                 let bye = format!(
@@ -231,6 +270,14 @@ impl Session {
                 out,
                 Rejection::Sequence,
                 b"503 5.5.1 TLS already active\r\n",
+            );
+        } else if self.user.is_some() {
+            // RFC 3207 §4.2: TLS after AUTH would leave the identity
+            // vouched for by the clear-text part of the session.
+            self.refuse(
+                out,
+                Rejection::Sequence,
+                b"503 5.5.1 STARTTLS not permitted after AUTH\r\n",
             );
         } else if line.len() != b"STARTTLS\r\n".len() {
             self.refuse(
@@ -355,7 +402,7 @@ impl Session {
                 let (Some(authzid), Some(authcid), Some(password), None) =
                     (parts.next(), parts.next(), parts.next(), parts.next())
                 else {
-                    self.refuse(
+                    self.refused_attempt(
                         out,
                         Rejection::Syntax,
                         b"501 5.5.2 malformed PLAIN response\r\n",
@@ -364,22 +411,14 @@ impl Session {
                 };
                 // Acting for another identity is not supported.
                 if !authzid.is_empty() && authzid != authcid {
-                    self.refuse(
-                        out,
-                        Rejection::AuthFailed,
-                        b"535 5.7.8 Authentication credentials invalid\r\n",
-                    );
+                    self.refused_attempt(out, Rejection::AuthFailed, AUTH_INVALID);
                     return;
                 }
                 (authcid.to_vec(), password.to_vec())
             }
             AuthStep::LoginUser => {
                 if decoded.len() > MAX_USERNAME {
-                    self.refuse(
-                        out,
-                        Rejection::AuthFailed,
-                        b"535 5.7.8 Authentication credentials invalid\r\n",
-                    );
+                    self.refused_attempt(out, Rejection::AuthFailed, AUTH_INVALID);
                     return;
                 }
                 self.auth_step = Some(AuthStep::LoginPassword(
@@ -392,26 +431,33 @@ impl Session {
         };
         let (username, password) = attempt;
         let username = match String::from_utf8(username) {
-            Ok(u)
-                if !u.is_empty()
-                    && u.len() <= MAX_USERNAME
-                    && !u.chars().any(char::is_control)
-                    && password.len() <= MAX_PASSWORD =>
-            {
-                u
-            }
-            // Never a valid user: refused without asking the owner.
+            Ok(u) if username_acceptable(&u) && password.len() <= MAX_PASSWORD => u,
+            // Never a valid user: refused, but counted like a wrong password.
             _ => {
-                self.refuse(
-                    out,
-                    Rejection::AuthFailed,
-                    b"535 5.7.8 Authentication credentials invalid\r\n",
-                );
+                self.refused_attempt(out, Rejection::AuthFailed, AUTH_INVALID);
                 return;
             }
         };
         self.state = State::AwaitAuth;
-        out.push(Output::Authenticate(AuthAttempt { username, password }));
+        out.push(Output::Authenticate(AuthAttempt {
+            username,
+            password,
+            refused: false,
+        }));
+    }
+
+    /// An AUTH the session refuses itself still goes to the owner (as
+    /// [`AuthAttempt::refused`]) to be counted, delayed and limited;
+    /// `reply` answers it then.
+    fn refused_attempt(
+        &mut self,
+        out: &mut Vec<Output>,
+        rejection: Rejection,
+        reply: &'static [u8],
+    ) {
+        self.auth_refusal = Some((rejection, reply));
+        self.state = State::AwaitAuth;
+        out.push(Output::Authenticate(AuthAttempt::refused()));
     }
 
     /// The `with` protocol of `Received:` (RFC 3848, RFC 6531).

@@ -45,8 +45,12 @@ struct Client {
 
 impl Client {
     fn new(security: Security) -> Client {
+        Client::with_config(config(security))
+    }
+
+    fn with_config(config: SessionConfig) -> Client {
         let peer = SocketAddr::from(([127, 0, 0, 2], 40000));
-        let (session, banner) = Session::new(config(security), peer);
+        let (session, banner) = Session::new(config, peer);
         Client {
             session,
             replies: String::from_utf8_lossy(&banner).into_owned(),
@@ -212,7 +216,8 @@ fn authenticated_client_relays_from_anywhere() {
         c.attempts,
         vec![AuthAttempt {
             username: "alice".into(),
-            password: b"s3cret".to_vec()
+            password: b"s3cret".to_vec(),
+            refused: false,
         }]
     );
     assert_eq!(c.session.authenticated_user(), Some("alice"));
@@ -274,9 +279,13 @@ fn login_exchange_and_cancel() {
 
 #[test]
 fn bad_auth_requests() {
-    let mut c = Client::new(Security {
-        auth_plaintext: true,
-        ..starttls_auth()
+    // Lines long enough for an over-long password.
+    let mut c = Client::with_config(SessionConfig {
+        max_line_length: 4096,
+        ..config(Security {
+            auth_plaintext: true,
+            ..starttls_auth()
+        })
     });
     assert!(c.send("AUTH PLAIN\r\n").starts_with("503 5.5.1 send EHLO"));
     c.send("EHLO client.test\r\n");
@@ -290,7 +299,38 @@ fn bad_auth_requests() {
     assert!(malformed.starts_with("501 5.5.2 "), "{malformed}");
     let control = c.send(&format!("AUTH PLAIN {}\r\n", b64("\0bo\nb\0pw")));
     assert!(control.starts_with("535 5.7.8 "), "{control}");
-    assert!(c.attempts.is_empty());
+    let long_password = format!("\0bob\0{}", "p".repeat(MAX_PASSWORD + 1));
+    let long = c.send(&format!("AUTH PLAIN {}\r\n", b64(&long_password)));
+    assert!(long.starts_with("535 5.7.8 "), "{long}");
+    c.send("AUTH LOGIN\r\n");
+    let long_user = c.send(&format!("{}\r\n", b64(&"u".repeat(MAX_USERNAME + 1))));
+    assert!(long_user.starts_with("535 5.7.8 "), "{long_user}");
+    // Each went to the owner, to be counted, delayed and limited like a
+    // wrong password, but as refused: nothing to check, nothing to leak.
+    // The owner here accepts everything; the session still refuses.
+    assert_eq!(c.attempts.len(), 5, "{:?}", c.attempts);
+    assert!(
+        c.attempts
+            .iter()
+            .all(|a| a.refused && a.username.is_empty() && a.password.is_empty()),
+        "{:?}",
+        c.attempts
+    );
+    assert_eq!(c.session.authenticated_user(), None);
+    // A refused attempt can still end the session when the owner says so.
+    c.verdict = AuthVerdict::TooManyFailures;
+    let bye = c.send(&format!("AUTH PLAIN {}\r\n", b64("bobpw")));
+    assert!(bye.starts_with("421 4.7.0 "), "{bye}");
+    assert!(c.closed);
+}
+
+#[test]
+fn acceptable_user_names() {
+    assert!(username_acceptable("alice@example.org"));
+    assert!(username_acceptable(&"u".repeat(MAX_USERNAME)));
+    assert!(!username_acceptable(&"u".repeat(MAX_USERNAME + 1)));
+    assert!(!username_acceptable(""));
+    assert!(!username_acceptable("a\tb"));
 }
 
 #[test]
@@ -320,6 +360,27 @@ fn auth_required_refuses_mail_and_too_many_failures_close() {
     );
     assert!(c.closed);
     assert!(c.session.is_closed());
+}
+
+#[test]
+fn starttls_after_auth_is_refused_and_tls_forgets_the_user() {
+    // auth_plaintext lets a client authenticate before STARTTLS.
+    let mut c = Client::new(Security {
+        auth_plaintext: true,
+        ..starttls_auth()
+    });
+    c.send("EHLO client.test\r\n");
+    c.send(&format!("AUTH PLAIN {}\r\n", b64("\0alice\0pw")));
+    assert_eq!(c.session.authenticated_user(), Some("alice"));
+    let refused = c.send("STARTTLS\r\n");
+    assert_eq!(refused, "503 5.5.1 STARTTLS not permitted after AUTH\r\n");
+    assert!(!c.starttls);
+    // Should TLS start anyway (a driver's own choice), the identity given
+    // in the clear does not carry over (RFC 3207 §4.2).
+    c.session.tls_started(tls13());
+    assert_eq!(c.session.authenticated_user(), None);
+    let ehlo = c.send("EHLO client.test\r\n");
+    assert!(ehlo.contains("250-AUTH PLAIN LOGIN\r\n"), "{ehlo}");
 }
 
 #[test]

@@ -17,7 +17,8 @@ impl Client {
     /// DATA only if a recipient was accepted, the dot-stuffed body.
     /// `message` is unstuffed with CRLF line ends. A message with an
     /// MT-PRIORITY goes to an upstream without the extension with its
-    /// `MT-Priority:` header field set instead.
+    /// `MT-Priority:` header field set instead; otherwise every
+    /// `MT-Priority:` field is removed.
     ///
     /// On `Ok` no transaction is left open, so the next `send` may follow
     /// directly (RSET is sent here when the transaction stopped before the
@@ -49,14 +50,16 @@ impl Client {
         }
         // RFC 6758 §4: past an upstream without the extension the
         // priority travels in the header, replacing any the message had.
-        let with_header;
-        let message = match envelope.mt_priority {
+        // Otherwise (a parameter, or no priority) no `MT-Priority:` field
+        // goes on: a client's own would claim a priority the relay never
+        // granted to whoever reads it downstream.
+        let rewritten = match envelope.mt_priority {
             Some(value) if !self.caps.mt_priority => {
-                with_header = crate::mt_priority::set_header(message, value);
-                with_header.as_slice()
+                std::borrow::Cow::Owned(crate::mt_priority::set_header(message, value))
             }
-            _ => message,
+            _ => crate::mt_priority::remove_header(message),
         };
+        let message: &[u8] = &rewritten;
         if let Some(reply) = self.unsendable(envelope, message) {
             return Err(ClientError::Rejected {
                 stage: stage::MAIL,
@@ -825,6 +828,7 @@ mod tests {
             for ehlo in [
                 "250-up.test\r\n250-MT-PRIORITY MIXER\r\n250 SIZE 1000\r\n",
                 "250-up.test\r\n250 SIZE 1000\r\n",
+                "250-up.test\r\n250 SIZE 1000\r\n",
             ] {
                 let mut p = Peer::accept(&listener).await;
                 p.greet(ehlo).await;
@@ -844,18 +848,28 @@ mod tests {
         env.body_8bit = false;
         env.mt_priority = Some(6);
         let message = b"MT-Priority: 2\r\nSubject: s\r\n\r\n.dot\r\n";
-        for _ in 0..2 {
+        for priority in [Some(6), Some(6), None] {
+            env.mt_priority = priority;
             let mut client = bounded(Client::connect(addr, "relay.test", quick()))
                 .await
                 .unwrap();
             bounded(client.send(&env, message)).await.unwrap();
         }
         let seen = server.await.unwrap();
+        // The parameter, and no field of the message's own.
         assert_eq!(
             seen[0],
             (
-                "MAIL FROM:<owner-list@lists.test> SIZE=36 MT-PRIORITY=6\r\n".to_string(),
-                "MT-Priority: 2\r\nSubject: s\r\n\r\n..dot\r\n.\r\n".to_string()
+                "MAIL FROM:<owner-list@lists.test> SIZE=20 MT-PRIORITY=6\r\n".to_string(),
+                "Subject: s\r\n\r\n..dot\r\n.\r\n".to_string()
+            )
+        );
+        // No priority: no field either.
+        assert_eq!(
+            seen[2],
+            (
+                "MAIL FROM:<owner-list@lists.test> SIZE=20\r\n".to_string(),
+                "Subject: s\r\n\r\n..dot\r\n.\r\n".to_string()
             )
         );
         assert_eq!(
