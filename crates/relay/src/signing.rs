@@ -72,7 +72,7 @@ fn dkim_signer(entry: &Dkim) -> Result<Signer, String> {
     let headers = entry.headers.clone();
     Ok(match &entry.key {
         DkimKey::Rsa { pkcs1_der, .. } => {
-            let key = RsaKey::<Sha256>::from_pkcs1_der(pkcs1_der).map_err(|e| e.to_string())?;
+            let key = rsa_key(pkcs1_der)?;
             Signer::Rsa(
                 DkimSigner::from_key(key)
                     .domain(entry.domain.clone())
@@ -83,7 +83,7 @@ fn dkim_signer(entry: &Dkim) -> Result<Signer, String> {
             )
         }
         DkimKey::Ed25519 { seed } => {
-            let key = Ed25519Key::from_bytes(seed).map_err(|e| e.to_string())?;
+            let key = ed25519_key(seed)?;
             Signer::Ed25519(
                 DkimSigner::from_key(key)
                     .domain(entry.domain.clone())
@@ -96,11 +96,27 @@ fn dkim_signer(entry: &Dkim) -> Result<Signer, String> {
     })
 }
 
+/// An RSA signing key for mail-auth's ring signer, from PKCS#1 DER.
+fn rsa_key(pkcs1_der: &[u8]) -> Result<RsaKey<Sha256>, String> {
+    let der = rustls_pki_types::PrivatePkcs1KeyDer::from(pkcs1_der.to_vec());
+    RsaKey::<Sha256>::from_key_der(rustls_pki_types::PrivateKeyDer::Pkcs1(der))
+        .map_err(|e| e.to_string())
+}
+
+/// An Ed25519 signing key for mail-auth's ring signer, from its seed.
+fn ed25519_key(seed: &[u8; 32]) -> Result<Ed25519Key, String> {
+    use ring::signature::KeyPair;
+    let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(seed)
+        .map_err(|e| format!("not an Ed25519 seed: {e}"))?;
+    Ed25519Key::from_seed_and_public_key(seed, pair.public_key().as_ref())
+        .map_err(|e| e.to_string())
+}
+
 fn arc_sealer(entry: &Dkim, extra: &[&str]) -> Result<Sealer, String> {
     let DkimKey::Rsa { pkcs1_der, .. } = &entry.key else {
         return Err("ARC seals with RSA keys only".to_string());
     };
-    let key = RsaKey::<Sha256>::from_pkcs1_der(pkcs1_der).map_err(|e| e.to_string())?;
+    let key = rsa_key(pkcs1_der)?;
     // The entry's headers plus the DKIM-Signature the relay just added.
     let mut headers = entry.headers.clone();
     headers.push("DKIM-Signature".to_string());
