@@ -254,15 +254,7 @@ s.quit()
         "smtplib failed: {out}\n{}",
         relay.logs()
     );
-    let attempts: Vec<(u32, f64)> = out
-        .stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("attempt "))
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f[1].parse().expect("code"), f[2].parse().expect("seconds"))
-        })
-        .collect();
+    let attempts = attempts(&out.stdout);
     let codes: Vec<u32> = attempts.iter().map(|a| a.0).collect();
     assert_eq!(codes, vec![535, 535, 535, 535, 421], "{out}");
     // The delay grows: 0.25 s, 0.5 s, 1 s, 2 s.
@@ -329,15 +321,7 @@ s.close()
         "smtplib failed: {out}\n{}",
         relay.logs()
     );
-    let attempts: Vec<(u32, f64)> = out
-        .stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("attempt "))
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f[1].parse().expect("code"), f[2].parse().expect("seconds"))
-        })
-        .collect();
+    let attempts = attempts(&out.stdout);
     let codes: Vec<u32> = attempts.iter().map(|a| a.0).collect();
     assert_eq!(codes, vec![501, 535, 535, 535, 421], "{out}");
     // Delayed like wrong passwords: 0.25 s, 0.5 s, 1 s, 2 s.
@@ -507,4 +491,16 @@ fn passwd_prints_an_argon2id_line_and_refuses_bad_input() {
         );
         assert!(out.stderr.starts_with("poolrelay passwd: "), "{why}: {out}");
     }
+}
+
+/// The `attempt N CODE SECONDS` lines a script printed: (code, seconds).
+fn attempts(stdout: &str) -> Vec<(u32, f64)> {
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("attempt "))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[1].parse().expect("code"), f[2].parse().expect("seconds"))
+        })
+        .collect()
 }

@@ -106,7 +106,10 @@ pub fn keygen(args: &KeygenArgs) -> Result<String, String> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("{selector}.{domain}.pem")));
     write_new_private(&path, pem.as_bytes())?;
-    let txt = zone_strings(&format!("v=DKIM1; k={k}; p={}", base64(&public)));
+    let txt = zone_strings(&format!(
+        "v=DKIM1; k={k}; p={}",
+        poolrelay_smtp::base64::encode(&public)
+    ));
     Ok(format!(
         "wrote {path} (mode 600)\n\n\
          publish this TXT record:\n{selector}._domainkey.{domain}. IN TXT {txt}\n\n\
@@ -145,7 +148,7 @@ fn write_new_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
 }
 
 fn pem_encode(label: &str, der: &[u8]) -> String {
-    let b64 = base64(der);
+    let b64 = poolrelay_smtp::base64::encode(der);
     let mut out = format!("-----BEGIN {label}-----\n");
     for chunk in b64.as_bytes().chunks(64) {
         out.push_str(&String::from_utf8_lossy(chunk));
@@ -155,39 +158,9 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
     out
 }
 
-fn base64(bytes: &[u8]) -> String {
-    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base64_pads_like_rfc_4648() {
-        assert_eq!(base64(b""), "");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"fo"), "Zm8=");
-        assert_eq!(base64(b"foo"), "Zm9v");
-        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
-    }
 
     #[test]
     fn txt_values_are_split_into_strings_of_at_most_255_bytes() {

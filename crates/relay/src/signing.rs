@@ -13,7 +13,7 @@
 use std::net::IpAddr;
 
 use mail_auth::arc::ArcSealer;
-use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256};
+use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256, SigningKey};
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dkim::{Canonicalization, DkimSigner, Done};
 use mail_auth::{ArcOutput, AuthenticatedMessage, AuthenticationResults};
@@ -69,31 +69,20 @@ pub struct Stamp {
 }
 
 fn dkim_signer(entry: &Dkim) -> Result<Signer, String> {
-    let headers = entry.headers.clone();
     Ok(match &entry.key {
-        DkimKey::Rsa { pkcs1_der, .. } => {
-            let key = rsa_key(pkcs1_der)?;
-            Signer::Rsa(
-                DkimSigner::from_key(key)
-                    .domain(entry.domain.clone())
-                    .selector(entry.selector.clone())
-                    .headers(headers)
-                    .header_canonicalization(Canonicalization::Relaxed)
-                    .body_canonicalization(Canonicalization::Relaxed),
-            )
-        }
-        DkimKey::Ed25519 { seed } => {
-            let key = ed25519_key(seed)?;
-            Signer::Ed25519(
-                DkimSigner::from_key(key)
-                    .domain(entry.domain.clone())
-                    .selector(entry.selector.clone())
-                    .headers(headers)
-                    .header_canonicalization(Canonicalization::Relaxed)
-                    .body_canonicalization(Canonicalization::Relaxed),
-            )
-        }
+        DkimKey::Rsa { pkcs1_der, .. } => Signer::Rsa(configured(rsa_key(pkcs1_der)?, entry)),
+        DkimKey::Ed25519 { seed } => Signer::Ed25519(configured(ed25519_key(seed)?, entry)),
     })
+}
+
+/// A DKIM signer of `entry`'s domain, selector and headers, relaxed/relaxed.
+fn configured<K: SigningKey>(key: K, entry: &Dkim) -> DkimSigner<K, Done> {
+    DkimSigner::from_key(key)
+        .domain(entry.domain.clone())
+        .selector(entry.selector.clone())
+        .headers(entry.headers.clone())
+        .header_canonicalization(Canonicalization::Relaxed)
+        .body_canonicalization(Canonicalization::Relaxed)
 }
 
 /// An RSA signing key for mail-auth's ring signer, from PKCS#1 DER.

@@ -6,6 +6,7 @@
 
 #![warn(missing_docs)]
 
+pub mod base64;
 pub mod data;
 pub mod date;
 pub mod driver;

@@ -386,7 +386,7 @@ impl Session {
         let decoded = if text == b"=" {
             Some(Vec::new())
         } else {
-            base64_decode(text)
+            crate::base64::decode(text)
         };
         let Some(decoded) = decoded else {
             self.refuse(
@@ -476,39 +476,6 @@ impl Session {
             (true, true, true, true) => "UTF8SMTPSA",
         }
     }
-}
-
-/// Standard base64 with padding (RFC 4648 §4); `None` when malformed.
-fn base64_decode(text: &[u8]) -> Option<Vec<u8>> {
-    fn value(c: u8) -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    }
-    if !text.len().is_multiple_of(4) {
-        return None;
-    }
-    let mut out = Vec::with_capacity(text.len() / 4 * 3);
-    let chunks = text.len() / 4;
-    for (i, chunk) in text.chunks(4).enumerate() {
-        let pad = chunk.iter().rev().take_while(|c| **c == b'=').count();
-        if pad > 2 || (pad > 0 && i + 1 != chunks) {
-            return None;
-        }
-        let mut n = 0u32;
-        for (j, c) in chunk.iter().enumerate() {
-            let v = if j >= 4 - pad { 0 } else { value(*c)? };
-            n = (n << 6) | v;
-        }
-        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        out.extend_from_slice(&bytes[..3 - pad]);
-    }
-    Some(out)
 }
 
 #[cfg(test)]

@@ -281,7 +281,7 @@ impl Client {
         let offers = |mechanism: &str| self.caps.auth.iter().any(|m| m == mechanism);
         let (plain, login) = (offers("PLAIN"), offers("LOGIN"));
         let reply = if plain {
-            let token = base64(format!("\0{username}\0{password}").as_bytes());
+            let token = crate::base64::encode(format!("\0{username}\0{password}").as_bytes());
             let reply = self
                 .command(
                     format!("AUTH PLAIN {token}\r\n").as_bytes(),
@@ -302,7 +302,7 @@ impl Client {
                 if reply.code != 334 {
                     break;
                 }
-                let line = format!("{}\r\n", base64(secret.as_bytes()));
+                let line = format!("{}\r\n", crate::base64::encode(secret.as_bytes()));
                 reply = self.command(line.as_bytes(), stage::AUTH, limit).await?;
             }
             reply
@@ -383,25 +383,6 @@ async fn tcp_connect(addr: SocketAddr, limit: Duration) -> Result<TcpStream, Cli
         reason: format!("TCP_NODELAY: {e}"),
     })?;
     Ok(stream)
-}
-
-/// Standard base64 with padding (RFC 4648 §4), for AUTH.
-fn base64(input: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-    for chunk in input.chunks(3) {
-        let mut b = [0u8; 3];
-        b[..chunk.len()].copy_from_slice(chunk);
-        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]
