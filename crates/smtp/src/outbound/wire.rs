@@ -305,7 +305,9 @@ fn split_enhanced(text: &str, class: u8) -> (Option<&str>, &str) {
     let mut parts = candidate.split('.');
     let ok = match (parts.next(), parts.next(), parts.next(), parts.next()) {
         (Some(c), Some(s), Some(d), None) => {
+            // RFC 3463 classes are 2, 4 and 5 only: a 3xx reply has none.
             c.as_bytes() == [class]
+                && matches!(class, b'2' | b'4' | b'5')
                 && (1..=3).contains(&s.len())
                 && (1..=3).contains(&d.len())
                 && s.bytes().chain(d.bytes()).all(|b| b.is_ascii_digit())
@@ -335,6 +337,10 @@ mod tests {
         // A code of the wrong class is text.
         let p = parse_reply_line("550 2.0.0 odd").unwrap();
         assert_eq!((p.enhanced, p.text), (None, "2.0.0 odd"));
+        // Class 3 is no RFC 3463 class: a 3xx reply has no enhanced code
+        // (its status would otherwise disagree with the stored code).
+        let p = parse_reply_line("307 3.1.40 odd").unwrap();
+        assert_eq!((p.enhanced, p.text), (None, "3.1.40 odd"));
         let p = parse_reply_line("354").unwrap();
         assert_eq!((p.code, p.last, p.text), (354, true, ""));
         let p = parse_reply_line("250 1.2.3.4 ready").unwrap();
