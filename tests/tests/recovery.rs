@@ -21,6 +21,8 @@ use poolrelay_tests::{
 /// Messages read per recovery step (the relay's `RECOVERY_CHUNK`).
 const STEP: u64 = 1024;
 const PAUSE: &str = "POOLRELAY_RECOVERY_STEP_PAUSE_MS";
+/// Ready ids per pool the index keeps while the stream has more (test only).
+const WINDOW: &str = "POOLRELAY_INDEX_WINDOW";
 const DEADLINE: Duration = Duration::from_secs(120);
 
 /// Pools A (bulk, where the load goes), B (priority 1, for mail sent
@@ -253,4 +255,92 @@ fn holds_flushes_deletes_and_moves_during_recovery_apply_to_mail_not_yet_recover
     relay.wait_until("held pool C delivered after its release", DEADLINE, || {
         sink.count() as u64 >= expected + 20
     });
+}
+
+#[test]
+fn operator_moves_apply_to_mail_outside_the_index_window_and_counts_include_it() {
+    // A window of 20 ready ids per pool: A's 200 messages are mostly on disk only.
+    let n = 200;
+    let sink = Sink::start();
+    let mut relay = Relay::start(|s| config(s, sink.addr()));
+    // A held (recorded in the spool): its window fills and stays full.
+    queue_ok(&relay, &["hold", "--pool", "A"]);
+    stop_after_first_start(&mut relay);
+    relay.load_spool("A", n, "w", &[]);
+    relay.load_spool("C", 30, "wc", &["--deferred-for", "3600"]);
+    relay.set_env(WINDOW, "20");
+    relay.restart();
+    relay.wait_until("the stream to fill the windows", DEADLINE, || {
+        relay.log_count("spool recovery reached the index window") == 1
+    });
+    assert_recovering(&relay, "with A's mail beyond its window");
+    let ids: Vec<String> = api_json(&relay, "/api/v1/pools/A/messages?limit=1000")
+        .as_array()
+        .expect("a list of messages")
+        .iter()
+        .map(|m| m["id"].as_str().expect("an id").to_string())
+        .collect();
+    assert_eq!(ids.len(), n as usize, "{ids:?}");
+    let ready = |relay: &Relay, pool: &str| {
+        pool_entry(&api_json(relay, "/api/v1/pools"), pool)["ready"].as_u64()
+    };
+    assert_eq!(
+        ready(&relay, "A"),
+        Some(n),
+        "counts include mail not yet read\n{}",
+        relay.logs()
+    );
+
+    // Far beyond the window: delete one, move one, bounce one, flush one.
+    queue_ok(&relay, &["delete", &ids[199]]);
+    queue_ok(&relay, &["move", &ids[150], "--to", "B"]);
+    queue_ok(&relay, &["bounce", &ids[160]]);
+    queue_ok(&relay, &["flush", &ids[170]]);
+    queue_ok(&relay, &["flush", "--pool", "C"]);
+    assert_eq!(
+        ready(&relay, "A"),
+        Some(n - 3),
+        "counts follow the operator's moves\n{}",
+        relay.logs()
+    );
+    let moved = "w-150@load.test";
+    sink.wait_for_message_id(moved, DEADLINE);
+
+    queue_ok(&relay, &["release", "--pool", "A"]);
+    // A but the deleted and the bounced one (the moved one included), and C flushed.
+    let delivered = |prefix: &str| {
+        id_counts(sink.message_ids())
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .count()
+    };
+    relay.wait_until(
+        &format!("{} of A's messages and C's 30 at the sink", n - 2),
+        DEADLINE,
+        || delivered("w-") >= n as usize - 2 && delivered("wc-") >= 30,
+    );
+    relay.wait_until("the end of the stream", DEADLINE, || {
+        relay.log_count("spool recovered") == 2
+    });
+    let counts = id_counts(sink.message_ids());
+    for gone in ["w-199@load.test", "w-160@load.test"] {
+        assert!(
+            !counts.contains_key(gone),
+            "{gone} was deleted or bounced, yet delivered\n{}",
+            relay.logs()
+        );
+    }
+    let twice: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).take(10).collect();
+    assert!(
+        twice.is_empty(),
+        "delivered twice: {twice:?}\n{}",
+        relay.logs()
+    );
+    assert_eq!(
+        (delivered("w-"), delivered("wc-")),
+        (n as usize - 2, 30),
+        "{counts:?}\n{}",
+        relay.logs()
+    );
+    assert_eq!(ready(&relay, "A"), Some(0), "{}", relay.logs());
 }

@@ -251,7 +251,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .map_err(|e| anyhow::anyhow!("spool open task failed: {e}"))??,
     );
     prepare_pools(spool.as_ref(), &config);
-    let scheduler = Arc::new(Scheduler::new());
+    let scheduler = Arc::new(index_window().map_or_else(Scheduler::new, Scheduler::with_window));
     // Holds first: no worker may see a held pool's mail as ready.
     for pool in spool.held_pools()? {
         tracing::info!(pool = %pool, "pool held (recorded before the restart); `poolrelay queue release --pool {pool}` releases it");
@@ -335,6 +335,16 @@ fn prepare_pools(spool: &dyn Spool, config: &Config) {
     }
 }
 
+/// The ready ids per pool the index keeps while the stream has more to
+/// read, when `POOLRELAY_INDEX_WINDOW` sets it (tests of mail outside the
+/// window; never set in service, where it is [`scheduler::DEFAULT_WINDOW`]).
+fn index_window() -> Option<usize> {
+    std::env::var("POOLRELAY_INDEX_WINDOW")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+}
+
 /// Messages read from the spool per step of the recovery stream: each step
 /// is one blocking read, so the scheduler's lock and the runtime are never
 /// held long.
@@ -351,14 +361,18 @@ fn recovery_pause() -> Option<Duration> {
 }
 
 /// Streams every queued message with a pending recipient into the
-/// scheduler, pool by pool, oldest first, while listeners and workers
-/// already run; removes records whose recipients were all done (a crash
-/// between the last delivery and the removal leaves them behind). Reads
-/// nothing above the spool's bound at open (new mail), and hands over
-/// nothing the operator took meanwhile ([`Scheduler::recovered`]). A pool
-/// that cannot be read (the store reopening after a failed write, a disk
-/// error) is tried again later, from where it stopped, with a growing
-/// pause: mail that got a 250 is never left out until the next start.
+/// scheduler, pool by pool (highest priority first), oldest first, while
+/// listeners and workers already run; removes records whose recipients
+/// were all done (a crash between the last delivery and the removal leaves
+/// them behind). Reads nothing above the spool's bound at open (new mail),
+/// and hands over nothing the operator took meanwhile
+/// ([`Scheduler::recovered`]). A pool whose ready window is full
+/// ([`Scheduler::has_room`]) is passed over until workers have taken half
+/// of it, so memory holds a window per pool however long the backlog; the
+/// stream ends once every pool was read to its end. A pool that cannot be
+/// read (the store reopening after a failed write, a disk error) is tried
+/// again later, from where it stopped, with a growing pause: mail that got
+/// a 250 is never left out until the next start.
 async fn recover(
     spool: Arc<dyn Spool>,
     scheduler: Arc<Scheduler>,
@@ -367,22 +381,84 @@ async fn recover(
 ) {
     let started = std::time::Instant::now();
     let pause = recovery_pause();
+    // A step never takes more than half a window, so a pool holds at most
+    // a window and a half of ready ids.
+    let chunk = RECOVERY_CHUNK.min(scheduler.window() / 2).max(1);
     let mut tally = RecoveryTally::default();
-    let mut todo: std::collections::VecDeque<(String, Option<QueueId>)> =
-        pools.into_iter().map(|p| (p, None)).collect();
-    let mut backoff = RECOVERY_RETRY_FIRST;
-    while let Some((pool, mut after)) = todo.pop_front() {
-        match recover_pool(&spool, &scheduler, &pool, &mut after, pause, &mut tally).await {
-            Ok(()) => {
-                scheduler.recovered_pool(&pool);
-                backoff = RECOVERY_RETRY_FIRST;
+    let mut streams: Vec<PoolStream> = pools
+        .into_iter()
+        .map(|pool| PoolStream {
+            pool,
+            after: None,
+            retry_at: None,
+            backoff: RECOVERY_RETRY_FIRST,
+        })
+        .collect();
+    // Counts include what the stream has still to read, from the start.
+    let reader = spool.clone();
+    let names: Vec<String> = streams.iter().map(|s| s.pool.clone()).collect();
+    let estimates = tokio::task::spawn_blocking(move || {
+        names
+            .into_iter()
+            .map(|p| {
+                let n = reader.approximate_count(&p);
+                (p, n)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    for (pool, n) in estimates {
+        scheduler.expect_unread(&pool, n as u64);
+    }
+    let mut window_reached = false;
+    while !streams.is_empty() {
+        // Registered before looking, so room made meanwhile is not missed.
+        let room = scheduler.room().notified();
+        tokio::pin!(room);
+        room.as_mut().enable();
+        let now = tokio::time::Instant::now();
+        let next = streams
+            .iter()
+            .position(|s| s.retry_at.is_none_or(|t| t <= now) && scheduler.has_room(&s.pool));
+        let Some(i) = next else {
+            if !window_reached && streams.iter().all(|s| s.retry_at.is_none()) {
+                window_reached = true;
+                tracing::info!(
+                    spool = %dir,
+                    messages = tally.recovered,
+                    pools = streams.len(),
+                    window = scheduler.window(),
+                    seconds = format_args!("{:.3}", started.elapsed().as_secs_f64()),
+                    "spool recovery reached the index window; the rest is read as workers take mail"
+                );
+            }
+            let retry = streams.iter().filter_map(|s| s.retry_at).min();
+            let until = retry.unwrap_or(now + ROOM_RECHECK).min(now + ROOM_RECHECK);
+            tokio::select! {
+                _ = &mut room => {}
+                _ = tokio::time::sleep_until(until) => {}
+            }
+            continue;
+        };
+        let stream = &mut streams[i];
+        match recover_step(&spool, &scheduler, stream, chunk, &mut tally).await {
+            Ok(true) => {
+                scheduler.recovered_pool(&stream.pool);
+                streams.remove(i);
+            }
+            Ok(false) => {
+                stream.retry_at = None;
+                stream.backoff = RECOVERY_RETRY_FIRST;
+                if let Some(p) = pause {
+                    tokio::time::sleep(p).await;
+                }
             }
             Err(e) => {
                 tally.read_errors += 1;
-                tracing::error!(pool = %pool, "spool recovery cannot read this pool: {e}; trying again in {backoff:?}");
-                todo.push_back((pool, after));
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RECOVERY_RETRY_MAX);
+                tracing::error!(pool = %stream.pool, "spool recovery cannot read this pool: {e}; trying again in {:?}", stream.backoff);
+                stream.retry_at = Some(tokio::time::Instant::now() + stream.backoff);
+                stream.backoff = (stream.backoff * 2).min(RECOVERY_RETRY_MAX);
             }
         }
     }
@@ -397,6 +473,10 @@ async fn recover(
     );
 }
 
+/// How often the stream looks again at pools whose window was full, in
+/// case no worker's take signalled room (an operator's delete, a reload).
+const ROOM_RECHECK: Duration = Duration::from_secs(1);
+
 /// First pause before reading a pool again after a read error; doubles up
 /// to [`RECOVERY_RETRY_MAX`].
 const RECOVERY_RETRY_FIRST: Duration = Duration::from_millis(500);
@@ -410,70 +490,73 @@ struct RecoveryTally {
     read_errors: usize,
 }
 
-/// Streams one pool from just after `after` to its end (or the bound at
-/// open); `after` moves with every chunk handed over, so an error leaves
-/// it where the next try starts.
-async fn recover_pool(
+/// The stream of one pool: where it stands, and when to try again after a
+/// read error.
+struct PoolStream {
+    pool: String,
+    /// The last id handed over; the next step reads after it.
+    after: Option<QueueId>,
+    retry_at: Option<tokio::time::Instant>,
+    backoff: Duration,
+}
+
+/// Reads one chunk of a pool after `stream.after` and hands it over;
+/// `after` moves with it, so an error leaves it where the next try
+/// starts. True once the pool was read to its end (or the bound at open).
+async fn recover_step(
     spool: &Arc<dyn Spool>,
     scheduler: &Scheduler,
-    pool: &str,
-    after: &mut Option<QueueId>,
-    pause: Option<Duration>,
+    stream: &mut PoolStream,
+    chunk: usize,
     tally: &mut RecoveryTally,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     let bound = spool.opened_bound();
-    loop {
-        let reader = spool.clone();
-        let (name, from) = (pool.to_string(), *after);
-        let records = tokio::task::spawn_blocking(move || reader.list(&name, from, RECOVERY_CHUNK))
-            .await
-            .map_err(|e| format!("recovery task failed: {e}"))?
-            .map_err(|e| e.to_string())?;
-        let last = records.len() < RECOVERY_CHUNK;
-        let now = now_ms();
-        let mut finished = Vec::new();
-        let mut reached_bound = false;
-        for (id, envelope) in records {
-            if id > bound {
-                reached_bound = true;
-                break;
-            }
-            *after = Some(id);
-            match envelope {
-                Ok(env) if env.is_done() => finished.push(id),
-                Ok(env) => {
-                    let due = if env.next_attempt_ms > now {
-                        env.next_attempt_ms
-                    } else {
-                        0
-                    };
-                    if scheduler.recovered(id, pool, due, env.mt_priority_or_default()) {
-                        tally.recovered += 1;
-                    }
+    let pool = stream.pool.as_str();
+    let reader = spool.clone();
+    let (name, from) = (pool.to_string(), stream.after);
+    let records = tokio::task::spawn_blocking(move || reader.list(&name, from, chunk))
+        .await
+        .map_err(|e| format!("recovery task failed: {e}"))?
+        .map_err(|e| e.to_string())?;
+    let last = records.len() < chunk;
+    let now = now_ms();
+    let mut finished = Vec::new();
+    let mut reached_bound = false;
+    for (id, envelope) in records {
+        if id > bound {
+            reached_bound = true;
+            break;
+        }
+        stream.after = Some(id);
+        match envelope {
+            Ok(env) if env.is_done() => finished.push(id),
+            Ok(env) => {
+                let due = if env.next_attempt_ms > now {
+                    env.next_attempt_ms
+                } else {
+                    0
+                };
+                if scheduler.recovered(id, pool, due, env.mt_priority_or_default()) {
+                    tally.recovered += 1;
                 }
-                // Kept on disk for inspection; never delete what we cannot read.
-                Err(e) => tracing::error!("{e}; left in the spool untouched"),
             }
-        }
-        for id in finished {
-            // Marked as handed over first, so an operator's delete
-            // cannot race the removal.
-            if !scheduler.recovered_done(id, pool) {
-                continue;
-            }
-            if let Err(e) = spool.remove(id, pool).await {
-                tracing::warn!(queue_id = %poolrelay_spool::format_id(id), "cannot remove a finished message: {e}; removed at the next start");
-            } else {
-                tally.finished += 1;
-            }
-        }
-        if last || reached_bound {
-            return Ok(());
-        }
-        if let Some(p) = pause {
-            tokio::time::sleep(p).await;
+            // Kept on disk for inspection; never delete what we cannot read.
+            Err(e) => tracing::error!("{e}; left in the spool untouched"),
         }
     }
+    for id in finished {
+        // Marked as handed over first, so an operator's delete
+        // cannot race the removal.
+        if !scheduler.recovered_done(id, pool) {
+            continue;
+        }
+        if let Err(e) = spool.remove(id, pool).await {
+            tracing::warn!(queue_id = %poolrelay_spool::format_id(id), "cannot remove a finished message: {e}; removed at the next start");
+        } else {
+            tally.finished += 1;
+        }
+    }
+    Ok(last || reached_bound)
 }
 
 #[cfg(test)]
@@ -502,6 +585,46 @@ mod tests {
         .expect("recovery ends once the pool reads again");
         let counts = scheduler.counts();
         assert_eq!((counts["A"].ready, counts["B"].ready), (2, 1));
+        assert!(!scheduler.recovering());
+    }
+
+    #[tokio::test]
+    async fn recovery_keeps_a_window_of_ready_mail_and_reads_on_as_workers_take_it() {
+        let spool: Arc<dyn Spool> = Arc::new(MemorySpool::new());
+        let mut ids = Vec::new();
+        for _ in 0..50 {
+            let envelope = Envelope::new("A", "s@x", vec![Recipient::pending("r@y")], 1, "l", "c");
+            ids.push(spool.append(envelope, b"m".to_vec()).await.expect("append"));
+        }
+        let scheduler = Arc::new(Scheduler::with_window(8));
+        scheduler.begin_recovery(spool.opened_bound(), 50);
+        let stream = tokio::spawn(recover(
+            spool,
+            scheduler.clone(),
+            vec!["A".to_string()],
+            "mem".into(),
+        ));
+        let pools = ["A".to_string()];
+        let mut taken = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while taken.len() < ids.len() && tokio::time::Instant::now() < deadline {
+            assert!(
+                scheduler.in_memory("A") <= 12,
+                "a window and a half at most"
+            );
+            match scheduler.try_take(&pools, &|_| true) {
+                Some(job) => {
+                    scheduler.finished(&job);
+                    taken.push(job.id);
+                }
+                None => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+        assert_eq!(taken, ids, "every message once, oldest first");
+        tokio::time::timeout(Duration::from_secs(10), stream)
+            .await
+            .expect("the stream ends once the pool is read")
+            .expect("the stream task");
         assert!(!scheduler.recovering());
     }
 }

@@ -12,6 +12,15 @@
 //! pool, so an operator's move on a message the stream has not reached yet
 //! applies to it (see [`Scheduler::forget`], [`Scheduler::flush`]) and the
 //! stream does not bring it back.
+//!
+//! The index is bounded: per pool the stream reads ready mail only while
+//! the pool's ready lanes hold less than a window ([`DEFAULT_WINDOW`] ids),
+//! pauses there, and reads on once workers took half of it. So a backlog of
+//! ten million costs a window per pool in memory, and the rest of it stays
+//! in the spool, read in key order (oldest first) as the window empties;
+//! the stream, its cursor per pool and its skip set live until every pool
+//! was read to its end. Counts add the mail not yet read (an estimate from
+//! the spool, kept up to date as the stream and the operator take from it).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
@@ -224,6 +233,11 @@ pub struct PoolCounts {
     pub delivered_last_minute: u64,
 }
 
+/// Ready ids kept in memory per pool while the stream still has mail of it
+/// to read: about 4 MB of index per pool at most, ten seconds of delivery
+/// at the measured drain rate.
+pub const DEFAULT_WINDOW: usize = 100_000;
+
 /// Where the recovery stream stands, while it runs.
 #[derive(Default)]
 struct Recovery {
@@ -238,6 +252,12 @@ struct Recovery {
     claimed: HashSet<QueueId>,
     /// Pools flushed during recovery: what the stream still brings is ready now.
     flushed: HashSet<String>,
+    /// Per pool, about how many messages the stream has still to read (an
+    /// estimate from the spool; counts add it to the ready ones).
+    unread: HashMap<String, u64>,
+    /// Pools whose window filled: the stream reads them again only once
+    /// their ready lanes are down to half the window.
+    paused: HashSet<String>,
 }
 
 impl Recovery {
@@ -256,19 +276,91 @@ struct Index {
 }
 
 /// The scheduler shared by the listeners (which add mail) and the workers (which take it).
-#[derive(Default)]
 pub struct Scheduler {
     index: Mutex<Index>,
     wake: Notify,
+    /// Signalled when a paused pool's window has room again (the stream waits on it).
+    room: Notify,
+    /// Ready ids per pool the stream fills up to.
+    window: usize,
     /// Messages the recovery stream has still to hand over (an estimate
     /// from the spool's counts), for the metric; 0 when not recovering.
     recovery_remaining: AtomicU64,
+}
+
+impl Default for Scheduler {
+    fn default() -> Self {
+        Scheduler::with_window(DEFAULT_WINDOW)
+    }
 }
 
 impl Scheduler {
     /// An empty scheduler.
     pub fn new() -> Scheduler {
         Scheduler::default()
+    }
+
+    /// An empty scheduler whose stream keeps at most about `window` ready
+    /// ids per pool in memory (at least 1).
+    pub fn with_window(window: usize) -> Scheduler {
+        Scheduler {
+            index: Mutex::default(),
+            wake: Notify::new(),
+            room: Notify::new(),
+            window: window.max(1),
+            recovery_remaining: AtomicU64::new(0),
+        }
+    }
+
+    /// Ready ids per pool the stream fills up to.
+    pub fn window(&self) -> usize {
+        self.window
+    }
+
+    /// Notified when a pool's window has room again, for the stream.
+    pub(crate) fn room(&self) -> &Notify {
+        &self.room
+    }
+
+    /// Whether the stream may read more of `pool` now: its ready lanes are
+    /// below the window, and, once it filled, down to half of it again.
+    pub fn has_room(&self, pool: &str) -> bool {
+        let window = self.window;
+        self.with_index(|index| {
+            let ready = index.pools.get(pool).map_or(0, |q| q.ready.len());
+            let Some(r) = index.recovery.as_mut() else {
+                return true;
+            };
+            if r.paused.contains(pool) {
+                if ready > window / 2 {
+                    return false;
+                }
+                r.paused.remove(pool);
+                true
+            } else if ready >= window {
+                r.paused.insert(pool.to_string());
+                false
+            } else {
+                true
+            }
+        })
+    }
+
+    /// Ready ids of `pool` held in memory (the window, plus what was
+    /// enqueued besides the stream).
+    #[cfg(test)]
+    pub(crate) fn in_memory(&self, pool: &str) -> usize {
+        self.with(|pools| pools.get(pool).map_or(0, |q| q.ready.len()))
+    }
+
+    /// The stream is about to read `pool`, which holds about `estimate`
+    /// messages: counts include them until the stream hands them over.
+    pub fn expect_unread(&self, pool: &str, estimate: u64) {
+        self.with_index(|index| {
+            if let Some(r) = index.recovery.as_mut() {
+                r.unread.insert(pool.to_string(), estimate);
+            }
+        });
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, PoolQueue>) -> T) -> T {
@@ -311,6 +403,9 @@ impl Scheduler {
                 if r.claimed.contains(&id) {
                     return false;
                 }
+                if let Some(n) = r.unread.get_mut(pool) {
+                    *n = n.saturating_sub(1);
+                }
                 if r.flushed.contains(pool) {
                     due = 0;
                 }
@@ -341,7 +436,13 @@ impl Scheduler {
             Some(r) => {
                 let cursor = r.cursor.entry(pool.to_string()).or_default();
                 *cursor = (*cursor).max(id);
-                !r.claimed.contains(&id)
+                if r.claimed.contains(&id) {
+                    return false;
+                }
+                if let Some(n) = r.unread.get_mut(pool) {
+                    *n = n.saturating_sub(1);
+                }
+                true
             }
             None => true,
         })
@@ -352,6 +453,8 @@ impl Scheduler {
         self.with_index(|index| {
             if let Some(r) = index.recovery.as_mut() {
                 r.cursor.insert(pool.to_string(), QueueId::MAX);
+                r.unread.remove(pool);
+                r.paused.remove(pool);
             }
         });
     }
@@ -452,7 +555,12 @@ impl Scheduler {
                 Some(r) if taken || r.ahead(id, pool) => {
                     // A move puts it in another pool the stream may not
                     // have read yet: skip it there too.
-                    r.claimed.insert(id);
+                    if r.claimed.insert(id)
+                        && !taken
+                        && let Some(n) = r.unread.get_mut(pool)
+                    {
+                        *n = n.saturating_sub(1);
+                    }
                     true
                 }
                 _ => taken,
@@ -468,8 +576,16 @@ impl Scheduler {
     /// Counts per pool.
     pub fn counts(&self) -> HashMap<String, PoolCounts> {
         let now = now_ms();
-        self.with(|pools| {
-            pools
+        self.with_index(|index| {
+            let unread = |pool: &str| {
+                index
+                    .recovery
+                    .as_ref()
+                    .and_then(|r| r.unread.get(pool))
+                    .map_or(0, |&n| n as usize)
+            };
+            let mut all = index
+                .pools
                 .iter_mut()
                 .map(|(name, q)| {
                     q.promote(now);
@@ -479,7 +595,7 @@ impl Scheduler {
                         (a, b) => a.or(b),
                     };
                     let counts = PoolCounts {
-                        ready: q.ready.len() + q.in_flight,
+                        ready: q.ready.len() + q.in_flight + unread(name),
                         deferred: q.deferred.len(),
                         in_flight: q.in_flight,
                         held: q.held,
@@ -488,7 +604,17 @@ impl Scheduler {
                     };
                     (name.clone(), counts)
                 })
-                .collect()
+                .collect::<HashMap<_, _>>();
+            // A pool the stream has not read anything of yet.
+            if let Some(r) = index.recovery.as_ref() {
+                for (pool, &n) in &r.unread {
+                    all.entry(pool.clone()).or_insert_with(|| PoolCounts {
+                        ready: n as usize,
+                        ..PoolCounts::default()
+                    });
+                }
+            }
+            all
         })
     }
 
@@ -506,32 +632,48 @@ impl Scheduler {
     /// chooses between pools by their `priority` and those messages' age.
     pub fn take(&self, picker: &mut Picker, eligible: &dyn Fn(&str) -> bool) -> Option<Job> {
         let now = now_ms();
-        self.with(|all| {
-            let next: Vec<Option<(QueueId, i8)>> = picker
-                .lanes
-                .iter()
-                .map(|lane| {
-                    let q = all.get_mut(&lane.pool)?;
-                    if q.held || q.ready.is_empty() && q.deferred.is_empty() {
-                        return None;
-                    }
-                    q.promote(now);
-                    q.ready.next().filter(|_| eligible(&lane.pool))
-                })
-                .collect();
-            let ids: Vec<Option<QueueId>> = next.iter().map(|n| n.map(|(id, _)| id)).collect();
-            let chosen = picker.choose(&ids)?;
-            let (id, mt_priority) = next[chosen]?;
-            let name = picker.lanes[chosen].pool.clone();
-            let q = all.get_mut(&name)?;
-            q.ready.remove_from(mt_priority, id);
-            q.in_flight += 1;
-            Some(Job {
-                id,
-                pool: name,
-                mt_priority,
+        let half = self.window / 2;
+        let (job, room) = self
+            .with_index(|index| {
+                let all = &mut index.pools;
+                let next: Vec<Option<(QueueId, i8)>> = picker
+                    .lanes
+                    .iter()
+                    .map(|lane| {
+                        let q = all.get_mut(&lane.pool)?;
+                        if q.held || q.ready.is_empty() && q.deferred.is_empty() {
+                            return None;
+                        }
+                        q.promote(now);
+                        q.ready.next().filter(|_| eligible(&lane.pool))
+                    })
+                    .collect();
+                let ids: Vec<Option<QueueId>> = next.iter().map(|n| n.map(|(id, _)| id)).collect();
+                let chosen = picker.choose(&ids)?;
+                let (id, mt_priority) = next[chosen]?;
+                let name = picker.lanes[chosen].pool.clone();
+                let q = all.get_mut(&name)?;
+                q.ready.remove_from(mt_priority, id);
+                q.in_flight += 1;
+                let room = q.ready.len() <= half
+                    && index
+                        .recovery
+                        .as_ref()
+                        .is_some_and(|r| r.paused.contains(&name));
+                Some((
+                    Job {
+                        id,
+                        pool: name,
+                        mt_priority,
+                    },
+                    room,
+                ))
             })
-        })
+            .unzip();
+        if room == Some(true) {
+            self.room.notify_waiters();
+        }
+        job
     }
 
     /// Time until the earliest deferred message of these pools is due.
@@ -843,6 +985,31 @@ mod tests {
         s.end_recovery();
         assert!(!s.recovering());
         assert!(!s.forget(80, "C"));
+    }
+
+    #[test]
+    fn the_stream_fills_a_window_then_waits_for_half_of_it_to_be_taken() {
+        let s = Scheduler::with_window(4);
+        s.begin_recovery(100, 10);
+        s.expect_unread("A", 10);
+        let mut id = 0;
+        while s.has_room("A") {
+            id += 1;
+            assert!(s.recovered(id, "A", 0, 0));
+        }
+        assert_eq!(id, 4, "filled to the window");
+        assert_eq!(s.counts()["A"].ready, 10, "counts include the unread six");
+        s.try_take(&pools(&["A"]), &ALL);
+        assert!(!s.has_room("A"), "3 of 4 ready: not yet");
+        s.try_take(&pools(&["A"]), &ALL);
+        assert!(s.has_room("A"), "half of the window taken");
+        assert!(s.has_room("A"), "and room until it is full again");
+        // The operator takes one the stream has not reached: counted at once.
+        assert!(s.forget(50, "A"));
+        assert_eq!(s.counts()["A"].ready, 9);
+        s.recovered_pool("A");
+        s.end_recovery();
+        assert!(s.has_room("A"), "no stream, no window");
     }
 
     #[tokio::test]
