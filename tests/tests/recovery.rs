@@ -1,7 +1,8 @@
 //! Restart without downtime: the relay listens, accepts and delivers while
 //! recovery still streams the spool into the scheduler; a kill -9 during
 //! recovery or after it loses nothing and delivers nothing twice; the
-//! operator's moves during recovery apply to mail not yet recovered.
+//! operator's moves during recovery apply to mail not yet recovered, also
+//! to mail beyond the index window (`POOLRELAY_INDEX_WINDOW` makes it small).
 //!
 //! The queue is filled with `poolrelay spool-load` (the listener's records,
 //! written directly) and recovery is slowed to a step per 500 ms with
