@@ -33,7 +33,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
-use crate::limits::Limits;
+use crate::limits::{Limits, Membership};
 use crate::listener::{Inbound, Rules};
 use crate::scheduler::Scheduler;
 use crate::upstream::{Dns, Health};
@@ -78,6 +78,11 @@ impl Running {
             .unwrap_or_else(|e| e.into_inner())
             .generation
             .clone()
+    }
+
+    /// The live relays draining each pool, this one included.
+    pub fn live_nodes(&self) -> limits::LiveNodes {
+        self.shared.membership.nodes()
     }
 
     /// The spool, for reads.
@@ -204,10 +209,11 @@ impl Running {
 
 fn spawn_workers(shared: &Arc<Shared>, config: &Arc<Config>, health: &Health) -> Workers {
     metric::export_zeros(config);
+    shared.membership.set_own(limits::drained_pools(config));
     let (stop, stop_rx) = watch::channel(false);
     let generation = Arc::new(Generation {
         config: config.clone(),
-        limits: Limits::new(config),
+        limits: Limits::new(config).following(shared.membership.subscribe()),
         clock: Clock::of(config),
         stop: stop_rx,
     });
@@ -290,6 +296,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         health: health.clone(),
         // Built once: a reload keeps these name servers (README, `dns_servers`).
         dns: Dns::new(&config.server.dns_servers),
+        membership: Membership::alone(limits::drained_pools(&config)),
     });
     let workers = spawn_workers(&shared, &config, &health);
     let recovery = tokio::spawn(recover(
