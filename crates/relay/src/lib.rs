@@ -26,7 +26,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use poolrelay_config::{Config, SpoolBackend};
-use poolrelay_spool::{FjallSpool, JetStreamOptions, JetStreamSpool, QueueId, Spool, now_ms};
+use poolrelay_spool::{
+    FjallSpool, JetStreamOptions, JetStreamSpool, NODE_HEARTBEAT, QueueId, Spool, now_ms,
+};
 
 use crate::queue::Queue;
 use tokio::sync::{Semaphore, watch};
@@ -63,6 +65,8 @@ pub struct Running {
     listeners_bound: bool,
     /// The recovery stream, stopped at shutdown.
     recovery: JoinHandle<()>,
+    /// This relay's heartbeat on a shared spool, stopped at shutdown.
+    membership: Option<JoinHandle<()>>,
 }
 
 impl Running {
@@ -202,7 +206,21 @@ impl Running {
             l.abort();
         }
         self.recovery.abort();
+        if let Some(membership) = &self.membership {
+            membership.abort();
+        }
         if let Some(shared) = self.spool().shared() {
+            // The other relays take this one's share of the rate limits at
+            // their next heartbeat, not when its entry expires.
+            let withdrawn = shared.withdraw();
+            if !matches!(
+                tokio::time::timeout(Duration::from_secs(2), withdrawn).await,
+                Ok(Ok(()))
+            ) {
+                tracing::warn!(
+                    "cannot withdraw this relay from the cluster's live relays; the others count it out when its entry expires"
+                );
+            }
             // Other relays take what this one held at once, not when its
             // holds lapse.
             let handed = shared.hand_back_all();
@@ -356,6 +374,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         membership: Membership::alone(limits::drained_pools(&config)),
     });
     let workers = spawn_workers(&shared, &config, &health);
+    let membership = spool
+        .shared()
+        .is_some()
+        .then(|| tokio::spawn(keep_membership(shared.clone())));
     Ok(Running {
         queue,
         scheduler,
@@ -367,7 +389,69 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         workers: Mutex::new(workers),
         listeners_bound: true,
         recovery,
+        membership,
     })
+}
+
+/// Keeps this relay among the shared spool's live relays and the count of
+/// live relays per pool current, so each relay takes its share of the
+/// pools' rate limits (`limits::Membership`). While the cluster cannot be
+/// reached the last count stays: no relay takes more than its share.
+async fn keep_membership(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(NODE_HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        let spool = shared.queue.spool();
+        let Some(queue) = spool.shared() else {
+            return;
+        };
+        if !spool.is_writable() && !failing {
+            // Still connecting: the spool logs that itself.
+            continue;
+        }
+        let announced =
+            tokio::time::timeout(NODE_HEARTBEAT * 3, queue.announce(shared.membership.own())).await;
+        match announced {
+            Ok(Ok(others)) => {
+                if failing {
+                    tracing::info!(
+                        node = queue.node_id(),
+                        "announcing this relay to the cluster again"
+                    );
+                    failing = false;
+                }
+                if shared.membership.set_others(others) {
+                    let nodes = shared.membership.nodes();
+                    tracing::info!(
+                        node = queue.node_id(),
+                        relays = nodes.total,
+                        pools = %nodes.describe(),
+                        "live relays per pool changed; each takes its share of the pools' rate limits"
+                    );
+                }
+            }
+            Ok(Err(e)) => {
+                if !failing {
+                    tracing::warn!(
+                        node = queue.node_id(),
+                        "cannot announce this relay to the cluster: {e}; the rate limits keep the last count of live relays"
+                    );
+                    failing = true;
+                }
+            }
+            Err(_) => {
+                if !failing {
+                    tracing::warn!(
+                        node = queue.node_id(),
+                        "announcing this relay to the cluster timed out; the rate limits keep the last count of live relays"
+                    );
+                    failing = true;
+                }
+            }
+        }
+    }
 }
 
 /// Tickets a shared pool's feed keeps in hand per worker serving the

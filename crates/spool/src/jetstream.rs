@@ -106,6 +106,8 @@ struct Conn {
     js: jetstream::Context,
     env: kv::Store,
     held: kv::Store,
+    /// Live relays and the pools they drain (`nodes.rs`).
+    nodes: kv::Store,
     bodies: stream::Stream,
     chunk: usize,
     consumers: tokio::sync::Mutex<HashMap<String, consumer::PullConsumer>>,
@@ -123,6 +125,8 @@ struct Inner {
     wanted: Mutex<BTreeSet<String>>,
     held_tx: watch::Sender<BTreeSet<String>>,
     node_tag: AtomicU64,
+    /// This relay's key in the nodes bucket.
+    node_id: String,
     last_id: Mutex<QueueId>,
     ready: AtomicBool,
 }
@@ -176,6 +180,7 @@ impl JetStreamSpool {
             wanted: Mutex::default(),
             held_tx: watch::channel(BTreeSet::new()).0,
             node_tag: AtomicU64::new(0),
+            node_id: crate::nodes::node_id(),
             last_id: Mutex::new(0),
             ready: AtomicBool::new(false),
         });
@@ -329,6 +334,7 @@ impl Inner {
         let replicas = self.opts.replicas;
         let env = ensure_bucket(&js, &format!("{}_env", self.prefix()), replicas).await?;
         let held = ensure_bucket(&js, &format!("{}_held", self.prefix()), replicas).await?;
+        let nodes = crate::nodes::open(&js, self.prefix(), replicas).await?;
         let bodies = js
             .get_or_create_stream(stream::Config {
                 name: format!("{}_bodies", self.prefix()),
@@ -349,6 +355,7 @@ impl Inner {
             js,
             env,
             held,
+            nodes,
             bodies,
             chunk,
             consumers: tokio::sync::Mutex::default(),
@@ -1185,5 +1192,29 @@ impl SharedQueue for JetStreamSpool {
 
     fn held_watch(&self) -> watch::Receiver<BTreeSet<String>> {
         self.inner.held_tx.subscribe()
+    }
+
+    fn node_id(&self) -> &str {
+        &self.inner.node_id
+    }
+
+    fn announce(&self, pools: Vec<String>) -> Durable<Vec<Vec<String>>> {
+        let inner = self.inner.clone();
+        self.run(async move {
+            let conn = inner.conn()?;
+            crate::nodes::announce(&conn.nodes, &inner.node_id, &pools)
+                .await
+                .map_err(SpoolError::Unavailable)
+        })
+    }
+
+    fn withdraw(&self) -> Durable<()> {
+        let inner = self.inner.clone();
+        self.run(async move {
+            let conn = inner.conn()?;
+            crate::nodes::withdraw(&conn.nodes, &inner.node_id)
+                .await
+                .map_err(SpoolError::Unavailable)
+        })
     }
 }

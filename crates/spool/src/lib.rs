@@ -13,6 +13,7 @@ mod disk;
 mod envelope;
 mod jetstream;
 mod memory;
+mod nodes;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -254,7 +255,22 @@ pub trait SharedQueue: Send + Sync {
     /// The held pools as every relay sees them; changes when any relay
     /// holds or releases a pool.
     fn held_watch(&self) -> tokio::sync::watch::Receiver<std::collections::BTreeSet<String>>;
+
+    /// This relay's name among the relays sharing the queue (in logs).
+    fn node_id(&self) -> &str;
+
+    /// Records this relay as alive, draining `pools`, for a few seconds
+    /// (renewed every [`NODE_HEARTBEAT`]), and returns the pools of every
+    /// other live relay, one entry per relay: they share the pools' rate
+    /// limits.
+    fn announce(&self, pools: Vec<String>) -> Durable<Vec<Vec<String>>>;
+
+    /// Removes this relay from the live ones at once (a graceful stop).
+    fn withdraw(&self) -> Durable<()>;
 }
+
+/// How often a relay sharing a queue calls [`SharedQueue::announce`].
+pub const NODE_HEARTBEAT: std::time::Duration = nodes::HEARTBEAT;
 
 #[cfg(test)]
 mod tests {
