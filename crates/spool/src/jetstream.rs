@@ -334,6 +334,7 @@ impl Inner {
                 name: format!("{}_bodies", self.prefix()),
                 subjects: vec![format!("{}.body.>", self.prefix())],
                 num_replicas: replicas,
+                allow_direct: true,
                 storage: stream::StorageType::File,
                 ..Default::default()
             })
@@ -513,15 +514,20 @@ impl Inner {
         generation: u64,
     ) -> Result<(), SpoolError> {
         self.consumer_in(conn, pool).await?;
-        let payload = serde_json::to_vec(&Ticket { id, generation })
-            .map_err(|e| SpoolError::Storage(format!("encoding a ticket: {e}")))?;
-        conn.js
-            .publish(self.ticket_subject(pool), Bytes::from(payload))
-            .await
-            .map_err(|e| unavailable("publishing a ticket", e))?
-            .await
-            .map_err(|e| unavailable("ticket not acknowledged", e))?;
-        Ok(())
+        let payload = Bytes::from(
+            serde_json::to_vec(&Ticket { id, generation })
+                .map_err(|e| SpoolError::Storage(format!("encoding a ticket: {e}")))?,
+        );
+        let msg_id = format!("{}-{generation}", format_id(id));
+        retrying("publishing a ticket", || {
+            publish_acked(
+                &conn.js,
+                self.ticket_subject(pool),
+                &msg_id,
+                payload.clone(),
+            )
+        })
+        .await
     }
 
     async fn put_record(
@@ -531,12 +537,17 @@ impl Inner {
         id: QueueId,
         record: &Record,
     ) -> Result<(), SpoolError> {
-        let value = serde_json::to_vec(record)
-            .map_err(|e| SpoolError::Storage(format!("encoding an envelope: {e}")))?;
-        conn.env
-            .put(Self::key(pool, id), Bytes::from(value))
-            .await
-            .map_err(|e| unavailable("storing an envelope", e))?;
+        let value = Bytes::from(
+            serde_json::to_vec(record)
+                .map_err(|e| SpoolError::Storage(format!("encoding an envelope: {e}")))?,
+        );
+        retrying("storing an envelope", || async {
+            conn.env
+                .put(Self::key(pool, id), value.clone())
+                .await
+                .map_err(|e| unavailable("storing an envelope", e))
+        })
+        .await?;
         self.cache_put(pool, id, record.clone());
         Ok(())
     }
@@ -550,35 +561,54 @@ impl Inner {
         let id = self.next_id();
         let pool = envelope.pool.clone();
         let written = tokio::time::timeout(self.opts.ack_timeout, async {
-            self.consumer_in(conn, &pool).await?;
-            let mut acks = Vec::new();
-            for (i, chunk) in message.chunks(conn.chunk).enumerate() {
-                let ack = conn
-                    .js
-                    .publish(
-                        self.body_subject(id, i as u32),
-                        Bytes::copy_from_slice(chunk),
-                    )
-                    .await
-                    .map_err(|e| unavailable("publishing the body", e))?;
-                acks.push(ack);
-            }
-            let chunks = acks.len() as u32;
-            for ack in acks {
-                ack.await
-                    .map_err(|e| unavailable("body not acknowledged", e))?;
+            retrying("making the pool's ticket stream", || {
+                self.consumer_in(conn, &pool)
+            })
+            .await?;
+            let body = Bytes::from(message);
+            let mut chunks = 0u32;
+            for start in (0..body.len()).step_by(conn.chunk) {
+                let chunk = body.slice(start..(start + conn.chunk).min(body.len()));
+                let msg_id = format!("{}.{chunks}", format_id(id));
+                let subject = self.body_subject(id, chunks);
+                retrying("publishing the body", || {
+                    publish_acked(&conn.js, subject.clone(), &msg_id, chunk.clone())
+                })
+                .await?;
+                chunks += 1;
             }
             let record = Record {
                 env: envelope,
                 generation: 0,
                 chunks,
             };
-            let value = serde_json::to_vec(&record)
-                .map_err(|e| SpoolError::Storage(format!("encoding an envelope: {e}")))?;
-            conn.env
-                .create(Self::key(&pool, id), Bytes::from(value))
-                .await
-                .map_err(|e| unavailable("storing the envelope", e))?;
+            let value = Bytes::from(
+                serde_json::to_vec(&record)
+                    .map_err(|e| SpoolError::Storage(format!("encoding an envelope: {e}")))?,
+            );
+            // `create` refuses an id another relay holds; a retry after a
+            // lost ack finds its own write there, so it puts.
+            let mut first = true;
+            retrying("storing the envelope", || {
+                let fresh = std::mem::replace(&mut first, false);
+                let (key, value) = (Self::key(&pool, id), value.clone());
+                async move {
+                    if fresh {
+                        conn.env
+                            .create(key, value)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| unavailable("storing the envelope", e))
+                    } else {
+                        conn.env
+                            .put(key, value)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| unavailable("storing the envelope", e))
+                    }
+                }
+            })
+            .await?;
             self.cache_put(&pool, id, record);
             self.publish_ticket(conn, &pool, id, 0).await
         })
@@ -616,14 +646,23 @@ impl Inner {
         let conn = self.conn()?;
         let mut bytes = Vec::new();
         for i in 0..chunks {
-            let m = conn
-                .bodies
-                .get_last_raw_message_by_subject(&self.body_subject(id, i))
-                .await
-                .map_err(|e| {
-                    unavailable(&format!("reading body chunk {i} of {}", format_id(id)), e)
-                })?;
-            bytes.extend_from_slice(&m.payload);
+            let subject = self.body_subject(id, i);
+            // Any replica answers a direct get, so a stream electing a
+            // leader still serves bodies; the leader is asked when a
+            // replica lags behind.
+            let payload = match conn.bodies.direct_get_last_for_subject(&subject).await {
+                Ok(m) => m.payload,
+                Err(_) => {
+                    conn.bodies
+                        .get_last_raw_message_by_subject(&subject)
+                        .await
+                        .map_err(|e| {
+                            unavailable(&format!("reading body chunk {i} of {}", format_id(id)), e)
+                        })?
+                        .payload
+                }
+            };
+            bytes.extend_from_slice(&payload);
         }
         Ok(Body::from(bytes))
     }
@@ -639,22 +678,29 @@ impl Inner {
         let mut taken = Vec::new();
         // What is there now, at once; when nothing is, wait for one ticket
         // (a long poll: no relay polls an idle queue in a loop).
-        let now = consumer
-            .fetch()
-            .max_messages(max.max(1))
-            .messages()
-            .await
-            .map_err(|e| unavailable("fetching tickets", e))?;
-        let fetched = self.accept_batch(conn, &pool, now, &mut taken).await;
+        // A pull request the server lost (its stream's leader died) is
+        // never answered: never wait for one longer than this.
+        let patience = wait + Duration::from_secs(2);
+        let now = tokio::time::timeout(
+            patience,
+            consumer.fetch().max_messages(max.max(1)).messages(),
+        )
+        .await
+        .map_err(|_| unavailable("fetching tickets", "timed out"))?
+        .map_err(|e| unavailable("fetching tickets", e))?;
+        let fetched = self
+            .accept_batch(conn, &pool, now, patience, &mut taken)
+            .await;
         if fetched == 0 {
-            let waited = consumer
-                .batch()
-                .max_messages(1)
-                .expires(wait)
-                .messages()
-                .await
-                .map_err(|e| unavailable("waiting for tickets", e))?;
-            self.accept_batch(conn, &pool, waited, &mut taken).await;
+            let waited = tokio::time::timeout(
+                patience,
+                consumer.batch().max_messages(1).expires(wait).messages(),
+            )
+            .await
+            .map_err(|_| unavailable("waiting for tickets", "timed out"))?
+            .map_err(|e| unavailable("waiting for tickets", e))?;
+            self.accept_batch(conn, &pool, waited, patience, &mut taken)
+                .await;
         }
         Ok(taken)
     }
@@ -665,10 +711,11 @@ impl Inner {
         conn: &Conn,
         pool: &str,
         mut batch: consumer::pull::Batch,
+        patience: Duration,
         taken: &mut Vec<(QueueId, Envelope)>,
     ) -> usize {
         let mut arrived = 0;
-        while let Some(msg) = batch.next().await {
+        while let Ok(Some(msg)) = tokio::time::timeout(patience, batch.next()).await {
             let msg = match msg {
                 Ok(m) => m,
                 Err(e) => {
@@ -818,10 +865,13 @@ impl Inner {
         let write = async {
             self.put_record(conn, &new_pool, id, &record).await?;
             if new_pool != old_pool {
-                conn.env
-                    .delete(Self::key(&old_pool, id))
-                    .await
-                    .map_err(|e| unavailable("removing the old envelope", e))?;
+                retrying("removing the old envelope", || async {
+                    conn.env
+                        .delete(Self::key(&old_pool, id))
+                        .await
+                        .map_err(|e| unavailable("removing the old envelope", e))
+                })
+                .await?;
                 self.cache_remove(&old_pool, id);
                 self.publish_ticket(conn, &new_pool, id, record.generation)
                     .await?;
@@ -849,16 +899,23 @@ impl Inner {
     async fn remove(self: Arc<Self>, id: QueueId, pool: String) -> Result<(), SpoolError> {
         let conn = self.conn()?;
         let write = async {
-            conn.env
-                .delete(Self::key(&pool, id))
-                .await
-                .map_err(|e| unavailable("removing an envelope", e))?;
+            retrying("removing an envelope", || async {
+                conn.env
+                    .delete(Self::key(&pool, id))
+                    .await
+                    .map_err(|e| unavailable("removing an envelope", e))
+            })
+            .await?;
             self.cache_remove(&pool, id);
-            conn.bodies
-                .purge()
-                .filter(format!("{}.body.{}.>", self.prefix(), format_id(id)))
-                .await
-                .map_err(|e| unavailable("removing a body", e))?;
+            retrying("removing a body", || async {
+                conn.bodies
+                    .purge()
+                    .filter(format!("{}.body.{}.>", self.prefix(), format_id(id)))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| unavailable("removing a body", e))
+            })
+            .await?;
             let held = self
                 .in_hand
                 .lock()
@@ -908,6 +965,45 @@ impl Inner {
         }
         Ok(flushed)
     }
+}
+
+/// Runs `op` until it succeeds: a stream whose leader is being elected
+/// answers at once with an error, so the write is tried again while the
+/// caller's deadline (its `timeout`) lasts.
+async fn retrying<T, F, Fut>(what: &str, mut op: F) -> Result<T, SpoolError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, SpoolError>>,
+{
+    let mut pause = Duration::from_millis(25);
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                tracing::debug!("replicated spool: {what}: {e}; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(400));
+            }
+        }
+    }
+}
+
+/// Publishes `payload` to a stream and waits for its ack; `msg_id` lets
+/// the server drop the copy a retry may publish again.
+async fn publish_acked(
+    js: &jetstream::Context,
+    subject: String,
+    msg_id: &str,
+    payload: Bytes,
+) -> Result<(), SpoolError> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", msg_id);
+    js.publish_with_headers(subject, headers, payload)
+        .await
+        .map_err(|e| unavailable("publishing", e))?
+        .await
+        .map_err(|e| unavailable("not acknowledged", e))?;
+    Ok(())
 }
 
 /// The bucket `name`, made when missing. Made as its stream (what
