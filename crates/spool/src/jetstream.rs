@@ -74,7 +74,7 @@ const CHUNK_HEADROOM: usize = 4 * 1024;
 const DUE_SLACK_MS: u64 = 50;
 
 /// What `P_env` holds per message.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Record {
     env: Envelope,
     /// The generation of the message's live ticket: a flush bumps it and
@@ -90,6 +90,31 @@ struct Record {
 struct Ticket {
     id: QueueId,
     generation: u64,
+}
+
+/// What a fetched ticket means, given its message's record as stored now.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    /// The message is gone (delivered, deleted, moved) or a flush gave it
+    /// a newer ticket: ack and forget this one.
+    Stale,
+    /// Not due yet: hand the ticket back for this long.
+    Later(Duration),
+    /// Deliver it now.
+    Due(Record),
+}
+
+fn verdict(ticket: &Ticket, record: Option<Record>, now_ms: u64) -> Verdict {
+    let Some(record) = record else {
+        return Verdict::Stale;
+    };
+    if ticket.generation < record.generation {
+        return Verdict::Stale;
+    }
+    if record.env.next_attempt_ms > now_ms + DUE_SLACK_MS {
+        return Verdict::Later(Duration::from_millis(record.env.next_attempt_ms - now_ms));
+    }
+    Verdict::Due(record)
 }
 
 /// A ticket this relay holds, with what the worker reads from memory.
@@ -781,21 +806,17 @@ impl Inner {
         let record = entry
             .filter(|e| e.operation == kv::Operation::Put)
             .and_then(|e| serde_json::from_slice::<Record>(&e.value).ok());
-        let Some(record) = record else {
-            // Removed (delivered, deleted or moved): the ticket is stale.
-            let _ = msg.ack().await;
-            return None;
+        let record = match verdict(&ticket, record, now_ms()) {
+            Verdict::Stale => {
+                let _ = msg.ack().await;
+                return None;
+            }
+            Verdict::Later(delay) => {
+                let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+                return None;
+            }
+            Verdict::Due(record) => record,
         };
-        if ticket.generation < record.generation {
-            let _ = msg.ack().await;
-            return None;
-        }
-        let now = now_ms();
-        if record.env.next_attempt_ms > now + DUE_SLACK_MS {
-            let delay = Duration::from_millis(record.env.next_attempt_ms - now);
-            let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
-            return None;
-        }
         let body = match self.read_body(id, record.chunks).await {
             Ok(b) => b,
             Err(e) => {
@@ -1281,5 +1302,59 @@ impl SharedQueue for JetStreamSpool {
 
     fn held_watch(&self) -> watch::Receiver<BTreeSet<String>> {
         self.inner.held_tx.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Recipient;
+
+    fn record(generation: u64, next_attempt_ms: u64) -> Record {
+        let mut env = Envelope::new(
+            "A",
+            "s@x.test",
+            vec![Recipient::pending("r@y.test")],
+            1,
+            "l",
+            "c",
+        );
+        env.next_attempt_ms = next_attempt_ms;
+        Record {
+            env,
+            generation,
+            chunks: 1,
+        }
+    }
+
+    #[test]
+    fn a_ticket_is_due_stale_or_handed_back_with_the_time_left() {
+        let t = |generation| Ticket { id: 1, generation };
+        assert_eq!(verdict(&t(0), None, 1_000), Verdict::Stale);
+        assert_eq!(verdict(&t(0), Some(record(1, 0)), 1_000), Verdict::Stale);
+        assert_eq!(
+            verdict(&t(1), Some(record(1, 0)), 1_000),
+            Verdict::Due(record(1, 0))
+        );
+        assert_eq!(
+            verdict(&t(0), Some(record(0, 61_000)), 1_000),
+            Verdict::Later(Duration::from_secs(60))
+        );
+        // Due within the slack: taken now rather than naked for a few ms.
+        assert_eq!(
+            verdict(&t(0), Some(record(0, 1_020)), 1_000),
+            Verdict::Due(record(0, 1_020))
+        );
+    }
+
+    #[test]
+    fn records_round_trip_and_older_ones_without_a_generation_load() {
+        let r = record(3, 5);
+        let text = serde_json::to_vec(&r).expect("encode");
+        assert_eq!(serde_json::from_slice::<Record>(&text).expect("decode"), r);
+        let mut value: serde_json::Value = serde_json::from_slice(&text).expect("json");
+        value.as_object_mut().expect("object").remove("generation");
+        let old: Record = serde_json::from_value(value).expect("decode without generation");
+        assert_eq!(old.generation, 0);
     }
 }
