@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use poolrelay_tests::admin::{api_post, try_api_json};
+use poolrelay_tests::admin::{api_post, try_api_json, wait_deferred};
 use poolrelay_tests::ledger::{SharedLedger, id_counts};
 use poolrelay_tests::nats::NatsCluster;
 use poolrelay_tests::{
@@ -398,4 +398,35 @@ fn losing_one_server_keeps_accepting_and_losing_two_answers_451_until_quorum_ret
         },
     );
     wait_delivered(&[&sink], &acked, Duration::from_secs(40), || relay.logs());
+}
+
+#[test]
+fn a_flush_makes_a_message_deferred_for_an_hour_due_at_once() {
+    let cluster = NatsCluster::start(3);
+    let refusing = Sink::start_with(SinkOptions {
+        reply: Some(451),
+        ..Default::default()
+    });
+    let upstream = refusing.addr();
+    let servers = cluster.servers_toml();
+    let relay = Relay::start(|s| {
+        format!(
+            "{}{}[defaults]\nlist_pool = \"A\"\nretry = [\"1h\"]\n\n[pool.A]\n\n[[upstream]]\nhost = \"{upstream}\"\n\n\
+             [spool]\nbackend = \"jetstream\"\nservers = {servers}\n",
+            s.head(),
+            s.listener("")
+        )
+    });
+    relay.wait_until(
+        "the relay to reach the cluster",
+        Duration::from_secs(20),
+        || http_get(relay.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+    );
+    let sent = relay.send_tagged(FROM, &[TO], "flushed");
+    // Deferred for an hour: its ticket is back in the cluster with that delay.
+    wait_deferred(&relay, "A", &sent.queue_id, "451", Duration::from_secs(20));
+    drop(refusing);
+    let accepting = Sink::start_at(upstream);
+    api_post(&relay, "/api/v1/pools/A/flush");
+    accepting.wait_for_message_id(&sent.message_id, Duration::from_secs(20));
 }
