@@ -585,6 +585,7 @@ impl Inner {
         let conn = self.conn()?;
         let id = self.next_id();
         let pool = envelope.pool.clone();
+        let started = std::time::Instant::now();
         let written = tokio::time::timeout(self.opts.ack_timeout, async {
             retrying("making the pool's ticket stream", || {
                 self.consumer_in(conn, &pool)
@@ -646,7 +647,10 @@ impl Inner {
             ))),
         };
         match result {
-            Ok(()) => Ok(id),
+            Ok(()) => {
+                metrics::histogram!(crate::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+                Ok(id)
+            }
             Err(e) => {
                 // Nothing is claimed: take back whatever was written, so a
                 // ticket that did get through finds no envelope and is dropped.
