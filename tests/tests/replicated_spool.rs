@@ -430,3 +430,37 @@ fn a_flush_makes_a_message_deferred_for_an_hour_due_at_once() {
     api_post(&relay, "/api/v1/pools/A/flush");
     accepting.wait_for_message_id(&sent.message_id, Duration::from_secs(20));
 }
+
+#[test]
+fn a_relay_stopping_gracefully_hands_its_tickets_to_the_other_at_once() {
+    let cluster = NatsCluster::start(3);
+    // Relay 1's upstream is slow, so tickets wait in its hands.
+    let slow = Sink::start_with(SinkOptions {
+        delay_ms: Some(1000),
+        ..Default::default()
+    });
+    let mut relay1 = relay_on(&cluster, slow.addr());
+    relay1.wait_until(
+        "the relay to reach the cluster",
+        Duration::from_secs(20),
+        || http_get(relay1.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+    );
+    let mut sent = BTreeSet::new();
+    for i in 0..6 {
+        let (id, code) = send(&relay1, &format!("handed-{i}"));
+        assert_eq!(code, 250, "{}", relay1.logs());
+        sent.insert(id);
+    }
+    let fast = Sink::start();
+    let relay2 = relay_on(&cluster, fast.addr());
+    relay1.signal("TERM");
+    assert!(
+        relay1.wait_exit(Duration::from_secs(30)).is_some(),
+        "relay 1 did not stop\n{}",
+        relay1.logs()
+    );
+    // Well within the 30 s a lapsed hold takes: the tickets were handed back.
+    wait_delivered(&[&slow, &fast], &sent, Duration::from_secs(15), || {
+        format!("{}\n{}", relay1.logs(), relay2.logs())
+    });
+}

@@ -397,12 +397,10 @@ async fn feed(queue: Queue, pool: String, window: usize, mut stop: watch::Receiv
             }
             continue;
         }
-        let taken = shared.take(&pool, window - in_hand, FEED_FETCH_WAIT);
-        let taken = tokio::select! {
-            t = taken => t,
-            _ = stop.changed() => continue,
-        };
-        match taken {
+        // Not cut short by a stop: tickets taken are in this relay's hands
+        // and must reach the scheduler (the next generation's workers, or
+        // the hand-back at shutdown); a take lasts about FEED_FETCH_WAIT.
+        match shared.take(&pool, window - in_hand, FEED_FETCH_WAIT).await {
             Ok(messages) => {
                 if failing {
                     tracing::info!(pool = %pool, "taking mail from the shared queue again");
