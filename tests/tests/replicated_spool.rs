@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use poolrelay_tests::admin::{api_post, try_api_json};
+use poolrelay_tests::admin::{api_post, try_api_json, wait_deferred};
 use poolrelay_tests::ledger::{SharedLedger, id_counts};
 use poolrelay_tests::nats::NatsCluster;
 use poolrelay_tests::{
@@ -31,11 +31,19 @@ fn relay_on(cluster: &NatsCluster, upstream: std::net::SocketAddr) -> Relay {
     })
 }
 
-/// Sends one tagged message through `relay`; its Message-ID and reply code.
+/// Sends one tagged message through `relay`; its Message-ID and the
+/// reply code to the final dot.
 fn send(relay: &Relay, tag: &str) -> (String, u16) {
     let id = unique_id(tag);
-    let reply = relay.send(FROM, &[TO], &message(&id, FROM, TO, tag, "shared\n"));
-    (id, reply.code)
+    let mut client = SmtpClient::connect(relay.smtp_addr())
+        .unwrap_or_else(|e| panic!("connect to the relay: {e}\n{}", relay.logs()));
+    let code = match client.send_mail(FROM, &[TO], &message(&id, FROM, TO, tag, "shared\n")) {
+        Ok(reply) => reply.code,
+        Err(SmtpError::Rejected { stage, reply }) if stage == "final dot" => reply.code,
+        Err(e) => panic!("sending {tag}: {e}\n{}", relay.logs()),
+    };
+    client.quit();
+    (id, code)
 }
 
 /// Waits until every id of `expected` arrived at one of `sinks`.
@@ -240,8 +248,8 @@ fn clients(
                         let msg = message(&id, FROM, TO, &tag, "payload\n");
                         match client.send_mail_with(FROM, &[TO], &msg, |_| ledger.data_sent(&id)) {
                             Ok(r) if r.code == 250 => ledger.acked(&id),
-                            Ok(r) if r.code == 451 => {}
                             Ok(r) => return Err(format!("message {i}: {r}")),
+                            Err(SmtpError::Rejected { reply, .. }) if reply.code == 451 => {}
                             Err(e @ SmtpError::Io { .. }) => {
                                 return Ok(format!("message {i}: {e}"));
                             }
@@ -343,22 +351,25 @@ fn losing_one_server_keeps_accepting_and_losing_two_answers_451_until_quorum_ret
     // One server gone: a new leader is elected and acceptance goes on
     // (a message during the election may get 451, never a lost 250).
     let mut accepted_after = 0;
-    for i in 0..20 {
-        let (id, code) = send(&relay, &format!("one-down-{i}"));
-        assert!(code == 250 || code == 451, "got {code}\n{}", relay.logs());
-        if code == 250 {
-            acked.insert(id);
-            accepted_after += 1;
-        }
-        if accepted_after >= 5 {
-            break;
-        }
-    }
-    assert!(
-        accepted_after >= 5,
-        "acceptance did not continue with one server down\n{}",
-        relay.logs()
+    let mut refused = 0;
+    let mut i = 0;
+    relay.wait_until(
+        "5 messages accepted with one server down",
+        Duration::from_secs(20),
+        || {
+            i += 1;
+            let (id, code) = send(&relay, &format!("one-down-{i}"));
+            assert!(code == 250 || code == 451, "got {code}\n{}", relay.logs());
+            if code == 250 {
+                acked.insert(id);
+                accepted_after += 1;
+            } else {
+                refused += 1;
+            }
+            accepted_after >= 5
+        },
     );
+    eprintln!("[replicated] one server down: {accepted_after} accepted, {refused} answered 451");
     let second = (0..3).find(|&i| i != leader).unwrap_or(0);
     cluster.kill9(second);
     for i in 0..3 {
@@ -387,4 +398,69 @@ fn losing_one_server_keeps_accepting_and_losing_two_answers_451_until_quorum_ret
         },
     );
     wait_delivered(&[&sink], &acked, Duration::from_secs(40), || relay.logs());
+}
+
+#[test]
+fn a_flush_makes_a_message_deferred_for_an_hour_due_at_once() {
+    let cluster = NatsCluster::start(3);
+    let refusing = Sink::start_with(SinkOptions {
+        reply: Some(451),
+        ..Default::default()
+    });
+    let upstream = refusing.addr();
+    let servers = cluster.servers_toml();
+    let relay = Relay::start(|s| {
+        format!(
+            "{}{}[defaults]\nlist_pool = \"A\"\nretry = [\"1h\"]\n\n[pool.A]\n\n[[upstream]]\nhost = \"{upstream}\"\n\n\
+             [spool]\nbackend = \"jetstream\"\nservers = {servers}\n",
+            s.head(),
+            s.listener("")
+        )
+    });
+    relay.wait_until(
+        "the relay to reach the cluster",
+        Duration::from_secs(20),
+        || http_get(relay.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+    );
+    let sent = relay.send_tagged(FROM, &[TO], "flushed");
+    // Deferred for an hour: its ticket is back in the cluster with that delay.
+    wait_deferred(&relay, "A", &sent.queue_id, "451", Duration::from_secs(20));
+    drop(refusing);
+    let accepting = Sink::start_at(upstream);
+    api_post(&relay, "/api/v1/pools/A/flush");
+    accepting.wait_for_message_id(&sent.message_id, Duration::from_secs(20));
+}
+
+#[test]
+fn a_relay_stopping_gracefully_hands_its_tickets_to_the_other_at_once() {
+    let cluster = NatsCluster::start(3);
+    // Relay 1's upstream is slow, so tickets wait in its hands.
+    let slow = Sink::start_with(SinkOptions {
+        delay_ms: Some(1000),
+        ..Default::default()
+    });
+    let mut relay1 = relay_on(&cluster, slow.addr());
+    relay1.wait_until(
+        "the relay to reach the cluster",
+        Duration::from_secs(20),
+        || http_get(relay1.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+    );
+    let mut sent = BTreeSet::new();
+    for i in 0..6 {
+        let (id, code) = send(&relay1, &format!("handed-{i}"));
+        assert_eq!(code, 250, "{}", relay1.logs());
+        sent.insert(id);
+    }
+    let fast = Sink::start();
+    let relay2 = relay_on(&cluster, fast.addr());
+    relay1.signal("TERM");
+    assert!(
+        relay1.wait_exit(Duration::from_secs(30)).is_some(),
+        "relay 1 did not stop\n{}",
+        relay1.logs()
+    );
+    // Well within the 30 s a lapsed hold takes: the tickets were handed back.
+    wait_delivered(&[&slow, &fast], &sent, Duration::from_secs(15), || {
+        format!("{}\n{}", relay1.logs(), relay2.logs())
+    });
 }

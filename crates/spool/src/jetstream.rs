@@ -74,7 +74,7 @@ const CHUNK_HEADROOM: usize = 4 * 1024;
 const DUE_SLACK_MS: u64 = 50;
 
 /// What `P_env` holds per message.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Record {
     env: Envelope,
     /// The generation of the message's live ticket: a flush bumps it and
@@ -90,6 +90,31 @@ struct Record {
 struct Ticket {
     id: QueueId,
     generation: u64,
+}
+
+/// What a fetched ticket means, given its message's record as stored now.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    /// The message is gone (delivered, deleted, moved) or a flush gave it
+    /// a newer ticket: ack and forget this one.
+    Stale,
+    /// Not due yet: hand the ticket back for this long.
+    Later(Duration),
+    /// Deliver it now.
+    Due(Record),
+}
+
+fn verdict(ticket: &Ticket, record: Option<Record>, now_ms: u64) -> Verdict {
+    let Some(record) = record else {
+        return Verdict::Stale;
+    };
+    if ticket.generation < record.generation {
+        return Verdict::Stale;
+    }
+    if record.env.next_attempt_ms > now_ms + DUE_SLACK_MS {
+        return Verdict::Later(Duration::from_millis(record.env.next_attempt_ms - now_ms));
+    }
+    Verdict::Due(record)
 }
 
 /// A ticket this relay holds, with what the worker reads from memory.
@@ -340,6 +365,7 @@ impl Inner {
                 name: format!("{}_bodies", self.prefix()),
                 subjects: vec![format!("{}.body.>", self.prefix())],
                 num_replicas: replicas,
+                allow_direct: true,
                 storage: stream::StorageType::File,
                 ..Default::default()
             })
@@ -520,15 +546,20 @@ impl Inner {
         generation: u64,
     ) -> Result<(), SpoolError> {
         self.consumer_in(conn, pool).await?;
-        let payload = serde_json::to_vec(&Ticket { id, generation })
-            .map_err(|e| SpoolError::Storage(format!("encoding a ticket: {e}")))?;
-        conn.js
-            .publish(self.ticket_subject(pool), Bytes::from(payload))
-            .await
-            .map_err(|e| unavailable("publishing a ticket", e))?
-            .await
-            .map_err(|e| unavailable("ticket not acknowledged", e))?;
-        Ok(())
+        let payload = Bytes::from(
+            serde_json::to_vec(&Ticket { id, generation })
+                .map_err(|e| SpoolError::Storage(format!("encoding a ticket: {e}")))?,
+        );
+        let msg_id = format!("{}-{generation}", format_id(id));
+        retrying("publishing a ticket", || {
+            publish_acked(
+                &conn.js,
+                self.ticket_subject(pool),
+                &msg_id,
+                payload.clone(),
+            )
+        })
+        .await
     }
 
     async fn put_record(
@@ -538,12 +569,17 @@ impl Inner {
         id: QueueId,
         record: &Record,
     ) -> Result<(), SpoolError> {
-        let value = serde_json::to_vec(record)
-            .map_err(|e| SpoolError::Storage(format!("encoding an envelope: {e}")))?;
-        conn.env
-            .put(Self::key(pool, id), Bytes::from(value))
-            .await
-            .map_err(|e| unavailable("storing an envelope", e))?;
+        let value = Bytes::from(
+            serde_json::to_vec(record)
+                .map_err(|e| SpoolError::Storage(format!("encoding an envelope: {e}")))?,
+        );
+        retrying("storing an envelope", || async {
+            conn.env
+                .put(Self::key(pool, id), value.clone())
+                .await
+                .map_err(|e| unavailable("storing an envelope", e))
+        })
+        .await?;
         self.cache_put(pool, id, record.clone());
         Ok(())
     }
@@ -556,36 +592,56 @@ impl Inner {
         let conn = self.conn()?;
         let id = self.next_id();
         let pool = envelope.pool.clone();
+        let started = std::time::Instant::now();
         let written = tokio::time::timeout(self.opts.ack_timeout, async {
-            self.consumer_in(conn, &pool).await?;
-            let mut acks = Vec::new();
-            for (i, chunk) in message.chunks(conn.chunk).enumerate() {
-                let ack = conn
-                    .js
-                    .publish(
-                        self.body_subject(id, i as u32),
-                        Bytes::copy_from_slice(chunk),
-                    )
-                    .await
-                    .map_err(|e| unavailable("publishing the body", e))?;
-                acks.push(ack);
-            }
-            let chunks = acks.len() as u32;
-            for ack in acks {
-                ack.await
-                    .map_err(|e| unavailable("body not acknowledged", e))?;
+            retrying("making the pool's ticket stream", || {
+                self.consumer_in(conn, &pool)
+            })
+            .await?;
+            let body = Bytes::from(message);
+            let mut chunks = 0u32;
+            for start in (0..body.len()).step_by(conn.chunk) {
+                let chunk = body.slice(start..(start + conn.chunk).min(body.len()));
+                let msg_id = format!("{}.{chunks}", format_id(id));
+                let subject = self.body_subject(id, chunks);
+                retrying("publishing the body", || {
+                    publish_acked(&conn.js, subject.clone(), &msg_id, chunk.clone())
+                })
+                .await?;
+                chunks += 1;
             }
             let record = Record {
                 env: envelope,
                 generation: 0,
                 chunks,
             };
-            let value = serde_json::to_vec(&record)
-                .map_err(|e| SpoolError::Storage(format!("encoding an envelope: {e}")))?;
-            conn.env
-                .create(Self::key(&pool, id), Bytes::from(value))
-                .await
-                .map_err(|e| unavailable("storing the envelope", e))?;
+            let value = Bytes::from(
+                serde_json::to_vec(&record)
+                    .map_err(|e| SpoolError::Storage(format!("encoding an envelope: {e}")))?,
+            );
+            // `create` refuses an id another relay holds; a retry after a
+            // lost ack finds its own write there, so it puts.
+            let mut first = true;
+            retrying("storing the envelope", || {
+                let fresh = std::mem::replace(&mut first, false);
+                let (key, value) = (Self::key(&pool, id), value.clone());
+                async move {
+                    if fresh {
+                        conn.env
+                            .create(key, value)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| unavailable("storing the envelope", e))
+                    } else {
+                        conn.env
+                            .put(key, value)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| unavailable("storing the envelope", e))
+                    }
+                }
+            })
+            .await?;
             self.cache_put(&pool, id, record);
             self.publish_ticket(conn, &pool, id, 0).await
         })
@@ -598,7 +654,10 @@ impl Inner {
             ))),
         };
         match result {
-            Ok(()) => Ok(id),
+            Ok(()) => {
+                metrics::histogram!(crate::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+                Ok(id)
+            }
             Err(e) => {
                 // Nothing is claimed: take back whatever was written, so a
                 // ticket that did get through finds no envelope and is dropped.
@@ -623,14 +682,23 @@ impl Inner {
         let conn = self.conn()?;
         let mut bytes = Vec::new();
         for i in 0..chunks {
-            let m = conn
-                .bodies
-                .get_last_raw_message_by_subject(&self.body_subject(id, i))
-                .await
-                .map_err(|e| {
-                    unavailable(&format!("reading body chunk {i} of {}", format_id(id)), e)
-                })?;
-            bytes.extend_from_slice(&m.payload);
+            let subject = self.body_subject(id, i);
+            // Any replica answers a direct get, so a stream electing a
+            // leader still serves bodies; the leader is asked when a
+            // replica lags behind.
+            let payload = match conn.bodies.direct_get_last_for_subject(&subject).await {
+                Ok(m) => m.payload,
+                Err(_) => {
+                    conn.bodies
+                        .get_last_raw_message_by_subject(&subject)
+                        .await
+                        .map_err(|e| {
+                            unavailable(&format!("reading body chunk {i} of {}", format_id(id)), e)
+                        })?
+                        .payload
+                }
+            };
+            bytes.extend_from_slice(&payload);
         }
         Ok(Body::from(bytes))
     }
@@ -646,22 +714,29 @@ impl Inner {
         let mut taken = Vec::new();
         // What is there now, at once; when nothing is, wait for one ticket
         // (a long poll: no relay polls an idle queue in a loop).
-        let now = consumer
-            .fetch()
-            .max_messages(max.max(1))
-            .messages()
-            .await
-            .map_err(|e| unavailable("fetching tickets", e))?;
-        let fetched = self.accept_batch(conn, &pool, now, &mut taken).await;
+        // A pull request the server lost (its stream's leader died) is
+        // never answered: never wait for one longer than this.
+        let patience = wait + Duration::from_secs(2);
+        let now = tokio::time::timeout(
+            patience,
+            consumer.fetch().max_messages(max.max(1)).messages(),
+        )
+        .await
+        .map_err(|_| unavailable("fetching tickets", "timed out"))?
+        .map_err(|e| unavailable("fetching tickets", e))?;
+        let fetched = self
+            .accept_batch(conn, &pool, now, patience, &mut taken)
+            .await;
         if fetched == 0 {
-            let waited = consumer
-                .batch()
-                .max_messages(1)
-                .expires(wait)
-                .messages()
-                .await
-                .map_err(|e| unavailable("waiting for tickets", e))?;
-            self.accept_batch(conn, &pool, waited, &mut taken).await;
+            let waited = tokio::time::timeout(
+                patience,
+                consumer.batch().max_messages(1).expires(wait).messages(),
+            )
+            .await
+            .map_err(|_| unavailable("waiting for tickets", "timed out"))?
+            .map_err(|e| unavailable("waiting for tickets", e))?;
+            self.accept_batch(conn, &pool, waited, patience, &mut taken)
+                .await;
         }
         Ok(taken)
     }
@@ -672,10 +747,11 @@ impl Inner {
         conn: &Conn,
         pool: &str,
         mut batch: consumer::pull::Batch,
+        patience: Duration,
         taken: &mut Vec<(QueueId, Envelope)>,
     ) -> usize {
         let mut arrived = 0;
-        while let Some(msg) = batch.next().await {
+        while let Ok(Some(msg)) = tokio::time::timeout(patience, batch.next()).await {
             let msg = match msg {
                 Ok(m) => m,
                 Err(e) => {
@@ -741,21 +817,17 @@ impl Inner {
         let record = entry
             .filter(|e| e.operation == kv::Operation::Put)
             .and_then(|e| serde_json::from_slice::<Record>(&e.value).ok());
-        let Some(record) = record else {
-            // Removed (delivered, deleted or moved): the ticket is stale.
-            let _ = msg.ack().await;
-            return None;
+        let record = match verdict(&ticket, record, now_ms()) {
+            Verdict::Stale => {
+                let _ = msg.ack().await;
+                return None;
+            }
+            Verdict::Later(delay) => {
+                let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+                return None;
+            }
+            Verdict::Due(record) => record,
         };
-        if ticket.generation < record.generation {
-            let _ = msg.ack().await;
-            return None;
-        }
-        let now = now_ms();
-        if record.env.next_attempt_ms > now + DUE_SLACK_MS {
-            let delay = Duration::from_millis(record.env.next_attempt_ms - now);
-            let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
-            return None;
-        }
         let body = match self.read_body(id, record.chunks).await {
             Ok(b) => b,
             Err(e) => {
@@ -825,10 +897,13 @@ impl Inner {
         let write = async {
             self.put_record(conn, &new_pool, id, &record).await?;
             if new_pool != old_pool {
-                conn.env
-                    .delete(Self::key(&old_pool, id))
-                    .await
-                    .map_err(|e| unavailable("removing the old envelope", e))?;
+                retrying("removing the old envelope", || async {
+                    conn.env
+                        .delete(Self::key(&old_pool, id))
+                        .await
+                        .map_err(|e| unavailable("removing the old envelope", e))
+                })
+                .await?;
                 self.cache_remove(&old_pool, id);
                 self.publish_ticket(conn, &new_pool, id, record.generation)
                     .await?;
@@ -856,16 +931,23 @@ impl Inner {
     async fn remove(self: Arc<Self>, id: QueueId, pool: String) -> Result<(), SpoolError> {
         let conn = self.conn()?;
         let write = async {
-            conn.env
-                .delete(Self::key(&pool, id))
-                .await
-                .map_err(|e| unavailable("removing an envelope", e))?;
+            retrying("removing an envelope", || async {
+                conn.env
+                    .delete(Self::key(&pool, id))
+                    .await
+                    .map_err(|e| unavailable("removing an envelope", e))
+            })
+            .await?;
             self.cache_remove(&pool, id);
-            conn.bodies
-                .purge()
-                .filter(format!("{}.body.{}.>", self.prefix(), format_id(id)))
-                .await
-                .map_err(|e| unavailable("removing a body", e))?;
+            retrying("removing a body", || async {
+                conn.bodies
+                    .purge()
+                    .filter(format!("{}.body.{}.>", self.prefix(), format_id(id)))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| unavailable("removing a body", e))
+            })
+            .await?;
             let held = self
                 .in_hand
                 .lock()
@@ -915,6 +997,45 @@ impl Inner {
         }
         Ok(flushed)
     }
+}
+
+/// Runs `op` until it succeeds: a stream whose leader is being elected
+/// answers at once with an error, so the write is tried again while the
+/// caller's deadline (its `timeout`) lasts.
+async fn retrying<T, F, Fut>(what: &str, mut op: F) -> Result<T, SpoolError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, SpoolError>>,
+{
+    let mut pause = Duration::from_millis(25);
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                tracing::debug!("replicated spool: {what}: {e}; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(400));
+            }
+        }
+    }
+}
+
+/// Publishes `payload` to a stream and waits for its ack; `msg_id` lets
+/// the server drop the copy a retry may publish again.
+async fn publish_acked(
+    js: &jetstream::Context,
+    subject: String,
+    msg_id: &str,
+    payload: Bytes,
+) -> Result<(), SpoolError> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", msg_id);
+    js.publish_with_headers(subject, headers, payload)
+        .await
+        .map_err(|e| unavailable("publishing", e))?
+        .await
+        .map_err(|e| unavailable("not acknowledged", e))?;
+    Ok(())
 }
 
 /// The bucket `name`, made when missing. Made as its stream (what
@@ -1216,5 +1337,59 @@ impl SharedQueue for JetStreamSpool {
                 .await
                 .map_err(SpoolError::Unavailable)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Recipient;
+
+    fn record(generation: u64, next_attempt_ms: u64) -> Record {
+        let mut env = Envelope::new(
+            "A",
+            "s@x.test",
+            vec![Recipient::pending("r@y.test")],
+            1,
+            "l",
+            "c",
+        );
+        env.next_attempt_ms = next_attempt_ms;
+        Record {
+            env,
+            generation,
+            chunks: 1,
+        }
+    }
+
+    #[test]
+    fn a_ticket_is_due_stale_or_handed_back_with_the_time_left() {
+        let t = |generation| Ticket { id: 1, generation };
+        assert_eq!(verdict(&t(0), None, 1_000), Verdict::Stale);
+        assert_eq!(verdict(&t(0), Some(record(1, 0)), 1_000), Verdict::Stale);
+        assert_eq!(
+            verdict(&t(1), Some(record(1, 0)), 1_000),
+            Verdict::Due(record(1, 0))
+        );
+        assert_eq!(
+            verdict(&t(0), Some(record(0, 61_000)), 1_000),
+            Verdict::Later(Duration::from_secs(60))
+        );
+        // Due within the slack: taken now rather than naked for a few ms.
+        assert_eq!(
+            verdict(&t(0), Some(record(0, 1_020)), 1_000),
+            Verdict::Due(record(0, 1_020))
+        );
+    }
+
+    #[test]
+    fn records_round_trip_and_older_ones_without_a_generation_load() {
+        let r = record(3, 5);
+        let text = serde_json::to_vec(&r).expect("encode");
+        assert_eq!(serde_json::from_slice::<Record>(&text).expect("decode"), r);
+        let mut value: serde_json::Value = serde_json::from_slice(&text).expect("json");
+        value.as_object_mut().expect("object").remove("generation");
+        let old: Record = serde_json::from_value(value).expect("decode without generation");
+        assert_eq!(old.generation, 0);
     }
 }
