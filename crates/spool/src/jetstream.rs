@@ -70,6 +70,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 /// Room left in a chunk for the subject and headers of its message.
 const CHUNK_HEADROOM: usize = 4 * 1024;
+/// How long a removed envelope's delete marker stays for the watches.
+const MARKER_PURGE_DELAY: Duration = Duration::from_secs(5);
 /// A message due within this is taken now rather than naked again.
 const DUE_SLACK_MS: u64 = 50;
 
@@ -130,6 +132,9 @@ struct Conn {
     client: async_nats::Client,
     js: jetstream::Context,
     env: kv::Store,
+    /// The stream under `env`, to purge the delete markers of removed
+    /// envelopes.
+    env_stream: stream::Stream,
     held: kv::Store,
     bodies: stream::Stream,
     chunk: usize,
@@ -370,10 +375,15 @@ impl Inner {
             .await
             .map_err(|e| format!("node tag: {e}"))?;
         self.node_tag.store(tag, Ordering::Relaxed);
+        let env_stream = js
+            .get_stream(format!("KV_{}_env", self.prefix()))
+            .await
+            .map_err(|e| format!("envelope bucket's stream: {e}"))?;
         let conn = Conn {
             client,
             js,
             env,
+            env_stream,
             held,
             bodies,
             chunk,
@@ -898,6 +908,7 @@ impl Inner {
                 })
                 .await?;
                 self.cache_remove(&old_pool, id);
+                self.clone().purge_marker_later(Self::key(&old_pool, id));
                 self.publish_ticket(conn, &new_pool, id, record.generation)
                     .await?;
                 let old = self
@@ -921,6 +932,22 @@ impl Inner {
             .map_err(|_| unavailable("updating an envelope", "timed out"))?
     }
 
+    /// A KV delete leaves a marker per key, forever: one per message ever
+    /// delivered. Once every relay's watch has seen it (seconds), the
+    /// key's subject is purged, marker and all. A relay whose watch was
+    /// cut meanwhile may keep the envelope in its admin view until it
+    /// restarts; deliveries read the bucket itself, never that view.
+    fn purge_marker_later(self: Arc<Self>, key: String) {
+        tokio::spawn(async move {
+            tokio::time::sleep(MARKER_PURGE_DELAY).await;
+            let Ok(conn) = self.conn() else { return };
+            let subject = format!("$KV.{}_env.{key}", self.prefix());
+            if let Err(e) = conn.env_stream.purge().filter(subject).await {
+                tracing::debug!("replicated spool: cannot purge a delete marker: {e}");
+            }
+        });
+    }
+
     async fn remove(self: Arc<Self>, id: QueueId, pool: String) -> Result<(), SpoolError> {
         let conn = self.conn()?;
         let write = async {
@@ -932,6 +959,7 @@ impl Inner {
             })
             .await?;
             self.cache_remove(&pool, id);
+            self.clone().purge_marker_later(Self::key(&pool, id));
             retrying("removing a body", || async {
                 conn.bodies
                     .purge()
