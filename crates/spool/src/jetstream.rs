@@ -807,8 +807,25 @@ impl Inner {
             }
             return None;
         }
-        let entry = match conn.env.entry(Self::key(pool, id)).await {
-            Ok(e) => e,
+        // Read from the bucket's leader, never a replica (as a direct get
+        // may): a replica a moment behind would not have the envelope of a
+        // message just accepted, and its ticket would be dropped as stale.
+        let subject = format!("$KV.{}_env.{}", self.prefix(), Self::key(pool, id));
+        let record = match conn
+            .env_stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            // A delete or purge marker: the message is gone.
+            Ok(m) if m.headers.get("KV-Operation").is_some() => None,
+            Ok(m) => match serde_json::from_slice::<Record>(&m.payload) {
+                Ok(record) => Some(record),
+                Err(e) => {
+                    tracing::error!(queue_id = %format_id(id), pool = %pool, "replicated spool: undecodable envelope: {e}; its ticket is dropped, the record left in the bucket for the operator");
+                    None
+                }
+            },
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => None,
             Err(e) => {
                 tracing::warn!(queue_id = %format_id(id), "replicated spool: cannot read the envelope: {e}; ticket back in 1s");
                 let _ = msg
@@ -817,9 +834,6 @@ impl Inner {
                 return None;
             }
         };
-        let record = entry
-            .filter(|e| e.operation == kv::Operation::Put)
-            .and_then(|e| serde_json::from_slice::<Record>(&e.value).ok());
         let record = match verdict(&ticket, record, now_ms()) {
             Verdict::Stale => {
                 let _ = msg.ack().await;
