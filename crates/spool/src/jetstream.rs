@@ -974,24 +974,28 @@ impl Inner {
             .await?;
             self.cache_remove(&pool, id);
             self.clone().purge_marker_later(Self::key(&pool, id));
-            retrying("removing a body", || async {
+            // The envelope is gone, so the message is: the ticket's ack and
+            // the body's purge no longer depend on each other.
+            let held = self
+                .in_hand
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            let ack = async {
+                if let Some(h) = held {
+                    let _ = h.msg.double_ack().await;
+                }
+            };
+            let purge = retrying("removing a body", || async {
                 conn.bodies
                     .purge()
                     .filter(format!("{}.body.{}.>", self.prefix(), format_id(id)))
                     .await
                     .map(|_| ())
                     .map_err(|e| unavailable("removing a body", e))
-            })
-            .await?;
-            let held = self
-                .in_hand
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
-            if let Some(h) = held {
-                let _ = h.msg.double_ack().await;
-            }
-            Ok(())
+            });
+            let ((), purged) = tokio::join!(ack, purge);
+            purged
         };
         tokio::time::timeout(WRITE_TIMEOUT, write)
             .await
