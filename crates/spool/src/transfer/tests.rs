@@ -83,10 +83,10 @@ fn an_import_keeps_ids_envelopes_bytes_and_holds() {
     assert_eq!((a.messages, a.pending, a.bytes), (2, 2, 11));
     assert_eq!(summary.total().messages, 3);
     let target = MemorySpool::new();
-    let import = block_on(import(&target, file.as_slice(), true));
-    assert!(import.error.is_none(), "{:?}", import.error);
-    assert_eq!((import.stored, import.already_there), (3, 0));
-    assert_eq!(import.summary, summary);
+    let done = block_on(import(&target, file.as_slice(), true));
+    assert!(done.error.is_none(), "{:?}", done.error);
+    assert_eq!((done.stored, done.already_there), (3, 0));
+    assert_eq!(done.summary, summary);
     assert_eq!(contents(&target), contents(&spool));
     assert_eq!(
         contents(&target).iter().map(|c| c.0).collect::<Vec<_>>(),
@@ -126,8 +126,8 @@ fn a_pool_exports_alone_with_its_hold() {
     let (file, summary) = exported(&spool, Some("B"));
     assert_eq!(summary.pools.keys().collect::<Vec<_>>(), ["B"]);
     let target = MemorySpool::new();
-    let import = block_on(import(&target, file.as_slice(), true));
-    assert_eq!(import.header.unwrap().pool.as_deref(), Some("B"));
+    let done = block_on(import(&target, file.as_slice(), true));
+    assert_eq!(done.header.unwrap().pool.as_deref(), Some("B"));
     assert_eq!(
         contents(&target).iter().map(|c| c.0).collect::<Vec<_>>(),
         [ids[2]]
@@ -161,14 +161,14 @@ fn a_truncated_file_is_refused_after_importing_the_records_before_the_cut() {
     let all = contents(&spool);
     for cut in 0..file.len() {
         let target = MemorySpool::new();
-        let import = block_on(import(&target, &file[..cut], true));
-        let error = import.error.expect("a cut file is refused").to_string();
+        let done = block_on(import(&target, &file[..cut], true));
+        let error = done.error.expect("a cut file is refused").to_string();
         assert!(
             error.contains("truncated") || error.contains("not a poolrelay spool export"),
             "cut at {cut}: {error}"
         );
         let got = contents(&target);
-        assert_eq!(got.len() as u64, import.stored);
+        assert_eq!(got.len() as u64, done.stored);
         let mut expected: Vec<_> = all.clone();
         expected.retain(|m| got.iter().any(|g| g.0 == m.0));
         assert_eq!(got, expected, "cut at {cut}");
@@ -187,8 +187,8 @@ fn every_damaged_byte_is_refused_naming_where() {
         let mut damaged = file.clone();
         damaged[at] ^= 0x5A;
         let target = MemorySpool::new();
-        let import = block_on(import(&target, damaged.as_slice(), true));
-        let error = import
+        let done = block_on(import(&target, damaged.as_slice(), true));
+        let error = done
             .error
             .unwrap_or_else(|| panic!("byte {at} damaged, accepted"));
         let text = error.to_string();
@@ -205,7 +205,7 @@ fn every_damaged_byte_is_refused_naming_where() {
             .any(|w| text.contains(w)),
             "byte {at}: {text}"
         );
-        assert!(contents(&target).len() as u64 == import.stored);
+        assert!(contents(&target).len() as u64 == done.stored);
     }
 }
 
@@ -288,8 +288,8 @@ fn another_message_under_the_same_id_stops_the_import() {
         block_on(target.insert_with_id(ids[1], env, b"other".to_vec())).unwrap(),
         Inserted::Stored
     );
-    let import = block_on(import(&target, file.as_slice(), true));
-    let error = import.error.unwrap().to_string();
+    let done = block_on(import(&target, file.as_slice(), true));
+    let error = done.error.unwrap().to_string();
     assert!(
         error.starts_with(&format!("record 2 (queue id {})", format_id(ids[1])))
             && error.contains("another message"),
