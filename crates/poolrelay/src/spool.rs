@@ -106,13 +106,15 @@ fn export(config_path: &Path, pool: Option<&str>, output: &Path) -> anyhow::Resu
     }
     refuse_if_running(&config)?;
     let spool = open_spool(&config, true)?;
+    let mut pools = spool.pools();
+    pools.sort();
     if let Some(pool) = pool
-        && !spool.pools().iter().any(|p| p == pool)
+        && !pools.iter().any(|p| p == pool)
     {
         bail!(
             "the spool in {} has no pool {pool:?} (it has: {})",
             config.server.spool_dir.display(),
-            spool.pools().join(", ")
+            pools.join(", ")
         );
     }
     let to_stdout = output == Path::new("-");
@@ -187,8 +189,8 @@ fn import(config_path: &Path, input: &Path, check: bool) -> anyhow::Result<()> {
                 done.summary.total().messages
             );
         }
-        print!(
-            "{}{name}: a complete export, every record checked\n",
+        println!(
+            "{}{name}: a complete export, every record checked",
             done.summary
         );
         return Ok(());
