@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use poolrelay_config::Config;
+use poolrelay_config::{Config, SpoolBackend};
 use poolrelay_spool::transfer::{self, Summary};
-use poolrelay_spool::{FjallSpool, Spool, is_storable_pool_name};
+use poolrelay_spool::{FjallSpool, JetStreamOptions, JetStreamSpool, Spool, is_storable_pool_name};
 
 /// `poolrelay spool ...`.
 #[derive(clap::Subcommand)]
@@ -79,22 +79,58 @@ fn refuse_if_running(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The spool the config names. `existing`: it must be there already
-/// (an export never creates an empty spool where a typo pointed).
+/// How long a replicated spool may take to connect and show everything
+/// the cluster holds before export or import reads it.
+const CATCH_UP: Duration = Duration::from_secs(60);
+
+/// The spool the config names (`[spool] backend`), its view current.
+/// `existing`: an embedded spool must be there already (an export never
+/// creates an empty spool where a typo pointed).
 fn open_spool(config: &Config, existing: bool) -> anyhow::Result<Arc<dyn Spool>> {
-    let dir = &config.server.spool_dir;
-    if existing && !dir.is_dir() {
-        bail!("there is no spool in {} (server.spool_dir)", dir.display());
+    let spool: Arc<dyn Spool> = match &config.spool {
+        SpoolBackend::Fjall => {
+            let dir = &config.server.spool_dir;
+            if existing && !dir.is_dir() {
+                bail!("there is no spool in {} (server.spool_dir)", dir.display());
+            }
+            let floor = config.server.spool_min_free;
+            let spool = FjallSpool::open_with(dir, Box::new(move |total| floor.bytes_of(total)))
+                .with_context(|| {
+                    format!(
+                        "cannot open the spool in {}; if a relay uses it, stop it first",
+                        dir.display()
+                    )
+                })?;
+            Arc::new(spool)
+        }
+        SpoolBackend::JetStream(js) => Arc::new(
+            JetStreamSpool::open(JetStreamOptions {
+                servers: js.servers.clone(),
+                replicas: js.replicas,
+                stream_prefix: js.stream_prefix.clone(),
+                ack_timeout: js.ack_timeout,
+                credentials_file: js.credentials_file.clone(),
+                tls_ca_file: js.tls_ca_file.clone(),
+            })
+            .context("cannot open the replicated spool")?,
+        ),
+    };
+    spool
+        .catch_up(CATCH_UP)
+        .context("cannot read the whole spool")?;
+    Ok(spool)
+}
+
+/// Where the spool is, for the summaries.
+fn spool_name(config: &Config) -> String {
+    match &config.spool {
+        SpoolBackend::Fjall => config.server.spool_dir.display().to_string(),
+        SpoolBackend::JetStream(js) => format!(
+            "the JetStream spool {} on {}",
+            js.stream_prefix,
+            js.servers.join(",")
+        ),
     }
-    let floor = config.server.spool_min_free;
-    let spool = FjallSpool::open_with(dir, Box::new(move |total| floor.bytes_of(total)))
-        .with_context(|| {
-            format!(
-                "cannot open the spool in {}; if a relay uses it, stop it first",
-                dir.display()
-            )
-        })?;
-    Ok(Arc::new(spool))
 }
 
 fn export(config_path: &Path, pool: Option<&str>, output: &Path) -> anyhow::Result<()> {
@@ -112,8 +148,8 @@ fn export(config_path: &Path, pool: Option<&str>, output: &Path) -> anyhow::Resu
         && !pools.iter().any(|p| p == pool)
     {
         bail!(
-            "the spool in {} has no pool {pool:?} (it has: {})",
-            config.server.spool_dir.display(),
+            "{} has no pool {pool:?} (it has: {})",
+            spool_name(&config),
             pools.join(", ")
         );
     }
@@ -129,7 +165,7 @@ fn export(config_path: &Path, pool: Option<&str>, output: &Path) -> anyhow::Resu
     let report = format!(
         "{summary}exported {} messages from {} to {}; the spool is unchanged. Import the file with `poolrelay spool import`, compare the two summaries, then delete the old spool.\n",
         summary.total().messages,
-        config.server.spool_dir.display(),
+        spool_name(&config),
         if to_stdout {
             "standard output".to_string()
         } else {
@@ -216,7 +252,7 @@ fn import(config_path: &Path, input: &Path, check: bool) -> anyhow::Result<()> {
     let mut report = format!(
         "{}imported {name} into {}: {counts}\n",
         done.summary,
-        config.server.spool_dir.display()
+        spool_name(&config)
     );
     for pool in done.summary.pools.keys() {
         if !config.pools.contains_key(pool) {

@@ -25,8 +25,8 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use poolrelay_config::Config;
-use poolrelay_spool::{FjallSpool, QueueId, Spool, now_ms};
+use poolrelay_config::{Config, SpoolBackend};
+use poolrelay_spool::{FjallSpool, JetStreamOptions, JetStreamSpool, QueueId, Spool, now_ms};
 
 use crate::queue::Queue;
 use tokio::sync::{Semaphore, watch};
@@ -122,6 +122,9 @@ impl Running {
         }
         let old_listeners: BTreeSet<_> = old.listeners.iter().map(|l| l.address).collect();
         let new_listeners: BTreeSet<_> = new.listeners.iter().map(|l| l.address).collect();
+        if old.spool != new.spool {
+            return Err("reload refused: [spool] changed; that needs a restart".to_string());
+        }
         if old_listeners != new_listeners {
             return Err(
                 "reload refused: listener addresses changed; that needs a restart".to_string(),
@@ -194,6 +197,19 @@ impl Running {
             l.abort();
         }
         self.recovery.abort();
+        if let Some(shared) = self.spool().shared() {
+            // Other relays take what this one held at once, not when its
+            // holds lapse.
+            let handed = shared.hand_back_all();
+            if !matches!(
+                tokio::time::timeout(Duration::from_secs(2), handed).await,
+                Ok(Ok(()))
+            ) {
+                tracing::warn!(
+                    "cannot hand the tickets in hand back to the cluster; they come back when their holds lapse"
+                );
+            }
+        }
         // Attempt records are written without an fsync: keep them.
         if let Err(e) = self.spool().sync() {
             tracing::warn!("cannot sync the spool at shutdown: {e}; attempt counts may go back");
@@ -229,6 +245,22 @@ fn spawn_workers(shared: &Arc<Shared>, config: &Arc<Config>, health: &Health) ->
     for h in &config.defaults.fallback {
         health.register(h);
     }
+    if shared.queue.spool().shared().is_some() {
+        let mut workers_of: std::collections::BTreeMap<&str, usize> = Default::default();
+        for upstream in &config.upstreams {
+            for pool in &upstream.pools {
+                *workers_of.entry(pool.as_str()).or_default() += upstream.workers;
+            }
+        }
+        for (pool, workers) in workers_of {
+            handles.push(tokio::spawn(feed(
+                shared.queue.clone(),
+                pool.to_string(),
+                FEED_WINDOW_PER_WORKER * workers,
+                generation.stop.clone(),
+            )));
+        }
+    }
     Workers {
         stop,
         handles,
@@ -243,30 +275,55 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let config = Arc::new(config);
     let spool_dir = config.server.spool_dir.clone();
     let min_free = config.server.spool_min_free;
-    let spool: Arc<dyn Spool> = Arc::new(
-        tokio::task::spawn_blocking(move || {
-            FjallSpool::open_with(&spool_dir, Box::new(move |total| min_free.bytes_of(total)))
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("spool open task failed: {e}"))??,
-    );
+    let spool: Arc<dyn Spool> = match &config.spool {
+        SpoolBackend::Fjall => Arc::new(
+            tokio::task::spawn_blocking(move || {
+                FjallSpool::open_with(&spool_dir, Box::new(move |total| min_free.bytes_of(total)))
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("spool open task failed: {e}"))??,
+        ),
+        SpoolBackend::JetStream(js) => Arc::new(JetStreamSpool::open(JetStreamOptions {
+            servers: js.servers.clone(),
+            replicas: js.replicas,
+            stream_prefix: js.stream_prefix.clone(),
+            ack_timeout: js.ack_timeout,
+            credentials_file: js.credentials_file.clone(),
+            tls_ca_file: js.tls_ca_file.clone(),
+        })?),
+    };
     prepare_pools(spool.as_ref(), &config);
     let scheduler = Arc::new(Scheduler::new());
-    // Holds first: no worker may see a held pool's mail as ready.
-    for pool in spool.held_pools()? {
-        tracing::info!(pool = %pool, "pool held (recorded before the restart); `poolrelay queue release --pool {pool}` releases it");
-        scheduler.set_held(&pool, true);
-    }
-    // Before anything can append: ids above the bound are new mail, which
-    // its append schedules, so the stream must not.
-    let pools = recovery_order(&config, spool.pools());
-    let estimate: usize = pools.iter().map(|p| spool.approximate_count(p)).sum();
-    scheduler.begin_recovery(spool.opened_bound(), estimate as u64);
-    tracing::info!(
-        spool = %config.server.spool_dir.display(),
-        messages_estimate = estimate,
-        "recovering the queue in the background; listening meanwhile"
-    );
+    let recovery = if spool.shared().is_some() {
+        // The cluster hands out the mail (see `feed`); holds follow the
+        // cluster's record as any relay changes it.
+        tracing::info!(
+            "shared spool: delivering what the cluster hands this relay; no local recovery"
+        );
+        tokio::spawn(follow_holds(spool.clone(), scheduler.clone()))
+    } else {
+        // Holds first: no worker may see a held pool's mail as ready.
+        for pool in spool.held_pools()? {
+            tracing::info!(pool = %pool, "pool held (recorded before the restart); `poolrelay queue release --pool {pool}` releases it");
+            scheduler.set_held(&pool, true);
+        }
+        // Before anything can append: ids above the bound are new mail, which
+        // its append schedules, so the stream must not.
+        let pools = recovery_order(&config, spool.pools());
+        let estimate: usize = pools.iter().map(|p| spool.approximate_count(p)).sum();
+        scheduler.begin_recovery(spool.opened_bound(), estimate as u64);
+        tracing::info!(
+            spool = %config.server.spool_dir.display(),
+            messages_estimate = estimate,
+            "recovering the queue in the background; listening meanwhile"
+        );
+        tokio::spawn(recover(
+            spool.clone(),
+            scheduler.clone(),
+            pools,
+            config.server.spool_dir.display().to_string(),
+        ))
+    };
     let queue = Queue::new(spool.clone(), scheduler.clone());
     let bound = listener::bind_all(&config).await?;
     let (stopping, stopping_rx) = watch::channel(false);
@@ -292,12 +349,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         dns: Dns::new(&config.server.dns_servers),
     });
     let workers = spawn_workers(&shared, &config, &health);
-    let recovery = tokio::spawn(recover(
-        spool.clone(),
-        scheduler.clone(),
-        pools,
-        config.server.spool_dir.display().to_string(),
-    ));
     Ok(Running {
         queue,
         scheduler,
@@ -310,6 +361,96 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         listeners_bound: true,
         recovery,
     })
+}
+
+/// Tickets a shared pool's feed keeps in hand per worker serving the
+/// pool: enough that a worker never waits for a fetch, few enough that
+/// mail is spread over the relays.
+const FEED_WINDOW_PER_WORKER: usize = 2;
+/// How long one fetch of tickets waits for one to arrive.
+const FEED_FETCH_WAIT: Duration = Duration::from_secs(1);
+
+/// Keeps the scheduler supplied with a shared pool's due messages: takes
+/// tickets from the cluster while fewer than `window` are in hand here
+/// (ready or being delivered) and the pool is not held.
+async fn feed(queue: Queue, pool: String, window: usize, mut stop: watch::Receiver<bool>) {
+    let mut failing = false;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let Some(shared) = queue.spool().shared() else {
+            return;
+        };
+        let in_hand = shared.held_tickets(&pool);
+        let pause = if queue.scheduler().is_held(&pool) || !queue.spool().is_writable() {
+            Some(Duration::from_millis(200))
+        } else if in_hand >= window {
+            Some(Duration::from_millis(20))
+        } else {
+            None
+        };
+        if let Some(d) = pause {
+            tokio::select! {
+                _ = tokio::time::sleep(d) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        let taken = shared.take(&pool, window - in_hand, FEED_FETCH_WAIT);
+        let taken = tokio::select! {
+            t = taken => t,
+            _ = stop.changed() => continue,
+        };
+        match taken {
+            Ok(messages) => {
+                if failing {
+                    tracing::info!(pool = %pool, "taking mail from the shared queue again");
+                    failing = false;
+                }
+                for (id, envelope) in messages {
+                    queue
+                        .scheduler()
+                        .enqueue(id, &pool, 0, envelope.mt_priority_or_default());
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::error!(pool = %pool, "cannot take mail from the shared queue: {e}; trying again every second");
+                    failing = true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+    }
+}
+
+/// Applies the held pools of a shared spool to this relay's scheduler,
+/// as any relay holds or releases them.
+async fn follow_holds(spool: Arc<dyn Spool>, scheduler: Arc<Scheduler>) {
+    let Some(shared) = spool.shared() else {
+        return;
+    };
+    let mut held = shared.held_watch();
+    let mut applied = BTreeSet::new();
+    loop {
+        let now: BTreeSet<String> = held.borrow_and_update().clone();
+        for pool in now.difference(&applied) {
+            tracing::info!(pool = %pool, "pool held (recorded in the shared spool)");
+            scheduler.set_held(pool, true);
+        }
+        for pool in applied.difference(&now) {
+            tracing::info!(pool = %pool, "pool released (recorded in the shared spool)");
+            scheduler.set_held(pool, false);
+        }
+        applied = now;
+        if held.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// The pools of the spool in the order recovery reads them: highest

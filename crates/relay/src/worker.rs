@@ -407,8 +407,7 @@ async fn apply(
             let due = if recorded { due } else { now_ms() + 60_000 };
             shared
                 .queue
-                .scheduler()
-                .enqueue(job.id, &job.pool, due, job.mt_priority);
+                .retry_at(job.id, &job.pool, due, job.mt_priority);
         }
     }
 }

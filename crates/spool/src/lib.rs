@@ -11,6 +11,7 @@
 
 mod disk;
 mod envelope;
+mod jetstream;
 mod memory;
 pub mod transfer;
 
@@ -20,6 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use disk::{FjallSpool, MinFree, is_storable_pool_name};
 pub use envelope::{AttemptRecord, Envelope, Recipient, RecipientState};
+pub use jetstream::{JetStreamOptions, JetStreamSpool};
 pub use memory::MemorySpool;
 pub use poolrelay_smtp::{Reply, Ret};
 
@@ -68,7 +70,8 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// A spool failure. The listener turns it into `452 4.3.1`.
+/// A spool failure. The listener turns it into `452 4.3.1`
+/// ([`SpoolError::Unavailable`]: `451 4.3.0`).
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     /// The store failed (disk full, I/O error, poisoned after a failed fsync).
@@ -89,6 +92,10 @@ pub enum SpoolError {
     /// The writer thread is gone (the spool is shutting down).
     #[error("spool writer has stopped")]
     Stopped,
+    /// A replicated store did not acknowledge in time (no quorum, or the
+    /// cluster cannot be reached): nothing was claimed, try again later.
+    #[error("replicated spool unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// What [`Spool::insert_with_id`] did.
@@ -132,6 +139,15 @@ pub trait Spool: Send + Sync + 'static {
                 "this spool backend cannot store messages under their original queue ids".into(),
             ))
         })
+    }
+
+    /// Waits until this spool's reads show everything the store holds, at
+    /// most `timeout`: a replicated store's local view follows the cluster
+    /// after connecting, and `poolrelay spool export` / `import` must not
+    /// read it half filled. A local store is current at once.
+    fn catch_up(&self, timeout: std::time::Duration) -> Result<(), SpoolError> {
+        let _ = timeout;
+        Ok(())
     }
 
     /// Persists a changed envelope (attempt count, recipient states, pool).
@@ -239,6 +255,48 @@ pub trait Spool: Send + Sync + 'static {
 
     /// The pools recorded as held.
     fn held_pools(&self) -> Result<Vec<String>, SpoolError>;
+
+    /// The queue several relays share, when this store is one: the
+    /// cluster, not this relay, then decides who delivers which message.
+    /// `None` (the default): this relay alone delivers what it stores.
+    fn shared(&self) -> Option<&dyn SharedQueue> {
+        None
+    }
+}
+
+/// A queue shared by several relays: every stored message has one ticket
+/// that one relay at a time holds while it delivers; a ticket handed back
+/// with a delay comes back, to any relay, when the message is due.
+pub trait SharedQueue: Send + Sync {
+    /// Takes up to `max` tickets of `pool` whose messages are due, waiting
+    /// up to `wait` for one; returns their ids and envelopes. Tickets of
+    /// messages not yet due are handed back with the time left. The
+    /// envelope and body of a taken message are served from memory until
+    /// its ticket is handed back or the message is removed.
+    fn take(
+        &self,
+        pool: &str,
+        max: usize,
+        wait: std::time::Duration,
+    ) -> Durable<Vec<(QueueId, Envelope)>>;
+
+    /// Tickets of `pool` this relay holds now (taken, not yet handed back).
+    fn held_tickets(&self, pool: &str) -> usize;
+
+    /// Hands the ticket of `id` back, to come back (to any relay) at
+    /// `due_ms` (0 = at once). Without a ticket in hand, does nothing.
+    fn hand_back(&self, id: QueueId, pool: &str, due_ms: u64);
+
+    /// Hands back every ticket in hand, due at once: on a graceful stop,
+    /// so other relays take them without waiting for them to time out.
+    fn hand_back_all(&self) -> Durable<()>;
+
+    /// Makes every deferred message of `pool` due now, on every relay.
+    fn flush(&self, pool: &str) -> Durable<usize>;
+
+    /// The held pools as every relay sees them; changes when any relay
+    /// holds or releases a pool.
+    fn held_watch(&self) -> tokio::sync::watch::Receiver<std::collections::BTreeSet<String>>;
 }
 
 #[cfg(test)]
