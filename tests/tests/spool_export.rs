@@ -4,7 +4,8 @@
 //! export never changes the old spool; importing twice, or again after a
 //! damaged file stopped an import, never queues a message twice; a damaged
 //! or truncated file is refused naming the record; a running relay's spool
-//! is refused.
+//! is refused; a queue goes from the embedded spool to a JetStream
+//! cluster and back unchanged.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use poolrelay_tests::admin::{pool_messages, queue_ok};
 use poolrelay_tests::ledger::id_counts;
+use poolrelay_tests::nats::NatsCluster;
 use poolrelay_tests::{
     CommandOutput, Relay, RelaySetup, Sink, SinkOptions, binary, free_addr, new_tempdir, poolrelay,
     run_with_deadline, toml_str,
@@ -378,4 +380,87 @@ fn a_damaged_export_is_refused_naming_the_record_and_a_good_one_completes_the_im
             .is_some_and(Vec::is_empty)
     });
     assert_delivered_once(&sink, &loaded_ids("damaged", 200), &new);
+}
+
+#[test]
+fn a_queue_goes_from_fjall_to_jetstream_and_back_unchanged() {
+    let cluster = NatsCluster::start(3);
+    let mut old = Relay::start(|s| config(s, free_addr()));
+    stop(&mut old);
+    // Pool A: tried once, due in an hour; pool B: never tried.
+    old.load_spool("A", 40, "deferred", &["--deferred-for", "3600"]);
+    old.load_spool("B", 40, "fresh", &[]);
+    let mut expected = loaded_ids("deferred", 40);
+    expected.extend(loaded_ids("fresh", 40));
+    let files = new_tempdir("poolrelay-export-");
+    let (to_js, from_js) = (files.path().join("fjall"), files.path().join("jetstream"));
+    let first = spool_ok(&[
+        "export",
+        "-c",
+        path_str(old.config_path()),
+        path_str(&to_js),
+    ]);
+
+    // A relay on the cluster, stopped: its config names the spool.
+    let servers = cluster.servers_toml();
+    let mut on_cluster = Relay::start(|s| {
+        format!(
+            "{}\n[spool]\nbackend = \"jetstream\"\nservers = {servers}\nack_timeout = \"5s\"\n",
+            config(s, free_addr())
+        )
+    });
+    stop(&mut on_cluster);
+    let js_config = path_str(on_cluster.config_path()).to_string();
+    let imported = spool_ok(&["import", "-c", &js_config, path_str(&to_js)]);
+    assert!(
+        imported.stdout.contains("80 messages stored, 0 already"),
+        "{imported}"
+    );
+    let twice = spool_ok(&["import", "-c", &js_config, path_str(&to_js)]);
+    assert!(
+        twice.stdout.contains("0 messages stored, 80 already"),
+        "{twice}"
+    );
+    let second = spool_ok(&["export", "-c", &js_config, path_str(&from_js)]);
+    for pool in ["A", "B", "total"] {
+        assert_eq!(
+            summary_row(&second.stdout, pool),
+            summary_row(&first.stdout, pool),
+            "pool {pool}: the cluster holds what the file held\n{first}\n{second}"
+        );
+    }
+
+    let sink = Sink::start();
+    let mut back = stopped_target(sink.addr());
+    let imported = spool_ok(&[
+        "import",
+        "-c",
+        path_str(back.config_path()),
+        path_str(&from_js),
+    ]);
+    assert!(imported.stdout.contains("80 messages stored"), "{imported}");
+    back.restart();
+    sink.wait_for_count(40, DEADLINE);
+    let a = pool_messages(&back, "A");
+    let a = a.as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        a.len(),
+        40,
+        "pool A waits for its retry time\n{}",
+        back.logs()
+    );
+    assert!(
+        a.iter()
+            .all(|m| m["attempts"] == 1
+                && m["next_attempt_in_seconds"].as_f64().unwrap_or(0.0) > 3000.0),
+        "attempts and retry times came back: {a:?}"
+    );
+    queue_ok(&back, &["flush", "--pool", "A"]);
+    sink.wait_for_count(80, DEADLINE);
+    back.wait_until("the queue to be empty", DEADLINE, || {
+        pool_messages(&back, "A")
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+    assert_delivered_once(&sink, &expected, &back);
 }

@@ -125,6 +125,10 @@ struct Inner {
     node_tag: AtomicU64,
     last_id: Mutex<QueueId>,
     ready: AtomicBool,
+    /// The newest revision of `P_env` and of `P_held` the watches applied:
+    /// [`Spool::catch_up`] waits for the buckets' last sequences.
+    env_revision: AtomicU64,
+    held_revision: AtomicU64,
 }
 
 /// The replicated spool; see the module documentation.
@@ -178,6 +182,8 @@ impl JetStreamSpool {
             node_tag: AtomicU64::new(0),
             last_id: Mutex::new(0),
             ready: AtomicBool::new(false),
+            env_revision: AtomicU64::new(0),
+            held_revision: AtomicU64::new(0),
         });
         let spool = JetStreamSpool { inner };
         let connecting = spool.inner.clone();
@@ -372,9 +378,10 @@ impl Inner {
     /// Fills the envelope cache and the held set, and keeps them current.
     async fn start_watches(self: &Arc<Self>) -> Result<(), String> {
         let conn = self.conn().map_err(|e| e.to_string())?;
+        // With history: what the buckets hold already, then every change.
         let mut envs = conn
             .env
-            .watch_all()
+            .watch_with_history(">")
             .await
             .map_err(|e| format!("watch envelopes: {e}"))?;
         let me = self.clone();
@@ -391,13 +398,15 @@ impl Inner {
         });
         let mut holds = conn
             .held
-            .watch_all()
+            .watch_with_history(">")
             .await
             .map_err(|e| format!("watch holds: {e}"))?;
         let me = self.clone();
         tokio::spawn(async move {
             while let Some(entry) = holds.next().await {
                 let Ok(entry) = entry else { continue };
+                me.held_revision
+                    .fetch_max(entry.revision, Ordering::Release);
                 if entry.key.contains('.') {
                     continue;
                 }
@@ -415,6 +424,8 @@ impl Inner {
     }
 
     fn apply_entry(&self, entry: kv::Entry) {
+        self.env_revision
+            .fetch_max(entry.revision, Ordering::Release);
         let Some((pool, id)) = entry.key.split_once('.') else {
             return;
         };
@@ -712,52 +723,32 @@ impl Inner {
         })
     }
 
-    /// [`Spool::catch_up`]: connected, and every envelope and hold the
-    /// buckets hold is in this relay's view.
+    /// [`Spool::catch_up`]: connected, and the watches applied both
+    /// buckets up to their last sequence at the time of the call.
     async fn catch_up(self: Arc<Self>) -> Result<(), SpoolError> {
         while !self.ready.load(Ordering::Acquire) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let conn = self.conn()?;
-        let mut keys = conn
-            .env
-            .keys()
-            .await
-            .map_err(|e| unavailable("listing the envelopes", e))?;
-        let mut wanted = Vec::new();
-        while let Some(key) = keys.next().await {
-            let key = key.map_err(|e| unavailable("listing the envelopes", e))?;
-            if let Some((pool, id)) = key.split_once('.')
-                && let Some(id) = parse_id(id)
-            {
-                wanted.push((pool.to_string(), id));
-            }
-        }
-        let mut holds = conn
-            .held
-            .keys()
-            .await
-            .map_err(|e| unavailable("listing the holds", e))?;
-        let mut held = Vec::new();
-        while let Some(key) = holds.next().await {
-            let key = key.map_err(|e| unavailable("listing the holds", e))?;
-            if !key.contains('.') {
-                held.push(key);
-            }
-        }
-        loop {
-            let envelopes = wanted
-                .iter()
-                .all(|(pool, id)| self.cached(pool, *id).is_some());
-            let holds = {
-                let seen = self.held_tx.borrow();
-                held.iter().all(|h| seen.contains(h))
-            };
-            if envelopes && holds {
-                return Ok(());
-            }
+        let last = |mut stream: stream::Stream| async move {
+            stream
+                .info()
+                .await
+                // An emptied stream delivers nothing to wait for.
+                .map(|info| match info.state.messages {
+                    0 => 0,
+                    _ => info.state.last_sequence,
+                })
+                .map_err(|e| unavailable("reading a bucket's state", e))
+        };
+        let env = last(conn.env.stream.clone()).await?;
+        let held = last(conn.held.stream.clone()).await?;
+        while self.env_revision.load(Ordering::Acquire) < env
+            || self.held_revision.load(Ordering::Acquire) < held
+        {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        Ok(())
     }
 
     async fn read_body(&self, id: QueueId, chunks: u32) -> Result<Body, SpoolError> {
