@@ -2,23 +2,25 @@
 //! fresh spool through a file (or a pipe) and every message is delivered
 //! from there exactly once, with its attempts and retry time kept; the
 //! export never changes the old spool; importing twice, or again after a
-//! damaged file stopped an import, never queues a message twice; a damaged
+//! damaged file or a kill -9 stopped an import, never queues a message
+//! twice; a damaged
 //! or truncated file is refused naming the record; a running relay's spool
 //! is refused; a queue goes from the embedded spool to a JetStream
 //! cluster and back unchanged.
 
 use std::collections::BTreeSet;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use poolrelay_tests::admin::{pool_messages, queue_ok};
 use poolrelay_tests::ledger::id_counts;
 use poolrelay_tests::nats::NatsCluster;
 use poolrelay_tests::{
-    CommandOutput, Relay, RelaySetup, Sink, SinkOptions, binary, free_addr, new_tempdir, poolrelay,
-    run_with_deadline, toml_str,
+    CommandOutput, Relay, RelaySetup, Sink, SinkOptions, binary, free_addr, new_tempdir,
+    poll_until, poolrelay, run_with_deadline, toml_str,
 };
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -463,4 +465,96 @@ fn a_queue_goes_from_fjall_to_jetstream_and_back_unchanged() {
             .is_some_and(Vec::is_empty)
     });
     assert_delivered_once(&sink, &expected, &back);
+}
+
+/// A child process killed (SIGKILL) and reaped on drop, whatever happens.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn an_import_killed_midway_and_run_again_queues_each_message_once() {
+    let mut old = Relay::start(|s| config(s, free_addr()));
+    stop(&mut old);
+    old.load_spool("B", 1000, "resumed", &[]);
+    let files = new_tempdir("poolrelay-export-");
+    let file = files.path().join("queue.export");
+    spool_ok(&["export", "-c", path_str(old.config_path()), path_str(&file)]);
+    let bytes = std::fs::read(&file).expect("the export");
+
+    let sink = Sink::start();
+    let mut new = stopped_target(sink.addr());
+    let target = path_str(new.config_path()).to_string();
+    let mut import = Reaped(
+        Command::new(binary())
+            .args(["spool", "import", "-c", &target, "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start poolrelay spool import"),
+    );
+    // A pipe holds 64 KiB: once half the file is written, the importer
+    // has read all but that much of it.
+    let mut stdin = import.0.stdin.take().expect("its stdin");
+    stdin
+        .write_all(&bytes[..bytes.len() / 2])
+        .expect("feed the import");
+    // Killed once it wrote what it read to the store and waits for more
+    // (its writes stopped growing; the kernel keeps what was written
+    // through a kill -9), so the second import finds that part there.
+    let pid = import.0.id();
+    let mut last = 0;
+    let settled = poll_until(DEADLINE, Duration::from_millis(250), || {
+        let now = bytes_written(pid);
+        let settled = now > 150_000 && now == last;
+        last = now;
+        settled
+    });
+    assert!(settled, "the import wrote {last} bytes\n{}", new.logs());
+    import.0.kill().expect("kill -9 the import");
+    let status = import.0.wait().expect("reap the import");
+    assert!(!status.success(), "killed: {status:?}");
+    drop(stdin);
+
+    let imported = spool_ok(&["import", "-c", &target, path_str(&file)]);
+    assert_eq!(
+        summary_row(&imported.stdout, "total")[0],
+        1000,
+        "{imported}"
+    );
+    let already: u64 = imported
+        .stdout
+        .split(" messages stored, ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count of messages already there in: {imported}"));
+    assert!(
+        (100..1000).contains(&already),
+        "the killed import stored part of the file: {imported}"
+    );
+    new.restart();
+    sink.wait_for_count(1000, DEADLINE);
+    new.wait_until("the queue to be empty", DEADLINE, || {
+        pool_messages(&new, "B")
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+    assert_delivered_once(&sink, &loaded_ids("resumed", 1000), &new);
+}
+
+/// Bytes process `pid` wrote so far (`wchar` of /proc/PID/io).
+fn bytes_written(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("wchar:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
