@@ -6,7 +6,7 @@
 //! twice; a damaged
 //! or truncated file is refused naming the record; a running relay's spool
 //! is refused; a queue goes from the embedded spool to a JetStream
-//! cluster and back unchanged.
+//! cluster and back unchanged, and each side delivers it once.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -405,10 +405,11 @@ fn a_queue_goes_from_fjall_to_jetstream_and_back_unchanged() {
 
     // A relay on the cluster, stopped: its config names the spool.
     let servers = cluster.servers_toml();
+    let sink_js = Sink::start();
     let mut on_cluster = Relay::start(|s| {
         format!(
             "{}\n[spool]\nbackend = \"jetstream\"\nservers = {servers}\nack_timeout = \"5s\"\n",
-            config(s, free_addr())
+            config(s, sink_js.addr())
         )
     });
     stop(&mut on_cluster);
@@ -431,6 +432,24 @@ fn a_queue_goes_from_fjall_to_jetstream_and_back_unchanged() {
             "pool {pool}: the cluster holds what the file held\n{first}\n{second}"
         );
     }
+
+    // The relay on the cluster delivers what was imported there, each
+    // message once (the second import's fresh tickets replaced the first's),
+    // and pool A only once flushed.
+    on_cluster.restart();
+    sink_js.wait_for_count(40, DEADLINE);
+    let a = pool_messages(&on_cluster, "A");
+    let a = a.as_array().cloned().unwrap_or_default();
+    assert!(
+        a.len() == 40 && a.iter().all(|m| m["attempts"] == 1),
+        "pool A waits on the cluster with its attempt: {a:?}\n{}",
+        on_cluster.logs()
+    );
+    assert_eq!(sink_js.count(), 40, "deferred mail stays deferred");
+    queue_ok(&on_cluster, &["flush", "--pool", "A"]);
+    sink_js.wait_for_count(80, DEADLINE);
+    assert_delivered_once(&sink_js, &expected, &on_cluster);
+    stop(&mut on_cluster);
 
     let sink = Sink::start();
     let mut back = stopped_target(sink.addr());
