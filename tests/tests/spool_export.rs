@@ -3,10 +3,10 @@
 //! from there exactly once, with its attempts and retry time kept; the
 //! export never changes the old spool; importing twice, or again after a
 //! damaged file or a kill -9 stopped an import, never queues a message
-//! twice; a damaged
-//! or truncated file is refused naming the record; a running relay's spool
-//! is refused; a queue goes from the embedded spool to a JetStream
-//! cluster and back unchanged, and each side delivers it once.
+//! twice; a damaged or truncated file is refused naming the record; a
+//! running relay's spool is refused; a queue goes from the embedded spool
+//! to a JetStream cluster and back unchanged, and each side delivers it
+//! once.
 
 use std::collections::BTreeSet;
 use std::io::Write;
