@@ -286,7 +286,7 @@ fn trailer_fixed(messages: u64, bytes: u64) -> [u8; 17] {
 }
 
 /// Reads an export, checking every part: [`Reader::open`] reads the
-/// header, [`Reader::next`] a record at a time, `None` after a valid trailer.
+/// header, [`Reader::next_record`] a record at a time, `None` after a valid trailer.
 pub struct Reader<R: Read> {
     input: R,
     /// Records read so far.
@@ -389,8 +389,7 @@ impl<R: Read> Reader<R> {
 
     /// The next record, checked; `None` once the trailer was read and found
     /// to agree with the records.
-    #[allow(clippy::should_implement_trait)]
-    pub fn next(&mut self) -> Result<Option<Record>, FormatError> {
+    pub fn next_record(&mut self) -> Result<Option<Record>, FormatError> {
         if self.ended {
             return Ok(None);
         }
@@ -593,7 +592,7 @@ pub async fn import<R: Read>(spool: &dyn Spool, input: R, write: bool) -> Import
     let mut in_flight: VecDeque<(u64, QueueId, usize, Durable<Inserted>)> = VecDeque::new();
     let mut in_flight_bytes = 0usize;
     loop {
-        let record = match reader.next() {
+        let record = match reader.next_record() {
             Ok(Some(record)) => record,
             Ok(None) => break,
             Err(e) => {
