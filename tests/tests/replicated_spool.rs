@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use poolrelay_tests::admin::{api_post, try_api_json};
+use poolrelay_tests::admin::{api_post, try_api_json, wait_deferred};
 use poolrelay_tests::ledger::{SharedLedger, id_counts};
 use poolrelay_tests::nats::NatsCluster;
 use poolrelay_tests::{
@@ -212,7 +212,7 @@ fn readyz_is_503_while_the_cluster_is_unreachable_and_200_once_it_is() {
     for i in 0..3 {
         cluster.restart(i);
     }
-    cluster.wait_meta_leader(Duration::from_secs(30));
+    cluster.wait_meta_leader(Duration::from_secs(45));
     relay.wait_until(
         "/readyz 200 once the cluster is back",
         Duration::from_secs(40),
@@ -398,4 +398,69 @@ fn losing_one_server_keeps_accepting_and_losing_two_answers_451_until_quorum_ret
         },
     );
     wait_delivered(&[&sink], &acked, Duration::from_secs(40), || relay.logs());
+}
+
+#[test]
+fn a_flush_makes_a_message_deferred_for_an_hour_due_at_once() {
+    let cluster = NatsCluster::start(3);
+    let refusing = Sink::start_with(SinkOptions {
+        reply: Some(451),
+        ..Default::default()
+    });
+    let upstream = refusing.addr();
+    let servers = cluster.servers_toml();
+    let relay = Relay::start(|s| {
+        format!(
+            "{}{}[defaults]\nlist_pool = \"A\"\nretry = [\"1h\"]\n\n[pool.A]\n\n[[upstream]]\nhost = \"{upstream}\"\n\n\
+             [spool]\nbackend = \"jetstream\"\nservers = {servers}\n",
+            s.head(),
+            s.listener("")
+        )
+    });
+    relay.wait_until(
+        "the relay to reach the cluster",
+        Duration::from_secs(20),
+        || http_get(relay.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+    );
+    let sent = relay.send_tagged(FROM, &[TO], "flushed");
+    // Deferred for an hour: its ticket is back in the cluster with that delay.
+    wait_deferred(&relay, "A", &sent.queue_id, "451", Duration::from_secs(20));
+    drop(refusing);
+    let accepting = Sink::start_at(upstream);
+    api_post(&relay, "/api/v1/pools/A/flush");
+    accepting.wait_for_message_id(&sent.message_id, Duration::from_secs(20));
+}
+
+#[test]
+fn a_relay_stopping_gracefully_hands_its_tickets_to_the_other_at_once() {
+    let cluster = NatsCluster::start(3);
+    // Relay 1's upstream is slow, so tickets wait in its hands.
+    let slow = Sink::start_with(SinkOptions {
+        delay_ms: Some(1000),
+        ..Default::default()
+    });
+    let mut relay1 = relay_on(&cluster, slow.addr());
+    relay1.wait_until(
+        "the relay to reach the cluster",
+        Duration::from_secs(20),
+        || http_get(relay1.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+    );
+    let mut sent = BTreeSet::new();
+    for i in 0..6 {
+        let (id, code) = send(&relay1, &format!("handed-{i}"));
+        assert_eq!(code, 250, "{}", relay1.logs());
+        sent.insert(id);
+    }
+    let fast = Sink::start();
+    let relay2 = relay_on(&cluster, fast.addr());
+    relay1.signal("TERM");
+    assert!(
+        relay1.wait_exit(Duration::from_secs(30)).is_some(),
+        "relay 1 did not stop\n{}",
+        relay1.logs()
+    );
+    // Well within the 30 s a lapsed hold takes: the tickets were handed back.
+    wait_delivered(&[&slow, &fast], &sent, Duration::from_secs(15), || {
+        format!("{}\n{}", relay1.logs(), relay2.logs())
+    });
 }

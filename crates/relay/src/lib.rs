@@ -294,13 +294,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     prepare_pools(spool.as_ref(), &config);
     let scheduler = Arc::new(Scheduler::new());
-    let recovery = if spool.shared().is_some() {
-        // The cluster hands out the mail (see `feed`); holds follow the
-        // cluster's record as any relay changes it.
+    let recovery_pools = if spool.shared().is_some() {
+        // The cluster hands out the mail (see `feed`).
         tracing::info!(
             "shared spool: delivering what the cluster hands this relay; no local recovery"
         );
-        tokio::spawn(follow_holds(spool.clone(), scheduler.clone()))
+        None
     } else {
         // Holds first: no worker may see a held pool's mail as ready.
         for pool in spool.held_pools()? {
@@ -317,12 +316,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             messages_estimate = estimate,
             "recovering the queue in the background; listening meanwhile"
         );
-        tokio::spawn(recover(
-            spool.clone(),
-            scheduler.clone(),
-            pools,
-            config.server.spool_dir.display().to_string(),
-        ))
+        Some(pools)
     };
     let queue = Queue::new(spool.clone(), scheduler.clone());
     let bound = listener::bind_all(&config).await?;
@@ -349,6 +343,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         dns: Dns::new(&config.server.dns_servers),
     });
     let workers = spawn_workers(&shared, &config, &health);
+    let recovery = match recovery_pools {
+        Some(pools) => tokio::spawn(recover(
+            spool.clone(),
+            scheduler.clone(),
+            pools,
+            config.server.spool_dir.display().to_string(),
+        )),
+        // Holds follow the cluster's record as any relay changes it.
+        None => tokio::spawn(follow_holds(spool.clone(), scheduler.clone())),
+    };
     Ok(Running {
         queue,
         scheduler,
@@ -397,12 +401,10 @@ async fn feed(queue: Queue, pool: String, window: usize, mut stop: watch::Receiv
             }
             continue;
         }
-        let taken = shared.take(&pool, window - in_hand, FEED_FETCH_WAIT);
-        let taken = tokio::select! {
-            t = taken => t,
-            _ = stop.changed() => continue,
-        };
-        match taken {
+        // Not cut short by a stop: tickets taken are in this relay's hands
+        // and must reach the scheduler (the next generation's workers, or
+        // the hand-back at shutdown); a take lasts about FEED_FETCH_WAIT.
+        match shared.take(&pool, window - in_hand, FEED_FETCH_WAIT).await {
             Ok(messages) => {
                 if failing {
                     tracing::info!(pool = %pool, "taking mail from the shared queue again");

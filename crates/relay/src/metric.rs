@@ -141,7 +141,7 @@ pub const SPOOL_COMMIT_SECONDS: Metric = Metric {
     ..metric(
         poolrelay_spool::COMMIT_SECONDS,
         Kind::Histogram,
-        "Time to commit and fsync one spool batch.",
+        "Time to commit and fsync one spool batch (jetstream: one append until the quorum acknowledged it).",
         &[],
     )
 };

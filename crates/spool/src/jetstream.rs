@@ -70,11 +70,13 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 /// Room left in a chunk for the subject and headers of its message.
 const CHUNK_HEADROOM: usize = 4 * 1024;
+/// How long a removed envelope's delete marker stays for the watches.
+const MARKER_PURGE_DELAY: Duration = Duration::from_secs(5);
 /// A message due within this is taken now rather than naked again.
 const DUE_SLACK_MS: u64 = 50;
 
 /// What `P_env` holds per message.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Record {
     env: Envelope,
     /// The generation of the message's live ticket: a flush bumps it and
@@ -92,6 +94,31 @@ struct Ticket {
     generation: u64,
 }
 
+/// What a fetched ticket means, given its message's record as stored now.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    /// The message is gone (delivered, deleted, moved) or a flush gave it
+    /// a newer ticket: ack and forget this one.
+    Stale,
+    /// Not due yet: hand the ticket back for this long.
+    Later(Duration),
+    /// Deliver it now.
+    Due(Record),
+}
+
+fn verdict(ticket: &Ticket, record: Option<Record>, now_ms: u64) -> Verdict {
+    let Some(record) = record else {
+        return Verdict::Stale;
+    };
+    if ticket.generation < record.generation {
+        return Verdict::Stale;
+    }
+    if record.env.next_attempt_ms > now_ms + DUE_SLACK_MS {
+        return Verdict::Later(Duration::from_millis(record.env.next_attempt_ms - now_ms));
+    }
+    Verdict::Due(record)
+}
+
 /// A ticket this relay holds, with what the worker reads from memory.
 struct InHand {
     pool: String,
@@ -105,6 +132,9 @@ struct Conn {
     client: async_nats::Client,
     js: jetstream::Context,
     env: kv::Store,
+    /// The stream under `env`, to purge the delete markers of removed
+    /// envelopes.
+    env_stream: stream::Stream,
     held: kv::Store,
     bodies: stream::Stream,
     chunk: usize,
@@ -351,10 +381,15 @@ impl Inner {
             .await
             .map_err(|e| format!("node tag: {e}"))?;
         self.node_tag.store(tag, Ordering::Relaxed);
+        let env_stream = js
+            .get_stream(format!("KV_{}_env", self.prefix()))
+            .await
+            .map_err(|e| format!("envelope bucket's stream: {e}"))?;
         let conn = Conn {
             client,
             js,
             env,
+            env_stream,
             held,
             bodies,
             chunk,
@@ -571,6 +606,7 @@ impl Inner {
         let conn = self.conn()?;
         let id = self.next_id();
         let pool = envelope.pool.clone();
+        let started = std::time::Instant::now();
         let written = tokio::time::timeout(self.opts.ack_timeout, async {
             retrying("making the pool's ticket stream", || {
                 self.consumer_in(conn, &pool)
@@ -632,7 +668,10 @@ impl Inner {
             ))),
         };
         match result {
-            Ok(()) => Ok(id),
+            Ok(()) => {
+                metrics::histogram!(crate::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+                Ok(id)
+            }
             Err(e) => {
                 // Nothing is claimed: take back whatever was written, so a
                 // ticket that did get through finds no envelope and is dropped.
@@ -877,8 +916,25 @@ impl Inner {
             }
             return None;
         }
-        let entry = match conn.env.entry(Self::key(pool, id)).await {
-            Ok(e) => e,
+        // Read from the bucket's leader, never a replica (as a direct get
+        // may): a replica a moment behind would not have the envelope of a
+        // message just accepted, and its ticket would be dropped as stale.
+        let subject = format!("$KV.{}_env.{}", self.prefix(), Self::key(pool, id));
+        let record = match conn
+            .env_stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            // A delete or purge marker: the message is gone.
+            Ok(m) if m.headers.get("KV-Operation").is_some() => None,
+            Ok(m) => match serde_json::from_slice::<Record>(&m.payload) {
+                Ok(record) => Some(record),
+                Err(e) => {
+                    tracing::error!(queue_id = %format_id(id), pool = %pool, "replicated spool: undecodable envelope: {e}; its ticket is dropped, the record left in the bucket for the operator");
+                    None
+                }
+            },
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => None,
             Err(e) => {
                 tracing::warn!(queue_id = %format_id(id), "replicated spool: cannot read the envelope: {e}; ticket back in 1s");
                 let _ = msg
@@ -887,24 +943,17 @@ impl Inner {
                 return None;
             }
         };
-        let record = entry
-            .filter(|e| e.operation == kv::Operation::Put)
-            .and_then(|e| serde_json::from_slice::<Record>(&e.value).ok());
-        let Some(record) = record else {
-            // Removed (delivered, deleted or moved): the ticket is stale.
-            let _ = msg.ack().await;
-            return None;
+        let record = match verdict(&ticket, record, now_ms()) {
+            Verdict::Stale => {
+                let _ = msg.ack().await;
+                return None;
+            }
+            Verdict::Later(delay) => {
+                let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+                return None;
+            }
+            Verdict::Due(record) => record,
         };
-        if ticket.generation < record.generation {
-            let _ = msg.ack().await;
-            return None;
-        }
-        let now = now_ms();
-        if record.env.next_attempt_ms > now + DUE_SLACK_MS {
-            let delay = Duration::from_millis(record.env.next_attempt_ms - now);
-            let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
-            return None;
-        }
         let body = match self.read_body(id, record.chunks).await {
             Ok(b) => b,
             Err(e) => {
@@ -982,6 +1031,7 @@ impl Inner {
                 })
                 .await?;
                 self.cache_remove(&old_pool, id);
+                self.clone().purge_marker_later(Self::key(&old_pool, id));
                 self.publish_ticket(conn, &new_pool, id, record.generation)
                     .await?;
                 let old = self
@@ -1005,6 +1055,22 @@ impl Inner {
             .map_err(|_| unavailable("updating an envelope", "timed out"))?
     }
 
+    /// A KV delete leaves a marker per key, forever: one per message ever
+    /// delivered. Once every relay's watch has seen it (seconds), the
+    /// key's subject is purged, marker and all. A relay whose watch was
+    /// cut meanwhile may keep the envelope in its admin view until it
+    /// restarts; deliveries read the bucket itself, never that view.
+    fn purge_marker_later(self: Arc<Self>, key: String) {
+        tokio::spawn(async move {
+            tokio::time::sleep(MARKER_PURGE_DELAY).await;
+            let Ok(conn) = self.conn() else { return };
+            let subject = format!("$KV.{}_env.{key}", self.prefix());
+            if let Err(e) = conn.env_stream.purge().filter(subject).await {
+                tracing::debug!("replicated spool: cannot purge a delete marker: {e}");
+            }
+        });
+    }
+
     async fn remove(self: Arc<Self>, id: QueueId, pool: String) -> Result<(), SpoolError> {
         let conn = self.conn()?;
         let write = async {
@@ -1016,6 +1082,7 @@ impl Inner {
             })
             .await?;
             self.cache_remove(&pool, id);
+            self.clone().purge_marker_later(Self::key(&pool, id));
             retrying("removing a body", || async {
                 conn.bodies
                     .purge()
@@ -1413,5 +1480,59 @@ impl SharedQueue for JetStreamSpool {
 
     fn held_watch(&self) -> watch::Receiver<BTreeSet<String>> {
         self.inner.held_tx.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Recipient;
+
+    fn record(generation: u64, next_attempt_ms: u64) -> Record {
+        let mut env = Envelope::new(
+            "A",
+            "s@x.test",
+            vec![Recipient::pending("r@y.test")],
+            1,
+            "l",
+            "c",
+        );
+        env.next_attempt_ms = next_attempt_ms;
+        Record {
+            env,
+            generation,
+            chunks: 1,
+        }
+    }
+
+    #[test]
+    fn a_ticket_is_due_stale_or_handed_back_with_the_time_left() {
+        let t = |generation| Ticket { id: 1, generation };
+        assert_eq!(verdict(&t(0), None, 1_000), Verdict::Stale);
+        assert_eq!(verdict(&t(0), Some(record(1, 0)), 1_000), Verdict::Stale);
+        assert_eq!(
+            verdict(&t(1), Some(record(1, 0)), 1_000),
+            Verdict::Due(record(1, 0))
+        );
+        assert_eq!(
+            verdict(&t(0), Some(record(0, 61_000)), 1_000),
+            Verdict::Later(Duration::from_secs(60))
+        );
+        // Due within the slack: taken now rather than naked for a few ms.
+        assert_eq!(
+            verdict(&t(0), Some(record(0, 1_020)), 1_000),
+            Verdict::Due(record(0, 1_020))
+        );
+    }
+
+    #[test]
+    fn records_round_trip_and_older_ones_without_a_generation_load() {
+        let r = record(3, 5);
+        let text = serde_json::to_vec(&r).expect("encode");
+        assert_eq!(serde_json::from_slice::<Record>(&text).expect("decode"), r);
+        let mut value: serde_json::Value = serde_json::from_slice(&text).expect("json");
+        value.as_object_mut().expect("object").remove("generation");
+        let old: Record = serde_json::from_value(value).expect("decode without generation");
+        assert_eq!(old.generation, 0);
     }
 }

@@ -25,7 +25,8 @@ pub use jetstream::{JetStreamOptions, JetStreamSpool};
 pub use memory::MemorySpool;
 pub use poolrelay_smtp::{Reply, Ret};
 
-/// The histogram of commit (and fsync) times the embedded spool records;
+/// The histogram of commit (and fsync) times the embedded spool records,
+/// and of append times (until the quorum's acks) the replicated one does;
 /// declared with its help text in the relay's metric catalog.
 pub const COMMIT_SECONDS: &str = "poolrelay_spool_commit_seconds";
 
