@@ -155,10 +155,10 @@ struct Inner {
     node_tag: AtomicU64,
     last_id: Mutex<QueueId>,
     ready: AtomicBool,
-    /// The newest revision of `P_env` and of `P_held` the watches applied:
-    /// [`Spool::catch_up`] waits for the buckets' last sequences.
-    env_revision: AtomicU64,
-    held_revision: AtomicU64,
+    /// The watches of `P_env` and of `P_held` delivered what the buckets
+    /// held when they started ([`Spool::catch_up`] waits for both).
+    env_current: AtomicBool,
+    held_current: AtomicBool,
 }
 
 /// The replicated spool; see the module documentation.
@@ -212,8 +212,8 @@ impl JetStreamSpool {
             node_tag: AtomicU64::new(0),
             last_id: Mutex::new(0),
             ready: AtomicBool::new(false),
-            env_revision: AtomicU64::new(0),
-            held_revision: AtomicU64::new(0),
+            env_current: AtomicBool::new(false),
+            held_current: AtomicBool::new(false),
         });
         let spool = JetStreamSpool { inner };
         let connecting = spool.inner.clone();
@@ -413,6 +413,20 @@ impl Inner {
     /// Fills the envelope cache and the held set, and keeps them current.
     async fn start_watches(self: &Arc<Self>) -> Result<(), String> {
         let conn = self.conn().map_err(|e| e.to_string())?;
+        // An empty bucket's watch delivers nothing to say it is current.
+        let empty = |mut stream: stream::Stream| async move {
+            stream
+                .info()
+                .await
+                .map(|info| info.state.messages == 0)
+                .map_err(|e| format!("reading a bucket's state: {e}"))
+        };
+        if empty(conn.env.stream.clone()).await? {
+            self.env_current.store(true, Ordering::Release);
+        }
+        if empty(conn.held.stream.clone()).await? {
+            self.held_current.store(true, Ordering::Release);
+        }
         // With history: what the buckets hold already, then every change.
         let mut envs = conn
             .env
@@ -440,8 +454,9 @@ impl Inner {
         tokio::spawn(async move {
             while let Some(entry) = holds.next().await {
                 let Ok(entry) = entry else { continue };
-                me.held_revision
-                    .fetch_max(entry.revision, Ordering::Release);
+                if entry.delta == 0 {
+                    me.held_current.store(true, Ordering::Release);
+                }
                 if entry.key.contains('.') {
                     continue;
                 }
@@ -459,8 +474,10 @@ impl Inner {
     }
 
     fn apply_entry(&self, entry: kv::Entry) {
-        self.env_revision
-            .fetch_max(entry.revision, Ordering::Release);
+        // The last of what the bucket held when the watch started.
+        if entry.delta == 0 {
+            self.env_current.store(true, Ordering::Release);
+        }
         let Some((pool, id)) = entry.key.split_once('.') else {
             return;
         };
@@ -762,28 +779,12 @@ impl Inner {
         })
     }
 
-    /// [`Spool::catch_up`]: connected, and the watches applied both
-    /// buckets up to their last sequence at the time of the call.
+    /// [`Spool::catch_up`]: connected, and both watches delivered what
+    /// the buckets held when they started.
     async fn catch_up(self: Arc<Self>) -> Result<(), SpoolError> {
-        while !self.ready.load(Ordering::Acquire) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let conn = self.conn()?;
-        let last = |mut stream: stream::Stream| async move {
-            stream
-                .info()
-                .await
-                // An emptied stream delivers nothing to wait for.
-                .map(|info| match info.state.messages {
-                    0 => 0,
-                    _ => info.state.last_sequence,
-                })
-                .map_err(|e| unavailable("reading a bucket's state", e))
-        };
-        let env = last(conn.env.stream.clone()).await?;
-        let held = last(conn.held.stream.clone()).await?;
-        while self.env_revision.load(Ordering::Acquire) < env
-            || self.held_revision.load(Ordering::Acquire) < held
+        while !(self.ready.load(Ordering::Acquire)
+            && self.env_current.load(Ordering::Acquire)
+            && self.held_current.load(Ordering::Acquire))
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
