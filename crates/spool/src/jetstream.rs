@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::{
-    Body, Durable, Envelope, Listed, QueueId, SharedQueue, Spool, SpoolError, format_id, now_ms,
-    parse_id,
+    Body, Durable, Envelope, Inserted, Listed, QueueId, SharedQueue, Spool, SpoolError, format_id,
+    now_ms, parse_id,
 };
 
 /// How to reach the cluster and name things in it (`[spool]`).
@@ -155,6 +155,10 @@ struct Inner {
     node_tag: AtomicU64,
     last_id: Mutex<QueueId>,
     ready: AtomicBool,
+    /// The watches of `P_env` and of `P_held` delivered what the buckets
+    /// held when they started ([`Spool::catch_up`] waits for both).
+    env_current: AtomicBool,
+    held_current: AtomicBool,
 }
 
 /// The replicated spool; see the module documentation.
@@ -208,6 +212,8 @@ impl JetStreamSpool {
             node_tag: AtomicU64::new(0),
             last_id: Mutex::new(0),
             ready: AtomicBool::new(false),
+            env_current: AtomicBool::new(false),
+            held_current: AtomicBool::new(false),
         });
         let spool = JetStreamSpool { inner };
         let connecting = spool.inner.clone();
@@ -407,9 +413,24 @@ impl Inner {
     /// Fills the envelope cache and the held set, and keeps them current.
     async fn start_watches(self: &Arc<Self>) -> Result<(), String> {
         let conn = self.conn().map_err(|e| e.to_string())?;
+        // An empty bucket's watch delivers nothing to say it is current.
+        let empty = |mut stream: stream::Stream| async move {
+            stream
+                .info()
+                .await
+                .map(|info| info.state.messages == 0)
+                .map_err(|e| format!("reading a bucket's state: {e}"))
+        };
+        if empty(conn.env.stream.clone()).await? {
+            self.env_current.store(true, Ordering::Release);
+        }
+        if empty(conn.held.stream.clone()).await? {
+            self.held_current.store(true, Ordering::Release);
+        }
+        // With history: what the buckets hold already, then every change.
         let mut envs = conn
             .env
-            .watch_all()
+            .watch_with_history(">")
             .await
             .map_err(|e| format!("watch envelopes: {e}"))?;
         let me = self.clone();
@@ -426,13 +447,16 @@ impl Inner {
         });
         let mut holds = conn
             .held
-            .watch_all()
+            .watch_with_history(">")
             .await
             .map_err(|e| format!("watch holds: {e}"))?;
         let me = self.clone();
         tokio::spawn(async move {
             while let Some(entry) = holds.next().await {
                 let Ok(entry) = entry else { continue };
+                if entry.delta == 0 {
+                    me.held_current.store(true, Ordering::Release);
+                }
                 if entry.key.contains('.') {
                     continue;
                 }
@@ -450,6 +474,10 @@ impl Inner {
     }
 
     fn apply_entry(&self, entry: kv::Entry) {
+        // The last of what the bucket held when the watch started.
+        if entry.delta == 0 {
+            self.env_current.store(true, Ordering::Release);
+        }
         let Some((pool, id)) = entry.key.split_once('.') else {
             return;
         };
@@ -679,6 +707,88 @@ impl Inner {
                 Err(e)
             }
         }
+    }
+
+    /// [`Spool::insert_with_id`]: like an append under a given id. An id
+    /// already stored with the same bytes gets a fresh ticket (a newer
+    /// generation: an older ticket is dropped when fetched), so an import
+    /// stopped between an envelope and its ticket leaves no message that
+    /// no relay is ever handed.
+    async fn insert(
+        self: Arc<Self>,
+        id: QueueId,
+        envelope: Envelope,
+        message: Vec<u8>,
+    ) -> Result<Inserted, SpoolError> {
+        let conn = self.conn()?;
+        let existing = {
+            let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
+            cache
+                .iter()
+                .find_map(|(pool, p)| p.get(&id).map(|r| (pool.clone(), r.clone())))
+        };
+        let written = tokio::time::timeout(self.opts.ack_timeout, async {
+            if let Some((pool, mut record)) = existing {
+                if *self.read_body(id, record.chunks).await? != *message.as_slice() {
+                    return Ok(Inserted::Conflict);
+                }
+                record.generation += 1;
+                self.put_record(conn, &pool, id, &record).await?;
+                self.publish_ticket(conn, &pool, id, record.generation)
+                    .await?;
+                return Ok(Inserted::AlreadyThere);
+            }
+            {
+                let mut last = self.last_id.lock().unwrap_or_else(|e| e.into_inner());
+                *last = (*last).max(id);
+            }
+            let pool = envelope.pool.clone();
+            retrying("making the pool's ticket stream", || {
+                self.consumer_in(conn, &pool)
+            })
+            .await?;
+            let body = Bytes::from(message);
+            let mut chunks = 0u32;
+            for start in (0..body.len()).step_by(conn.chunk) {
+                let chunk = body.slice(start..(start + conn.chunk).min(body.len()));
+                // As an append's: a chunk published again by a resumed
+                // import is a duplicate the server drops.
+                let msg_id = format!("{}.{chunks}", format_id(id));
+                let subject = self.body_subject(id, chunks);
+                retrying("publishing the body", || {
+                    publish_acked(&conn.js, subject.clone(), &msg_id, chunk.clone())
+                })
+                .await?;
+                chunks += 1;
+            }
+            let record = Record {
+                env: envelope,
+                generation: 0,
+                chunks,
+            };
+            self.put_record(conn, &pool, id, &record).await?;
+            self.publish_ticket(conn, &pool, id, 0).await?;
+            Ok(Inserted::Stored)
+        })
+        .await;
+        written.unwrap_or_else(|_| {
+            Err(SpoolError::Unavailable(format!(
+                "the cluster did not acknowledge within {:?} (no quorum?)",
+                self.opts.ack_timeout
+            )))
+        })
+    }
+
+    /// [`Spool::catch_up`]: connected, and both watches delivered what
+    /// the buckets held when they started.
+    async fn catch_up(self: Arc<Self>) -> Result<(), SpoolError> {
+        while !(self.ready.load(Ordering::Acquire)
+            && self.env_current.load(Ordering::Acquire)
+            && self.held_current.load(Ordering::Acquire))
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
     }
 
     async fn read_body(&self, id: QueueId, chunks: u32) -> Result<Body, SpoolError> {
@@ -1114,6 +1224,29 @@ async fn ensure_bucket(
 impl Spool for JetStreamSpool {
     fn append(&self, envelope: Envelope, message: Vec<u8>) -> Durable<QueueId> {
         self.run(self.inner.clone().append(envelope, message))
+    }
+
+    fn insert_with_id(
+        &self,
+        id: QueueId,
+        envelope: Envelope,
+        message: Vec<u8>,
+    ) -> Durable<Inserted> {
+        self.run(self.inner.clone().insert(id, envelope, message))
+    }
+
+    fn catch_up(&self, timeout: Duration) -> Result<(), SpoolError> {
+        let inner = self.inner.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.inner.rt.spawn(async move {
+            let _ = tx.send(inner.catch_up().await);
+        });
+        rx.recv_timeout(timeout).map_err(|_| {
+            unavailable(
+                "catching up with the JetStream cluster",
+                format!("not done within {timeout:?} (is the cluster up?)"),
+            )
+        })?
     }
 
     fn update(&self, id: QueueId, old_pool: &str, envelope: Envelope) -> Durable<()> {
