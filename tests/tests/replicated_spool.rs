@@ -212,7 +212,7 @@ fn readyz_is_503_while_the_cluster_is_unreachable_and_200_once_it_is() {
     for i in 0..3 {
         cluster.restart(i);
     }
-    cluster.wait_meta_leader(Duration::from_secs(30));
+    cluster.wait_meta_leader(Duration::from_secs(45));
     relay.wait_until(
         "/readyz 200 once the cluster is back",
         Duration::from_secs(40),

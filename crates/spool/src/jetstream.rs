@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::{
-    Body, Durable, Envelope, Listed, QueueId, SharedQueue, Spool, SpoolError, format_id, now_ms,
-    parse_id,
+    Body, Durable, Envelope, Inserted, Listed, QueueId, SharedQueue, Spool, SpoolError, format_id,
+    now_ms, parse_id,
 };
 
 /// How to reach the cluster and name things in it (`[spool]`).
@@ -70,6 +70,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 /// Room left in a chunk for the subject and headers of its message.
 const CHUNK_HEADROOM: usize = 4 * 1024;
+/// How long a removed envelope's delete marker stays for the watches.
+const MARKER_PURGE_DELAY: Duration = Duration::from_secs(5);
 /// A message due within this is taken now rather than naked again.
 const DUE_SLACK_MS: u64 = 50;
 
@@ -130,6 +132,9 @@ struct Conn {
     client: async_nats::Client,
     js: jetstream::Context,
     env: kv::Store,
+    /// The stream under `env`, to purge the delete markers of removed
+    /// envelopes.
+    env_stream: stream::Stream,
     held: kv::Store,
     /// Live relays and the pools they drain (`nodes.rs`).
     nodes: kv::Store,
@@ -154,6 +159,10 @@ struct Inner {
     node_id: String,
     last_id: Mutex<QueueId>,
     ready: AtomicBool,
+    /// The watches of `P_env` and of `P_held` delivered what the buckets
+    /// held when they started ([`Spool::catch_up`] waits for both).
+    env_current: AtomicBool,
+    held_current: AtomicBool,
 }
 
 /// The replicated spool; see the module documentation.
@@ -208,6 +217,8 @@ impl JetStreamSpool {
             node_id: crate::nodes::node_id(),
             last_id: Mutex::new(0),
             ready: AtomicBool::new(false),
+            env_current: AtomicBool::new(false),
+            held_current: AtomicBool::new(false),
         });
         let spool = JetStreamSpool { inner };
         let connecting = spool.inner.clone();
@@ -376,10 +387,15 @@ impl Inner {
             .await
             .map_err(|e| format!("node tag: {e}"))?;
         self.node_tag.store(tag, Ordering::Relaxed);
+        let env_stream = js
+            .get_stream(format!("KV_{}_env", self.prefix()))
+            .await
+            .map_err(|e| format!("envelope bucket's stream: {e}"))?;
         let conn = Conn {
             client,
             js,
             env,
+            env_stream,
             held,
             nodes,
             bodies,
@@ -404,9 +420,24 @@ impl Inner {
     /// Fills the envelope cache and the held set, and keeps them current.
     async fn start_watches(self: &Arc<Self>) -> Result<(), String> {
         let conn = self.conn().map_err(|e| e.to_string())?;
+        // An empty bucket's watch delivers nothing to say it is current.
+        let empty = |mut stream: stream::Stream| async move {
+            stream
+                .info()
+                .await
+                .map(|info| info.state.messages == 0)
+                .map_err(|e| format!("reading a bucket's state: {e}"))
+        };
+        if empty(conn.env.stream.clone()).await? {
+            self.env_current.store(true, Ordering::Release);
+        }
+        if empty(conn.held.stream.clone()).await? {
+            self.held_current.store(true, Ordering::Release);
+        }
+        // With history: what the buckets hold already, then every change.
         let mut envs = conn
             .env
-            .watch_all()
+            .watch_with_history(">")
             .await
             .map_err(|e| format!("watch envelopes: {e}"))?;
         let me = self.clone();
@@ -423,13 +454,16 @@ impl Inner {
         });
         let mut holds = conn
             .held
-            .watch_all()
+            .watch_with_history(">")
             .await
             .map_err(|e| format!("watch holds: {e}"))?;
         let me = self.clone();
         tokio::spawn(async move {
             while let Some(entry) = holds.next().await {
                 let Ok(entry) = entry else { continue };
+                if entry.delta == 0 {
+                    me.held_current.store(true, Ordering::Release);
+                }
                 if entry.key.contains('.') {
                     continue;
                 }
@@ -447,6 +481,10 @@ impl Inner {
     }
 
     fn apply_entry(&self, entry: kv::Entry) {
+        // The last of what the bucket held when the watch started.
+        if entry.delta == 0 {
+            self.env_current.store(true, Ordering::Release);
+        }
         let Some((pool, id)) = entry.key.split_once('.') else {
             return;
         };
@@ -678,6 +716,88 @@ impl Inner {
         }
     }
 
+    /// [`Spool::insert_with_id`]: like an append under a given id. An id
+    /// already stored with the same bytes gets a fresh ticket (a newer
+    /// generation: an older ticket is dropped when fetched), so an import
+    /// stopped between an envelope and its ticket leaves no message that
+    /// no relay is ever handed.
+    async fn insert(
+        self: Arc<Self>,
+        id: QueueId,
+        envelope: Envelope,
+        message: Vec<u8>,
+    ) -> Result<Inserted, SpoolError> {
+        let conn = self.conn()?;
+        let existing = {
+            let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
+            cache
+                .iter()
+                .find_map(|(pool, p)| p.get(&id).map(|r| (pool.clone(), r.clone())))
+        };
+        let written = tokio::time::timeout(self.opts.ack_timeout, async {
+            if let Some((pool, mut record)) = existing {
+                if *self.read_body(id, record.chunks).await? != *message.as_slice() {
+                    return Ok(Inserted::Conflict);
+                }
+                record.generation += 1;
+                self.put_record(conn, &pool, id, &record).await?;
+                self.publish_ticket(conn, &pool, id, record.generation)
+                    .await?;
+                return Ok(Inserted::AlreadyThere);
+            }
+            {
+                let mut last = self.last_id.lock().unwrap_or_else(|e| e.into_inner());
+                *last = (*last).max(id);
+            }
+            let pool = envelope.pool.clone();
+            retrying("making the pool's ticket stream", || {
+                self.consumer_in(conn, &pool)
+            })
+            .await?;
+            let body = Bytes::from(message);
+            let mut chunks = 0u32;
+            for start in (0..body.len()).step_by(conn.chunk) {
+                let chunk = body.slice(start..(start + conn.chunk).min(body.len()));
+                // As an append's: a chunk published again by a resumed
+                // import is a duplicate the server drops.
+                let msg_id = format!("{}.{chunks}", format_id(id));
+                let subject = self.body_subject(id, chunks);
+                retrying("publishing the body", || {
+                    publish_acked(&conn.js, subject.clone(), &msg_id, chunk.clone())
+                })
+                .await?;
+                chunks += 1;
+            }
+            let record = Record {
+                env: envelope,
+                generation: 0,
+                chunks,
+            };
+            self.put_record(conn, &pool, id, &record).await?;
+            self.publish_ticket(conn, &pool, id, 0).await?;
+            Ok(Inserted::Stored)
+        })
+        .await;
+        written.unwrap_or_else(|_| {
+            Err(SpoolError::Unavailable(format!(
+                "the cluster did not acknowledge within {:?} (no quorum?)",
+                self.opts.ack_timeout
+            )))
+        })
+    }
+
+    /// [`Spool::catch_up`]: connected, and both watches delivered what
+    /// the buckets held when they started.
+    async fn catch_up(self: Arc<Self>) -> Result<(), SpoolError> {
+        while !(self.ready.load(Ordering::Acquire)
+            && self.env_current.load(Ordering::Acquire)
+            && self.held_current.load(Ordering::Acquire))
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
     async fn read_body(&self, id: QueueId, chunks: u32) -> Result<Body, SpoolError> {
         let conn = self.conn()?;
         let mut bytes = Vec::new();
@@ -804,8 +924,25 @@ impl Inner {
             }
             return None;
         }
-        let entry = match conn.env.entry(Self::key(pool, id)).await {
-            Ok(e) => e,
+        // Read from the bucket's leader, never a replica (as a direct get
+        // may): a replica a moment behind would not have the envelope of a
+        // message just accepted, and its ticket would be dropped as stale.
+        let subject = format!("$KV.{}_env.{}", self.prefix(), Self::key(pool, id));
+        let record = match conn
+            .env_stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            // A delete or purge marker: the message is gone.
+            Ok(m) if m.headers.get("KV-Operation").is_some() => None,
+            Ok(m) => match serde_json::from_slice::<Record>(&m.payload) {
+                Ok(record) => Some(record),
+                Err(e) => {
+                    tracing::error!(queue_id = %format_id(id), pool = %pool, "replicated spool: undecodable envelope: {e}; its ticket is dropped, the record left in the bucket for the operator");
+                    None
+                }
+            },
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => None,
             Err(e) => {
                 tracing::warn!(queue_id = %format_id(id), "replicated spool: cannot read the envelope: {e}; ticket back in 1s");
                 let _ = msg
@@ -814,9 +951,6 @@ impl Inner {
                 return None;
             }
         };
-        let record = entry
-            .filter(|e| e.operation == kv::Operation::Put)
-            .and_then(|e| serde_json::from_slice::<Record>(&e.value).ok());
         let record = match verdict(&ticket, record, now_ms()) {
             Verdict::Stale => {
                 let _ = msg.ack().await;
@@ -905,6 +1039,7 @@ impl Inner {
                 })
                 .await?;
                 self.cache_remove(&old_pool, id);
+                self.clone().purge_marker_later(Self::key(&old_pool, id));
                 self.publish_ticket(conn, &new_pool, id, record.generation)
                     .await?;
                 let old = self
@@ -928,6 +1063,22 @@ impl Inner {
             .map_err(|_| unavailable("updating an envelope", "timed out"))?
     }
 
+    /// A KV delete leaves a marker per key, forever: one per message ever
+    /// delivered. Once every relay's watch has seen it (seconds), the
+    /// key's subject is purged, marker and all. A relay whose watch was
+    /// cut meanwhile may keep the envelope in its admin view until it
+    /// restarts; deliveries read the bucket itself, never that view.
+    fn purge_marker_later(self: Arc<Self>, key: String) {
+        tokio::spawn(async move {
+            tokio::time::sleep(MARKER_PURGE_DELAY).await;
+            let Ok(conn) = self.conn() else { return };
+            let subject = format!("$KV.{}_env.{key}", self.prefix());
+            if let Err(e) = conn.env_stream.purge().filter(subject).await {
+                tracing::debug!("replicated spool: cannot purge a delete marker: {e}");
+            }
+        });
+    }
+
     async fn remove(self: Arc<Self>, id: QueueId, pool: String) -> Result<(), SpoolError> {
         let conn = self.conn()?;
         let write = async {
@@ -939,24 +1090,29 @@ impl Inner {
             })
             .await?;
             self.cache_remove(&pool, id);
-            retrying("removing a body", || async {
+            self.clone().purge_marker_later(Self::key(&pool, id));
+            // The envelope is gone, so the message is: the ticket's ack and
+            // the body's purge no longer depend on each other.
+            let held = self
+                .in_hand
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            let ack = async {
+                if let Some(h) = held {
+                    let _ = h.msg.double_ack().await;
+                }
+            };
+            let purge = retrying("removing a body", || async {
                 conn.bodies
                     .purge()
                     .filter(format!("{}.body.{}.>", self.prefix(), format_id(id)))
                     .await
                     .map(|_| ())
                     .map_err(|e| unavailable("removing a body", e))
-            })
-            .await?;
-            let held = self
-                .in_hand
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
-            if let Some(h) = held {
-                let _ = h.msg.double_ack().await;
-            }
-            Ok(())
+            });
+            let ((), purged) = tokio::join!(ack, purge);
+            purged
         };
         tokio::time::timeout(WRITE_TIMEOUT, write)
             .await
@@ -1075,6 +1231,29 @@ async fn ensure_bucket(
 impl Spool for JetStreamSpool {
     fn append(&self, envelope: Envelope, message: Vec<u8>) -> Durable<QueueId> {
         self.run(self.inner.clone().append(envelope, message))
+    }
+
+    fn insert_with_id(
+        &self,
+        id: QueueId,
+        envelope: Envelope,
+        message: Vec<u8>,
+    ) -> Durable<Inserted> {
+        self.run(self.inner.clone().insert(id, envelope, message))
+    }
+
+    fn catch_up(&self, timeout: Duration) -> Result<(), SpoolError> {
+        let inner = self.inner.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.inner.rt.spawn(async move {
+            let _ = tx.send(inner.catch_up().await);
+        });
+        rx.recv_timeout(timeout).map_err(|_| {
+            unavailable(
+                "catching up with the JetStream cluster",
+                format!("not done within {timeout:?} (is the cluster up?)"),
+            )
+        })?
     }
 
     fn update(&self, id: QueueId, old_pool: &str, envelope: Envelope) -> Durable<()> {

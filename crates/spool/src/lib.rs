@@ -14,12 +14,13 @@ mod envelope;
 mod jetstream;
 mod memory;
 mod nodes;
+pub mod transfer;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use disk::{FjallSpool, MinFree};
+pub use disk::{FjallSpool, MinFree, is_storable_pool_name};
 pub use envelope::{AttemptRecord, Envelope, Recipient, RecipientState};
 pub use jetstream::{JetStreamOptions, JetStreamSpool};
 pub use memory::MemorySpool;
@@ -99,6 +100,18 @@ pub enum SpoolError {
     Unavailable(String),
 }
 
+/// What [`Spool::insert_with_id`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    /// The message is stored under the id given.
+    Stored,
+    /// The id already held the same bytes (an import repeated or resumed):
+    /// nothing was written.
+    AlreadyThere,
+    /// The id already held another message: nothing was written.
+    Conflict,
+}
+
 /// One record of a listing: its id and its envelope, or why it cannot be read.
 pub type Listed = (QueueId, Result<Envelope, SpoolError>);
 
@@ -108,6 +121,36 @@ pub type Listed = (QueueId, Result<Envelope, SpoolError>);
 pub trait Spool: Send + Sync + 'static {
     /// Stores a new message.
     fn append(&self, envelope: Envelope, message: Vec<u8>) -> Durable<QueueId>;
+
+    /// Stores a message under an id chosen elsewhere: `poolrelay spool
+    /// import` keeps the exporting spool's ids, so that importing a file
+    /// twice, or again after a crash, finds what is already there instead
+    /// of queueing it twice. Writes nothing when the id is taken (see
+    /// [`Inserted`]); ids given by later appends stay above every id
+    /// inserted. Like a new message, refused below the free-space floor.
+    /// A backend that cannot choose its ids refuses every import.
+    fn insert_with_id(
+        &self,
+        id: QueueId,
+        envelope: Envelope,
+        message: Vec<u8>,
+    ) -> Durable<Inserted> {
+        let _ = (id, envelope, message);
+        Box::pin(async {
+            Err(SpoolError::Storage(
+                "this spool backend cannot store messages under their original queue ids".into(),
+            ))
+        })
+    }
+
+    /// Waits until this spool's reads show everything the store holds, at
+    /// most `timeout`: a replicated store's local view follows the cluster
+    /// after connecting, and `poolrelay spool export` / `import` must not
+    /// read it half filled. A local store is current at once.
+    fn catch_up(&self, timeout: std::time::Duration) -> Result<(), SpoolError> {
+        let _ = timeout;
+        Ok(())
+    }
 
     /// Persists a changed envelope (attempt count, recipient states, pool).
     /// A pool change moves the record between pools.
