@@ -33,6 +33,10 @@ take turns, scenario by scenario, each with a fresh spool/queue:
   written straight into the spool (`poolrelay spool-load`), upstream down:
   RSS, spool bytes per queued byte, accept rate at an empty and the full
   queue, restart to listening / first 250 / first delivery, drain rate;
+- replicated spool: the 4 KB x 1 rcpt load through one poolrelay on an R3
+  JetStream cluster (three local nats-server processes, started and stopped
+  here, sharing the machine's cores with everything else), beside
+  poolrelay on its embedded spool and Postfix, in the same run;
 - the disk's raw write+fdatasync latency;
 - criterion micro-benchmarks of the hot paths (skip with BENCH_MICRO=0).
 
@@ -43,7 +47,7 @@ bounded in time, every loop in count; every process started is stopped by
 PID in a finally block. Python 3.11 standard library only.
 
 Environment: BENCH_SCALE (default 1.0), BENCH_MICRO (default 1),
-BENCH_ONLY (comma list of: baseline,fsync,throughput,signing,emergency,shared,rss,bigqueue,micro),
+BENCH_ONLY (comma list of: baseline,fsync,throughput,signing,emergency,shared,rss,bigqueue,jetstream,micro),
 BENCH_WORKERS (poolrelay bulk workers, default 8), BENCH_KEEP=1 keeps the
 work directory, BENCH_NO_BUILD=1 skips the release build, BENCH_POOLRELAY
 names the binary to measure (default target/release/poolrelay).
@@ -84,6 +88,7 @@ SINK_SRC = ROOT / "bench" / "sink.rs"
 SINK_BIN = OUT / "bench-sink"
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 POSTFIX = "/usr/sbin/postfix"
+NATS_SERVER = os.environ.get("NATS_SERVER") or shutil.which("nats-server") or "/usr/sbin/nats-server"
 
 SCALE = float(os.environ.get("BENCH_SCALE", "1.0"))
 MICRO = os.environ.get("BENCH_MICRO", "1") != "0"
@@ -321,7 +326,11 @@ class CpuWindow:
 
     relay_root: int
     helpers: list[int]
+    # Processes the relay needs (the nats-server cluster): their CPU is the
+    # relay's, also reported apart.
+    cluster: list[int] = field(default_factory=list)
     t0: float = 0.0
+    cluster0: float = 0.0
     relay0: float = 0.0
     helpers0: float = 0.0
     self0: float = 0.0
@@ -331,6 +340,7 @@ class CpuWindow:
     def start(self) -> "CpuWindow":
         self.t0 = time.time()
         self.relay0 = tree_cpu(self.relay_root)
+        self.cluster0 = sum(proc_cpu(p) for p in self.cluster)
         self.helpers0 = sum(proc_cpu(p) for p in self.helpers)
         self.self0 = self_cpu()
         self.busy0 = machine_busy()
@@ -338,7 +348,8 @@ class CpuWindow:
 
     def stop(self) -> dict:
         wall = time.time() - self.t0
-        relay = tree_cpu(self.relay_root) - self.relay0
+        cluster = sum(proc_cpu(p) for p in self.cluster) - self.cluster0
+        relay = tree_cpu(self.relay_root) - self.relay0 + cluster
         helpers = sum(proc_cpu(p) for p in self.helpers) - self.helpers0
         me = self_cpu() - self.self0
         busy1 = machine_busy()
@@ -348,6 +359,7 @@ class CpuWindow:
             "wall_s": wall,
             "relay_cpu_s": relay,
             "relay_cpu_util": relay / wall if wall > 0 else 0.0,
+            "cluster_cpu_s": cluster,
             "harness_cpu_s": harness,
             "harness_share": harness / (wall * NCPU) if wall > 0 else 0.0,
             "machine_busy_share": busy,
@@ -511,9 +523,10 @@ class PoolRelay:
     name = "poolrelay"
 
     def __init__(self, workdir: Path, bulk_port: int, emergency_port: int, workers: int = WORKERS,
-                 lanes: str | None = None):
+                 lanes: str | None = None, spool: str = ""):
         """`lanes` replaces the pools, upstreams and routes (default: A and
-        "-" on the bulk sink with `workers` workers, B on its own sink)."""
+        "-" on the bulk sink with `workers` workers, B on its own sink);
+        `spool` is a `[spool]` table (default: the embedded store)."""
         self.dir = workdir / "poolrelay"
         self.dir.mkdir(parents=True, exist_ok=True)
         if lanes is None:
@@ -562,8 +575,10 @@ address = "127.0.0.1:{self.admin}"
 list_pool = "A"
 retry = ["30s", "1m", "5m", "15m", "30m", "1h"]
 
-{lanes}"""
+{lanes}
+{spool}"""
         )
+        self.shared_spool = bool(spool)
         self.proc: Proc | None = None
         self.log_path = self.dir / "poolrelay.log"
         self.restarts = 0
@@ -577,7 +592,19 @@ retry = ["30s", "1m", "5m", "15m", "30m", "1h"]
         self.proc = Proc("poolrelay", [str(POOLRELAY), "run", "-c", str(self.config)], stderr=self.logf, env=env)
         spawned = self.proc.started
         wait_smtp(self.port, 600, "poolrelay", self.proc)
+        if self.shared_spool:
+            # Listening comes before the cluster answers; mail is taken
+            # once /readyz says so.
+            if not wait_until(lambda: self.ready(), 60):
+                raise RuntimeError(f"poolrelay did not reach the JetStream cluster within 60 s (see {self.log_path})")
         return spawned
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/readyz", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
 
     @property
     def pid(self) -> int:
@@ -783,8 +810,71 @@ postlog   unix-dgram n  -       n       -       1       postlogd
                 pass
 
 
-def make_relay(kind: str, workdir: Path, bulk_port: int, emergency_port: int):
-    return PoolRelay(workdir, bulk_port, emergency_port) if kind == "poolrelay" else Postfix(workdir, bulk_port, emergency_port)
+class NatsCluster:
+    """Three clustered JetStream nats-server processes on loopback, each with
+    its own store under the work directory (fsync as the server does it by
+    default), for the replicated spool (`[spool] backend = "jetstream"`)."""
+
+    def __init__(self, workdir: Path, n: int = 3):
+        if not os.access(NATS_SERVER, os.X_OK):
+            raise RuntimeError(f"{NATS_SERVER} is missing: apt-get install nats-server (or set NATS_SERVER)")
+        self.dir = workdir / "nats"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.clients = [free_port() for _ in range(n)]
+        self.monitors = [free_port() for _ in range(n)]
+        routes = [free_port() for _ in range(n)]
+        self.procs: list[Proc] = []
+        for i in range(n):
+            others = ", ".join(f'"nats-route://127.0.0.1:{r}"' for j, r in enumerate(routes) if j != i)
+            conf = self.dir / f"n{i + 1}.conf"
+            conf.write_text(
+                f'server_name: "n{i + 1}"\nhost: "127.0.0.1"\nport: {self.clients[i]}\n'
+                f'http: "127.0.0.1:{self.monitors[i]}"\n'
+                f'jetstream {{ store_dir: "{self.dir / f"n{i + 1}-store"}" }}\n'
+                f'cluster {{ name: "bench", listen: "127.0.0.1:{routes[i]}", routes: [{others}] }}\n'
+            )
+            self.procs.append(Proc(f"nats-server n{i + 1}", [NATS_SERVER, "-c", str(conf), "-l", str(self.dir / f"n{i + 1}.log")]))
+        for port in self.clients:
+            if not wait_until(lambda: port_open(port), 20):
+                raise RuntimeError(f"nats-server did not listen on {port} within 20 s (see {self.dir})")
+        if not wait_until(self.has_leader, 30):
+            raise RuntimeError(f"the JetStream cluster elected no meta leader within 30 s (see {self.dir})")
+
+    def has_leader(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.monitors[0]}/jsz", timeout=2) as r:
+                return bool(json.loads(r.read()).get("meta_cluster", {}).get("leader"))
+        except (OSError, ValueError):
+            return False
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def spool_toml(self, replicas: int = 3) -> str:
+        servers = ", ".join(f'"nats://127.0.0.1:{p}"' for p in self.clients)
+        return f'[spool]\nbackend = "jetstream"\nservers = [{servers}]\nreplicas = {replicas}\n'
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.stop(grace=10)
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def make_relay(kind: str, workdir: Path, bulk_port: int, emergency_port: int, cluster: NatsCluster | None = None):
+    if kind == "poolrelay":
+        return PoolRelay(workdir, bulk_port, emergency_port)
+    if kind == "jetstream":
+        assert cluster is not None
+        return PoolRelay(workdir, bulk_port, emergency_port, spool=cluster.spool_toml())
+    return Postfix(workdir, bulk_port, emergency_port)
 
 
 # ---------------------------------------------------------------------------
@@ -915,17 +1005,22 @@ def run_baseline(workdir: Path) -> dict:
         sink.stop()
 
 
-def run_throughput(workdir: Path, kind: str, size: int, rcpts: int) -> dict:
+def run_throughput(workdir: Path, kind: str, size: int, rcpts: int, part: str = "tp") -> dict:
+    """`kind`: "poolrelay" (embedded spool), "jetstream" (poolrelay on an R3
+    cluster of three nats-server started here, their CPU counted as the
+    relay's) or "postfix"."""
     n = scaled(20000, 200)
-    sub = workdir / f"tp-{kind}-{size}-{rcpts}"
+    sub = workdir / f"{part}-{kind}-{size}-{rcpts}"
     sub.mkdir()
     bulk = Sink(sub, "bulk", free_port())
     emergency = Sink(sub, "emergency", free_port())
-    relay = make_relay(kind, sub, bulk.port, emergency.port)
+    cluster = NatsCluster(sub) if kind == "jetstream" else None
+    relay = make_relay(kind, sub, bulk.port, emergency.port, cluster)
     result: dict = {"relay": kind, "size": size, "rcpts": rcpts, "messages": n}
     try:
         relay.start()
-        win = CpuWindow(relay_root=relay.pid, helpers=[bulk.pid, emergency.pid]).start()
+        win = CpuWindow(relay_root=relay.pid, helpers=[bulk.pid, emergency.pid],
+                        cluster=cluster.pids if cluster else []).start()
         load = Load(relay.port, n, size, rcpts)
         timeout = 180 + n / 20
         deadline = time.monotonic() + timeout
@@ -964,6 +1059,8 @@ def run_throughput(workdir: Path, kind: str, size: int, rcpts: int) -> dict:
             log(f"{kind}: smtp-source exited {load.rc}: {result['smtp_source_output'][-300:]}")
     finally:
         relay.stop()
+        if cluster:
+            cluster.stop()
         bulk.stop()
         emergency.stop()
     return result
@@ -1464,6 +1561,37 @@ def signing_report(rows: list[dict]) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
+JETSTREAM_LABELS = {
+    "poolrelay": "poolrelay, embedded",
+    "jetstream": "poolrelay, R3 cluster",
+    "postfix": "postfix",
+}
+
+
+def jetstream_report(rows: list[dict], goals: list[dict]) -> list[str]:
+    lines = [
+        "",
+        "replicated spool, 4 KB x 1 rcpt: one relay on an R3 JetStream cluster (three nats-server",
+        "on this machine: the cluster shares its cores with the relay, the load and the sinks)",
+        f"{'relay':<22} {'msgs':>7} {'accept/s':>9} {'e2e/s':>8} {'CPU ms/msg':>10} {'of it NATS':>10} {'harness':>8} {'machine':>8}",
+    ]
+    by = {r["relay"]: r for r in rows}
+    for r in rows:
+        nats = r.get("cluster_cpu_s", 0.0) / r["messages"] * 1000 if r.get("cluster_cpu_s") else None
+        lines.append(
+            f"{JETSTREAM_LABELS.get(r['relay'], r['relay']):<22} {r['messages']:>7,} {fmt(r.get('accept_rate')):>9} "
+            f"{fmt(r.get('e2e_rate')):>8} {fmt(r.get('cpu_ms_per_msg'), 3):>10} {fmt(nats, 3):>10} "
+            f"{fmt(r.get('harness_share', 0) * 100, 0, '%'):>8} {fmt(r.get('machine_busy_share', 0) * 100, 0, '%'):>8}"
+        )
+    js, pf = by.get("jetstream"), by.get("postfix")
+    if js and pf:
+        a = ratio(js.get("accept_rate"), pf.get("accept_rate"))
+        e = ratio(js.get("e2e_rate"), pf.get("e2e_rate"))
+        lines.append(f"R3 cluster vs Postfix: accept {fmt(a, 2, '×')}, end-to-end {fmt(e, 2, '×')}   (goal: accept ≥ 3×)")
+        goals.append({"goal": "replicated spool (R3): accept ≥ 3× Postfix", "value": a, "met": a >= 3})
+    return lines
+
+
 def fmt(v, digits: int = 0, suffix: str = "") -> str:
     if v is None or (isinstance(v, float) and v != v):
         return "—"
@@ -1533,6 +1661,8 @@ def report(res: dict) -> tuple[str, list[dict]]:
             goals.append({"goal": f"{label}: CPU/msg ≤ ¼ Postfix", "value": c, "met": c >= 4})
     if res.get("signing"):
         lines.extend(signing_report(res["signing"]))
+    if res.get("jetstream"):
+        lines.extend(jetstream_report(res["jetstream"], goals))
     if res.get("emergency"):
         lines.append("")
         lines.append(
@@ -1992,6 +2122,13 @@ def main() -> int:
                     f", bulk share {fmt(e.get('bulk_share_during_burst', 0) * 100, 0, '%')}, drain {fmt(e.get('drain_s'), 1)} s"
                 )
                 res["shared_workers"].append(e)
+        if wanted("jetstream"):
+            res["jetstream"] = []
+            for kind in ("poolrelay", "jetstream", "postfix"):
+                log(f"replicated spool, {kind}: 4096 B x 1 rcpt")
+                t = run_throughput(workdir, kind, 4096, 1, part="js")
+                log(f"  accept {fmt(t.get('accept_rate'))}/s e2e {fmt(t.get('e2e_rate'))}/s cpu {fmt(t.get('cpu_ms_per_msg'), 3)} ms/msg")
+                res["jetstream"].append(t)
         if wanted("rss"):
             log("poolrelay RSS with a queue, then restart")
             res["rss"] = run_rss(workdir)

@@ -5,7 +5,7 @@
 //! wait is bounded. When a wait fails, the panic message carries the tail of
 //! the logs of the process concerned. The items of the general modules are
 //! re-exported here (`use poolrelay_tests::{Relay, Sink, ...}`); the
-//! topic modules (`accept_counter`, `admin`, `delivery`, `dkim`, `dns`, `ledger`, `listserv`, `operating`,
+//! topic modules (`accept_counter`, `admin`, `delivery`, `dkim`, `dns`, `ledger`, `listserv`, `nats`, `operating`,
 //! `postfix_upstream`, `priority`, `scripted`) are used by path.
 
 #![warn(missing_docs)]
@@ -20,6 +20,7 @@ pub mod http;
 pub mod ledger;
 pub mod listserv;
 pub mod mail;
+pub mod nats;
 pub mod operating;
 pub mod ports;
 pub mod postfix;

@@ -56,3 +56,15 @@ fn harness_smtp_source_reaches_postfix_smtp_sink() {
     let ids = sink.wait_for_distinct(100, Duration::from_secs(30));
     assert_eq!(ids.len(), 100, "smtp-sink dump files");
 }
+
+#[test]
+fn harness_nats_cluster_elects_a_leader_again_after_a_kill_and_restart() {
+    let mut cluster = poolrelay_tests::nats::NatsCluster::start(3);
+    assert_eq!(cluster.urls().len(), 3);
+    cluster.kill9(0);
+    cluster.wait_meta_leader(Duration::from_secs(30));
+    cluster.restart(0);
+    cluster.wait_meta_leader(Duration::from_secs(30));
+    cluster.stop(1);
+    cluster.wait_meta_leader(Duration::from_secs(30));
+}

@@ -173,6 +173,27 @@ pub(crate) fn describe(c: &Config) -> String {
         s.hostname,
         s.timezone.as_deref().unwrap_or("local")
     );
+    let _ = match &c.spool {
+        crate::SpoolBackend::Fjall => {
+            writeln!(o, "spool backend: fjall (embedded, in the spool directory)")
+        }
+        crate::SpoolBackend::JetStream(js) => writeln!(
+            o,
+            "spool backend: jetstream   servers: {}   replicas: {}   stream prefix: {}   ack timeout: {}{}{}",
+            js.servers.join(", "),
+            js.replicas,
+            js.stream_prefix,
+            format_duration(js.ack_timeout),
+            js.credentials_file
+                .as_ref()
+                .map(|p| format!("   credentials: {}", p.display()))
+                .unwrap_or_default(),
+            js.tls_ca_file
+                .as_ref()
+                .map(|p| format!("   tls ca: {}", p.display()))
+                .unwrap_or_default(),
+        ),
+    };
     let _ = writeln!(
         o,
         "sessions: max {} ({} per client)   command timeout {}   data timeout {}   max line {} bytes   max hops {}",

@@ -97,6 +97,37 @@ pub struct Config {
     pub users: BTreeMap<String, User>,
     /// `[[dkim]]`, in file order: the signing keys.
     pub dkim: Vec<Dkim>,
+    /// `[spool] backend`: where queued mail is kept.
+    pub spool: SpoolBackend,
+}
+
+/// `[spool] backend`: the store behind the queue.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SpoolBackend {
+    /// `"fjall"` (the default): the embedded store in `server.spool_dir`.
+    Fjall,
+    /// `"jetstream"`: a NATS JetStream cluster several relays share.
+    JetStream(JetStream),
+}
+
+/// `[spool]` with `backend = "jetstream"`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JetStream {
+    /// `servers`: `nats://host:port` URLs of the cluster; at least one.
+    pub servers: Vec<String>,
+    /// `replicas`: copies of every stream and bucket, 1..=5. Default 3.
+    pub replicas: usize,
+    /// `stream_prefix`: prefix of every stream, bucket and subject name,
+    /// `[A-Za-z0-9_-]`. Default `poolrelay`.
+    pub stream_prefix: String,
+    /// `ack_timeout`: how long an accepted message's 250 waits for the
+    /// cluster's acknowledgement before the client gets `451 4.3.0`. Default 5s.
+    pub ack_timeout: Duration,
+    /// `credentials_file`: a NATS `.creds` file (JWT and NKey seed).
+    pub credentials_file: Option<PathBuf>,
+    /// `tls_ca_file`: PEM CA certificates the servers' TLS certificates
+    /// are checked against (for `tls://` servers).
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// `[server]`.

@@ -29,6 +29,19 @@ pub(crate) struct RawConfig {
     pub route: Option<Vec<Spanned<RawRoute>>>,
     pub user: Option<BTreeMap<String, Located<RawUser>>>,
     pub dkim: Option<Vec<Spanned<RawDkim>>>,
+    pub spool: Option<Located<RawSpool>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSpool {
+    pub backend: Option<Str>,
+    pub servers: Option<Spanned<Vec<Str>>>,
+    pub replicas: Option<Int>,
+    pub stream_prefix: Option<Str>,
+    pub ack_timeout: Option<Unit>,
+    pub credentials_file: Option<Str>,
+    pub tls_ca_file: Option<Str>,
 }
 
 #[derive(Debug, Deserialize)]

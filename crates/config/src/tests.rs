@@ -1404,3 +1404,75 @@ fn bad_dkim_entries_name_the_line_and_the_fix() {
         &["not a domain name"],
     );
 }
+
+#[test]
+fn spool_backend_defaults_to_fjall_and_jetstream_gets_its_defaults() {
+    assert_eq!(parse(LISTENER).unwrap().spool, crate::SpoolBackend::Fjall);
+    let text = format!(
+        "{LISTENER}[spool]\nbackend = \"jetstream\"\nservers = [\"nats://n1:4222\", \"nats://10.0.0.2:4222\"]\n"
+    );
+    let c = parse(&text).unwrap();
+    assert_eq!(
+        c.spool,
+        crate::SpoolBackend::JetStream(crate::JetStream {
+            servers: vec!["nats://n1:4222".into(), "nats://10.0.0.2:4222".into()],
+            replicas: 3,
+            stream_prefix: "poolrelay".into(),
+            ack_timeout: secs(5),
+            credentials_file: None,
+            tls_ca_file: None,
+        })
+    );
+    assert!(c.describe().contains("spool backend: jetstream"));
+    let text = format!(
+        "{LISTENER}[spool]\nbackend = \"jetstream\"\nservers = [\"nats://n1:4222\"]\nreplicas = 1\nstream_prefix = \"relay-2\"\nack_timeout = \"2s\"\n"
+    );
+    match parse(&text).unwrap().spool {
+        crate::SpoolBackend::JetStream(js) => {
+            assert_eq!(
+                (js.replicas, js.stream_prefix.as_str(), js.ack_timeout),
+                (1, "relay-2", secs(2))
+            );
+        }
+        other => panic!("expected jetstream, got {other:?}"),
+    }
+}
+
+#[test]
+fn spool_errors_name_the_line_and_what_to_write() {
+    let head = format!("{LISTENER}[spool]\n");
+    err(
+        &format!("{head}backend = \"nats\"\n"),
+        4,
+        &["unknown", "jetstream"],
+    );
+    err(
+        &format!("{head}backend = \"jetstream\"\n"),
+        4,
+        &["needs servers"],
+    );
+    err(
+        &format!("{head}backend = \"jetstream\"\nservers = []\n"),
+        5,
+        &["empty"],
+    );
+    err(
+        &format!("{head}backend = \"jetstream\"\nservers = [\"n1:4222\"]\n"),
+        5,
+        &["nats://HOST:PORT"],
+    );
+    let ok = "backend = \"jetstream\"\nservers = [\"nats://n1:4222\"]\n";
+    err(&format!("{head}{ok}replicas = 7\n"), 6, &["1 to 5"]);
+    err(&format!("{head}{ok}replicas = 0\n"), 6, &["1 to 5"]);
+    err(
+        &format!("{head}{ok}stream_prefix = \"a.b\"\n"),
+        6,
+        &["letters, digits"],
+    );
+    err(&format!("{head}{ok}ack_timeout = \"0s\"\n"), 6, &["zero"]);
+    err(
+        &format!("{head}servers = [\"nats://n1:4222\"]\n"),
+        4,
+        &["backend = \"jetstream\""],
+    );
+}

@@ -13,6 +13,7 @@ use toml::Spanned;
 mod dkim;
 mod messages;
 mod security;
+mod spool;
 mod upstreams;
 
 pub(crate) use messages::closest;
@@ -54,6 +55,7 @@ pub(crate) fn build(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let routes = cx.routes(raw.route, &pools, &listeners);
     let users = cx.users(raw.user, &pools);
     let dkim = cx.dkim(raw.dkim, &pools);
+    let spool = cx.spool(raw.spool);
     if let Some(first) = cx.errors.into_iter().min_by_key(|e| (e.line == 0, e.line)) {
         return Err(first);
     }
@@ -68,6 +70,7 @@ pub(crate) fn build(text: &str, path: &Path) -> Result<Config, ConfigError> {
         routes,
         users,
         dkim,
+        spool,
     })
 }
 

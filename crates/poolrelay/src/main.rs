@@ -6,6 +6,7 @@ mod load;
 mod passwd;
 mod queue;
 mod sink;
+mod spool;
 mod telemetry;
 
 use std::path::PathBuf;
@@ -101,6 +102,11 @@ enum Command {
     Reload {
         #[command(flatten)]
         target: queue::Target,
+    },
+    /// Move a stopped relay's queue to a file and back (between spools or backends).
+    Spool {
+        #[command(subcommand)]
+        command: spool::SpoolCommand,
     },
     /// Fill a stopped relay's spool directly (benchmarks and tests only).
     #[command(hide = true)]
@@ -252,6 +258,13 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("poolrelay passwd: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Spool { command } => match spool::run(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("poolrelay spool: {e:#}");
                 ExitCode::FAILURE
             }
         },

@@ -50,6 +50,11 @@ pub fn refresh(relay: &Running) {
         metrics::gauge!(metric::QUEUE_OLDEST_AGE.name, "pool" => pool.pool.clone())
             .set(pool.oldest_age_seconds);
     }
+    let nodes = relay.live_nodes();
+    for pool in relay.config().pool_names() {
+        metrics::gauge!(metric::CLUSTER_NODES.name, "pool" => pool.clone())
+            .set(nodes.draining(&pool) as f64);
+    }
     metrics::gauge!(metric::READY.name).set(if relay.ready() { 1.0 } else { 0.0 });
     metrics::gauge!(metric::RECOVERY_REMAINING.name)
         .set(relay.scheduler.recovery_remaining() as f64);

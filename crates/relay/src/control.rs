@@ -359,6 +359,17 @@ impl Running {
     pub fn flush_pool(&self, pool: &str) -> Result<(), ControlError> {
         self.known_pool(pool)?;
         self.scheduler.flush(pool);
+        if let Some(shared) = self.spool().shared() {
+            // The other relays' deferred mail too: fresh tickets, due now.
+            let flushed = shared.flush(pool);
+            let name = pool.to_string();
+            tokio::spawn(async move {
+                match flushed.await {
+                    Ok(n) => tracing::info!(pool = %name, messages = n, "shared pool flushed"),
+                    Err(e) => tracing::error!(pool = %name, "cannot flush the shared pool: {e}"),
+                }
+            });
+        }
         tracing::info!(pool, "pool flushed");
         Ok(())
     }

@@ -25,15 +25,17 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use poolrelay_config::Config;
-use poolrelay_spool::{FjallSpool, QueueId, Spool, now_ms};
+use poolrelay_config::{Config, SpoolBackend};
+use poolrelay_spool::{
+    FjallSpool, JetStreamOptions, JetStreamSpool, NODE_HEARTBEAT, QueueId, Spool, now_ms,
+};
 
 use crate::queue::Queue;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
-use crate::limits::Limits;
+use crate::limits::{Limits, Membership};
 use crate::listener::{Inbound, Rules};
 use crate::scheduler::Scheduler;
 use crate::upstream::{Dns, Health};
@@ -63,6 +65,8 @@ pub struct Running {
     listeners_bound: bool,
     /// The recovery stream, stopped at shutdown.
     recovery: JoinHandle<()>,
+    /// This relay's heartbeat on a shared spool, stopped at shutdown.
+    membership: Option<JoinHandle<()>>,
 }
 
 impl Running {
@@ -78,6 +82,11 @@ impl Running {
             .unwrap_or_else(|e| e.into_inner())
             .generation
             .clone()
+    }
+
+    /// The live relays draining each pool, this one included.
+    pub fn live_nodes(&self) -> limits::LiveNodes {
+        self.shared.membership.nodes()
     }
 
     /// The spool, for reads.
@@ -122,6 +131,9 @@ impl Running {
         }
         let old_listeners: BTreeSet<_> = old.listeners.iter().map(|l| l.address).collect();
         let new_listeners: BTreeSet<_> = new.listeners.iter().map(|l| l.address).collect();
+        if old.spool != new.spool {
+            return Err("reload refused: [spool] changed; that needs a restart".to_string());
+        }
         if old_listeners != new_listeners {
             return Err(
                 "reload refused: listener addresses changed; that needs a restart".to_string(),
@@ -194,6 +206,33 @@ impl Running {
             l.abort();
         }
         self.recovery.abort();
+        if let Some(membership) = &self.membership {
+            membership.abort();
+        }
+        if let Some(shared) = self.spool().shared() {
+            // The other relays take this one's share of the rate limits at
+            // their next heartbeat, not when its entry expires.
+            let withdrawn = shared.withdraw();
+            if !matches!(
+                tokio::time::timeout(Duration::from_secs(2), withdrawn).await,
+                Ok(Ok(()))
+            ) {
+                tracing::warn!(
+                    "cannot withdraw this relay from the cluster's live relays; the others count it out when its entry expires"
+                );
+            }
+            // Other relays take what this one held at once, not when its
+            // holds lapse.
+            let handed = shared.hand_back_all();
+            if !matches!(
+                tokio::time::timeout(Duration::from_secs(2), handed).await,
+                Ok(Ok(()))
+            ) {
+                tracing::warn!(
+                    "cannot hand the tickets in hand back to the cluster; they come back when their holds lapse"
+                );
+            }
+        }
         // Attempt records are written without an fsync: keep them.
         if let Err(e) = self.spool().sync() {
             tracing::warn!("cannot sync the spool at shutdown: {e}; attempt counts may go back");
@@ -204,10 +243,11 @@ impl Running {
 
 fn spawn_workers(shared: &Arc<Shared>, config: &Arc<Config>, health: &Health) -> Workers {
     metric::export_zeros(config);
+    shared.membership.set_own(limits::drained_pools(config));
     let (stop, stop_rx) = watch::channel(false);
     let generation = Arc::new(Generation {
         config: config.clone(),
-        limits: Limits::new(config),
+        limits: Limits::new(config).following(shared.membership.subscribe()),
         clock: Clock::of(config),
         stop: stop_rx,
     });
@@ -229,6 +269,22 @@ fn spawn_workers(shared: &Arc<Shared>, config: &Arc<Config>, health: &Health) ->
     for h in &config.defaults.fallback {
         health.register(h);
     }
+    if shared.queue.spool().shared().is_some() {
+        let mut workers_of: std::collections::BTreeMap<&str, usize> = Default::default();
+        for upstream in &config.upstreams {
+            for pool in &upstream.pools {
+                *workers_of.entry(pool.as_str()).or_default() += upstream.workers;
+            }
+        }
+        for (pool, workers) in workers_of {
+            handles.push(tokio::spawn(feed(
+                shared.queue.clone(),
+                pool.to_string(),
+                FEED_WINDOW_PER_WORKER * workers,
+                generation.stop.clone(),
+            )));
+        }
+    }
     Workers {
         stop,
         handles,
@@ -243,30 +299,49 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let config = Arc::new(config);
     let spool_dir = config.server.spool_dir.clone();
     let min_free = config.server.spool_min_free;
-    let spool: Arc<dyn Spool> = Arc::new(
-        tokio::task::spawn_blocking(move || {
-            FjallSpool::open_with(&spool_dir, Box::new(move |total| min_free.bytes_of(total)))
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("spool open task failed: {e}"))??,
-    );
+    let spool: Arc<dyn Spool> = match &config.spool {
+        SpoolBackend::Fjall => Arc::new(
+            tokio::task::spawn_blocking(move || {
+                FjallSpool::open_with(&spool_dir, Box::new(move |total| min_free.bytes_of(total)))
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("spool open task failed: {e}"))??,
+        ),
+        SpoolBackend::JetStream(js) => Arc::new(JetStreamSpool::open(JetStreamOptions {
+            servers: js.servers.clone(),
+            replicas: js.replicas,
+            stream_prefix: js.stream_prefix.clone(),
+            ack_timeout: js.ack_timeout,
+            credentials_file: js.credentials_file.clone(),
+            tls_ca_file: js.tls_ca_file.clone(),
+        })?),
+    };
     prepare_pools(spool.as_ref(), &config);
     let scheduler = Arc::new(index_window().map_or_else(Scheduler::new, Scheduler::with_window));
-    // Holds first: no worker may see a held pool's mail as ready.
-    for pool in spool.held_pools()? {
-        tracing::info!(pool = %pool, "pool held (recorded before the restart); `poolrelay queue release --pool {pool}` releases it");
-        scheduler.set_held(&pool, true);
-    }
-    // Before anything can append: ids above the bound are new mail, which
-    // its append schedules, so the stream must not.
-    let pools = recovery_order(&config, spool.pools());
-    let estimate: usize = pools.iter().map(|p| spool.approximate_count(p)).sum();
-    scheduler.begin_recovery(spool.opened_bound(), estimate as u64);
-    tracing::info!(
-        spool = %config.server.spool_dir.display(),
-        messages_estimate = estimate,
-        "recovering the queue in the background; listening meanwhile"
-    );
+    let recovery_pools = if spool.shared().is_some() {
+        // The cluster hands out the mail (see `feed`).
+        tracing::info!(
+            "shared spool: delivering what the cluster hands this relay; no local recovery"
+        );
+        None
+    } else {
+        // Holds first: no worker may see a held pool's mail as ready.
+        for pool in spool.held_pools()? {
+            tracing::info!(pool = %pool, "pool held (recorded before the restart); `poolrelay queue release --pool {pool}` releases it");
+            scheduler.set_held(&pool, true);
+        }
+        // Before anything can append: ids above the bound are new mail, which
+        // its append schedules, so the stream must not.
+        let pools = recovery_order(&config, spool.pools());
+        let estimate: usize = pools.iter().map(|p| spool.approximate_count(p)).sum();
+        scheduler.begin_recovery(spool.opened_bound(), estimate as u64);
+        tracing::info!(
+            spool = %config.server.spool_dir.display(),
+            messages_estimate = estimate,
+            "recovering the queue in the background; listening meanwhile"
+        );
+        Some(pools)
+    };
     let queue = Queue::new(spool.clone(), scheduler.clone());
     let bound = listener::bind_all(&config).await?;
     let (stopping, stopping_rx) = watch::channel(false);
@@ -290,14 +365,23 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         health: health.clone(),
         // Built once: a reload keeps these name servers (README, `dns_servers`).
         dns: Dns::new(&config.server.dns_servers),
+        membership: Membership::alone(limits::drained_pools(&config)),
     });
     let workers = spawn_workers(&shared, &config, &health);
-    let recovery = tokio::spawn(recover(
-        spool.clone(),
-        scheduler.clone(),
-        pools,
-        config.server.spool_dir.display().to_string(),
-    ));
+    let recovery = match recovery_pools {
+        Some(pools) => tokio::spawn(recover(
+            spool.clone(),
+            scheduler.clone(),
+            pools,
+            config.server.spool_dir.display().to_string(),
+        )),
+        // Holds follow the cluster's record as any relay changes it.
+        None => tokio::spawn(follow_holds(spool.clone(), scheduler.clone())),
+    };
+    let membership = spool
+        .shared()
+        .is_some()
+        .then(|| tokio::spawn(keep_membership(shared.clone())));
     Ok(Running {
         queue,
         scheduler,
@@ -309,7 +393,157 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         workers: Mutex::new(workers),
         listeners_bound: true,
         recovery,
+        membership,
     })
+}
+
+/// Keeps this relay among the shared spool's live relays and the count of
+/// live relays per pool current, so each relay takes its share of the
+/// pools' rate limits (`limits::Membership`). While the cluster cannot be
+/// reached the last count stays: no relay takes more than its share.
+async fn keep_membership(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(NODE_HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        let spool = shared.queue.spool();
+        let Some(queue) = spool.shared() else {
+            return;
+        };
+        if !spool.is_writable() && !failing {
+            // Still connecting: the spool logs that itself.
+            continue;
+        }
+        let announced =
+            tokio::time::timeout(NODE_HEARTBEAT * 3, queue.announce(shared.membership.own())).await;
+        match announced {
+            Ok(Ok(others)) => {
+                if failing {
+                    tracing::info!(
+                        node = queue.node_id(),
+                        "announcing this relay to the cluster again"
+                    );
+                    failing = false;
+                }
+                if shared.membership.set_others(others) {
+                    let nodes = shared.membership.nodes();
+                    tracing::info!(
+                        node = queue.node_id(),
+                        relays = nodes.total,
+                        pools = %nodes.describe(),
+                        "live relays per pool changed; each takes its share of the pools' rate limits"
+                    );
+                }
+            }
+            Ok(Err(e)) => {
+                if !failing {
+                    tracing::warn!(
+                        node = queue.node_id(),
+                        "cannot announce this relay to the cluster: {e}; the rate limits keep the last count of live relays"
+                    );
+                    failing = true;
+                }
+            }
+            Err(_) => {
+                if !failing {
+                    tracing::warn!(
+                        node = queue.node_id(),
+                        "announcing this relay to the cluster timed out; the rate limits keep the last count of live relays"
+                    );
+                    failing = true;
+                }
+            }
+        }
+    }
+}
+
+/// Tickets a shared pool's feed keeps in hand per worker serving the
+/// pool: enough that a worker never waits for a fetch, few enough that
+/// mail is spread over the relays.
+const FEED_WINDOW_PER_WORKER: usize = 2;
+/// How long one fetch of tickets waits for one to arrive.
+const FEED_FETCH_WAIT: Duration = Duration::from_secs(1);
+
+/// Keeps the scheduler supplied with a shared pool's due messages: takes
+/// tickets from the cluster while fewer than `window` are in hand here
+/// (ready or being delivered) and the pool is not held.
+async fn feed(queue: Queue, pool: String, window: usize, mut stop: watch::Receiver<bool>) {
+    let mut failing = false;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let Some(shared) = queue.spool().shared() else {
+            return;
+        };
+        let in_hand = shared.held_tickets(&pool);
+        let pause = if queue.scheduler().is_held(&pool) || !queue.spool().is_writable() {
+            Some(Duration::from_millis(200))
+        } else if in_hand >= window {
+            Some(Duration::from_millis(20))
+        } else {
+            None
+        };
+        if let Some(d) = pause {
+            tokio::select! {
+                _ = tokio::time::sleep(d) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        // Not cut short by a stop: tickets taken are in this relay's hands
+        // and must reach the scheduler (the next generation's workers, or
+        // the hand-back at shutdown); a take lasts about FEED_FETCH_WAIT.
+        match shared.take(&pool, window - in_hand, FEED_FETCH_WAIT).await {
+            Ok(messages) => {
+                if failing {
+                    tracing::info!(pool = %pool, "taking mail from the shared queue again");
+                    failing = false;
+                }
+                for (id, envelope) in messages {
+                    queue
+                        .scheduler()
+                        .enqueue(id, &pool, 0, envelope.mt_priority_or_default());
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::error!(pool = %pool, "cannot take mail from the shared queue: {e}; trying again every second");
+                    failing = true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+    }
+}
+
+/// Applies the held pools of a shared spool to this relay's scheduler,
+/// as any relay holds or releases them.
+async fn follow_holds(spool: Arc<dyn Spool>, scheduler: Arc<Scheduler>) {
+    let Some(shared) = spool.shared() else {
+        return;
+    };
+    let mut held = shared.held_watch();
+    let mut applied = BTreeSet::new();
+    loop {
+        let now: BTreeSet<String> = held.borrow_and_update().clone();
+        for pool in now.difference(&applied) {
+            tracing::info!(pool = %pool, "pool held (recorded in the shared spool)");
+            scheduler.set_held(pool, true);
+        }
+        for pool in applied.difference(&now) {
+            tracing::info!(pool = %pool, "pool released (recorded in the shared spool)");
+            scheduler.set_held(pool, false);
+        }
+        applied = now;
+        if held.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// The pools of the spool in the order recovery reads them: highest

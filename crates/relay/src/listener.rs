@@ -593,6 +593,10 @@ async fn queue(
             metrics::counter!(metric::RECEIVED_MESSAGES.name, "listener" => listener.name.clone(), "pool" => decision.pool.clone()).increment(1);
             session.queued(&id_text)
         }
+        Err(e @ poolrelay_spool::SpoolError::Unavailable(_)) => {
+            tracing::error!(client = %tx.peer, sender = %log_safe(&tx.sender), "refused a message because the replicated spool did not acknowledge it: {e}");
+            session.queue_unavailable("queue cluster unavailable, try again later")
+        }
         Err(e) => {
             tracing::error!(client = %tx.peer, sender = %log_safe(&tx.sender), "refused a message because the spool failed: {e}");
             session.queue_failed("spool write failed, try again later")

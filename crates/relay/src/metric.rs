@@ -141,7 +141,7 @@ pub const SPOOL_COMMIT_SECONDS: Metric = Metric {
     ..metric(
         poolrelay_spool::COMMIT_SECONDS,
         Kind::Histogram,
-        "Time to commit and fsync one spool batch.",
+        "Time to commit and fsync one spool batch (jetstream: one append until the quorum acknowledged it).",
         &[],
     )
 };
@@ -201,6 +201,13 @@ pub const RECOVERY_REMAINING: Metric = metric(
     "Queued messages the recovery after a restart has still to hand to the scheduler (an estimate; 0 once recovery ended).",
     &[],
 );
+/// Relays sharing a pool's rate limits.
+pub const CLUSTER_NODES: Metric = metric(
+    "poolrelay_cluster_nodes",
+    Kind::Gauge,
+    "Live relays draining the pool, this one included (1 with the embedded spool): each takes this share of the pool's rate limits.",
+    &["pool"],
+);
 /// Build information.
 pub const BUILD_INFO: Metric = metric(
     "poolrelay_build_info",
@@ -243,6 +250,7 @@ pub const ALL: &[Metric] = &[
     SIGNING_FAILURES,
     READY,
     RECOVERY_REMAINING,
+    CLUSTER_NODES,
     BUILD_INFO,
     RESIDENT_MEMORY,
     OPEN_FDS,

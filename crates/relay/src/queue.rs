@@ -3,12 +3,21 @@
 //! change of where a message stands (a retry time, an operator's move) goes
 //! through [`Queue`], which writes the spool first and schedules only once
 //! the write is durable, so the scheduler never holds an id the spool lost.
+//!
+//! On a shared spool ([`Spool::shared`]) nothing is scheduled here: the
+//! cluster hands each message to one relay when it is due (the feed in
+//! `lib.rs` puts it into the scheduler), and a message this relay is done
+//! with for now goes back to the cluster with its due time.
 
 use std::sync::Arc;
 
-use poolrelay_spool::{Envelope, QueueId, Spool, SpoolError};
+use poolrelay_spool::{Envelope, QueueId, Spool, SpoolError, now_ms};
 
 use crate::scheduler::Scheduler;
+
+/// How long a message this relay could not try (no host reachable) waits
+/// before the cluster offers it again, to any relay.
+const SHARED_REQUEUE_DELAY_MS: u64 = 1000;
 
 /// The spool and the scheduler, used together.
 #[derive(Clone)]
@@ -44,7 +53,9 @@ impl Queue {
         let due = envelope.next_attempt_ms;
         let mt_priority = envelope.mt_priority_or_default();
         let id = self.spool.append(envelope, message).await?;
-        self.scheduler.enqueue(id, &pool, due, mt_priority);
+        if self.spool.shared().is_none() {
+            self.scheduler.enqueue(id, &pool, due, mt_priority);
+        }
         Ok(id)
     }
 
@@ -65,12 +76,11 @@ impl Queue {
         let mt_priority = envelope.mt_priority_or_default();
         match self.spool.update(id, old_pool, envelope).await {
             Ok(()) => {
-                self.scheduler.enqueue(id, &pool, due, mt_priority);
+                self.retry_at(id, &pool, due, mt_priority);
                 Ok(())
             }
             Err(e) => {
-                self.scheduler
-                    .enqueue(id, old_pool, fallback_due, mt_priority);
+                self.retry_at(id, old_pool, fallback_due, mt_priority);
                 Err(e)
             }
         }
@@ -84,7 +94,21 @@ impl Queue {
     /// Puts a message back as ready without writing anything (nothing
     /// about it changed), with its MT-PRIORITY (0 when it has none).
     pub fn requeue(&self, id: QueueId, pool: &str, mt_priority: i8) {
-        self.scheduler.enqueue(id, pool, 0, mt_priority);
+        match self.spool.shared() {
+            // Soon, and to any relay: this one could not deliver it now.
+            Some(shared) => shared.hand_back(id, pool, now_ms() + SHARED_REQUEUE_DELAY_MS),
+            None => self.scheduler.enqueue(id, pool, 0, mt_priority),
+        }
+    }
+
+    /// Schedules a message whose stored envelope is current to be tried
+    /// at `due_ms`; on a shared spool, hands it back to the cluster, which
+    /// gives it to some relay then.
+    pub fn retry_at(&self, id: QueueId, pool: &str, due_ms: u64, mt_priority: i8) {
+        match self.spool.shared() {
+            Some(shared) => shared.hand_back(id, pool, due_ms),
+            None => self.scheduler.enqueue(id, pool, due_ms, mt_priority),
+        }
     }
 }
 

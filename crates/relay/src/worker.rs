@@ -22,7 +22,7 @@ use poolrelay_spool::{Envelope, Ret, format_id, now_ms};
 use crate::clock::Clock;
 use crate::delivery::{self, Attempt, Decision, Next, Policy};
 use crate::dsn;
-use crate::limits::Limits;
+use crate::limits::{Limits, Membership};
 use crate::metric;
 use crate::queue::Queue;
 use crate::scheduler::{Job, Lane, Picker};
@@ -36,6 +36,8 @@ pub struct Shared {
     pub health: Arc<Health>,
     /// The one DNS resolver, with its cache.
     pub dns: Dns,
+    /// The live relays sharing the rate limits.
+    pub membership: Membership,
 }
 
 /// The workers of one config: replaced as a whole on reload.
@@ -407,8 +409,7 @@ async fn apply(
             let due = if recorded { due } else { now_ms() + 60_000 };
             shared
                 .queue
-                .scheduler()
-                .enqueue(job.id, &job.pool, due, job.mt_priority);
+                .retry_at(job.id, &job.pool, due, job.mt_priority);
         }
     }
 }

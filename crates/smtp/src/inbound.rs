@@ -364,6 +364,13 @@ impl Session {
         format!("452 4.3.1 {}\r\n", printable(reason)).into_bytes()
     }
 
+    /// The reply to the final dot when a replicated queue could not take
+    /// the message now (no quorum): `451 4.3.0`, try again later.
+    pub fn queue_unavailable(&mut self, reason: &str) -> Vec<u8> {
+        self.end_await();
+        format!("451 4.3.0 {}\r\n", printable(reason)).into_bytes()
+    }
+
     /// True when the last [`Session::feed`] stopped because its replies
     /// reached [`MAX_UNWRITTEN_REPLIES`]: write them, then `feed(&[])`.
     pub fn paused(&self) -> bool {

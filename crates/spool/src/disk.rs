@@ -41,7 +41,8 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, KvSeparationOptions, Pers
 use tokio::sync::oneshot;
 
 use crate::{
-    AttemptRecord, Body, Durable, Envelope, Listed, QueueId, Spool, SpoolError, format_id, now_ms,
+    AttemptRecord, Body, Durable, Envelope, Inserted, Listed, QueueId, Spool, SpoolError,
+    format_id, now_ms,
 };
 
 impl From<fjall::Error> for SpoolError {
@@ -55,6 +56,12 @@ enum Op {
         envelope: Envelope,
         message: Vec<u8>,
         done: oneshot::Sender<Result<QueueId, SpoolError>>,
+    },
+    Insert {
+        id: QueueId,
+        envelope: Envelope,
+        message: Vec<u8>,
+        done: oneshot::Sender<Result<Inserted, SpoolError>>,
     },
     Update {
         id: QueueId,
@@ -77,6 +84,7 @@ enum Op {
 /// Reply channels of one batch, answered after its fsync.
 enum Done {
     Append(oneshot::Sender<Result<QueueId, SpoolError>>, QueueId),
+    Insert(oneshot::Sender<Result<Inserted, SpoolError>>, Inserted),
     Unit(oneshot::Sender<Result<(), SpoolError>>),
 }
 
@@ -183,7 +191,7 @@ impl Stores {
         if let Some(ks) = self.existing(pool) {
             return Ok(ks);
         }
-        if !valid_pool_name(pool) {
+        if !is_storable_pool_name(pool) {
             return Err(SpoolError::Storage(format!(
                 "invalid pool name {pool:?} (letters, digits, _ or -, at most 64)"
             )));
@@ -205,8 +213,10 @@ fn envelope_options() -> KeyspaceCreateOptions {
     KeyspaceCreateOptions::default().max_memtable_size(ENVELOPE_MEMTABLE)
 }
 
-/// Pool names as the config allows them; anything else never names a keyspace.
-fn valid_pool_name(pool: &str) -> bool {
+/// Whether the spool stores a pool of this name: letters, digits, `_` or
+/// `-`, at most 64 (every name the config allows); anything else never
+/// names a keyspace.
+pub fn is_storable_pool_name(pool: &str) -> bool {
     !pool.is_empty()
         && pool.len() <= 64
         && pool
@@ -284,6 +294,24 @@ impl Spool for FjallSpool {
         let (done, rx) = oneshot::channel();
         self.submit(
             Op::Append {
+                envelope,
+                message,
+                done,
+            },
+            rx,
+        )
+    }
+
+    fn insert_with_id(
+        &self,
+        id: QueueId,
+        envelope: Envelope,
+        message: Vec<u8>,
+    ) -> Durable<Inserted> {
+        let (done, rx) = oneshot::channel();
+        self.submit(
+            Op::Insert {
+                id,
                 envelope,
                 message,
                 done,
@@ -605,6 +633,9 @@ impl Op {
             Op::Append { done, .. } => {
                 let _ = done.send(Err(e));
             }
+            Op::Insert { done, .. } => {
+                let _ = done.send(Err(e));
+            }
             Op::Update { done, .. } | Op::Remove { done, .. } | Op::Hold { done, .. } => {
                 let _ = done.send(Err(e));
             }
@@ -626,7 +657,14 @@ fn open_stores(dir: &Path) -> Result<Stores, SpoolError> {
         // minimum) the small envelope memtables are flushed sooner instead.
         .max_journaling_size(64 * 1024 * 1024)
         .open()
-        .map_err(|e| SpoolError::Storage(format!("cannot open spool in {}: {e}", dir.display())))?;
+        .map_err(|e| match e {
+            // fjall's lock file: the relay holds it as long as it runs.
+            fjall::Error::Locked => SpoolError::Storage(format!(
+                "the spool in {} is in use by another process (a running relay?)",
+                dir.display()
+            )),
+            e => SpoolError::Storage(format!("cannot open spool in {}: {e}", dir.display())),
+        })?;
     let bodies = db.keyspace("bodies", || {
         KeyspaceCreateOptions::default()
             .max_memtable_size(BODY_MEMTABLE)
@@ -701,6 +739,8 @@ fn commit_batch(
     let mut batch = stores.db.batch().durability(Some(PersistMode::SyncData));
     let mut done = Vec::with_capacity(ops.len());
     let mut appended = Vec::new();
+    // Ids inserted by this batch, not yet readable from the store.
+    let mut inserted: HashMap<QueueId, Body> = HashMap::new();
     let mut failed: Option<SpoolError> = None;
     for op in ops.drain(..) {
         match op {
@@ -711,6 +751,26 @@ fn commit_batch(
             } if !room && envelope.listener != crate::OUTCOME_LISTENER => {
                 let _ = reply.send(Err(SpoolError::Full));
             }
+            Op::Insert { done: reply, .. } if !room => {
+                let _ = reply.send(Err(SpoolError::Full));
+            }
+            Op::Insert {
+                id,
+                envelope,
+                message,
+                done: reply,
+            } => match insert(stores, &mut batch, &mut inserted, id, &envelope, message) {
+                Ok(outcome) => {
+                    if outcome == Inserted::Stored {
+                        *last_id = (*last_id).max(id);
+                        appended.push((id, envelope.pool.clone()));
+                    }
+                    done.push(Done::Insert(reply, outcome));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
             Op::Append {
                 envelope,
                 message,
@@ -800,6 +860,9 @@ fn commit_batch(
             Done::Append(reply, id) => {
                 let _ = reply.send(result.map(|()| id));
             }
+            Done::Insert(reply, outcome) => {
+                let _ = reply.send(result.map(|()| outcome));
+            }
             Done::Unit(reply) => {
                 let _ = reply.send(result);
             }
@@ -809,6 +872,39 @@ fn commit_batch(
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// Adds message `id` to `batch` unless the id is taken, in the store or
+/// earlier in the same batch (`inserted`, which keeps the bytes of each).
+fn insert(
+    stores: &Stores,
+    batch: &mut fjall::OwnedWriteBatch,
+    inserted: &mut HashMap<QueueId, Body>,
+    id: QueueId,
+    envelope: &Envelope,
+    message: Vec<u8>,
+) -> Result<Inserted, SpoolError> {
+    let key = id.to_be_bytes();
+    let existing = match inserted.get(&id) {
+        Some(bytes) => Some(**bytes == *message.as_slice()),
+        None => stores
+            .bodies
+            .get(key)?
+            .map(|bytes| *bytes == *message.as_slice()),
+    };
+    match existing {
+        Some(true) => return Ok(Inserted::AlreadyThere),
+        Some(false) => return Ok(Inserted::Conflict),
+        None => {}
+    }
+    let ks = stores.envelopes_of(&envelope.pool)?;
+    let body = Body::from(message);
+    batch.insert(&stores.bodies, key, body.clone());
+    batch.insert(&ks, key, encode(envelope));
+    // A record left by a message once stored under this id must not apply.
+    forget_attempt(stores, batch, key);
+    inserted.insert(id, body);
+    Ok(Inserted::Stored)
 }
 
 #[cfg(test)]
@@ -956,6 +1052,38 @@ mod tests {
             spool.append(envelope("A"), b"y".to_vec()).await.unwrap()
         });
         assert!(second > first);
+    }
+
+    #[test]
+    fn an_inserted_id_is_kept_found_again_and_stays_below_new_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = (now_ms() + 60_000) << 16;
+        rt().block_on(async {
+            let spool = FjallSpool::open(dir.path()).unwrap();
+            // Twice in one batch, then again: stored once.
+            let first = spool.insert_with_id(id, envelope("B"), b"x".to_vec());
+            let twin = spool.insert_with_id(id, envelope("B"), b"x".to_vec());
+            assert_eq!(first.await.unwrap(), Inserted::Stored);
+            assert_eq!(twin.await.unwrap(), Inserted::AlreadyThere);
+            let again = spool.insert_with_id(id, envelope("B"), b"x".to_vec());
+            assert_eq!(again.await.unwrap(), Inserted::AlreadyThere);
+            let other = spool.insert_with_id(id, envelope("B"), b"y".to_vec());
+            assert_eq!(other.await.unwrap(), Inserted::Conflict);
+            let next = spool.append(envelope("A"), b"z".to_vec()).await.unwrap();
+            assert!(next > id, "appends stay above inserted ids");
+        });
+        let spool = FjallSpool::open(dir.path()).unwrap();
+        assert_eq!(spool.envelope(id, "B").unwrap().unwrap().pool, "B");
+        assert_eq!(&*spool.body(id).unwrap().unwrap(), b"x");
+        assert_eq!(spool.count("B").unwrap(), 1);
+    }
+
+    #[test]
+    fn a_spool_in_use_is_refused_saying_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let _running = FjallSpool::open(dir.path()).unwrap();
+        let error = FjallSpool::open(dir.path()).err().unwrap().to_string();
+        assert!(error.contains("in use by another process"), "{error}");
     }
 
     #[test]

@@ -11,18 +11,23 @@
 
 mod disk;
 mod envelope;
+mod jetstream;
 mod memory;
+mod nodes;
+pub mod transfer;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use disk::{FjallSpool, MinFree};
+pub use disk::{FjallSpool, MinFree, is_storable_pool_name};
 pub use envelope::{AttemptRecord, Envelope, Recipient, RecipientState};
+pub use jetstream::{JetStreamOptions, JetStreamSpool};
 pub use memory::MemorySpool;
 pub use poolrelay_smtp::{Reply, Ret};
 
-/// The histogram of commit (and fsync) times the embedded spool records;
+/// The histogram of commit (and fsync) times the embedded spool records,
+/// and of append times (until the quorum's acks) the replicated one does;
 /// declared with its help text in the relay's metric catalog.
 pub const COMMIT_SECONDS: &str = "poolrelay_spool_commit_seconds";
 
@@ -67,7 +72,8 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// A spool failure. The listener turns it into `452 4.3.1`.
+/// A spool failure. The listener turns it into `452 4.3.1`
+/// ([`SpoolError::Unavailable`]: `451 4.3.0`).
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     /// The store failed (disk full, I/O error, poisoned after a failed fsync).
@@ -88,6 +94,22 @@ pub enum SpoolError {
     /// The writer thread is gone (the spool is shutting down).
     #[error("spool writer has stopped")]
     Stopped,
+    /// A replicated store did not acknowledge in time (no quorum, or the
+    /// cluster cannot be reached): nothing was claimed, try again later.
+    #[error("replicated spool unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// What [`Spool::insert_with_id`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    /// The message is stored under the id given.
+    Stored,
+    /// The id already held the same bytes (an import repeated or resumed):
+    /// nothing was written.
+    AlreadyThere,
+    /// The id already held another message: nothing was written.
+    Conflict,
 }
 
 /// One record of a listing: its id and its envelope, or why it cannot be read.
@@ -99,6 +121,36 @@ pub type Listed = (QueueId, Result<Envelope, SpoolError>);
 pub trait Spool: Send + Sync + 'static {
     /// Stores a new message.
     fn append(&self, envelope: Envelope, message: Vec<u8>) -> Durable<QueueId>;
+
+    /// Stores a message under an id chosen elsewhere: `poolrelay spool
+    /// import` keeps the exporting spool's ids, so that importing a file
+    /// twice, or again after a crash, finds what is already there instead
+    /// of queueing it twice. Writes nothing when the id is taken (see
+    /// [`Inserted`]); ids given by later appends stay above every id
+    /// inserted. Like a new message, refused below the free-space floor.
+    /// A backend that cannot choose its ids refuses every import.
+    fn insert_with_id(
+        &self,
+        id: QueueId,
+        envelope: Envelope,
+        message: Vec<u8>,
+    ) -> Durable<Inserted> {
+        let _ = (id, envelope, message);
+        Box::pin(async {
+            Err(SpoolError::Storage(
+                "this spool backend cannot store messages under their original queue ids".into(),
+            ))
+        })
+    }
+
+    /// Waits until this spool's reads show everything the store holds, at
+    /// most `timeout`: a replicated store's local view follows the cluster
+    /// after connecting, and `poolrelay spool export` / `import` must not
+    /// read it half filled. A local store is current at once.
+    fn catch_up(&self, timeout: std::time::Duration) -> Result<(), SpoolError> {
+        let _ = timeout;
+        Ok(())
+    }
 
     /// Persists a changed envelope (attempt count, recipient states, pool).
     /// A pool change moves the record between pools.
@@ -205,7 +257,64 @@ pub trait Spool: Send + Sync + 'static {
 
     /// The pools recorded as held.
     fn held_pools(&self) -> Result<Vec<String>, SpoolError>;
+
+    /// The queue several relays share, when this store is one: the
+    /// cluster, not this relay, then decides who delivers which message.
+    /// `None` (the default): this relay alone delivers what it stores.
+    fn shared(&self) -> Option<&dyn SharedQueue> {
+        None
+    }
 }
+
+/// A queue shared by several relays: every stored message has one ticket
+/// that one relay at a time holds while it delivers; a ticket handed back
+/// with a delay comes back, to any relay, when the message is due.
+pub trait SharedQueue: Send + Sync {
+    /// Takes up to `max` tickets of `pool` whose messages are due, waiting
+    /// up to `wait` for one; returns their ids and envelopes. Tickets of
+    /// messages not yet due are handed back with the time left. The
+    /// envelope and body of a taken message are served from memory until
+    /// its ticket is handed back or the message is removed.
+    fn take(
+        &self,
+        pool: &str,
+        max: usize,
+        wait: std::time::Duration,
+    ) -> Durable<Vec<(QueueId, Envelope)>>;
+
+    /// Tickets of `pool` this relay holds now (taken, not yet handed back).
+    fn held_tickets(&self, pool: &str) -> usize;
+
+    /// Hands the ticket of `id` back, to come back (to any relay) at
+    /// `due_ms` (0 = at once). Without a ticket in hand, does nothing.
+    fn hand_back(&self, id: QueueId, pool: &str, due_ms: u64);
+
+    /// Hands back every ticket in hand, due at once: on a graceful stop,
+    /// so other relays take them without waiting for them to time out.
+    fn hand_back_all(&self) -> Durable<()>;
+
+    /// Makes every deferred message of `pool` due now, on every relay.
+    fn flush(&self, pool: &str) -> Durable<usize>;
+
+    /// The held pools as every relay sees them; changes when any relay
+    /// holds or releases a pool.
+    fn held_watch(&self) -> tokio::sync::watch::Receiver<std::collections::BTreeSet<String>>;
+
+    /// This relay's name among the relays sharing the queue (in logs).
+    fn node_id(&self) -> &str;
+
+    /// Records this relay as alive, draining `pools`, for a few seconds
+    /// (renewed every [`NODE_HEARTBEAT`]), and returns the pools of every
+    /// other live relay, one entry per relay: they share the pools' rate
+    /// limits.
+    fn announce(&self, pools: Vec<String>) -> Durable<Vec<Vec<String>>>;
+
+    /// Removes this relay from the live ones at once (a graceful stop).
+    fn withdraw(&self) -> Durable<()>;
+}
+
+/// How often a relay sharing a queue calls [`SharedQueue::announce`].
+pub const NODE_HEARTBEAT: std::time::Duration = nodes::HEARTBEAT;
 
 #[cfg(test)]
 mod tests {

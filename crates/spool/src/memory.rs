@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::{Body, Durable, Envelope, Listed, QueueId, Spool, SpoolError, now_ms};
+use crate::{Body, Durable, Envelope, Inserted, Listed, QueueId, Spool, SpoolError, now_ms};
 
 #[derive(Default)]
 struct State {
@@ -74,6 +74,27 @@ impl Spool for MemorySpool {
                 .or_default()
                 .insert(id, envelope);
             id
+        })
+    }
+
+    fn insert_with_id(
+        &self,
+        id: QueueId,
+        envelope: Envelope,
+        message: Vec<u8>,
+    ) -> Durable<Inserted> {
+        self.last_id.fetch_max(id, Ordering::Relaxed);
+        self.write(move |s| match s.bodies.get(&id) {
+            Some(body) if **body == *message.as_slice() => Inserted::AlreadyThere,
+            Some(_) => Inserted::Conflict,
+            None => {
+                s.bodies.insert(id, Body::from(message));
+                s.pools
+                    .entry(envelope.pool.clone())
+                    .or_default()
+                    .insert(id, envelope);
+                Inserted::Stored
+            }
         })
     }
 

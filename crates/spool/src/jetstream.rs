@@ -1,0 +1,1574 @@
+//! The replicated spool: a NATS JetStream cluster several relays share.
+//!
+//! Layout (prefix `P`, `replicas` copies of everything):
+//! - bucket `P_env`: one [`Record`] per message, key `<pool>.<id>`: the
+//!   envelope (per-recipient outcomes, attempt count), the generation of
+//!   its live ticket and the number of body chunks;
+//! - stream `P_bodies`: the message bytes, subject `P.body.<id>.<chunk>`,
+//!   chunks below the server's `max_payload`;
+//! - per pool, work-queue stream `P_q_<pool>` of tickets (subject
+//!   `P.q.<pool>`) with one durable pull consumer all relays share: a
+//!   relay holds a message while it holds its ticket (kept alive with
+//!   progress acks), a deferral naks the ticket with the time left, so the
+//!   server, not a poller, hands it out again when due;
+//! - bucket `P_held`: held pools, watched by every relay.
+//!
+//! The engine calls happen on the relay's runtime; every call to the
+//! cluster runs on this backend's own runtime thread, so the synchronous
+//! reads of the admin API never block a runtime worker for a network
+//! round trip except for a body not in memory. Envelopes are read from a
+//! cache every relay keeps by watching `P_env`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer, kv, stream};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::{
+    Body, Durable, Envelope, Inserted, Listed, QueueId, SharedQueue, Spool, SpoolError, format_id,
+    now_ms, parse_id,
+};
+
+/// How to reach the cluster and name things in it (`[spool]`).
+#[derive(Debug, Clone)]
+pub struct JetStreamOptions {
+    /// `nats://host:port` URLs.
+    pub servers: Vec<String>,
+    /// Copies of every stream and bucket.
+    pub replicas: usize,
+    /// Prefix of stream, bucket and subject names.
+    pub stream_prefix: String,
+    /// How long an append waits for the cluster's acknowledgements.
+    pub ack_timeout: Duration,
+    /// A NATS `.creds` file.
+    pub credentials_file: Option<PathBuf>,
+    /// PEM CA certificates for `tls://` servers.
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+/// The durable consumer every relay pulls a pool's tickets from.
+const CONSUMER: &str = "relays";
+/// How long the server waits for a ticket's ack (or progress) before it
+/// hands the ticket to another relay.
+const TICKET_ACK_WAIT: Duration = Duration::from_secs(30);
+/// How often tickets in hand are kept alive (well within the ack wait).
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// Tickets a pool may have handed out and not acked, deferred ones
+/// included (a nak with a delay keeps the ticket pending): high, so a
+/// long retry queue never stops a pool.
+const MAX_ACK_PENDING: i64 = 1_000_000;
+/// Writes other than appends (outcomes, removals) wait this long.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The chunk size when the server says nothing of its `max_payload`.
+const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+/// Room left in a chunk for the subject and headers of its message.
+const CHUNK_HEADROOM: usize = 4 * 1024;
+/// How long a removed envelope's delete marker stays for the watches.
+const MARKER_PURGE_DELAY: Duration = Duration::from_secs(5);
+/// A message due within this is taken now rather than naked again.
+const DUE_SLACK_MS: u64 = 50;
+
+/// What `P_env` holds per message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Record {
+    env: Envelope,
+    /// The generation of the message's live ticket: a flush bumps it and
+    /// publishes a fresh ticket; an older ticket is dropped when fetched.
+    #[serde(default)]
+    generation: u64,
+    /// Body chunks in `P_bodies`.
+    chunks: u32,
+}
+
+/// A ticket's payload.
+#[derive(Debug, Serialize, Deserialize)]
+struct Ticket {
+    id: QueueId,
+    generation: u64,
+}
+
+/// What a fetched ticket means, given its message's record as stored now.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    /// The message is gone (delivered, deleted, moved) or a flush gave it
+    /// a newer ticket: ack and forget this one.
+    Stale,
+    /// Not due yet: hand the ticket back for this long.
+    Later(Duration),
+    /// Deliver it now.
+    Due(Record),
+}
+
+fn verdict(ticket: &Ticket, record: Option<Record>, now_ms: u64) -> Verdict {
+    let Some(record) = record else {
+        return Verdict::Stale;
+    };
+    if ticket.generation < record.generation {
+        return Verdict::Stale;
+    }
+    if record.env.next_attempt_ms > now_ms + DUE_SLACK_MS {
+        return Verdict::Later(Duration::from_millis(record.env.next_attempt_ms - now_ms));
+    }
+    Verdict::Due(record)
+}
+
+/// A ticket this relay holds, with what the worker reads from memory.
+struct InHand {
+    pool: String,
+    msg: jetstream::Message,
+    record: Record,
+    body: Body,
+}
+
+/// The connection once the streams and buckets exist.
+struct Conn {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    env: kv::Store,
+    /// The stream under `env`, to purge the delete markers of removed
+    /// envelopes.
+    env_stream: stream::Stream,
+    held: kv::Store,
+    /// Live relays and the pools they drain (`nodes.rs`).
+    nodes: kv::Store,
+    bodies: stream::Stream,
+    chunk: usize,
+    consumers: tokio::sync::Mutex<HashMap<String, consumer::PullConsumer>>,
+}
+
+struct Inner {
+    opts: JetStreamOptions,
+    rt: tokio::runtime::Handle,
+    conn: OnceLock<Conn>,
+    /// Every message of the cluster by pool, from the watch of `P_env`
+    /// (and this relay's own writes at once).
+    cache: RwLock<BTreeMap<String, BTreeMap<QueueId, Record>>>,
+    in_hand: Mutex<HashMap<QueueId, InHand>>,
+    /// Pools configured here: their ticket streams are made at connect.
+    wanted: Mutex<BTreeSet<String>>,
+    held_tx: watch::Sender<BTreeSet<String>>,
+    node_tag: AtomicU64,
+    /// This relay's key in the nodes bucket.
+    node_id: String,
+    last_id: Mutex<QueueId>,
+    ready: AtomicBool,
+    /// The watches of `P_env` and of `P_held` delivered what the buckets
+    /// held when they started ([`Spool::catch_up`] waits for both).
+    env_current: AtomicBool,
+    held_current: AtomicBool,
+}
+
+/// The replicated spool; see the module documentation.
+#[derive(Clone)]
+pub struct JetStreamSpool {
+    inner: Arc<Inner>,
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> SpoolError {
+    SpoolError::Unavailable(format!("{what}: {e}"))
+}
+
+impl JetStreamSpool {
+    /// Starts the backend's runtime thread and, in the background, the
+    /// connection to the cluster, retried until it succeeds: until then
+    /// the spool is not writable (`/readyz` says 503) and appends fail.
+    pub fn open(opts: JetStreamOptions) -> Result<JetStreamSpool, SpoolError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("spool-jetstream".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("spool-jetstream-rt")
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = tx.send(Ok(rt.handle().clone()));
+                // The runtime lives as long as the process.
+                rt.block_on(std::future::pending::<()>());
+            })
+            .map_err(|e| SpoolError::Storage(format!("cannot start the spool thread: {e}")))?;
+        let rt = rx
+            .recv()
+            .map_err(|e| SpoolError::Storage(format!("spool thread failed: {e}")))?
+            .map_err(|e| SpoolError::Storage(format!("cannot start the spool runtime: {e}")))?;
+        let inner = Arc::new(Inner {
+            opts,
+            rt,
+            conn: OnceLock::new(),
+            cache: RwLock::default(),
+            in_hand: Mutex::default(),
+            wanted: Mutex::default(),
+            held_tx: watch::channel(BTreeSet::new()).0,
+            node_tag: AtomicU64::new(0),
+            node_id: crate::nodes::node_id(),
+            last_id: Mutex::new(0),
+            ready: AtomicBool::new(false),
+            env_current: AtomicBool::new(false),
+            held_current: AtomicBool::new(false),
+        });
+        let spool = JetStreamSpool { inner };
+        let connecting = spool.inner.clone();
+        spool
+            .inner
+            .rt
+            .spawn(async move { connecting.connect_loop().await });
+        Ok(spool)
+    }
+
+    /// Runs `fut` on the backend's runtime; the returned future may be
+    /// awaited on any runtime.
+    fn run<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, SpoolError>> + Send + 'static,
+    ) -> Durable<T> {
+        let handle = self.inner.rt.spawn(fut);
+        Box::pin(async move {
+            handle
+                .await
+                .map_err(|e| SpoolError::Storage(format!("spool task failed: {e}")))?
+        })
+    }
+
+    /// Runs `fut` on the backend's runtime and waits for it on this thread.
+    fn block<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, SpoolError>> + Send + 'static,
+    ) -> Result<T, SpoolError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.inner.rt.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv_timeout(WRITE_TIMEOUT + Duration::from_secs(1))
+            .map_err(|_| unavailable("reading the replicated spool", "timed out"))?
+    }
+}
+
+impl Inner {
+    fn conn(&self) -> Result<&Conn, SpoolError> {
+        self.conn.get().ok_or_else(|| {
+            SpoolError::Unavailable("not connected to the JetStream cluster yet".into())
+        })
+    }
+
+    fn prefix(&self) -> &str {
+        &self.opts.stream_prefix
+    }
+
+    fn key(pool: &str, id: QueueId) -> String {
+        format!("{pool}.{}", format_id(id))
+    }
+
+    fn body_subject(&self, id: QueueId, chunk: u32) -> String {
+        format!("{}.body.{}.{chunk}", self.prefix(), format_id(id))
+    }
+
+    fn ticket_subject(&self, pool: &str) -> String {
+        format!("{}.q.{pool}", self.prefix())
+    }
+
+    fn ticket_stream(&self, pool: &str) -> String {
+        format!("{}_q_{pool}", self.prefix())
+    }
+
+    /// Ids are `unix_ms << 16 | node << 8 | counter`: the node tag (from
+    /// a cluster-wide counter at connect) keeps two relays' ids apart.
+    fn next_id(&self) -> QueueId {
+        let tag = self.node_tag.load(Ordering::Relaxed) & 0xff;
+        let mut last = self.last_id.lock().unwrap_or_else(|e| e.into_inner());
+        let base = (now_ms() << 16) | (tag << 8);
+        let id = if base > *last {
+            base
+        } else if (*last & 0xff) < 0xff {
+            *last + 1
+        } else {
+            // 256 ids in one millisecond: borrow the next millisecond.
+            (((*last >> 16) + 1) << 16) | (tag << 8)
+        };
+        *last = id;
+        id
+    }
+
+    async fn connect_loop(self: Arc<Self>) {
+        let mut pause = Duration::from_millis(500);
+        let mut logged = false;
+        loop {
+            match self.try_connect().await {
+                Ok(conn) => {
+                    let _ = self.conn.set(conn);
+                    if let Err(e) = self.start_watches().await {
+                        tracing::error!(
+                            "replicated spool: cannot watch the cluster's buckets: {e}"
+                        );
+                    }
+                    self.ready.store(true, Ordering::Release);
+                    tracing::info!(servers = %self.opts.servers.join(","), "replicated spool: connected to the JetStream cluster");
+                    let keeper = self.clone();
+                    tokio::spawn(async move { keeper.keep_tickets_alive().await });
+                    return;
+                }
+                Err(e) => {
+                    if !logged {
+                        tracing::error!(servers = %self.opts.servers.join(","), "replicated spool: cannot reach the JetStream cluster: {e}; retrying (not ready meanwhile)");
+                        logged = true;
+                    } else {
+                        tracing::debug!("replicated spool: still cannot reach the cluster: {e}");
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn try_connect(&self) -> Result<Conn, String> {
+        let mut options = async_nats::ConnectOptions::new()
+            .name("poolrelay")
+            .connection_timeout(Duration::from_secs(5))
+            .max_reconnects(None);
+        if let Some(path) = &self.opts.credentials_file {
+            options = options.credentials_file(path).await.map_err(|e| {
+                format!("cannot read spool.credentials_file {}: {e}", path.display())
+            })?;
+        }
+        if let Some(path) = &self.opts.tls_ca_file {
+            options = options.add_root_certificates(path.clone());
+        }
+        let addrs: Vec<async_nats::ServerAddr> = self
+            .opts
+            .servers
+            .iter()
+            .map(|s| s.parse::<async_nats::ServerAddr>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("bad server address: {e}"))?;
+        let client = options
+            .connect(addrs)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let max_payload = client.server_info().max_payload;
+        let max_payload = if max_payload == 0 {
+            DEFAULT_MAX_PAYLOAD
+        } else {
+            max_payload
+        };
+        let chunk = max_payload.saturating_sub(CHUNK_HEADROOM).max(1024);
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(self.opts.ack_timeout);
+        let replicas = self.opts.replicas;
+        let env = ensure_bucket(&js, &format!("{}_env", self.prefix()), replicas).await?;
+        let held = ensure_bucket(&js, &format!("{}_held", self.prefix()), replicas).await?;
+        let nodes = crate::nodes::open(&js, self.prefix(), replicas).await?;
+        let bodies = js
+            .get_or_create_stream(stream::Config {
+                name: format!("{}_bodies", self.prefix()),
+                subjects: vec![format!("{}.body.>", self.prefix())],
+                num_replicas: replicas,
+                allow_direct: true,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("bodies stream: {e}"))?;
+        let tag = held
+            .put("node.tag", Bytes::from(now_ms().to_string()))
+            .await
+            .map_err(|e| format!("node tag: {e}"))?;
+        self.node_tag.store(tag, Ordering::Relaxed);
+        let env_stream = js
+            .get_stream(format!("KV_{}_env", self.prefix()))
+            .await
+            .map_err(|e| format!("envelope bucket's stream: {e}"))?;
+        let conn = Conn {
+            client,
+            js,
+            env,
+            env_stream,
+            held,
+            nodes,
+            bodies,
+            chunk,
+            consumers: tokio::sync::Mutex::default(),
+        };
+        let wanted: Vec<String> = self
+            .wanted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        for pool in wanted {
+            self.consumer_in(&conn, &pool)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(conn)
+    }
+
+    /// Fills the envelope cache and the held set, and keeps them current.
+    async fn start_watches(self: &Arc<Self>) -> Result<(), String> {
+        let conn = self.conn().map_err(|e| e.to_string())?;
+        // An empty bucket's watch delivers nothing to say it is current.
+        let empty = |mut stream: stream::Stream| async move {
+            stream
+                .info()
+                .await
+                .map(|info| info.state.messages == 0)
+                .map_err(|e| format!("reading a bucket's state: {e}"))
+        };
+        if empty(conn.env.stream.clone()).await? {
+            self.env_current.store(true, Ordering::Release);
+        }
+        if empty(conn.held.stream.clone()).await? {
+            self.held_current.store(true, Ordering::Release);
+        }
+        // With history: what the buckets hold already, then every change.
+        let mut envs = conn
+            .env
+            .watch_with_history(">")
+            .await
+            .map_err(|e| format!("watch envelopes: {e}"))?;
+        let me = self.clone();
+        tokio::spawn(async move {
+            while let Some(entry) = envs.next().await {
+                match entry {
+                    Ok(entry) => me.apply_entry(entry),
+                    Err(e) => tracing::warn!("replicated spool: envelope watch: {e}"),
+                }
+            }
+            tracing::error!(
+                "replicated spool: the envelope watch ended; the admin API's view may go stale"
+            );
+        });
+        let mut holds = conn
+            .held
+            .watch_with_history(">")
+            .await
+            .map_err(|e| format!("watch holds: {e}"))?;
+        let me = self.clone();
+        tokio::spawn(async move {
+            while let Some(entry) = holds.next().await {
+                let Ok(entry) = entry else { continue };
+                if entry.delta == 0 {
+                    me.held_current.store(true, Ordering::Release);
+                }
+                if entry.key.contains('.') {
+                    continue;
+                }
+                let held = entry.operation == kv::Operation::Put;
+                me.held_tx.send_if_modified(|set| {
+                    if held {
+                        set.insert(entry.key.clone())
+                    } else {
+                        set.remove(&entry.key)
+                    }
+                });
+            }
+        });
+        Ok(())
+    }
+
+    fn apply_entry(&self, entry: kv::Entry) {
+        // The last of what the bucket held when the watch started.
+        if entry.delta == 0 {
+            self.env_current.store(true, Ordering::Release);
+        }
+        let Some((pool, id)) = entry.key.split_once('.') else {
+            return;
+        };
+        let Some(id) = parse_id(id) else { return };
+        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+        if entry.operation == kv::Operation::Put {
+            match serde_json::from_slice::<Record>(&entry.value) {
+                Ok(record) => {
+                    cache
+                        .entry(pool.to_string())
+                        .or_default()
+                        .insert(id, record);
+                }
+                Err(e) => {
+                    tracing::error!(queue_id = %format_id(id), "replicated spool: undecodable envelope: {e}")
+                }
+            }
+        } else if let Some(p) = cache.get_mut(pool) {
+            p.remove(&id);
+        }
+    }
+
+    fn cache_put(&self, pool: &str, id: QueueId, record: Record) {
+        self.cache
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(pool.to_string())
+            .or_default()
+            .insert(id, record);
+    }
+
+    fn cache_remove(&self, pool: &str, id: QueueId) {
+        if let Some(p) = self
+            .cache
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(pool)
+        {
+            p.remove(&id);
+        }
+    }
+
+    fn cached(&self, pool: &str, id: QueueId) -> Option<Record> {
+        self.cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(pool)
+            .and_then(|p| p.get(&id))
+            .cloned()
+    }
+
+    /// The pool's ticket stream and consumer, made when missing.
+    async fn consumer_in(
+        &self,
+        conn: &Conn,
+        pool: &str,
+    ) -> Result<consumer::PullConsumer, SpoolError> {
+        let mut consumers = conn.consumers.lock().await;
+        if let Some(c) = consumers.get(pool) {
+            return Ok(c.clone());
+        }
+        let stream = conn
+            .js
+            .get_or_create_stream(stream::Config {
+                name: self.ticket_stream(pool),
+                subjects: vec![self.ticket_subject(pool)],
+                retention: stream::RetentionPolicy::WorkQueue,
+                num_replicas: self.opts.replicas,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable("creating the pool's ticket stream", e))?;
+        let consumer = stream
+            .get_or_create_consumer(
+                CONSUMER,
+                consumer::pull::Config {
+                    durable_name: Some(CONSUMER.to_string()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: TICKET_ACK_WAIT,
+                    max_deliver: -1,
+                    max_ack_pending: MAX_ACK_PENDING,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| unavailable("creating the pool's ticket consumer", e))?;
+        consumers.insert(pool.to_string(), consumer.clone());
+        Ok(consumer)
+    }
+
+    async fn publish_ticket(
+        &self,
+        conn: &Conn,
+        pool: &str,
+        id: QueueId,
+        generation: u64,
+    ) -> Result<(), SpoolError> {
+        self.consumer_in(conn, pool).await?;
+        let payload = Bytes::from(
+            serde_json::to_vec(&Ticket { id, generation })
+                .map_err(|e| SpoolError::Storage(format!("encoding a ticket: {e}")))?,
+        );
+        let msg_id = format!("{}-{generation}", format_id(id));
+        retrying("publishing a ticket", || {
+            publish_acked(
+                &conn.js,
+                self.ticket_subject(pool),
+                &msg_id,
+                payload.clone(),
+            )
+        })
+        .await
+    }
+
+    async fn put_record(
+        &self,
+        conn: &Conn,
+        pool: &str,
+        id: QueueId,
+        record: &Record,
+    ) -> Result<(), SpoolError> {
+        let value = Bytes::from(
+            serde_json::to_vec(record)
+                .map_err(|e| SpoolError::Storage(format!("encoding an envelope: {e}")))?,
+        );
+        retrying("storing an envelope", || async {
+            conn.env
+                .put(Self::key(pool, id), value.clone())
+                .await
+                .map_err(|e| unavailable("storing an envelope", e))
+        })
+        .await?;
+        self.cache_put(pool, id, record.clone());
+        Ok(())
+    }
+
+    async fn append(
+        self: Arc<Self>,
+        envelope: Envelope,
+        message: Vec<u8>,
+    ) -> Result<QueueId, SpoolError> {
+        let conn = self.conn()?;
+        let id = self.next_id();
+        let pool = envelope.pool.clone();
+        let started = std::time::Instant::now();
+        let written = tokio::time::timeout(self.opts.ack_timeout, async {
+            retrying("making the pool's ticket stream", || {
+                self.consumer_in(conn, &pool)
+            })
+            .await?;
+            let body = Bytes::from(message);
+            let mut chunks = 0u32;
+            for start in (0..body.len()).step_by(conn.chunk) {
+                let chunk = body.slice(start..(start + conn.chunk).min(body.len()));
+                let msg_id = format!("{}.{chunks}", format_id(id));
+                let subject = self.body_subject(id, chunks);
+                retrying("publishing the body", || {
+                    publish_acked(&conn.js, subject.clone(), &msg_id, chunk.clone())
+                })
+                .await?;
+                chunks += 1;
+            }
+            let record = Record {
+                env: envelope,
+                generation: 0,
+                chunks,
+            };
+            let value = Bytes::from(
+                serde_json::to_vec(&record)
+                    .map_err(|e| SpoolError::Storage(format!("encoding an envelope: {e}")))?,
+            );
+            // `create` refuses an id another relay holds; a retry after a
+            // lost ack finds its own write there, so it puts.
+            let mut first = true;
+            retrying("storing the envelope", || {
+                let fresh = std::mem::replace(&mut first, false);
+                let (key, value) = (Self::key(&pool, id), value.clone());
+                async move {
+                    if fresh {
+                        conn.env
+                            .create(key, value)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| unavailable("storing the envelope", e))
+                    } else {
+                        conn.env
+                            .put(key, value)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| unavailable("storing the envelope", e))
+                    }
+                }
+            })
+            .await?;
+            self.cache_put(&pool, id, record);
+            self.publish_ticket(conn, &pool, id, 0).await
+        })
+        .await;
+        let result = match written {
+            Ok(r) => r,
+            Err(_) => Err(SpoolError::Unavailable(format!(
+                "the cluster did not acknowledge within {:?} (no quorum?)",
+                self.opts.ack_timeout
+            ))),
+        };
+        match result {
+            Ok(()) => {
+                metrics::histogram!(crate::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+                Ok(id)
+            }
+            Err(e) => {
+                // Nothing is claimed: take back whatever was written, so a
+                // ticket that did get through finds no envelope and is dropped.
+                self.cache_remove(&pool, id);
+                let me = self.clone();
+                tokio::spawn(async move {
+                    if let Ok(conn) = me.conn() {
+                        let _ = conn.env.delete(Self::key(&pool, id)).await;
+                        let _ = conn
+                            .bodies
+                            .purge()
+                            .filter(format!("{}.body.{}.>", me.prefix(), format_id(id)))
+                            .await;
+                    }
+                });
+                Err(e)
+            }
+        }
+    }
+
+    /// [`Spool::insert_with_id`]: like an append under a given id. An id
+    /// already stored with the same bytes gets a fresh ticket (a newer
+    /// generation: an older ticket is dropped when fetched), so an import
+    /// stopped between an envelope and its ticket leaves no message that
+    /// no relay is ever handed.
+    async fn insert(
+        self: Arc<Self>,
+        id: QueueId,
+        envelope: Envelope,
+        message: Vec<u8>,
+    ) -> Result<Inserted, SpoolError> {
+        let conn = self.conn()?;
+        let existing = {
+            let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
+            cache
+                .iter()
+                .find_map(|(pool, p)| p.get(&id).map(|r| (pool.clone(), r.clone())))
+        };
+        let written = tokio::time::timeout(self.opts.ack_timeout, async {
+            if let Some((pool, mut record)) = existing {
+                if *self.read_body(id, record.chunks).await? != *message.as_slice() {
+                    return Ok(Inserted::Conflict);
+                }
+                record.generation += 1;
+                self.put_record(conn, &pool, id, &record).await?;
+                self.publish_ticket(conn, &pool, id, record.generation)
+                    .await?;
+                return Ok(Inserted::AlreadyThere);
+            }
+            {
+                let mut last = self.last_id.lock().unwrap_or_else(|e| e.into_inner());
+                *last = (*last).max(id);
+            }
+            let pool = envelope.pool.clone();
+            retrying("making the pool's ticket stream", || {
+                self.consumer_in(conn, &pool)
+            })
+            .await?;
+            let body = Bytes::from(message);
+            let mut chunks = 0u32;
+            for start in (0..body.len()).step_by(conn.chunk) {
+                let chunk = body.slice(start..(start + conn.chunk).min(body.len()));
+                // As an append's: a chunk published again by a resumed
+                // import is a duplicate the server drops.
+                let msg_id = format!("{}.{chunks}", format_id(id));
+                let subject = self.body_subject(id, chunks);
+                retrying("publishing the body", || {
+                    publish_acked(&conn.js, subject.clone(), &msg_id, chunk.clone())
+                })
+                .await?;
+                chunks += 1;
+            }
+            let record = Record {
+                env: envelope,
+                generation: 0,
+                chunks,
+            };
+            self.put_record(conn, &pool, id, &record).await?;
+            self.publish_ticket(conn, &pool, id, 0).await?;
+            Ok(Inserted::Stored)
+        })
+        .await;
+        written.unwrap_or_else(|_| {
+            Err(SpoolError::Unavailable(format!(
+                "the cluster did not acknowledge within {:?} (no quorum?)",
+                self.opts.ack_timeout
+            )))
+        })
+    }
+
+    /// [`Spool::catch_up`]: connected, and both watches delivered what
+    /// the buckets held when they started.
+    async fn catch_up(self: Arc<Self>) -> Result<(), SpoolError> {
+        while !(self.ready.load(Ordering::Acquire)
+            && self.env_current.load(Ordering::Acquire)
+            && self.held_current.load(Ordering::Acquire))
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    async fn read_body(&self, id: QueueId, chunks: u32) -> Result<Body, SpoolError> {
+        let conn = self.conn()?;
+        let mut bytes = Vec::new();
+        for i in 0..chunks {
+            let subject = self.body_subject(id, i);
+            // Any replica answers a direct get, so a stream electing a
+            // leader still serves bodies; the leader is asked when a
+            // replica lags behind.
+            let payload = match conn.bodies.direct_get_last_for_subject(&subject).await {
+                Ok(m) => m.payload,
+                Err(_) => {
+                    conn.bodies
+                        .get_last_raw_message_by_subject(&subject)
+                        .await
+                        .map_err(|e| {
+                            unavailable(&format!("reading body chunk {i} of {}", format_id(id)), e)
+                        })?
+                        .payload
+                }
+            };
+            bytes.extend_from_slice(&payload);
+        }
+        Ok(Body::from(bytes))
+    }
+
+    async fn take(
+        self: Arc<Self>,
+        pool: String,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<(QueueId, Envelope)>, SpoolError> {
+        let conn = self.conn()?;
+        let consumer = self.consumer_in(conn, &pool).await?;
+        let mut taken = Vec::new();
+        // What is there now, at once; when nothing is, wait for one ticket
+        // (a long poll: no relay polls an idle queue in a loop).
+        // A pull request the server lost (its stream's leader died) is
+        // never answered: never wait for one longer than this.
+        let patience = wait + Duration::from_secs(2);
+        let now = tokio::time::timeout(
+            patience,
+            consumer.fetch().max_messages(max.max(1)).messages(),
+        )
+        .await
+        .map_err(|_| unavailable("fetching tickets", "timed out"))?
+        .map_err(|e| unavailable("fetching tickets", e))?;
+        let fetched = self
+            .accept_batch(conn, &pool, now, patience, &mut taken)
+            .await;
+        if fetched == 0 {
+            let waited = tokio::time::timeout(
+                patience,
+                consumer.batch().max_messages(1).expires(wait).messages(),
+            )
+            .await
+            .map_err(|_| unavailable("waiting for tickets", "timed out"))?
+            .map_err(|e| unavailable("waiting for tickets", e))?;
+            self.accept_batch(conn, &pool, waited, patience, &mut taken)
+                .await;
+        }
+        Ok(taken)
+    }
+
+    /// Accepts the tickets of one pull request; how many arrived.
+    async fn accept_batch(
+        &self,
+        conn: &Conn,
+        pool: &str,
+        mut batch: consumer::pull::Batch,
+        patience: Duration,
+        taken: &mut Vec<(QueueId, Envelope)>,
+    ) -> usize {
+        let mut arrived = 0;
+        while let Ok(Some(msg)) = tokio::time::timeout(patience, batch.next()).await {
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::debug!("replicated spool: ticket fetch: {e}");
+                    break;
+                }
+            };
+            arrived += 1;
+            if let Some(t) = self.accept_ticket(conn, pool, msg).await {
+                taken.push(t);
+            }
+        }
+        arrived
+    }
+
+    /// Decides what a fetched ticket means: a due message (read and kept
+    /// in hand), or one to drop or to hand back for later.
+    async fn accept_ticket(
+        &self,
+        conn: &Conn,
+        pool: &str,
+        msg: jetstream::Message,
+    ) -> Option<(QueueId, Envelope)> {
+        let Ok(ticket) = serde_json::from_slice::<Ticket>(&msg.payload) else {
+            tracing::error!(pool = %pool, "replicated spool: undecodable ticket dropped");
+            let _ = msg.ack().await;
+            return None;
+        };
+        let id = ticket.id;
+        // The same message again (our hold lapsed, or a flush): the newest
+        // delivery is the live one, and the message is scheduled already.
+        let again = self
+            .in_hand
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .map(|held| held.record.generation);
+        if let Some(generation) = again {
+            if ticket.generation >= generation {
+                if let Some(held) = self
+                    .in_hand
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_mut(&id)
+                {
+                    held.msg = msg;
+                }
+            } else {
+                let _ = msg.ack().await;
+            }
+            return None;
+        }
+        // Read from the bucket's leader, never a replica (as a direct get
+        // may): a replica a moment behind would not have the envelope of a
+        // message just accepted, and its ticket would be dropped as stale.
+        let subject = format!("$KV.{}_env.{}", self.prefix(), Self::key(pool, id));
+        let record = match conn
+            .env_stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            // A delete or purge marker: the message is gone.
+            Ok(m) if m.headers.get("KV-Operation").is_some() => None,
+            Ok(m) => match serde_json::from_slice::<Record>(&m.payload) {
+                Ok(record) => Some(record),
+                Err(e) => {
+                    tracing::error!(queue_id = %format_id(id), pool = %pool, "replicated spool: undecodable envelope: {e}; its ticket is dropped, the record left in the bucket for the operator");
+                    None
+                }
+            },
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => None,
+            Err(e) => {
+                tracing::warn!(queue_id = %format_id(id), "replicated spool: cannot read the envelope: {e}; ticket back in 1s");
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+                return None;
+            }
+        };
+        let record = match verdict(&ticket, record, now_ms()) {
+            Verdict::Stale => {
+                let _ = msg.ack().await;
+                return None;
+            }
+            Verdict::Later(delay) => {
+                let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+                return None;
+            }
+            Verdict::Due(record) => record,
+        };
+        let body = match self.read_body(id, record.chunks).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(queue_id = %format_id(id), "replicated spool: {e}; ticket back in 1s");
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+                return None;
+            }
+        };
+        let envelope = record.env.clone();
+        self.cache_put(pool, id, record.clone());
+        self.in_hand
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                id,
+                InHand {
+                    pool: pool.to_string(),
+                    msg,
+                    record,
+                    body,
+                },
+            );
+        Some((id, envelope))
+    }
+
+    async fn keep_tickets_alive(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(PROGRESS_EVERY).await;
+            let msgs: Vec<jetstream::Message> = self
+                .in_hand
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .map(|h| h.msg.clone())
+                .collect();
+            for m in msgs {
+                if let Err(e) = m.ack_with(AckKind::Progress).await {
+                    tracing::debug!("replicated spool: progress ack: {e}");
+                }
+            }
+        }
+    }
+
+    async fn update(
+        self: Arc<Self>,
+        id: QueueId,
+        old_pool: String,
+        envelope: Envelope,
+    ) -> Result<(), SpoolError> {
+        let conn = self.conn()?;
+        let new_pool = envelope.pool.clone();
+        let previous = {
+            let in_hand = self.in_hand.lock().unwrap_or_else(|e| e.into_inner());
+            in_hand.get(&id).map(|h| h.record.clone())
+        }
+        .or_else(|| self.cached(&old_pool, id));
+        let Some(previous) = previous else {
+            return Ok(());
+        };
+        let record = Record {
+            env: envelope,
+            generation: previous.generation,
+            chunks: previous.chunks,
+        };
+        let write = async {
+            self.put_record(conn, &new_pool, id, &record).await?;
+            if new_pool != old_pool {
+                retrying("removing the old envelope", || async {
+                    conn.env
+                        .delete(Self::key(&old_pool, id))
+                        .await
+                        .map_err(|e| unavailable("removing the old envelope", e))
+                })
+                .await?;
+                self.cache_remove(&old_pool, id);
+                self.clone().purge_marker_later(Self::key(&old_pool, id));
+                self.publish_ticket(conn, &new_pool, id, record.generation)
+                    .await?;
+                let old = self
+                    .in_hand
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                if let Some(old) = old {
+                    let _ = old.msg.ack().await;
+                }
+            } else {
+                let mut in_hand = self.in_hand.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(h) = in_hand.get_mut(&id) {
+                    h.record = record.clone();
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(WRITE_TIMEOUT, write)
+            .await
+            .map_err(|_| unavailable("updating an envelope", "timed out"))?
+    }
+
+    /// A KV delete leaves a marker per key, forever: one per message ever
+    /// delivered. Once every relay's watch has seen it (seconds), the
+    /// key's subject is purged, marker and all. A relay whose watch was
+    /// cut meanwhile may keep the envelope in its admin view until it
+    /// restarts; deliveries read the bucket itself, never that view.
+    fn purge_marker_later(self: Arc<Self>, key: String) {
+        tokio::spawn(async move {
+            tokio::time::sleep(MARKER_PURGE_DELAY).await;
+            let Ok(conn) = self.conn() else { return };
+            let subject = format!("$KV.{}_env.{key}", self.prefix());
+            if let Err(e) = conn.env_stream.purge().filter(subject).await {
+                tracing::debug!("replicated spool: cannot purge a delete marker: {e}");
+            }
+        });
+    }
+
+    async fn remove(self: Arc<Self>, id: QueueId, pool: String) -> Result<(), SpoolError> {
+        let conn = self.conn()?;
+        let write = async {
+            retrying("removing an envelope", || async {
+                conn.env
+                    .delete(Self::key(&pool, id))
+                    .await
+                    .map_err(|e| unavailable("removing an envelope", e))
+            })
+            .await?;
+            self.cache_remove(&pool, id);
+            self.clone().purge_marker_later(Self::key(&pool, id));
+            // The envelope is gone, so the message is: the ticket's ack and
+            // the body's purge no longer depend on each other.
+            let held = self
+                .in_hand
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            let ack = async {
+                if let Some(h) = held {
+                    let _ = h.msg.double_ack().await;
+                }
+            };
+            let purge = retrying("removing a body", || async {
+                conn.bodies
+                    .purge()
+                    .filter(format!("{}.body.{}.>", self.prefix(), format_id(id)))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| unavailable("removing a body", e))
+            });
+            let ((), purged) = tokio::join!(ack, purge);
+            purged
+        };
+        tokio::time::timeout(WRITE_TIMEOUT, write)
+            .await
+            .map_err(|_| unavailable("removing a message", "timed out"))?
+    }
+
+    async fn flush(self: Arc<Self>, pool: String) -> Result<usize, SpoolError> {
+        let conn = self.conn()?;
+        let now = now_ms();
+        let deferred: Vec<(QueueId, Record)> = self
+            .cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&pool)
+            .map(|p| {
+                p.iter()
+                    .filter(|(_, r)| r.env.next_attempt_ms > now)
+                    .map(|(id, r)| (*id, r.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut flushed = 0;
+        for (id, mut record) in deferred {
+            if self
+                .in_hand
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&id)
+            {
+                continue;
+            }
+            record.generation += 1;
+            record.env.next_attempt_ms = 0;
+            self.put_record(conn, &pool, id, &record).await?;
+            self.publish_ticket(conn, &pool, id, record.generation)
+                .await?;
+            flushed += 1;
+        }
+        Ok(flushed)
+    }
+}
+
+/// Runs `op` until it succeeds: a stream whose leader is being elected
+/// answers at once with an error, so the write is tried again while the
+/// caller's deadline (its `timeout`) lasts.
+async fn retrying<T, F, Fut>(what: &str, mut op: F) -> Result<T, SpoolError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, SpoolError>>,
+{
+    let mut pause = Duration::from_millis(25);
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                tracing::debug!("replicated spool: {what}: {e}; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(400));
+            }
+        }
+    }
+}
+
+/// Publishes `payload` to a stream and waits for its ack; `msg_id` lets
+/// the server drop the copy a retry may publish again.
+async fn publish_acked(
+    js: &jetstream::Context,
+    subject: String,
+    msg_id: &str,
+    payload: Bytes,
+) -> Result<(), SpoolError> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", msg_id);
+    js.publish_with_headers(subject, headers, payload)
+        .await
+        .map_err(|e| unavailable("publishing", e))?
+        .await
+        .map_err(|e| unavailable("not acknowledged", e))?;
+    Ok(())
+}
+
+/// The bucket `name`, made when missing. Made as its stream (what
+/// async-nats' `create_key_value` makes) because that call first reads the
+/// account info in a shape nats-server 2.9 does not send.
+async fn ensure_bucket(
+    js: &jetstream::Context,
+    name: &str,
+    replicas: usize,
+) -> Result<kv::Store, String> {
+    if let Ok(store) = js.get_key_value(name).await {
+        return Ok(store);
+    }
+    let made = js
+        .create_stream(stream::Config {
+            name: format!("KV_{name}"),
+            subjects: vec![format!("$KV.{name}.>")],
+            max_messages_per_subject: 1,
+            storage: stream::StorageType::File,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            num_replicas: replicas,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await;
+    match js.get_key_value(name).await {
+        Ok(store) => Ok(store),
+        Err(e) => Err(match made {
+            Err(made) => format!("bucket {name}: {made}"),
+            Ok(_) => format!("bucket {name}: {e}"),
+        }),
+    }
+}
+
+impl Spool for JetStreamSpool {
+    fn append(&self, envelope: Envelope, message: Vec<u8>) -> Durable<QueueId> {
+        self.run(self.inner.clone().append(envelope, message))
+    }
+
+    fn insert_with_id(
+        &self,
+        id: QueueId,
+        envelope: Envelope,
+        message: Vec<u8>,
+    ) -> Durable<Inserted> {
+        self.run(self.inner.clone().insert(id, envelope, message))
+    }
+
+    fn catch_up(&self, timeout: Duration) -> Result<(), SpoolError> {
+        let inner = self.inner.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.inner.rt.spawn(async move {
+            let _ = tx.send(inner.catch_up().await);
+        });
+        rx.recv_timeout(timeout).map_err(|_| {
+            unavailable(
+                "catching up with the JetStream cluster",
+                format!("not done within {timeout:?} (is the cluster up?)"),
+            )
+        })?
+    }
+
+    fn update(&self, id: QueueId, old_pool: &str, envelope: Envelope) -> Durable<()> {
+        self.run(
+            self.inner
+                .clone()
+                .update(id, old_pool.to_string(), envelope),
+        )
+    }
+
+    fn remove(&self, id: QueueId, pool: &str) -> Durable<()> {
+        self.run(self.inner.clone().remove(id, pool.to_string()))
+    }
+
+    fn envelope(&self, id: QueueId, pool: &str) -> Result<Option<Envelope>, SpoolError> {
+        if let Some(h) = self
+            .inner
+            .in_hand
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .filter(|h| h.pool == pool)
+        {
+            return Ok(Some(h.record.env.clone()));
+        }
+        Ok(self.inner.cached(pool, id).map(|r| r.env))
+    }
+
+    fn body(&self, id: QueueId) -> Result<Option<Body>, SpoolError> {
+        if let Some(h) = self
+            .inner
+            .in_hand
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+        {
+            return Ok(Some(h.body.clone()));
+        }
+        let chunks = {
+            let cache = self.inner.cache.read().unwrap_or_else(|e| e.into_inner());
+            cache.values().find_map(|p| p.get(&id)).map(|r| r.chunks)
+        };
+        let Some(chunks) = chunks else {
+            return Ok(None);
+        };
+        let inner = self.inner.clone();
+        self.block(async move { inner.read_body(id, chunks).await })
+            .map(Some)
+    }
+
+    fn recover(&self, _visit: &mut dyn FnMut(QueueId, Envelope)) -> Result<(), SpoolError> {
+        // The cluster hands messages out by ticket; nothing to scan.
+        Ok(())
+    }
+
+    fn opened_bound(&self) -> QueueId {
+        0
+    }
+
+    fn count(&self, pool: &str) -> Result<usize, SpoolError> {
+        Ok(self
+            .inner
+            .cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(pool)
+            .map_or(0, BTreeMap::len))
+    }
+
+    fn pools(&self) -> Vec<String> {
+        let mut pools: BTreeSet<String> = self
+            .inner
+            .cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, p)| !p.is_empty())
+            .map(|(name, _)| name.clone())
+            .collect();
+        pools.extend(
+            self.inner
+                .wanted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned(),
+        );
+        pools.into_iter().collect()
+    }
+
+    fn prepare_pool(&self, pool: &str) -> Result<(), SpoolError> {
+        self.inner
+            .wanted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pool.to_string());
+        if self.inner.conn.get().is_some() {
+            let inner = self.inner.clone();
+            let pool = pool.to_string();
+            self.inner.rt.spawn(async move {
+                if let Ok(conn) = inner.conn()
+                    && let Err(e) = inner.consumer_in(conn, &pool).await
+                {
+                    tracing::warn!(pool = %pool, "replicated spool: cannot make the pool's ticket stream now: {e}; made with its first message");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    fn list(
+        &self,
+        pool: &str,
+        after: Option<QueueId>,
+        limit: usize,
+    ) -> Result<Vec<Listed>, SpoolError> {
+        let cache = self.inner.cache.read().unwrap_or_else(|e| e.into_inner());
+        let Some(p) = cache.get(pool) else {
+            return Ok(Vec::new());
+        };
+        let start = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+        Ok(p.range((start, std::ops::Bound::Unbounded))
+            .take(limit)
+            .map(|(id, r)| (*id, Ok(r.env.clone())))
+            .collect())
+    }
+
+    fn find(&self, id: QueueId) -> Result<Option<Envelope>, SpoolError> {
+        let cache = self.inner.cache.read().unwrap_or_else(|e| e.into_inner());
+        Ok(cache
+            .values()
+            .find_map(|p| p.get(&id))
+            .map(|r| r.env.clone()))
+    }
+
+    fn is_writable(&self) -> bool {
+        self.inner.ready.load(Ordering::Acquire)
+            && self.inner.conn.get().is_some_and(|c| {
+                c.client.connection_state() == async_nats::connection::State::Connected
+            })
+    }
+
+    fn is_failed(&self) -> bool {
+        // Outcomes wait in the worker until the cluster answers again.
+        false
+    }
+
+    fn set_held(&self, pool: &str, held: bool) -> Durable<()> {
+        let inner = self.inner.clone();
+        let pool = pool.to_string();
+        self.run(async move {
+            let conn = inner.conn()?;
+            if held {
+                conn.held
+                    .put(pool.as_str(), Bytes::from_static(b"1"))
+                    .await
+                    .map_err(|e| unavailable("recording a hold", e))?;
+            } else {
+                conn.held
+                    .delete(pool.as_str())
+                    .await
+                    .map_err(|e| unavailable("recording a release", e))?;
+            }
+            inner.held_tx.send_if_modified(|set| {
+                if held {
+                    set.insert(pool.clone())
+                } else {
+                    set.remove(&pool)
+                }
+            });
+            Ok(())
+        })
+    }
+
+    fn held_pools(&self) -> Result<Vec<String>, SpoolError> {
+        Ok(self.inner.held_tx.borrow().iter().cloned().collect())
+    }
+
+    fn shared(&self) -> Option<&dyn SharedQueue> {
+        Some(self)
+    }
+}
+
+impl SharedQueue for JetStreamSpool {
+    fn take(&self, pool: &str, max: usize, wait: Duration) -> Durable<Vec<(QueueId, Envelope)>> {
+        self.run(self.inner.clone().take(pool.to_string(), max, wait))
+    }
+
+    fn held_tickets(&self, pool: &str) -> usize {
+        self.inner
+            .in_hand
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|h| h.pool == pool)
+            .count()
+    }
+
+    fn hand_back(&self, id: QueueId, _pool: &str, due_ms: u64) {
+        let held = self
+            .inner
+            .in_hand
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        let Some(held) = held else { return };
+        let now = now_ms();
+        let delay = (due_ms > now).then(|| Duration::from_millis(due_ms - now));
+        self.inner.rt.spawn(async move {
+            if let Err(e) = held.msg.ack_with(AckKind::Nak(delay)).await {
+                tracing::warn!(queue_id = %format_id(id), "replicated spool: cannot hand a ticket back: {e}; it comes back when its hold lapses");
+            }
+        });
+    }
+
+    fn hand_back_all(&self) -> Durable<()> {
+        let held: Vec<InHand> = self
+            .inner
+            .in_hand
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, h)| h)
+            .collect();
+        self.run(async move {
+            for h in held {
+                let _ = h.msg.ack_with(AckKind::Nak(None)).await;
+            }
+            Ok(())
+        })
+    }
+
+    fn flush(&self, pool: &str) -> Durable<usize> {
+        self.run(self.inner.clone().flush(pool.to_string()))
+    }
+
+    fn held_watch(&self) -> watch::Receiver<BTreeSet<String>> {
+        self.inner.held_tx.subscribe()
+    }
+
+    fn node_id(&self) -> &str {
+        &self.inner.node_id
+    }
+
+    fn announce(&self, pools: Vec<String>) -> Durable<Vec<Vec<String>>> {
+        let inner = self.inner.clone();
+        self.run(async move {
+            let conn = inner.conn()?;
+            crate::nodes::announce(&conn.nodes, &inner.node_id, &pools)
+                .await
+                .map_err(SpoolError::Unavailable)
+        })
+    }
+
+    fn withdraw(&self) -> Durable<()> {
+        let inner = self.inner.clone();
+        self.run(async move {
+            let conn = inner.conn()?;
+            crate::nodes::withdraw(&conn.nodes, &inner.node_id)
+                .await
+                .map_err(SpoolError::Unavailable)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Recipient;
+
+    fn record(generation: u64, next_attempt_ms: u64) -> Record {
+        let mut env = Envelope::new(
+            "A",
+            "s@x.test",
+            vec![Recipient::pending("r@y.test")],
+            1,
+            "l",
+            "c",
+        );
+        env.next_attempt_ms = next_attempt_ms;
+        Record {
+            env,
+            generation,
+            chunks: 1,
+        }
+    }
+
+    #[test]
+    fn a_ticket_is_due_stale_or_handed_back_with_the_time_left() {
+        let t = |generation| Ticket { id: 1, generation };
+        assert_eq!(verdict(&t(0), None, 1_000), Verdict::Stale);
+        assert_eq!(verdict(&t(0), Some(record(1, 0)), 1_000), Verdict::Stale);
+        assert_eq!(
+            verdict(&t(1), Some(record(1, 0)), 1_000),
+            Verdict::Due(record(1, 0))
+        );
+        assert_eq!(
+            verdict(&t(0), Some(record(0, 61_000)), 1_000),
+            Verdict::Later(Duration::from_secs(60))
+        );
+        // Due within the slack: taken now rather than naked for a few ms.
+        assert_eq!(
+            verdict(&t(0), Some(record(0, 1_020)), 1_000),
+            Verdict::Due(record(0, 1_020))
+        );
+    }
+
+    #[test]
+    fn records_round_trip_and_older_ones_without_a_generation_load() {
+        let r = record(3, 5);
+        let text = serde_json::to_vec(&r).expect("encode");
+        assert_eq!(serde_json::from_slice::<Record>(&text).expect("decode"), r);
+        let mut value: serde_json::Value = serde_json::from_slice(&text).expect("json");
+        value.as_object_mut().expect("object").remove("generation");
+        let old: Record = serde_json::from_value(value).expect("decode without generation");
+        assert_eq!(old.generation, 0);
+    }
+}

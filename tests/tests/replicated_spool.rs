@@ -1,0 +1,466 @@
+//! The replicated spool: relays sharing their pools' queues on a real
+//! three-server JetStream cluster. Any relay accepts, any delivers, each
+//! message exactly once; losing a relay or one server loses nothing; with
+//! no quorum the relays answer 451, never 250.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use poolrelay_tests::admin::{api_post, try_api_json, wait_deferred};
+use poolrelay_tests::ledger::{SharedLedger, id_counts};
+use poolrelay_tests::nats::NatsCluster;
+use poolrelay_tests::{
+    POLL_INTERVAL, Relay, Sink, SinkOptions, SmtpClient, SmtpError, http_get, message, poll_until,
+    unique_id,
+};
+
+const FROM: &str = "owner-list@lists.test";
+const TO: &str = "member@example.test";
+
+/// A relay on `cluster` delivering pool A (and `-`) to `upstream`, retrying
+/// every second, whose 250 waits at most 2 s for the cluster.
+fn relay_on(cluster: &NatsCluster, upstream: std::net::SocketAddr) -> Relay {
+    let servers = cluster.servers_toml();
+    Relay::start(|s| {
+        format!(
+            "{}\n[spool]\nbackend = \"jetstream\"\nservers = {servers}\nack_timeout = \"2s\"\n",
+            s.single_upstream(upstream, "")
+        )
+    })
+}
+
+/// Sends one tagged message through `relay`; its Message-ID and the
+/// reply code to the final dot.
+fn send(relay: &Relay, tag: &str) -> (String, u16) {
+    let id = unique_id(tag);
+    let mut client = SmtpClient::connect(relay.smtp_addr())
+        .unwrap_or_else(|e| panic!("connect to the relay: {e}\n{}", relay.logs()));
+    let code = match client.send_mail(FROM, &[TO], &message(&id, FROM, TO, tag, "shared\n")) {
+        Ok(reply) => reply.code,
+        Err(SmtpError::Rejected { stage, reply }) if stage == "final dot" => reply.code,
+        Err(e) => panic!("sending {tag}: {e}\n{}", relay.logs()),
+    };
+    client.quit();
+    (id, code)
+}
+
+/// Waits until every id of `expected` arrived at one of `sinks`.
+fn wait_delivered(
+    sinks: &[&Sink],
+    expected: &BTreeSet<String>,
+    deadline: Duration,
+    logs: impl Fn() -> String,
+) {
+    let arrived = || {
+        sinks
+            .iter()
+            .flat_map(|s| s.message_ids())
+            .collect::<BTreeSet<String>>()
+    };
+    if !poll_until(deadline, POLL_INTERVAL, || arrived().is_superset(expected)) {
+        let got = arrived();
+        let missing: Vec<_> = expected.difference(&got).collect();
+        panic!(
+            "{} of {} acknowledged messages never arrived within {deadline:?}: {missing:?}\n{}",
+            missing.len(),
+            expected.len(),
+            logs()
+        );
+    }
+}
+
+#[test]
+fn two_relays_on_one_cluster_deliver_every_message_exactly_once() {
+    let cluster = NatsCluster::start(3);
+    let (sink1, sink2) = (Sink::start(), Sink::start());
+    let relay1 = relay_on(&cluster, sink1.addr());
+    let relay2 = relay_on(&cluster, sink2.addr());
+    for r in [&relay1, &relay2] {
+        r.wait_until(
+            "the relay to reach the cluster",
+            Duration::from_secs(20),
+            || http_get(r.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+        );
+    }
+    let mut sent = BTreeSet::new();
+    for i in 0..40 {
+        let relay = if i % 2 == 0 { &relay1 } else { &relay2 };
+        let (id, code) = send(relay, &format!("shared-{i}"));
+        assert_eq!(
+            code,
+            250,
+            "message {i}\n{}\n{}",
+            relay.logs(),
+            cluster.logs()
+        );
+        sent.insert(id);
+    }
+    let logs = || format!("{}\n{}", relay1.logs(), relay2.logs());
+    wait_delivered(&[&sink1, &sink2], &sent, Duration::from_secs(30), logs);
+    let counts = id_counts(sink1.message_ids().into_iter().chain(sink2.message_ids()));
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "delivered more than once: {twice:?}\n{}",
+        logs()
+    );
+    eprintln!(
+        "[replicated] relay 1's upstream got {}, relay 2's got {}",
+        sink1.count(),
+        sink2.count()
+    );
+}
+
+#[test]
+fn a_message_larger_than_the_servers_max_payload_round_trips() {
+    let cluster = NatsCluster::start(3);
+    let sink = Sink::start();
+    let relay = relay_on(&cluster, sink.addr());
+    relay.wait_until(
+        "the relay to reach the cluster",
+        Duration::from_secs(20),
+        || http_get(relay.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+    );
+    // 2.5 MiB of 100-byte lines: above the servers' 1 MiB max_payload.
+    let line = format!("{}\n", "x".repeat(99));
+    let body = line.repeat(25 * 1024 * 1024 / 1000);
+    let id = unique_id("large");
+    let reply = relay.send(FROM, &[TO], &message(&id, FROM, TO, "large", &body));
+    assert_eq!(reply.code, 250, "{reply}\n{}", relay.logs());
+    let got = sink.wait_for_message_id(&id, Duration::from_secs(30));
+    assert!(
+        got.raw.contains(&body.replace('\n', "\r\n")) || got.raw.contains(&body),
+        "the body arrived changed ({} bytes, sent {})",
+        got.raw.len(),
+        body.len()
+    );
+}
+
+#[test]
+fn a_pool_held_through_one_relay_is_held_on_the_other() {
+    let cluster = NatsCluster::start(3);
+    let (sink1, sink2) = (Sink::start(), Sink::start());
+    let relay1 = relay_on(&cluster, sink1.addr());
+    let relay2 = relay_on(&cluster, sink2.addr());
+    for r in [&relay1, &relay2] {
+        r.wait_until(
+            "the relay to reach the cluster",
+            Duration::from_secs(20),
+            || http_get(r.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+        );
+    }
+    api_post(&relay1, "/api/v1/pools/A/hold");
+    let held_on_2 = || {
+        try_api_json(&relay2, "/api/v1/pools")
+            .and_then(|p| {
+                p.as_array()?
+                    .iter()
+                    .find(|e| e["pool"] == "A")
+                    .map(|e| e["held"] == true)
+            })
+            .unwrap_or(false)
+    };
+    relay2.wait_until("pool A held on relay 2", Duration::from_secs(10), held_on_2);
+    let (id, code) = send(&relay2, "held");
+    assert_eq!(code, 250, "{}", relay2.logs());
+    // Held everywhere: neither upstream gets it while the hold lasts.
+    assert!(
+        !poll_until(Duration::from_secs(3), POLL_INTERVAL, || {
+            sink1.count() + sink2.count() > 0
+        }),
+        "a held pool's message was delivered\n{}\n{}",
+        relay1.logs(),
+        relay2.logs()
+    );
+    api_post(&relay2, "/api/v1/pools/A/release");
+    let expected: BTreeSet<String> = [id].into();
+    wait_delivered(
+        &[&sink1, &sink2],
+        &expected,
+        Duration::from_secs(20),
+        || format!("{}\n{}", relay1.logs(), relay2.logs()),
+    );
+}
+
+#[test]
+fn readyz_is_503_while_the_cluster_is_unreachable_and_200_once_it_is() {
+    let mut cluster = NatsCluster::start(3);
+    for i in 0..3 {
+        cluster.stop(i);
+    }
+    let sink = Sink::start();
+    let relay = relay_on(&cluster, sink.addr());
+    let status = || {
+        http_get(relay.admin_addr(), "/readyz")
+            .map(|r| r.status)
+            .unwrap_or(0)
+    };
+    assert_eq!(status(), 503, "{}", relay.logs());
+    let (_, code) = send(&relay, "unreachable");
+    assert_eq!(code, 451, "a message without a cluster\n{}", relay.logs());
+    relay.wait_until(
+        "the log to say the cluster is unreachable",
+        Duration::from_secs(10),
+        || {
+            relay
+                .log_text()
+                .contains("cannot reach the JetStream cluster")
+        },
+    );
+    for i in 0..3 {
+        cluster.restart(i);
+    }
+    cluster.wait_meta_leader(Duration::from_secs(45));
+    relay.wait_until(
+        "/readyz 200 once the cluster is back",
+        Duration::from_secs(40),
+        || status() == 200,
+    );
+    let (id, code) = send(&relay, "reachable");
+    assert_eq!(code, 250, "{}", relay.logs());
+    sink.wait_for_message_id(&id, Duration::from_secs(20));
+}
+
+/// Clients sending `tag`-ged messages to `relay` until `stop`, recording
+/// everything in `ledger`; 451 replies are counted as refused, not acked.
+fn clients(
+    relay: &Relay,
+    tag: &str,
+    n: usize,
+    ledger: &SharedLedger,
+    stop: &Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let addr = relay.smtp_addr();
+    (0..n)
+        .map(|t| {
+            let (ledger, stop, tag) = (ledger.clone(), stop.clone(), format!("{tag}-{t}"));
+            std::thread::spawn(move || {
+                let why = (|| {
+                    let mut client =
+                        SmtpClient::connect(addr).map_err(|e| format!("connect: {e}"))?;
+                    for i in 0..2000 {
+                        if stop.load(Ordering::Relaxed) {
+                            return Ok(format!("stopped after {i}"));
+                        }
+                        let id = unique_id(&format!("{tag}-{i}"));
+                        let msg = message(&id, FROM, TO, &tag, "payload\n");
+                        match client.send_mail_with(FROM, &[TO], &msg, |_| ledger.data_sent(&id)) {
+                            Ok(r) if r.code == 250 => ledger.acked(&id),
+                            Ok(r) => return Err(format!("message {i}: {r}")),
+                            Err(SmtpError::Rejected { reply, .. }) if reply.code == 451 => {}
+                            Err(e @ SmtpError::Io { .. }) => {
+                                return Ok(format!("message {i}: {e}"));
+                            }
+                            Err(e) => return Err(format!("message {i}: {e}")),
+                        }
+                    }
+                    Ok("sent all".to_string())
+                })();
+                ledger.stopped(t, why);
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn after_a_kill9_of_one_relay_the_other_delivers_everything_it_acknowledged() {
+    let cluster = NatsCluster::start(3);
+    // Relay 1's upstream is slow: tickets are in its hands when it dies.
+    let slow = Sink::start_with(SinkOptions {
+        delay_ms: Some(1500),
+        ..Default::default()
+    });
+    let fast = Sink::start();
+    let mut relay1 = relay_on(&cluster, slow.addr());
+    let relay2 = relay_on(&cluster, fast.addr());
+    for r in [&relay1, &relay2] {
+        r.wait_until(
+            "the relay to reach the cluster",
+            Duration::from_secs(20),
+            || http_get(r.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+        );
+    }
+    let (ledger1, ledger2) = (SharedLedger::new(), SharedLedger::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = clients(&relay1, "to-1", 2, &ledger1, &stop);
+    handles.extend(clients(&relay2, "to-2", 2, &ledger2, &stop));
+    relay1.wait_until(
+        "30 messages acknowledged by relay 1",
+        Duration::from_secs(30),
+        || ledger1.acked_count() >= 30,
+    );
+    relay1.kill9();
+    relay2.wait_until(
+        "10 more messages acknowledged by relay 2",
+        Duration::from_secs(30),
+        || ledger2.acked_count() >= 10,
+    );
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        let _ = h.join();
+    }
+    let (l1, l2) = (ledger1.take(), ledger2.take());
+    assert!(
+        l2.unexpected_stops().is_empty(),
+        "{:?}\n{}",
+        l2.stops,
+        relay2.logs()
+    );
+    let acked: BTreeSet<String> = l1.acked.union(&l2.acked).cloned().collect();
+    // Relay 1's tickets come back when its holds lapse (30 s).
+    wait_delivered(&[&slow, &fast], &acked, Duration::from_secs(60), || {
+        relay2.logs()
+    });
+    let counts = id_counts(slow.message_ids().into_iter().chain(fast.message_ids()));
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    // At most what relay 1 was handing to its upstream at the kill (one
+    // worker) can arrive twice: it never recorded that delivery.
+    assert!(
+        twice.len() <= 1,
+        "delivered more than once: {twice:?}\n{}",
+        relay2.logs()
+    );
+    eprintln!(
+        "[replicated] relay 1 acked {}, relay 2 acked {}; delivered twice: {}",
+        l1.acked.len(),
+        l2.acked.len(),
+        twice.len()
+    );
+}
+
+#[test]
+fn losing_one_server_keeps_accepting_and_losing_two_answers_451_until_quorum_returns() {
+    let mut cluster = NatsCluster::start(3);
+    let sink = Sink::start();
+    let relay = relay_on(&cluster, sink.addr());
+    relay.wait_until(
+        "the relay to reach the cluster",
+        Duration::from_secs(20),
+        || http_get(relay.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+    );
+    let mut acked = BTreeSet::new();
+    let (id, code) = send(&relay, "before");
+    assert_eq!(code, 250, "{}", relay.logs());
+    acked.insert(id);
+    let leader = cluster
+        .stream_leader("poolrelay_q_A")
+        .unwrap_or_else(|| panic!("no leader for pool A's ticket stream\n{}", cluster.logs()));
+    cluster.kill9(leader);
+    // One server gone: a new leader is elected and acceptance goes on
+    // (a message during the election may get 451, never a lost 250).
+    let mut accepted_after = 0;
+    let mut refused = 0;
+    let mut i = 0;
+    relay.wait_until(
+        "5 messages accepted with one server down",
+        Duration::from_secs(20),
+        || {
+            i += 1;
+            let (id, code) = send(&relay, &format!("one-down-{i}"));
+            assert!(code == 250 || code == 451, "got {code}\n{}", relay.logs());
+            if code == 250 {
+                acked.insert(id);
+                accepted_after += 1;
+            } else {
+                refused += 1;
+            }
+            accepted_after >= 5
+        },
+    );
+    eprintln!("[replicated] one server down: {accepted_after} accepted, {refused} answered 451");
+    let second = (0..3).find(|&i| i != leader).unwrap_or(0);
+    cluster.kill9(second);
+    for i in 0..3 {
+        let (_, code) = send(&relay, &format!("two-down-{i}"));
+        assert_eq!(
+            code,
+            451,
+            "without a quorum the relay must not answer 250\n{}",
+            relay.logs()
+        );
+    }
+    cluster.restart(leader);
+    cluster.restart(second);
+    cluster.wait_meta_leader(Duration::from_secs(30));
+    let mut back = false;
+    relay.wait_until(
+        "a 250 once the quorum is back",
+        Duration::from_secs(40),
+        || {
+            let (id, code) = send(&relay, "quorum-back");
+            if code == 250 {
+                acked.insert(id);
+                back = true;
+            }
+            back
+        },
+    );
+    wait_delivered(&[&sink], &acked, Duration::from_secs(40), || relay.logs());
+}
+
+#[test]
+fn a_flush_makes_a_message_deferred_for_an_hour_due_at_once() {
+    let cluster = NatsCluster::start(3);
+    let refusing = Sink::start_with(SinkOptions {
+        reply: Some(451),
+        ..Default::default()
+    });
+    let upstream = refusing.addr();
+    let servers = cluster.servers_toml();
+    let relay = Relay::start(|s| {
+        format!(
+            "{}{}[defaults]\nlist_pool = \"A\"\nretry = [\"1h\"]\n\n[pool.A]\n\n[[upstream]]\nhost = \"{upstream}\"\n\n\
+             [spool]\nbackend = \"jetstream\"\nservers = {servers}\n",
+            s.head(),
+            s.listener("")
+        )
+    });
+    relay.wait_until(
+        "the relay to reach the cluster",
+        Duration::from_secs(20),
+        || http_get(relay.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+    );
+    let sent = relay.send_tagged(FROM, &[TO], "flushed");
+    // Deferred for an hour: its ticket is back in the cluster with that delay.
+    wait_deferred(&relay, "A", &sent.queue_id, "451", Duration::from_secs(20));
+    drop(refusing);
+    let accepting = Sink::start_at(upstream);
+    api_post(&relay, "/api/v1/pools/A/flush");
+    accepting.wait_for_message_id(&sent.message_id, Duration::from_secs(20));
+}
+
+#[test]
+fn a_relay_stopping_gracefully_hands_its_tickets_to_the_other_at_once() {
+    let cluster = NatsCluster::start(3);
+    // Relay 1's upstream is slow, so tickets wait in its hands.
+    let slow = Sink::start_with(SinkOptions {
+        delay_ms: Some(1000),
+        ..Default::default()
+    });
+    let mut relay1 = relay_on(&cluster, slow.addr());
+    relay1.wait_until(
+        "the relay to reach the cluster",
+        Duration::from_secs(20),
+        || http_get(relay1.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+    );
+    let mut sent = BTreeSet::new();
+    for i in 0..6 {
+        let (id, code) = send(&relay1, &format!("handed-{i}"));
+        assert_eq!(code, 250, "{}", relay1.logs());
+        sent.insert(id);
+    }
+    let fast = Sink::start();
+    let relay2 = relay_on(&cluster, fast.addr());
+    relay1.signal("TERM");
+    assert!(
+        relay1.wait_exit(Duration::from_secs(30)).is_some(),
+        "relay 1 did not stop\n{}",
+        relay1.logs()
+    );
+    // Well within the 30 s a lapsed hold takes: the tickets were handed back.
+    wait_delivered(&[&slow, &fast], &sent, Duration::from_secs(15), || {
+        format!("{}\n{}", relay1.logs(), relay2.logs())
+    });
+}
