@@ -464,3 +464,39 @@ fn a_relay_stopping_gracefully_hands_its_tickets_to_the_other_at_once() {
         format!("{}\n{}", relay1.logs(), relay2.logs())
     });
 }
+
+#[test]
+fn an_undecodable_envelope_is_listed_as_corrupt_and_its_ticket_never_dropped() {
+    let cluster = NatsCluster::start(3);
+    let sink = Sink::start();
+    let relay = relay_on(&cluster, sink.addr());
+    relay.wait_until(
+        "the relay to reach the cluster",
+        Duration::from_secs(20),
+        || http_get(relay.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+    );
+    // An envelope no relay can decode, and a ticket for it.
+    let id = "00000000000000AB";
+    cluster.publish_acked(&format!("$KV.poolrelay_env.A.{id}"), b"not json");
+    cluster.publish_acked("poolrelay.q.A", b"{\"id\":171,\"generation\":0}");
+    relay.wait_until(
+        "the undecodable envelope listed as corrupt",
+        Duration::from_secs(20),
+        || {
+            try_api_json(&relay, "/api/v1/pools/A/messages").is_some_and(|v| {
+                let list = v.as_array().or_else(|| v["messages"].as_array());
+                list.is_some_and(|l| l.iter().any(|m| m["id"] == id && !m["corrupt"].is_null()))
+            })
+        },
+    );
+    // Its ticket went back for the operator, not acked away.
+    relay.wait_until(
+        "the corrupt envelope's ticket handed back",
+        Duration::from_secs(20),
+        || relay.logs().contains("its ticket goes back for"),
+    );
+    // The relay keeps delivering the rest.
+    let (message_id, code) = send(&relay, "after-corrupt");
+    assert_eq!(code, 250, "{}", relay.logs());
+    sink.wait_for_message_id(&message_id, Duration::from_secs(20));
+}
