@@ -185,6 +185,55 @@ fn a_pool_held_through_one_relay_is_held_on_the_other() {
 }
 
 #[test]
+fn a_relay_starting_while_a_pool_is_held_sends_none_of_its_mail() {
+    let cluster = NatsCluster::start(3);
+    let (sink1, sink2) = (Sink::start(), Sink::start());
+    let relay1 = relay_on(&cluster, sink1.addr());
+    relay1.wait_until(
+        "the relay to reach the cluster",
+        Duration::from_secs(20),
+        || http_get(relay1.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+    );
+    api_post(&relay1, "/api/v1/pools/A/hold");
+    let mut queued = BTreeSet::new();
+    for i in 0..5 {
+        let (id, code) = send(&relay1, &format!("held-at-start-{i}"));
+        assert_eq!(code, 250, "{}", relay1.logs());
+        queued.insert(id);
+    }
+    // Relay 2 is ready only once it knows the holds: from its first 200
+    // it takes no ticket of pool A.
+    let relay2 = relay_on(&cluster, sink2.addr());
+    relay2.wait_until(
+        "relay 2 to reach the cluster",
+        Duration::from_secs(20),
+        || http_get(relay2.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+    );
+    let held_on_2 = || {
+        try_api_json(&relay2, "/api/v1/pools")
+            .and_then(|p| {
+                p.as_array()?
+                    .iter()
+                    .find(|e| e["pool"] == "A")
+                    .map(|e| e["held"] == true)
+            })
+            .unwrap_or(false)
+    };
+    relay2.wait_until("pool A held on relay 2", Duration::from_secs(5), held_on_2);
+    assert_eq!(
+        sink1.count() + sink2.count(),
+        0,
+        "a held pool's message was delivered at a relay's start\n{}\n{}",
+        relay1.logs(),
+        relay2.logs()
+    );
+    api_post(&relay2, "/api/v1/pools/A/release");
+    wait_delivered(&[&sink1, &sink2], &queued, Duration::from_secs(20), || {
+        format!("{}\n{}", relay1.logs(), relay2.logs())
+    });
+}
+
+#[test]
 fn readyz_is_503_while_the_cluster_is_unreachable_and_200_once_it_is() {
     let mut cluster = NatsCluster::start(3);
     for i in 0..3 {
@@ -372,14 +421,16 @@ fn losing_one_server_keeps_accepting_and_losing_two_answers_451_until_quorum_ret
     eprintln!("[replicated] one server down: {accepted_after} accepted, {refused} answered 451");
     let second = (0..3).find(|&i| i != leader).unwrap_or(0);
     cluster.kill9(second);
+    let mut refused_ids = BTreeSet::new();
     for i in 0..3 {
-        let (_, code) = send(&relay, &format!("two-down-{i}"));
+        let (id, code) = send(&relay, &format!("two-down-{i}"));
         assert_eq!(
             code,
             451,
             "without a quorum the relay must not answer 250\n{}",
             relay.logs()
         );
+        refused_ids.insert(id);
     }
     cluster.restart(leader);
     cluster.restart(second);
@@ -398,6 +449,26 @@ fn losing_one_server_keeps_accepting_and_losing_two_answers_451_until_quorum_ret
         },
     );
     wait_delivered(&[&sink], &acked, Duration::from_secs(40), || relay.logs());
+    // What was answered 451 is taken back, never delivered: once the
+    // cluster holds no message of the pool, none of them arrived.
+    relay.wait_until(
+        "the pool's queue empty in the cluster",
+        Duration::from_secs(40),
+        || {
+            try_api_json(&relay, "/api/v1/pools/A/messages").is_some_and(|v| {
+                v.as_array()
+                    .or_else(|| v["messages"].as_array())
+                    .is_some_and(|l| l.is_empty())
+            })
+        },
+    );
+    let arrived: BTreeSet<String> = sink.message_ids().into_iter().collect();
+    let leaked: Vec<_> = refused_ids.intersection(&arrived).collect();
+    assert!(
+        leaked.is_empty(),
+        "messages answered 451 were delivered: {leaked:?}\n{}",
+        relay.logs()
+    );
 }
 
 #[test]

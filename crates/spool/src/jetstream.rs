@@ -84,6 +84,8 @@ const AHEAD_RETRY: Duration = Duration::from_secs(1);
 /// ...this many times; then it waits like its record (the write was
 /// skipped or never made, and the older ticket is live).
 const AHEAD_DELIVERIES: i64 = 5;
+/// How long what a refused append wrote is retried away.
+const TAKE_BACK_TIMEOUT: Duration = Duration::from_secs(600);
 /// A whole `queue flush` of a pool gets this long.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -351,10 +353,18 @@ impl Inner {
             match self.try_connect().await {
                 Ok(conn) => {
                     let _ = self.conn.set(conn);
-                    if let Err(e) = self.start_watches().await {
+                    let mut pause = Duration::from_millis(500);
+                    while let Err(e) = self.start_watches().await {
                         tracing::error!(
-                            "replicated spool: cannot watch the cluster's buckets: {e}"
+                            "replicated spool: cannot watch the cluster's buckets: {e}; retrying (not ready meanwhile)"
                         );
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                    }
+                    // Ready (and so taking tickets) only once the holds are
+                    // known: a held pool's mail is never sent at a start.
+                    while !self.held_current.load(Ordering::Acquire) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                     self.ready.store(true, Ordering::Release);
                     tracing::info!(servers = %self.opts.servers.join(","), "replicated spool: connected to the JetStream cluster");
@@ -475,56 +485,85 @@ impl Inner {
             self.held_current.store(true, Ordering::Release);
         }
         // With history: what the buckets hold already, then every change.
-        let mut envs = conn
+        let envs = conn
             .env
             .watch_with_history(">")
             .await
             .map_err(|e| format!("watch envelopes: {e}"))?;
-        let me = self.clone();
-        tokio::spawn(async move {
-            while let Some(entry) = envs.next().await {
-                match entry {
-                    Ok(entry) => me.apply_entry(entry),
-                    Err(e) => tracing::warn!("replicated spool: envelope watch: {e}"),
-                }
-            }
-            tracing::error!(
-                "replicated spool: the envelope watch ended; the admin API's view may go stale"
-            );
-        });
-        let mut holds = conn
+        let holds = conn
             .held
             .watch_with_history(">")
             .await
             .map_err(|e| format!("watch holds: {e}"))?;
-        let me = self.clone();
-        tokio::spawn(async move {
-            while let Some(entry) = holds.next().await {
-                let Ok(entry) = entry else { continue };
-                if entry.delta == 0 {
-                    me.held_current.store(true, Ordering::Release);
-                }
-                if entry.key.contains('.') {
-                    continue;
-                }
-                let held = entry.operation == kv::Operation::Put;
-                me.held_tx.send_if_modified(|set| {
-                    if held {
-                        set.insert(entry.key.clone())
-                    } else {
-                        set.remove(&entry.key)
-                    }
-                });
-            }
-        });
+        tokio::spawn(self.clone().follow_envelopes(envs));
+        tokio::spawn(self.clone().follow_holds(holds));
         Ok(())
     }
 
-    fn apply_entry(&self, entry: kv::Entry) {
-        // The last of what the bucket held when the watch started.
-        if entry.delta == 0 {
-            self.env_current.store(true, Ordering::Release);
+    /// Applies `P_env`'s changes to the cache; a watch that ends is made
+    /// again (with history, so what changed meanwhile is applied; a delete
+    /// whose marker was purged meanwhile stays in the view until restart).
+    async fn follow_envelopes(self: Arc<Self>, mut envs: kv::Watch) {
+        loop {
+            while let Some(entry) = envs.next().await {
+                match entry {
+                    Ok(entry) => {
+                        // The last of what the bucket held when the watch
+                        // started: current once it is applied.
+                        let last = entry.delta == 0;
+                        self.apply_entry(entry);
+                        if last {
+                            self.env_current.store(true, Ordering::Release);
+                        }
+                    }
+                    Err(e) => tracing::warn!("replicated spool: envelope watch: {e}"),
+                }
+            }
+            tracing::warn!("replicated spool: the envelope watch ended; watching again");
+            envs = self.watch_again("envelopes", |conn| conn.env.clone()).await;
         }
+    }
+
+    /// Applies `P_held`'s changes to the held set; a watch that ends is
+    /// made again.
+    async fn follow_holds(self: Arc<Self>, mut holds: kv::Watch) {
+        loop {
+            while let Some(entry) = holds.next().await {
+                let Ok(entry) = entry else { continue };
+                if !entry.key.contains('.') {
+                    let held = entry.operation == kv::Operation::Put;
+                    self.held_tx.send_if_modified(|set| {
+                        if held {
+                            set.insert(entry.key.clone())
+                        } else {
+                            set.remove(&entry.key)
+                        }
+                    });
+                }
+                // Current only once the last entry is applied.
+                if entry.delta == 0 {
+                    self.held_current.store(true, Ordering::Release);
+                }
+            }
+            tracing::warn!("replicated spool: the hold watch ended; watching again");
+            holds = self.watch_again("holds", |conn| conn.held.clone()).await;
+        }
+    }
+
+    async fn watch_again(&self, what: &str, bucket: impl Fn(&Conn) -> kv::Store) -> kv::Watch {
+        let mut pause = Duration::from_millis(500);
+        loop {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+            let Ok(conn) = self.conn() else { continue };
+            match bucket(conn).watch_with_history(">").await {
+                Ok(w) => return w,
+                Err(e) => tracing::warn!("replicated spool: cannot watch {what} again: {e}"),
+            }
+        }
+    }
+
+    fn apply_entry(&self, entry: kv::Entry) {
         let Some((pool, id)) = entry.key.split_once('.') else {
             return;
         };
@@ -795,19 +834,39 @@ impl Inner {
                 // Nothing is claimed: take back whatever was written, so a
                 // ticket that did get through finds no envelope and is dropped.
                 self.cache_remove(&pool, id);
-                let me = self.clone();
-                tokio::spawn(async move {
-                    if let Ok(conn) = me.conn() {
-                        let _ = conn.env.delete(Self::key(&pool, id)).await;
-                        let _ = conn
-                            .bodies
-                            .purge()
-                            .filter(format!("{}.body.{}.>", me.prefix(), format_id(id)))
-                            .await;
-                    }
-                });
+                tokio::spawn(self.clone().take_back(pool, id));
                 Err(e)
             }
+        }
+    }
+
+    /// Takes back what a failed append wrote, retried until the cluster
+    /// answers again (the quorum may be what failed): a ticket that got
+    /// through then finds no envelope and is dropped.
+    async fn take_back(self: Arc<Self>, pool: String, id: QueueId) {
+        let Ok(conn) = self.conn() else { return };
+        let work = async {
+            let key = Self::key(&pool, id);
+            let _ = retrying("taking back an envelope", || async {
+                conn.env
+                    .delete(&key)
+                    .await
+                    .map_err(|e| unavailable("taking back an envelope", e))
+            })
+            .await;
+            self.clone().purge_marker_later(key);
+            let _ = retrying("taking back a body", || async {
+                conn.bodies
+                    .purge()
+                    .filter(format!("{}.body.{}.>", self.prefix(), format_id(id)))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| unavailable("taking back a body", e))
+            })
+            .await;
+        };
+        if tokio::time::timeout(TAKE_BACK_TIMEOUT, work).await.is_err() {
+            tracing::error!(queue_id = %format_id(id), pool = %pool, "replicated spool: could not take back a refused message within {TAKE_BACK_TIMEOUT:?}; its envelope may remain (listed, and delivered if a ticket got through)");
         }
     }
 
