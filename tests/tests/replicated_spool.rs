@@ -503,6 +503,55 @@ fn a_flush_makes_a_message_deferred_for_an_hour_due_at_once() {
 }
 
 #[test]
+fn a_message_deferred_in_the_cluster_is_deleted_through_another_relay() {
+    let cluster = NatsCluster::start(3);
+    let refusing = Sink::start_with(SinkOptions {
+        reply: Some(451),
+        ..Default::default()
+    });
+    let upstream = refusing.addr();
+    let servers = cluster.servers_toml();
+    let start = || {
+        Relay::start(|s| {
+            format!(
+                "{}{}[defaults]\nlist_pool = \"A\"\nretry = [\"1h\"]\n\n[pool.A]\n\n[[upstream]]\nhost = \"{upstream}\"\n\n\
+                 [spool]\nbackend = \"jetstream\"\nservers = {servers}\n",
+                s.head(),
+                s.listener("")
+            )
+        })
+    };
+    let (relay1, relay2) = (start(), start());
+    for r in [&relay1, &relay2] {
+        r.wait_until(
+            "the relay to reach the cluster",
+            Duration::from_secs(20),
+            || http_get(r.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+        );
+    }
+    let sent = relay1.send_tagged(FROM, &[TO], "deleted-elsewhere");
+    // Deferred for an hour: its ticket waits in the cluster, in no relay's hands.
+    wait_deferred(&relay1, "A", &sent.queue_id, "451", Duration::from_secs(20));
+    api_post(
+        &relay2,
+        &format!("/api/v1/messages/{}/delete", sent.queue_id),
+    );
+    for r in [&relay1, &relay2] {
+        r.wait_until(
+            "the deleted message gone from the pool's listing",
+            Duration::from_secs(10),
+            || {
+                try_api_json(r, "/api/v1/pools/A/messages").is_some_and(|v| {
+                    v.as_array()
+                        .or_else(|| v["messages"].as_array())
+                        .is_some_and(|l| l.is_empty())
+                })
+            },
+        );
+    }
+}
+
+#[test]
 fn a_relay_stopping_gracefully_hands_its_tickets_to_the_other_at_once() {
     let cluster = NatsCluster::start(3);
     // Relay 1's upstream is slow, so tickets wait in its hands.

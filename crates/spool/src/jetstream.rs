@@ -1772,6 +1772,14 @@ impl SharedQueue for JetStreamSpool {
             .count()
     }
 
+    fn holds(&self, id: QueueId) -> bool {
+        self.inner
+            .in_hand
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&id)
+    }
+
     fn hand_back(&self, id: QueueId, _pool: &str, due_ms: u64) {
         let held = self
             .inner
