@@ -552,6 +552,85 @@ fn a_message_deferred_in_the_cluster_is_deleted_through_another_relay() {
 }
 
 #[test]
+fn a_deferral_recorded_after_a_delete_elsewhere_does_not_bring_the_message_back() {
+    let cluster = NatsCluster::start(3);
+    // Slow and refusing: relay 1 holds the message for seconds, then defers it.
+    let slow = Sink::start_with(SinkOptions {
+        reply: Some(451),
+        delay_ms: Some(6000),
+        ..Default::default()
+    });
+    let upstream = slow.addr();
+    let servers = cluster.servers_toml();
+    let start = || {
+        Relay::start(|s| {
+            format!(
+                "{}{}[defaults]\nlist_pool = \"A\"\nretry = [\"1h\"]\n\n[pool.A]\n\n[[upstream]]\nhost = \"{upstream}\"\n\n\
+                 [spool]\nbackend = \"jetstream\"\nservers = {servers}\n",
+                s.head(),
+                s.listener("")
+            )
+        })
+    };
+    let relay1 = start();
+    relay1.wait_until(
+        "the relay to reach the cluster",
+        Duration::from_secs(20),
+        || http_get(relay1.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+    );
+    // Relay 1 alone takes tickets: the message is in its hands once its
+    // worker is connected to the slow upstream.
+    let sent = relay1.send_tagged(FROM, &[TO], "deleted-while-held");
+    relay1.wait_until(
+        "relay 1 to be sending the message",
+        Duration::from_secs(20),
+        || {
+            poolrelay_tests::metric_sum(
+                &poolrelay_tests::parse_metrics(&relay1.scrape()),
+                "poolrelay_upstream_connections",
+                &[],
+            )
+            .is_some_and(|n| n >= 1.0)
+        },
+    );
+    let relay2 = start();
+    let listed = |r: &Relay| {
+        try_api_json(r, "/api/v1/pools/A/messages").is_some_and(|v| {
+            v.as_array()
+                .or_else(|| v["messages"].as_array())
+                .is_some_and(|l| l.iter().any(|m| m["id"] == sent.queue_id.as_str()))
+        })
+    };
+    relay2.wait_until(
+        "relay 2 to see the message",
+        Duration::from_secs(20),
+        || listed(&relay2),
+    );
+    api_post(
+        &relay2,
+        &format!("/api/v1/messages/{}/delete", sent.queue_id),
+    );
+    // Relay 1's deferral finds the envelope gone and drops its copy.
+    relay1.wait_until("relay 1 to drop its copy", Duration::from_secs(30), || {
+        relay1
+            .logs()
+            .contains("the envelope changed under this relay")
+    });
+    for r in [&relay1, &relay2] {
+        r.wait_until(
+            "the deleted message gone from the pool's listing",
+            Duration::from_secs(10),
+            || !listed(r),
+        );
+    }
+    assert!(
+        !relay1.logs().contains("reading body chunk"),
+        "a deleted message came back without its body\n{}",
+        relay1.logs()
+    );
+}
+
+#[test]
 fn a_relay_stopping_gracefully_hands_its_tickets_to_the_other_at_once() {
     let cluster = NatsCluster::start(3);
     // Relay 1's upstream is slow, so tickets wait in its hands.

@@ -728,18 +728,16 @@ impl Inner {
                 .await
             {
                 Ok(rev) => Ok(Some(rev)),
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
-                Err(e) => Err(unavailable("storing an envelope", e)),
+                // The bucket, not the error's kind, says whether the record
+                // moved on: still at `revision` means try again.
+                Err(e) => match self.read_record(conn, pool, id).await? {
+                    Some(c) if c.record.as_ref() == Ok(record) => Ok(Some(c.revision)),
+                    Some(c) if c.revision == revision => Err(unavailable("storing an envelope", e)),
+                    _ => Ok(None),
+                },
             }
         })
         .await?;
-        let written = match written {
-            Some(rev) => Some(rev),
-            None => match self.read_record(conn, pool, id).await? {
-                Some(c) if c.record.as_ref() == Ok(record) => Some(c.revision),
-                _ => None,
-            },
-        };
         if let Some(rev) = written {
             self.cache_put(pool, id, rev, Ok(record.clone()));
         }
