@@ -631,6 +631,63 @@ fn a_deferral_recorded_after_a_delete_elsewhere_does_not_bring_the_message_back(
 }
 
 #[test]
+fn a_message_moved_to_another_pool_and_back_in_the_cluster_is_delivered() {
+    let cluster = NatsCluster::start(3);
+    let refusing = Sink::start_with(SinkOptions {
+        reply: Some(451),
+        ..Default::default()
+    });
+    let upstream = refusing.addr();
+    let servers = cluster.servers_toml();
+    // Pool B is served by no upstream: a message there waits.
+    let start = || {
+        Relay::start(|s| {
+            format!(
+                "{}{}[defaults]\nlist_pool = \"A\"\nretry = [\"1h\"]\n\n[pool.A]\n[pool.B]\n\n\
+                 [[upstream]]\nhost = \"{upstream}\"\npools = [\"A\"]\n\n\
+                 [spool]\nbackend = \"jetstream\"\nservers = {servers}\n",
+                s.head(),
+                s.listener("")
+            )
+        })
+    };
+    let (relay1, relay2) = (start(), start());
+    for r in [&relay1, &relay2] {
+        r.wait_until(
+            "the relay to reach the cluster",
+            Duration::from_secs(20),
+            || http_get(r.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+        );
+    }
+    let sent = relay1.send_tagged(FROM, &[TO], "moved-and-back");
+    wait_deferred(&relay1, "A", &sent.queue_id, "451", Duration::from_secs(20));
+    drop(refusing);
+    let accepting = Sink::start_at(upstream);
+    let listed_in = |r: &Relay, pool: &str| {
+        try_api_json(r, &format!("/api/v1/pools/{pool}/messages")).is_some_and(|v| {
+            v.as_array()
+                .or_else(|| v["messages"].as_array())
+                .is_some_and(|l| l.iter().any(|m| m["id"] == sent.queue_id.as_str()))
+        })
+    };
+    // A -> B through relay 2 (the message is in neither relay's hands)...
+    api_post(
+        &relay2,
+        &format!("/api/v1/messages/{}/move?to=B", sent.queue_id),
+    );
+    relay1.wait_until("the message listed in B", Duration::from_secs(10), || {
+        listed_in(&relay1, "B") && !listed_in(&relay1, "A")
+    });
+    // ...and back within the server's duplicate window: its new ticket
+    // in A is a new one, not a duplicate of the first.
+    api_post(
+        &relay1,
+        &format!("/api/v1/messages/{}/move?to=A", sent.queue_id),
+    );
+    accepting.wait_for_message_id(&sent.message_id, Duration::from_secs(20));
+}
+
+#[test]
 fn a_relay_stopping_gracefully_hands_its_tickets_to_the_other_at_once() {
     let cluster = NatsCluster::start(3);
     // Relay 1's upstream is slow, so tickets wait in its hands.
