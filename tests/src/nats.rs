@@ -10,6 +10,7 @@
 //! what to install.
 
 use std::fs;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -191,6 +192,42 @@ impl NatsCluster {
     pub fn restart(&mut self, i: usize) {
         self.servers[i].proc.kill();
         self.spawn(i, &nats_server_binary());
+    }
+
+    /// Publishes `payload` on `subject` through server 0 with the plain
+    /// NATS protocol and waits for JetStream's ack (a stream stored it):
+    /// writes what no relay would, such as an undecodable envelope.
+    pub fn publish_acked(&self, subject: &str, payload: &[u8]) {
+        let addr = self.servers[0].client;
+        let mut conn = std::net::TcpStream::connect(addr)
+            .unwrap_or_else(|e| panic!("connect to nats-server at {addr}: {e}"));
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap_or_else(|e| panic!("set a read timeout: {e}"));
+        let mut frame = format!(
+            "CONNECT {{\"verbose\":false,\"pedantic\":false}}\r\nSUB _INBOX.test 1\r\nPUB {subject} _INBOX.test {}\r\n",
+            payload.len()
+        )
+        .into_bytes();
+        frame.extend_from_slice(payload);
+        frame.extend_from_slice(b"\r\n");
+        conn.write_all(&frame)
+            .unwrap_or_else(|e| panic!("publish to {subject}: {e}"));
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let text = String::from_utf8_lossy(&seen).to_string();
+            if text.contains("\"seq\"") {
+                return;
+            }
+            if text.contains("\"error\"") || text.contains("-ERR") {
+                panic!("publishing to {subject} failed: {text}");
+            }
+            match conn.read(&mut buf) {
+                Ok(0) => panic!("nats-server closed the connection: {text}"),
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+                Err(e) => panic!("no JetStream ack for {subject}: {e}; got {text}"),
+            }
+        }
     }
 
     /// `/jsz` of server `i` as JSON (`query` like `"streams=true"`), or

@@ -185,6 +185,55 @@ fn a_pool_held_through_one_relay_is_held_on_the_other() {
 }
 
 #[test]
+fn a_relay_starting_while_a_pool_is_held_sends_none_of_its_mail() {
+    let cluster = NatsCluster::start(3);
+    let (sink1, sink2) = (Sink::start(), Sink::start());
+    let relay1 = relay_on(&cluster, sink1.addr());
+    relay1.wait_until(
+        "the relay to reach the cluster",
+        Duration::from_secs(20),
+        || http_get(relay1.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+    );
+    api_post(&relay1, "/api/v1/pools/A/hold");
+    let mut queued = BTreeSet::new();
+    for i in 0..5 {
+        let (id, code) = send(&relay1, &format!("held-at-start-{i}"));
+        assert_eq!(code, 250, "{}", relay1.logs());
+        queued.insert(id);
+    }
+    // Relay 2 is ready only once it knows the holds: from its first 200
+    // it takes no ticket of pool A.
+    let relay2 = relay_on(&cluster, sink2.addr());
+    relay2.wait_until(
+        "relay 2 to reach the cluster",
+        Duration::from_secs(20),
+        || http_get(relay2.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+    );
+    let held_on_2 = || {
+        try_api_json(&relay2, "/api/v1/pools")
+            .and_then(|p| {
+                p.as_array()?
+                    .iter()
+                    .find(|e| e["pool"] == "A")
+                    .map(|e| e["held"] == true)
+            })
+            .unwrap_or(false)
+    };
+    relay2.wait_until("pool A held on relay 2", Duration::from_secs(5), held_on_2);
+    assert_eq!(
+        sink1.count() + sink2.count(),
+        0,
+        "a held pool's message was delivered at a relay's start\n{}\n{}",
+        relay1.logs(),
+        relay2.logs()
+    );
+    api_post(&relay2, "/api/v1/pools/A/release");
+    wait_delivered(&[&sink1, &sink2], &queued, Duration::from_secs(20), || {
+        format!("{}\n{}", relay1.logs(), relay2.logs())
+    });
+}
+
+#[test]
 fn readyz_is_503_while_the_cluster_is_unreachable_and_200_once_it_is() {
     let mut cluster = NatsCluster::start(3);
     for i in 0..3 {
@@ -372,14 +421,16 @@ fn losing_one_server_keeps_accepting_and_losing_two_answers_451_until_quorum_ret
     eprintln!("[replicated] one server down: {accepted_after} accepted, {refused} answered 451");
     let second = (0..3).find(|&i| i != leader).unwrap_or(0);
     cluster.kill9(second);
+    let mut refused_ids = BTreeSet::new();
     for i in 0..3 {
-        let (_, code) = send(&relay, &format!("two-down-{i}"));
+        let (id, code) = send(&relay, &format!("two-down-{i}"));
         assert_eq!(
             code,
             451,
             "without a quorum the relay must not answer 250\n{}",
             relay.logs()
         );
+        refused_ids.insert(id);
     }
     cluster.restart(leader);
     cluster.restart(second);
@@ -398,6 +449,26 @@ fn losing_one_server_keeps_accepting_and_losing_two_answers_451_until_quorum_ret
         },
     );
     wait_delivered(&[&sink], &acked, Duration::from_secs(40), || relay.logs());
+    // What was answered 451 is taken back, never delivered: once the
+    // cluster holds no message of the pool, none of them arrived.
+    relay.wait_until(
+        "the pool's queue empty in the cluster",
+        Duration::from_secs(40),
+        || {
+            try_api_json(&relay, "/api/v1/pools/A/messages").is_some_and(|v| {
+                v.as_array()
+                    .or_else(|| v["messages"].as_array())
+                    .is_some_and(|l| l.is_empty())
+            })
+        },
+    );
+    let arrived: BTreeSet<String> = sink.message_ids().into_iter().collect();
+    let leaked: Vec<_> = refused_ids.intersection(&arrived).collect();
+    assert!(
+        leaked.is_empty(),
+        "messages answered 451 were delivered: {leaked:?}\n{}",
+        relay.logs()
+    );
 }
 
 #[test]
@@ -428,6 +499,191 @@ fn a_flush_makes_a_message_deferred_for_an_hour_due_at_once() {
     drop(refusing);
     let accepting = Sink::start_at(upstream);
     api_post(&relay, "/api/v1/pools/A/flush");
+    accepting.wait_for_message_id(&sent.message_id, Duration::from_secs(20));
+}
+
+#[test]
+fn a_message_deferred_in_the_cluster_is_deleted_through_another_relay() {
+    let cluster = NatsCluster::start(3);
+    let refusing = Sink::start_with(SinkOptions {
+        reply: Some(451),
+        ..Default::default()
+    });
+    let upstream = refusing.addr();
+    let servers = cluster.servers_toml();
+    let start = || {
+        Relay::start(|s| {
+            format!(
+                "{}{}[defaults]\nlist_pool = \"A\"\nretry = [\"1h\"]\n\n[pool.A]\n\n[[upstream]]\nhost = \"{upstream}\"\n\n\
+                 [spool]\nbackend = \"jetstream\"\nservers = {servers}\n",
+                s.head(),
+                s.listener("")
+            )
+        })
+    };
+    let (relay1, relay2) = (start(), start());
+    for r in [&relay1, &relay2] {
+        r.wait_until(
+            "the relay to reach the cluster",
+            Duration::from_secs(20),
+            || http_get(r.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+        );
+    }
+    let sent = relay1.send_tagged(FROM, &[TO], "deleted-elsewhere");
+    // Deferred for an hour: its ticket waits in the cluster, in no relay's hands.
+    wait_deferred(&relay1, "A", &sent.queue_id, "451", Duration::from_secs(20));
+    api_post(
+        &relay2,
+        &format!("/api/v1/messages/{}/delete", sent.queue_id),
+    );
+    for r in [&relay1, &relay2] {
+        r.wait_until(
+            "the deleted message gone from the pool's listing",
+            Duration::from_secs(10),
+            || {
+                try_api_json(r, "/api/v1/pools/A/messages").is_some_and(|v| {
+                    v.as_array()
+                        .or_else(|| v["messages"].as_array())
+                        .is_some_and(|l| l.is_empty())
+                })
+            },
+        );
+    }
+}
+
+#[test]
+fn a_deferral_recorded_after_a_delete_elsewhere_does_not_bring_the_message_back() {
+    let cluster = NatsCluster::start(3);
+    // Slow and refusing: relay 1 holds the message for seconds, then defers it.
+    let slow = Sink::start_with(SinkOptions {
+        reply: Some(451),
+        delay_ms: Some(6000),
+        ..Default::default()
+    });
+    let upstream = slow.addr();
+    let servers = cluster.servers_toml();
+    let start = || {
+        Relay::start(|s| {
+            format!(
+                "{}{}[defaults]\nlist_pool = \"A\"\nretry = [\"1h\"]\n\n[pool.A]\n\n[[upstream]]\nhost = \"{upstream}\"\n\n\
+                 [spool]\nbackend = \"jetstream\"\nservers = {servers}\n",
+                s.head(),
+                s.listener("")
+            )
+        })
+    };
+    let relay1 = start();
+    relay1.wait_until(
+        "the relay to reach the cluster",
+        Duration::from_secs(20),
+        || http_get(relay1.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+    );
+    // Relay 1 alone takes tickets: the message is in its hands once its
+    // worker is connected to the slow upstream.
+    let sent = relay1.send_tagged(FROM, &[TO], "deleted-while-held");
+    relay1.wait_until(
+        "relay 1 to be sending the message",
+        Duration::from_secs(20),
+        || {
+            poolrelay_tests::metric_sum(
+                &poolrelay_tests::parse_metrics(&relay1.scrape()),
+                "poolrelay_upstream_connections",
+                &[],
+            )
+            .is_some_and(|n| n >= 1.0)
+        },
+    );
+    let relay2 = start();
+    let listed = |r: &Relay| {
+        try_api_json(r, "/api/v1/pools/A/messages").is_some_and(|v| {
+            v.as_array()
+                .or_else(|| v["messages"].as_array())
+                .is_some_and(|l| l.iter().any(|m| m["id"] == sent.queue_id.as_str()))
+        })
+    };
+    relay2.wait_until(
+        "relay 2 to see the message",
+        Duration::from_secs(20),
+        || listed(&relay2),
+    );
+    api_post(
+        &relay2,
+        &format!("/api/v1/messages/{}/delete", sent.queue_id),
+    );
+    // Relay 1's deferral finds the envelope gone and drops its copy.
+    relay1.wait_until("relay 1 to drop its copy", Duration::from_secs(30), || {
+        relay1
+            .logs()
+            .contains("the envelope changed under this relay")
+    });
+    for r in [&relay1, &relay2] {
+        r.wait_until(
+            "the deleted message gone from the pool's listing",
+            Duration::from_secs(10),
+            || !listed(r),
+        );
+    }
+    assert!(
+        !relay1.logs().contains("reading body chunk"),
+        "a deleted message came back without its body\n{}",
+        relay1.logs()
+    );
+}
+
+#[test]
+fn a_message_moved_to_another_pool_and_back_in_the_cluster_is_delivered() {
+    let cluster = NatsCluster::start(3);
+    let refusing = Sink::start_with(SinkOptions {
+        reply: Some(451),
+        ..Default::default()
+    });
+    let upstream = refusing.addr();
+    let servers = cluster.servers_toml();
+    // Pool B is served by no upstream: a message there waits.
+    let start = || {
+        Relay::start(|s| {
+            format!(
+                "{}{}[defaults]\nlist_pool = \"A\"\nretry = [\"1h\"]\n\n[pool.A]\n[pool.B]\n\n\
+                 [[upstream]]\nhost = \"{upstream}\"\npools = [\"A\"]\n\n\
+                 [spool]\nbackend = \"jetstream\"\nservers = {servers}\n",
+                s.head(),
+                s.listener("")
+            )
+        })
+    };
+    let (relay1, relay2) = (start(), start());
+    for r in [&relay1, &relay2] {
+        r.wait_until(
+            "the relay to reach the cluster",
+            Duration::from_secs(20),
+            || http_get(r.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+        );
+    }
+    let sent = relay1.send_tagged(FROM, &[TO], "moved-and-back");
+    wait_deferred(&relay1, "A", &sent.queue_id, "451", Duration::from_secs(20));
+    drop(refusing);
+    let accepting = Sink::start_at(upstream);
+    let listed_in = |r: &Relay, pool: &str| {
+        try_api_json(r, &format!("/api/v1/pools/{pool}/messages")).is_some_and(|v| {
+            v.as_array()
+                .or_else(|| v["messages"].as_array())
+                .is_some_and(|l| l.iter().any(|m| m["id"] == sent.queue_id.as_str()))
+        })
+    };
+    // A -> B through relay 2 (the message is in neither relay's hands)...
+    api_post(
+        &relay2,
+        &format!("/api/v1/messages/{}/move?to=B", sent.queue_id),
+    );
+    relay1.wait_until("the message listed in B", Duration::from_secs(10), || {
+        listed_in(&relay1, "B") && !listed_in(&relay1, "A")
+    });
+    // ...and back within the server's duplicate window: its new ticket
+    // in A is a new one, not a duplicate of the first.
+    api_post(
+        &relay1,
+        &format!("/api/v1/messages/{}/move?to=A", sent.queue_id),
+    );
     accepting.wait_for_message_id(&sent.message_id, Duration::from_secs(20));
 }
 
@@ -463,4 +719,40 @@ fn a_relay_stopping_gracefully_hands_its_tickets_to_the_other_at_once() {
     wait_delivered(&[&slow, &fast], &sent, Duration::from_secs(15), || {
         format!("{}\n{}", relay1.logs(), relay2.logs())
     });
+}
+
+#[test]
+fn an_undecodable_envelope_is_listed_as_corrupt_and_its_ticket_never_dropped() {
+    let cluster = NatsCluster::start(3);
+    let sink = Sink::start();
+    let relay = relay_on(&cluster, sink.addr());
+    relay.wait_until(
+        "the relay to reach the cluster",
+        Duration::from_secs(20),
+        || http_get(relay.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+    );
+    // An envelope no relay can decode, and a ticket for it.
+    let id = "00000000000000AB";
+    cluster.publish_acked(&format!("$KV.poolrelay_env.A.{id}"), b"not json");
+    cluster.publish_acked("poolrelay.q.A", b"{\"id\":171,\"generation\":0}");
+    relay.wait_until(
+        "the undecodable envelope listed as corrupt",
+        Duration::from_secs(20),
+        || {
+            try_api_json(&relay, "/api/v1/pools/A/messages").is_some_and(|v| {
+                let list = v.as_array().or_else(|| v["messages"].as_array());
+                list.is_some_and(|l| l.iter().any(|m| m["id"] == id && !m["corrupt"].is_null()))
+            })
+        },
+    );
+    // Its ticket went back for the operator, not acked away.
+    relay.wait_until(
+        "the corrupt envelope's ticket handed back",
+        Duration::from_secs(20),
+        || relay.logs().contains("its ticket goes back for"),
+    );
+    // The relay keeps delivering the rest.
+    let (message_id, code) = send(&relay, "after-corrupt");
+    assert_eq!(code, 250, "{}", relay.logs());
+    sink.wait_for_message_id(&message_id, Duration::from_secs(20));
 }

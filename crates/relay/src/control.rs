@@ -404,7 +404,25 @@ impl Running {
                 return Ok(());
             }
         }
-        let envelope = self.claim(id)?;
+        let envelope = match self.claim(id) {
+            Ok(envelope) => envelope,
+            Err(ControlError::Busy(busy)) => {
+                // On a shared spool most mail waits in the cluster, in no
+                // relay's scheduler: it is removed there, at the revision
+                // this relay saw (its ticket then goes stale). One in this
+                // relay's hands is being delivered: busy, as on fjall.
+                let envelope = self.find(id)?;
+                match self.spool().shared() {
+                    Some(shared) if !shared.holds(id) => {
+                        self.queue.remove(id, &envelope.pool).await?;
+                        tracing::info!(queue_id = %format_id(id), pool = %envelope.pool, "message deleted by the operator (in the shared queue)");
+                        return Ok(());
+                    }
+                    _ => return Err(ControlError::Busy(busy)),
+                }
+            }
+            Err(e) => return Err(e),
+        };
         if let Err(e) = self.queue.remove(id, &envelope.pool).await {
             self.scheduler.enqueue(
                 id,
@@ -426,7 +444,26 @@ impl Running {
                 "no pool {to:?} in the running config"
             )));
         }
-        let mut envelope = self.claim(id)?;
+        let mut envelope = match self.claim(id) {
+            Ok(envelope) => envelope,
+            Err(ControlError::Busy(busy)) => {
+                // As a delete: mail waiting in the cluster is moved there
+                // (new record and ticket first, then the old key goes).
+                let mut envelope = self.find(id)?;
+                match self.spool().shared() {
+                    Some(shared) if !shared.holds(id) => {
+                        let from = envelope.pool.clone();
+                        envelope.pool = to.to_string();
+                        envelope.next_attempt_ms = 0;
+                        self.spool().update(id, &from, envelope).await?;
+                        tracing::info!(queue_id = %format_id(id), from = %from, to, "message moved by the operator (in the shared queue)");
+                        return Ok(());
+                    }
+                    _ => return Err(ControlError::Busy(busy)),
+                }
+            }
+            Err(e) => return Err(e),
+        };
         let from = envelope.pool.clone();
         envelope.pool = to.to_string();
         envelope.next_attempt_ms = 0;

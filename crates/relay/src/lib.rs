@@ -478,7 +478,10 @@ async fn feed(queue: Queue, pool: String, window: usize, mut stop: watch::Receiv
             return;
         };
         let in_hand = shared.held_tickets(&pool);
-        let pause = if queue.scheduler().is_held(&pool) || !queue.spool().is_writable() {
+        // The spool's held set too: the scheduler follows it a moment later.
+        let held = queue.scheduler().is_held(&pool)
+            || queue.spool().held_pools().is_ok_and(|h| h.contains(&pool));
+        let pause = if held || !queue.spool().is_writable() {
             Some(Duration::from_millis(200))
         } else if in_hand >= window {
             Some(Duration::from_millis(20))

@@ -74,6 +74,20 @@ const CHUNK_HEADROOM: usize = 4 * 1024;
 const MARKER_PURGE_DELAY: Duration = Duration::from_secs(5);
 /// A message due within this is taken now rather than naked again.
 const DUE_SLACK_MS: u64 = 50;
+/// A ticket whose envelope does not decode goes back for this long: never
+/// acked (that would drop the message), left for the operator.
+const CORRUPT_RETRY: Duration = Duration::from_secs(3600);
+/// A ticket newer than its record (a flush or import writes the ticket
+/// first, then the record) comes back this soon, so the record's write
+/// it waits for is seen, not the deferral it replaces...
+const AHEAD_RETRY: Duration = Duration::from_secs(1);
+/// ...this many times; then it waits like its record (the write was
+/// skipped or never made, and the older ticket is live).
+const AHEAD_DELIVERIES: i64 = 5;
+/// How long what a refused append wrote is retried away.
+const TAKE_BACK_TIMEOUT: Duration = Duration::from_secs(600);
+/// A whole `queue flush` of a pool gets this long.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What `P_env` holds per message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,6 +99,34 @@ struct Record {
     generation: u64,
     /// Body chunks in `P_bodies`.
     chunks: u32,
+}
+
+/// A message as this relay last saw it in `P_env`.
+#[derive(Debug, Clone)]
+struct Cached {
+    /// The KV revision it was read at: a write expects it still there.
+    revision: u64,
+    /// The record, or why its value does not decode.
+    record: Result<Record, String>,
+}
+
+fn corrupt(id: QueueId, reason: &str) -> SpoolError {
+    SpoolError::Corrupt {
+        id: format_id(id),
+        reason: reason.to_string(),
+    }
+}
+
+/// What a worker's write becomes when the record moved on under it (a
+/// flush, another relay): written over the current record only when no
+/// recipient was decided elsewhere meanwhile, else dropped (the other
+/// writer's state stands; at worst a recipient is sent twice, never lost).
+fn rebase(held: &Record, ours: &Envelope, current: &Record) -> Option<Record> {
+    (current.env.recipients == held.env.recipients).then(|| Record {
+        env: ours.clone(),
+        generation: current.generation,
+        chunks: current.chunks,
+    })
 }
 
 /// A ticket's payload.
@@ -106,7 +148,8 @@ enum Verdict {
     Due(Record),
 }
 
-fn verdict(ticket: &Ticket, record: Option<Record>, now_ms: u64) -> Verdict {
+/// `delivered`: how often the server handed out this ticket.
+fn verdict(ticket: &Ticket, record: Option<Record>, now_ms: u64, delivered: i64) -> Verdict {
     let Some(record) = record else {
         return Verdict::Stale;
     };
@@ -114,7 +157,11 @@ fn verdict(ticket: &Ticket, record: Option<Record>, now_ms: u64) -> Verdict {
         return Verdict::Stale;
     }
     if record.env.next_attempt_ms > now_ms + DUE_SLACK_MS {
-        return Verdict::Later(Duration::from_millis(record.env.next_attempt_ms - now_ms));
+        let left = Duration::from_millis(record.env.next_attempt_ms - now_ms);
+        if ticket.generation > record.generation && delivered < AHEAD_DELIVERIES {
+            return Verdict::Later(left.min(AHEAD_RETRY));
+        }
+        return Verdict::Later(left);
     }
     Verdict::Due(record)
 }
@@ -124,6 +171,8 @@ struct InHand {
     pool: String,
     msg: jetstream::Message,
     record: Record,
+    /// The KV revision `record` was read or written at.
+    revision: u64,
     body: Body,
 }
 
@@ -149,7 +198,7 @@ struct Inner {
     conn: OnceLock<Conn>,
     /// Every message of the cluster by pool, from the watch of `P_env`
     /// (and this relay's own writes at once).
-    cache: RwLock<BTreeMap<String, BTreeMap<QueueId, Record>>>,
+    cache: RwLock<BTreeMap<String, BTreeMap<QueueId, Cached>>>,
     in_hand: Mutex<HashMap<QueueId, InHand>>,
     /// Pools configured here: their ticket streams are made at connect.
     wanted: Mutex<BTreeSet<String>>,
@@ -309,10 +358,18 @@ impl Inner {
             match self.try_connect().await {
                 Ok(conn) => {
                     let _ = self.conn.set(conn);
-                    if let Err(e) = self.start_watches().await {
+                    let mut pause = Duration::from_millis(500);
+                    while let Err(e) = self.start_watches().await {
                         tracing::error!(
-                            "replicated spool: cannot watch the cluster's buckets: {e}"
+                            "replicated spool: cannot watch the cluster's buckets: {e}; retrying (not ready meanwhile)"
                         );
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                    }
+                    // Ready (and so taking tickets) only once the holds are
+                    // known: a held pool's mail is never sent at a start.
+                    while !self.held_current.load(Ordering::Acquire) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                     self.ready.store(true, Ordering::Release);
                     tracing::info!(servers = %self.opts.servers.join(","), "replicated spool: connected to the JetStream cluster");
@@ -435,85 +492,113 @@ impl Inner {
             self.held_current.store(true, Ordering::Release);
         }
         // With history: what the buckets hold already, then every change.
-        let mut envs = conn
+        let envs = conn
             .env
             .watch_with_history(">")
             .await
             .map_err(|e| format!("watch envelopes: {e}"))?;
-        let me = self.clone();
-        tokio::spawn(async move {
-            while let Some(entry) = envs.next().await {
-                match entry {
-                    Ok(entry) => me.apply_entry(entry),
-                    Err(e) => tracing::warn!("replicated spool: envelope watch: {e}"),
-                }
-            }
-            tracing::error!(
-                "replicated spool: the envelope watch ended; the admin API's view may go stale"
-            );
-        });
-        let mut holds = conn
+        let holds = conn
             .held
             .watch_with_history(">")
             .await
             .map_err(|e| format!("watch holds: {e}"))?;
-        let me = self.clone();
-        tokio::spawn(async move {
-            while let Some(entry) = holds.next().await {
-                let Ok(entry) = entry else { continue };
-                if entry.delta == 0 {
-                    me.held_current.store(true, Ordering::Release);
-                }
-                if entry.key.contains('.') {
-                    continue;
-                }
-                let held = entry.operation == kv::Operation::Put;
-                me.held_tx.send_if_modified(|set| {
-                    if held {
-                        set.insert(entry.key.clone())
-                    } else {
-                        set.remove(&entry.key)
-                    }
-                });
-            }
-        });
+        tokio::spawn(self.clone().follow_envelopes(envs));
+        tokio::spawn(self.clone().follow_holds(holds));
         Ok(())
     }
 
-    fn apply_entry(&self, entry: kv::Entry) {
-        // The last of what the bucket held when the watch started.
-        if entry.delta == 0 {
-            self.env_current.store(true, Ordering::Release);
+    /// Applies `P_env`'s changes to the cache; a watch that ends is made
+    /// again (with history, so what changed meanwhile is applied; a delete
+    /// whose marker was purged meanwhile stays in the view until restart).
+    async fn follow_envelopes(self: Arc<Self>, mut envs: kv::Watch) {
+        loop {
+            while let Some(entry) = envs.next().await {
+                match entry {
+                    Ok(entry) => {
+                        // The last of what the bucket held when the watch
+                        // started: current once it is applied.
+                        let last = entry.delta == 0;
+                        self.apply_entry(entry);
+                        if last {
+                            self.env_current.store(true, Ordering::Release);
+                        }
+                    }
+                    Err(e) => tracing::warn!("replicated spool: envelope watch: {e}"),
+                }
+            }
+            tracing::warn!("replicated spool: the envelope watch ended; watching again");
+            envs = self.watch_again("envelopes", |conn| conn.env.clone()).await;
         }
+    }
+
+    /// Applies `P_held`'s changes to the held set; a watch that ends is
+    /// made again.
+    async fn follow_holds(self: Arc<Self>, mut holds: kv::Watch) {
+        loop {
+            while let Some(entry) = holds.next().await {
+                let Ok(entry) = entry else { continue };
+                if !entry.key.contains('.') {
+                    let held = entry.operation == kv::Operation::Put;
+                    self.held_tx.send_if_modified(|set| {
+                        if held {
+                            set.insert(entry.key.clone())
+                        } else {
+                            set.remove(&entry.key)
+                        }
+                    });
+                }
+                // Current only once the last entry is applied.
+                if entry.delta == 0 {
+                    self.held_current.store(true, Ordering::Release);
+                }
+            }
+            tracing::warn!("replicated spool: the hold watch ended; watching again");
+            holds = self.watch_again("holds", |conn| conn.held.clone()).await;
+        }
+    }
+
+    async fn watch_again(&self, what: &str, bucket: impl Fn(&Conn) -> kv::Store) -> kv::Watch {
+        let mut pause = Duration::from_millis(500);
+        loop {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+            let Ok(conn) = self.conn() else { continue };
+            match bucket(conn).watch_with_history(">").await {
+                Ok(w) => return w,
+                Err(e) => tracing::warn!("replicated spool: cannot watch {what} again: {e}"),
+            }
+        }
+    }
+
+    fn apply_entry(&self, entry: kv::Entry) {
         let Some((pool, id)) = entry.key.split_once('.') else {
             return;
         };
         let Some(id) = parse_id(id) else { return };
-        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
         if entry.operation == kv::Operation::Put {
-            match serde_json::from_slice::<Record>(&entry.value) {
-                Ok(record) => {
-                    cache
-                        .entry(pool.to_string())
-                        .or_default()
-                        .insert(id, record);
-                }
-                Err(e) => {
-                    tracing::error!(queue_id = %format_id(id), "replicated spool: undecodable envelope: {e}")
-                }
+            let record = serde_json::from_slice::<Record>(&entry.value).map_err(|e| {
+                tracing::error!(queue_id = %format_id(id), pool = %pool, "replicated spool: undecodable envelope: {e}; listed as corrupt, its ticket never acked");
+                e.to_string()
+            });
+            self.cache_put(pool, id, entry.revision, record);
+        } else {
+            let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(p) = cache.get_mut(pool)
+                && p.get(&id).is_some_and(|c| c.revision <= entry.revision)
+            {
+                p.remove(&id);
             }
-        } else if let Some(p) = cache.get_mut(pool) {
-            p.remove(&id);
         }
     }
 
-    fn cache_put(&self, pool: &str, id: QueueId, record: Record) {
-        self.cache
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(pool.to_string())
-            .or_default()
-            .insert(id, record);
+    /// Keeps what is newest: the watch may deliver a revision this relay
+    /// has already written past.
+    fn cache_put(&self, pool: &str, id: QueueId, revision: u64, record: Result<Record, String>) {
+        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+        let p = cache.entry(pool.to_string()).or_default();
+        if p.get(&id).is_none_or(|c| c.revision <= revision) {
+            p.insert(id, Cached { revision, record });
+        }
     }
 
     fn cache_remove(&self, pool: &str, id: QueueId) {
@@ -527,13 +612,39 @@ impl Inner {
         }
     }
 
-    fn cached(&self, pool: &str, id: QueueId) -> Option<Record> {
+    fn cached(&self, pool: &str, id: QueueId) -> Option<Cached> {
         self.cache
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(pool)
             .and_then(|p| p.get(&id))
             .cloned()
+    }
+
+    /// The record of `pool`/`id` as the bucket's leader holds it now, never
+    /// a replica (as a direct get may ask): a replica a moment behind would
+    /// not have the envelope of a message just accepted. `None`: gone.
+    async fn read_record(
+        &self,
+        conn: &Conn,
+        pool: &str,
+        id: QueueId,
+    ) -> Result<Option<Cached>, SpoolError> {
+        let subject = format!("$KV.{}_env.{}", self.prefix(), Self::key(pool, id));
+        match conn
+            .env_stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            // A delete or purge marker: the message is gone.
+            Ok(m) if m.headers.get("KV-Operation").is_some() => Ok(None),
+            Ok(m) => Ok(Some(Cached {
+                revision: m.sequence,
+                record: serde_json::from_slice::<Record>(&m.payload).map_err(|e| e.to_string()),
+            })),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(unavailable("reading an envelope", e)),
+        }
     }
 
     /// The pool's ticket stream and consumer, made when missing.
@@ -588,7 +699,9 @@ impl Inner {
             serde_json::to_vec(&Ticket { id, generation })
                 .map_err(|e| SpoolError::Storage(format!("encoding a ticket: {e}")))?,
         );
-        let msg_id = format!("{}-{generation}", format_id(id));
+        // The pool is in it: a message moved A -> B -> A within the
+        // server's duplicate window still gets its ticket.
+        let msg_id = format!("{}-{pool}-{generation}", format_id(id));
         retrying("publishing a ticket", || {
             publish_acked(
                 &conn.js,
@@ -600,26 +713,78 @@ impl Inner {
         .await
     }
 
-    async fn put_record(
+    /// Writes `record` if the key is still at `revision`: its new revision,
+    /// or `None` when the record moved on (another writer). A retry whose
+    /// first try got through finds its own bytes there: written.
+    async fn write_record(
         &self,
         conn: &Conn,
         pool: &str,
         id: QueueId,
         record: &Record,
-    ) -> Result<(), SpoolError> {
+        revision: u64,
+    ) -> Result<Option<u64>, SpoolError> {
         let value = Bytes::from(
             serde_json::to_vec(record)
                 .map_err(|e| SpoolError::Storage(format!("encoding an envelope: {e}")))?,
         );
-        retrying("storing an envelope", || async {
-            conn.env
-                .put(Self::key(pool, id), value.clone())
+        let written = retrying("storing an envelope", || async {
+            match conn
+                .env
+                .update(Self::key(pool, id), value.clone(), revision)
                 .await
-                .map_err(|e| unavailable("storing an envelope", e))
+            {
+                Ok(rev) => Ok(Some(rev)),
+                // The bucket, not the error's kind, says whether the record
+                // moved on: still at `revision` means try again.
+                Err(e) => match self.read_record(conn, pool, id).await? {
+                    Some(c) if c.record.as_ref() == Ok(record) => Ok(Some(c.revision)),
+                    Some(c) if c.revision == revision => Err(unavailable("storing an envelope", e)),
+                    _ => Ok(None),
+                },
+            }
         })
         .await?;
-        self.cache_put(pool, id, record.clone());
-        Ok(())
+        if let Some(rev) = written {
+            self.cache_put(pool, id, rev, Ok(record.clone()));
+        }
+        Ok(written)
+    }
+
+    /// Makes the key `pool`/`id` with `record`; a key already there with
+    /// the same bytes (an earlier try got through) counts as made.
+    async fn create_record(
+        &self,
+        conn: &Conn,
+        pool: &str,
+        id: QueueId,
+        record: &Record,
+    ) -> Result<u64, SpoolError> {
+        let value = Bytes::from(
+            serde_json::to_vec(record)
+                .map_err(|e| SpoolError::Storage(format!("encoding an envelope: {e}")))?,
+        );
+        let made = retrying("storing an envelope", || async {
+            match conn.env.create(Self::key(pool, id), value.clone()).await {
+                Ok(rev) => Ok(Some(rev)),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    match self.read_record(conn, pool, id).await? {
+                        Some(c) if c.record.as_ref() == Ok(record) => Ok(Some(c.revision)),
+                        _ => Ok(None),
+                    }
+                }
+                Err(e) => Err(unavailable("storing an envelope", e)),
+            }
+        })
+        .await?;
+        let rev = made.ok_or_else(|| {
+            SpoolError::Storage(format!(
+                "{} exists with other contents",
+                Self::key(pool, id)
+            ))
+        })?;
+        self.cache_put(pool, id, rev, Ok(record.clone()));
+        Ok(rev)
     }
 
     async fn append(
@@ -653,34 +818,8 @@ impl Inner {
                 generation: 0,
                 chunks,
             };
-            let value = Bytes::from(
-                serde_json::to_vec(&record)
-                    .map_err(|e| SpoolError::Storage(format!("encoding an envelope: {e}")))?,
-            );
-            // `create` refuses an id another relay holds; a retry after a
-            // lost ack finds its own write there, so it puts.
-            let mut first = true;
-            retrying("storing the envelope", || {
-                let fresh = std::mem::replace(&mut first, false);
-                let (key, value) = (Self::key(&pool, id), value.clone());
-                async move {
-                    if fresh {
-                        conn.env
-                            .create(key, value)
-                            .await
-                            .map(|_| ())
-                            .map_err(|e| unavailable("storing the envelope", e))
-                    } else {
-                        conn.env
-                            .put(key, value)
-                            .await
-                            .map(|_| ())
-                            .map_err(|e| unavailable("storing the envelope", e))
-                    }
-                }
-            })
-            .await?;
-            self.cache_put(&pool, id, record);
+            // `create` refuses an id another relay holds.
+            self.create_record(conn, &pool, id, &record).await?;
             self.publish_ticket(conn, &pool, id, 0).await
         })
         .await;
@@ -700,19 +839,39 @@ impl Inner {
                 // Nothing is claimed: take back whatever was written, so a
                 // ticket that did get through finds no envelope and is dropped.
                 self.cache_remove(&pool, id);
-                let me = self.clone();
-                tokio::spawn(async move {
-                    if let Ok(conn) = me.conn() {
-                        let _ = conn.env.delete(Self::key(&pool, id)).await;
-                        let _ = conn
-                            .bodies
-                            .purge()
-                            .filter(format!("{}.body.{}.>", me.prefix(), format_id(id)))
-                            .await;
-                    }
-                });
+                tokio::spawn(self.clone().take_back(pool, id));
                 Err(e)
             }
+        }
+    }
+
+    /// Takes back what a failed append wrote, retried until the cluster
+    /// answers again (the quorum may be what failed): a ticket that got
+    /// through then finds no envelope and is dropped.
+    async fn take_back(self: Arc<Self>, pool: String, id: QueueId) {
+        let Ok(conn) = self.conn() else { return };
+        let work = async {
+            let key = Self::key(&pool, id);
+            let _ = retrying("taking back an envelope", || async {
+                conn.env
+                    .delete(&key)
+                    .await
+                    .map_err(|e| unavailable("taking back an envelope", e))
+            })
+            .await;
+            self.clone().purge_marker_later(key);
+            let _ = retrying("taking back a body", || async {
+                conn.bodies
+                    .purge()
+                    .filter(format!("{}.body.{}.>", self.prefix(), format_id(id)))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| unavailable("taking back a body", e))
+            })
+            .await;
+        };
+        if tokio::time::timeout(TAKE_BACK_TIMEOUT, work).await.is_err() {
+            tracing::error!(queue_id = %format_id(id), pool = %pool, "replicated spool: could not take back a refused message within {TAKE_BACK_TIMEOUT:?}; its envelope may remain (listed, and delivered if a ticket got through)");
         }
     }
 
@@ -732,16 +891,22 @@ impl Inner {
             let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
             cache
                 .iter()
-                .find_map(|(pool, p)| p.get(&id).map(|r| (pool.clone(), r.clone())))
+                .find_map(|(pool, p)| p.get(&id).map(|c| (pool.clone(), c.clone())))
         };
         let written = tokio::time::timeout(self.opts.ack_timeout, async {
-            if let Some((pool, mut record)) = existing {
+            if let Some((pool, cached)) = existing {
+                let Ok(mut record) = cached.record else {
+                    return Ok(Inserted::Conflict);
+                };
                 if *self.read_body(id, record.chunks).await? != *message.as_slice() {
                     return Ok(Inserted::Conflict);
                 }
+                // The ticket first, as a flush's: the record never names a
+                // generation no ticket carries.
                 record.generation += 1;
-                self.put_record(conn, &pool, id, &record).await?;
                 self.publish_ticket(conn, &pool, id, record.generation)
+                    .await?;
+                self.write_record(conn, &pool, id, &record, cached.revision)
                     .await?;
                 return Ok(Inserted::AlreadyThere);
             }
@@ -773,7 +938,7 @@ impl Inner {
                 generation: 0,
                 chunks,
             };
-            self.put_record(conn, &pool, id, &record).await?;
+            self.create_record(conn, &pool, id, &record).await?;
             self.publish_ticket(conn, &pool, id, 0).await?;
             Ok(Inserted::Stored)
         })
@@ -924,34 +1089,35 @@ impl Inner {
             }
             return None;
         }
-        // Read from the bucket's leader, never a replica (as a direct get
-        // may): a replica a moment behind would not have the envelope of a
-        // message just accepted, and its ticket would be dropped as stale.
-        let subject = format!("$KV.{}_env.{}", self.prefix(), Self::key(pool, id));
-        let record = match conn
-            .env_stream
-            .get_last_raw_message_by_subject(&subject)
-            .await
-        {
-            // A delete or purge marker: the message is gone.
-            Ok(m) if m.headers.get("KV-Operation").is_some() => None,
-            Ok(m) => match serde_json::from_slice::<Record>(&m.payload) {
-                Ok(record) => Some(record),
-                Err(e) => {
-                    tracing::error!(queue_id = %format_id(id), pool = %pool, "replicated spool: undecodable envelope: {e}; its ticket is dropped, the record left in the bucket for the operator");
-                    None
-                }
-            },
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => None,
+        let cached = match self.read_record(conn, pool, id).await {
+            Ok(c) => c,
             Err(e) => {
-                tracing::warn!(queue_id = %format_id(id), "replicated spool: cannot read the envelope: {e}; ticket back in 1s");
+                tracing::warn!(queue_id = %format_id(id), "replicated spool: {e}; ticket back in 1s");
                 let _ = msg
                     .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                     .await;
                 return None;
             }
         };
-        let record = match verdict(&ticket, record, now_ms()) {
+        let (revision, record) = match cached {
+            None => (0, None),
+            Some(Cached {
+                revision,
+                record: Ok(record),
+            }) => (revision, Some(record)),
+            Some(Cached {
+                revision,
+                record: Err(reason),
+            }) => {
+                // Acking would drop the message: it waits for the operator.
+                tracing::error!(queue_id = %format_id(id), pool = %pool, "replicated spool: undecodable envelope: {reason}; its ticket goes back for {CORRUPT_RETRY:?}, the record is listed as corrupt");
+                self.cache_put(pool, id, revision, Err(reason));
+                let _ = msg.ack_with(AckKind::Nak(Some(CORRUPT_RETRY))).await;
+                return None;
+            }
+        };
+        let delivered = msg.info().map_or(1, |i| i.delivered);
+        let record = match verdict(&ticket, record, now_ms(), delivered) {
             Verdict::Stale => {
                 let _ = msg.ack().await;
                 return None;
@@ -973,7 +1139,7 @@ impl Inner {
             }
         };
         let envelope = record.env.clone();
-        self.cache_put(pool, id, record.clone());
+        self.cache_put(pool, id, revision, Ok(record.clone()));
         self.in_hand
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -983,6 +1149,7 @@ impl Inner {
                     pool: pool.to_string(),
                     msg,
                     record,
+                    revision,
                     body,
                 },
             );
@@ -1007,6 +1174,31 @@ impl Inner {
         }
     }
 
+    /// The record a worker's write starts from: its copy in hand, else
+    /// this relay's view.
+    fn held_copy(&self, pool: &str, id: QueueId) -> Option<(Record, u64)> {
+        let in_hand = self
+            .in_hand
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .map(|h| (h.record.clone(), h.revision));
+        in_hand.or_else(|| {
+            self.cached(pool, id)
+                .and_then(|c| c.record.ok().map(|r| (r, c.revision)))
+        })
+    }
+
+    /// Forgets a copy whose record moved on: its ticket is not acked, so
+    /// whoever holds the live one decides.
+    fn drop_copy(&self, id: QueueId, pool: &str, what: &str) {
+        tracing::warn!(queue_id = %format_id(id), pool = %pool, "replicated spool: the envelope changed under this relay ({what}); its copy is dropped, the stored state stands");
+        self.in_hand
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
     async fn update(
         self: Arc<Self>,
         id: QueueId,
@@ -1015,52 +1207,102 @@ impl Inner {
     ) -> Result<(), SpoolError> {
         let conn = self.conn()?;
         let new_pool = envelope.pool.clone();
-        let previous = {
-            let in_hand = self.in_hand.lock().unwrap_or_else(|e| e.into_inner());
-            in_hand.get(&id).map(|h| h.record.clone())
-        }
-        .or_else(|| self.cached(&old_pool, id));
-        let Some(previous) = previous else {
+        let Some((previous, revision)) = self.held_copy(&old_pool, id) else {
             return Ok(());
         };
-        let record = Record {
-            env: envelope,
-            generation: previous.generation,
-            chunks: previous.chunks,
-        };
         let write = async {
-            self.put_record(conn, &new_pool, id, &record).await?;
             if new_pool != old_pool {
-                retrying("removing the old envelope", || async {
-                    conn.env
-                        .delete(Self::key(&old_pool, id))
-                        .await
-                        .map_err(|e| unavailable("removing the old envelope", e))
-                })
-                .await?;
-                self.cache_remove(&old_pool, id);
-                self.clone().purge_marker_later(Self::key(&old_pool, id));
-                self.publish_ticket(conn, &new_pool, id, record.generation)
-                    .await?;
-                let old = self
-                    .in_hand
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
-                if let Some(old) = old {
-                    let _ = old.msg.ack().await;
+                return self
+                    .clone()
+                    .move_pool(conn, id, &old_pool, previous, envelope)
+                    .await;
+            }
+            let mut record = Record {
+                env: envelope.clone(),
+                generation: previous.generation,
+                chunks: previous.chunks,
+            };
+            let mut revision = revision;
+            let written = loop {
+                if let Some(rev) = self
+                    .write_record(conn, &new_pool, id, &record, revision)
+                    .await?
+                {
+                    break Some(rev);
                 }
-            } else {
-                let mut in_hand = self.in_hand.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(h) = in_hand.get_mut(&id) {
-                    h.record = record.clone();
+                // Someone wrote since: apply ours only when no recipient
+                // was decided elsewhere.
+                let current = self.read_record(conn, &new_pool, id).await?;
+                match current {
+                    Some(Cached {
+                        revision: now_at,
+                        record: Ok(current),
+                    }) => match rebase(&previous, &envelope, &current) {
+                        Some(rebased) => {
+                            record = rebased;
+                            revision = now_at;
+                        }
+                        None => break None,
+                    },
+                    _ => break None,
                 }
+            };
+            match written {
+                Some(rev) => {
+                    let mut in_hand = self.in_hand.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(h) = in_hand.get_mut(&id) {
+                        h.record = record;
+                        h.revision = rev;
+                    }
+                }
+                None => self.drop_copy(id, &old_pool, "outcome not written"),
             }
             Ok(())
         };
         tokio::time::timeout(WRITE_TIMEOUT, write)
             .await
             .map_err(|_| unavailable("updating an envelope", "timed out"))?
+    }
+
+    /// A pool move: the new record and its ticket (a new generation, so
+    /// the server's duplicate window never drops it) exist before the old
+    /// key goes and the old ticket is acked. A crash in between leaves the
+    /// message in both pools (sent twice at worst), never in none.
+    async fn move_pool(
+        self: Arc<Self>,
+        conn: &Conn,
+        id: QueueId,
+        old_pool: &str,
+        previous: Record,
+        envelope: Envelope,
+    ) -> Result<(), SpoolError> {
+        let new_pool = envelope.pool.clone();
+        let record = Record {
+            env: envelope,
+            generation: previous.generation + 1,
+            chunks: previous.chunks,
+        };
+        self.create_record(conn, &new_pool, id, &record).await?;
+        self.publish_ticket(conn, &new_pool, id, record.generation)
+            .await?;
+        retrying("removing the old envelope", || async {
+            conn.env
+                .delete(Self::key(old_pool, id))
+                .await
+                .map_err(|e| unavailable("removing the old envelope", e))
+        })
+        .await?;
+        self.cache_remove(old_pool, id);
+        self.clone().purge_marker_later(Self::key(old_pool, id));
+        let old = self
+            .in_hand
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        if let Some(old) = old {
+            let _ = old.msg.ack().await;
+        }
+        Ok(())
     }
 
     /// A KV delete leaves a marker per key, forever: one per message ever
@@ -1081,14 +1323,40 @@ impl Inner {
 
     async fn remove(self: Arc<Self>, id: QueueId, pool: String) -> Result<(), SpoolError> {
         let conn = self.conn()?;
+        let held = self.held_copy(&pool, id);
         let write = async {
-            retrying("removing an envelope", || async {
-                conn.env
-                    .delete(Self::key(&pool, id))
-                    .await
-                    .map_err(|e| unavailable("removing an envelope", e))
-            })
-            .await?;
+            // Deleted only at the revision this relay decided on (or a
+            // later one where no recipient was decided elsewhere).
+            let mut expect = held.as_ref().map(|(_, rev)| *rev);
+            loop {
+                let key = Self::key(&pool, id);
+                match conn.env.delete_expect_revision(&key, expect).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        let current = self.read_record(conn, &pool, id).await?;
+                        match (current, &held) {
+                            (None, _) => break,
+                            (Some(c), Some((previous, rev))) if c.revision != *rev => {
+                                let same = c
+                                    .record
+                                    .as_ref()
+                                    .is_ok_and(|r| r.env.recipients == previous.env.recipients);
+                                if !same {
+                                    self.drop_copy(id, &pool, "removal not written");
+                                    return Ok(());
+                                }
+                                expect = Some(c.revision);
+                            }
+                            _ => {
+                                tracing::debug!(
+                                    "replicated spool: removing an envelope: {e}; trying again"
+                                );
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                        }
+                    }
+                }
+            }
             self.cache_remove(&pool, id);
             self.clone().purge_marker_later(Self::key(&pool, id));
             // The envelope is gone, so the message is: the ticket's ack and
@@ -1119,39 +1387,71 @@ impl Inner {
             .map_err(|_| unavailable("removing a message", "timed out"))?
     }
 
+    /// `queue flush`: per deferred message not in hand, a ticket of the
+    /// next generation first, then the record (generation + 1, due now)
+    /// at the revision read. A crash between the two leaves an extra
+    /// ticket (handed back as not due), never a record whose ticket is
+    /// gone; a record changed meanwhile (delivered, removed, in another
+    /// relay's hands) is skipped, never overwritten.
     async fn flush(self: Arc<Self>, pool: String) -> Result<usize, SpoolError> {
         let conn = self.conn()?;
         let now = now_ms();
-        let deferred: Vec<(QueueId, Record)> = self
+        let deferred: Vec<(QueueId, u64, Record)> = self
             .cache
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&pool)
             .map(|p| {
                 p.iter()
-                    .filter(|(_, r)| r.env.next_attempt_ms > now)
-                    .map(|(id, r)| (*id, r.clone()))
+                    .filter_map(|(id, c)| {
+                        let r = c.record.as_ref().ok()?;
+                        (r.env.next_attempt_ms > now + DUE_SLACK_MS)
+                            .then(|| (*id, c.revision, r.clone()))
+                    })
                     .collect()
             })
             .unwrap_or_default();
-        let mut flushed = 0;
-        for (id, mut record) in deferred {
-            if self
-                .in_hand
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains_key(&id)
-            {
-                continue;
+        let total = deferred.len();
+        let flushed = AtomicU64::new(0);
+        let work = async {
+            for (id, revision, mut record) in deferred {
+                if self
+                    .in_hand
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains_key(&id)
+                {
+                    continue;
+                }
+                record.generation += 1;
+                record.env.next_attempt_ms = 0;
+                self.publish_ticket(conn, &pool, id, record.generation)
+                    .await?;
+                match self
+                    .write_record(conn, &pool, id, &record, revision)
+                    .await?
+                {
+                    Some(_) => {
+                        flushed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None => {
+                        tracing::info!(queue_id = %format_id(id), pool = %pool, "replicated spool: flush skips a message whose envelope changed meanwhile");
+                    }
+                }
             }
-            record.generation += 1;
-            record.env.next_attempt_ms = 0;
-            self.put_record(conn, &pool, id, &record).await?;
-            self.publish_ticket(conn, &pool, id, record.generation)
-                .await?;
-            flushed += 1;
+            Ok::<(), SpoolError>(())
+        };
+        match tokio::time::timeout(FLUSH_TIMEOUT, work).await {
+            Ok(Ok(())) => Ok(flushed.load(Ordering::Relaxed) as usize),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(unavailable(
+                "flushing",
+                format!(
+                    "{} of {total} flushed within {FLUSH_TIMEOUT:?}",
+                    flushed.load(Ordering::Relaxed)
+                ),
+            )),
         }
-        Ok(flushed)
     }
 }
 
@@ -1279,7 +1579,14 @@ impl Spool for JetStreamSpool {
         {
             return Ok(Some(h.record.env.clone()));
         }
-        Ok(self.inner.cached(pool, id).map(|r| r.env))
+        match self.inner.cached(pool, id) {
+            None => Ok(None),
+            Some(Cached { record: Ok(r), .. }) => Ok(Some(r.env)),
+            Some(Cached {
+                record: Err(reason),
+                ..
+            }) => Err(corrupt(id, &reason)),
+        }
     }
 
     fn body(&self, id: QueueId) -> Result<Option<Body>, SpoolError> {
@@ -1294,7 +1601,14 @@ impl Spool for JetStreamSpool {
         }
         let chunks = {
             let cache = self.inner.cache.read().unwrap_or_else(|e| e.into_inner());
-            cache.values().find_map(|p| p.get(&id)).map(|r| r.chunks)
+            match cache.values().find_map(|p| p.get(&id)) {
+                None => None,
+                Some(Cached { record: Ok(r), .. }) => Some(r.chunks),
+                Some(Cached {
+                    record: Err(reason),
+                    ..
+                }) => return Err(corrupt(id, reason)),
+            }
         };
         let Some(chunks) = chunks else {
             return Ok(None);
@@ -1377,16 +1691,27 @@ impl Spool for JetStreamSpool {
         let start = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
         Ok(p.range((start, std::ops::Bound::Unbounded))
             .take(limit)
-            .map(|(id, r)| (*id, Ok(r.env.clone())))
+            .map(|(id, c)| {
+                let env = c
+                    .record
+                    .as_ref()
+                    .map(|r| r.env.clone())
+                    .map_err(|reason| corrupt(*id, reason));
+                (*id, env)
+            })
             .collect())
     }
 
     fn find(&self, id: QueueId) -> Result<Option<Envelope>, SpoolError> {
         let cache = self.inner.cache.read().unwrap_or_else(|e| e.into_inner());
-        Ok(cache
-            .values()
-            .find_map(|p| p.get(&id))
-            .map(|r| r.env.clone()))
+        match cache.values().find_map(|p| p.get(&id)) {
+            None => Ok(None),
+            Some(Cached { record: Ok(r), .. }) => Ok(Some(r.env.clone())),
+            Some(Cached {
+                record: Err(reason),
+                ..
+            }) => Err(corrupt(id, reason)),
+        }
     }
 
     fn is_writable(&self) -> bool {
@@ -1450,6 +1775,14 @@ impl SharedQueue for JetStreamSpool {
             .values()
             .filter(|h| h.pool == pool)
             .count()
+    }
+
+    fn holds(&self, id: QueueId) -> bool {
+        self.inner
+            .in_hand
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&id)
     }
 
     fn hand_back(&self, id: QueueId, _pool: &str, due_ms: u64) {
@@ -1544,21 +1877,54 @@ mod tests {
     #[test]
     fn a_ticket_is_due_stale_or_handed_back_with_the_time_left() {
         let t = |generation| Ticket { id: 1, generation };
-        assert_eq!(verdict(&t(0), None, 1_000), Verdict::Stale);
-        assert_eq!(verdict(&t(0), Some(record(1, 0)), 1_000), Verdict::Stale);
+        assert_eq!(verdict(&t(0), None, 1_000, 1), Verdict::Stale);
+        assert_eq!(verdict(&t(0), Some(record(1, 0)), 1_000, 1), Verdict::Stale);
         assert_eq!(
-            verdict(&t(1), Some(record(1, 0)), 1_000),
+            verdict(&t(1), Some(record(1, 0)), 1_000, 1),
             Verdict::Due(record(1, 0))
         );
         assert_eq!(
-            verdict(&t(0), Some(record(0, 61_000)), 1_000),
+            verdict(&t(0), Some(record(0, 61_000)), 1_000, 1),
+            Verdict::Later(Duration::from_secs(60))
+        );
+        // A flush's ticket ahead of its record: back soon, to see the
+        // record's write; after a few tries, as its record says.
+        assert_eq!(
+            verdict(&t(1), Some(record(0, 61_000)), 1_000, 1),
+            Verdict::Later(Duration::from_secs(1))
+        );
+        assert_eq!(
+            verdict(&t(1), Some(record(0, 61_000)), 1_000, AHEAD_DELIVERIES),
             Verdict::Later(Duration::from_secs(60))
         );
         // Due within the slack: taken now rather than naked for a few ms.
         assert_eq!(
-            verdict(&t(0), Some(record(0, 1_020)), 1_000),
+            verdict(&t(0), Some(record(0, 1_020)), 1_000, 1),
             Verdict::Due(record(0, 1_020))
         );
+    }
+
+    #[test]
+    fn a_write_over_a_changed_record_applies_only_when_no_recipient_was_decided_elsewhere() {
+        let held = record(1, 0);
+        let mut ours = held.env.clone();
+        ours.attempts = 1;
+        ours.next_attempt_ms = 9_000;
+        // A flush since: generation 2, due now; the deferral still applies,
+        // under the flush's generation (its ticket stays the live one).
+        let flushed = record(2, 0);
+        assert_eq!(
+            rebase(&held, &ours, &flushed),
+            Some(Record {
+                env: ours.clone(),
+                generation: 2,
+                chunks: 1
+            })
+        );
+        // Another relay delivered the recipient: ours is dropped.
+        let mut delivered = record(1, 0);
+        delivered.env.recipients[0].state = crate::RecipientState::Delivered;
+        assert_eq!(rebase(&held, &ours, &delivered), None);
     }
 
     #[test]

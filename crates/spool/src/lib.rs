@@ -285,6 +285,9 @@ pub trait SharedQueue: Send + Sync {
     /// Tickets of `pool` this relay holds now (taken, not yet handed back).
     fn held_tickets(&self, pool: &str) -> usize;
 
+    /// Whether this relay holds the ticket of `id` now.
+    fn holds(&self, id: QueueId) -> bool;
+
     /// Hands the ticket of `id` back, to come back (to any relay) at
     /// `due_ms` (0 = at once). Without a ticket in hand, does nothing.
     fn hand_back(&self, id: QueueId, pool: &str, due_ms: u64);
