@@ -756,3 +756,181 @@ fn an_undecodable_envelope_is_listed_as_corrupt_and_its_ticket_never_dropped() {
     assert_eq!(code, 250, "{}", relay.logs());
     sink.wait_for_message_id(&message_id, Duration::from_secs(20));
 }
+
+#[test]
+fn a_relay_sees_the_whole_cluster_queue_and_flushes_and_bounces_mail_waiting_there() {
+    let cluster = NatsCluster::start(3);
+    let refusing = Sink::start_with(SinkOptions {
+        reply: Some(451),
+        ..Default::default()
+    });
+    let upstream = refusing.addr();
+    let servers = cluster.servers_toml();
+    let start = || {
+        Relay::start(|s| {
+            format!(
+                "{}{}[defaults]\nlist_pool = \"A\"\nretry = [\"1h\"]\n\n[pool.A]\n\n[[upstream]]\nhost = \"{upstream}\"\n\n\
+                 [spool]\nbackend = \"jetstream\"\nservers = {servers}\n",
+                s.head(),
+                s.listener("")
+            )
+        })
+    };
+    let (relay1, relay2) = (start(), start());
+    for r in [&relay1, &relay2] {
+        r.wait_until(
+            "the relay to reach the cluster",
+            Duration::from_secs(20),
+            || http_get(r.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+        );
+    }
+    let sent: Vec<_> = (0..3)
+        .map(|i| relay1.send_tagged(FROM, &[TO], &format!("cluster-queue-{i}")))
+        .collect();
+    // Deferred for an hour, their tickets in no relay's hands.
+    for s in &sent {
+        wait_deferred(&relay1, "A", &s.queue_id, "451", Duration::from_secs(20));
+    }
+    let deferred_in = |r: &Relay| {
+        try_api_json(r, "/api/v1/pools").and_then(|v| {
+            v.as_array()?
+                .iter()
+                .find(|p| p["pool"] == "A")
+                .and_then(|p| p["deferred"].as_u64())
+        })
+    };
+    // Counted by both relays, whichever accepted or tried them.
+    for r in [&relay1, &relay2] {
+        r.wait_until(
+            "pool A to count the cluster's 3 deferred messages",
+            Duration::from_secs(10),
+            || deferred_in(r) == Some(3),
+        );
+    }
+    drop(refusing);
+    let accepting = Sink::start_at(upstream);
+    api_post(
+        &relay2,
+        &format!("/api/v1/messages/{}/flush", sent[0].queue_id),
+    );
+    accepting.wait_for_message_id(&sent[0].message_id, Duration::from_secs(20));
+    api_post(
+        &relay2,
+        &format!("/api/v1/messages/{}/bounce", sent[1].queue_id),
+    );
+    let dsn_arrived = || {
+        accepting
+            .messages()
+            .iter()
+            .any(|m| m.from.is_empty() && m.to == [FROM])
+    };
+    relay2.wait_until(
+        "the bounce's report to reach the sender",
+        Duration::from_secs(20),
+        dsn_arrived,
+    );
+    for r in [&relay1, &relay2] {
+        r.wait_until(
+            "only the third message left, deferred",
+            Duration::from_secs(10),
+            || {
+                deferred_in(r) == Some(1)
+                    && try_api_json(r, "/api/v1/pools/A/messages").is_some_and(|v| {
+                        v.as_array()
+                            .or_else(|| v["messages"].as_array())
+                            .is_some_and(|l| {
+                                l.len() == 1 && l[0]["id"].as_str() == Some(&sent[2].queue_id)
+                            })
+                    })
+            },
+        );
+    }
+    let ids = accepting.message_ids();
+    assert!(
+        !ids.contains(&sent[2].message_id) && !ids.contains(&sent[1].message_id),
+        "only the flushed message was sent: {ids:?}"
+    );
+}
+
+#[test]
+fn a_relay_frozen_past_its_tickets_hold_does_not_deliver_what_the_other_took() {
+    let cluster = NatsCluster::start(3);
+    // Relay 1's upstream is slow: with two workers it holds four tickets,
+    // two of them waiting in its scheduler, when it is frozen.
+    let slow = Sink::start_with(SinkOptions {
+        delay_ms: Some(2000),
+        ..Default::default()
+    });
+    let servers = cluster.servers_toml();
+    let slow_addr = slow.addr();
+    let mut relay1 = Relay::start(|s| {
+        format!(
+            "{}{}[defaults]\nlist_pool = \"A\"\n\n[pool.A]\n\n[[upstream]]\nhost = \"{slow_addr}\"\nworkers = 2\n\n\
+             [spool]\nbackend = \"jetstream\"\nservers = {servers}\n",
+            s.head(),
+            s.listener("")
+        )
+    });
+    relay1.wait_until(
+        "the relay to reach the cluster",
+        Duration::from_secs(20),
+        || http_get(relay1.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+    );
+    let mut sent = BTreeSet::new();
+    for i in 0..8 {
+        let (id, code) = send(&relay1, &format!("frozen-{i}"));
+        assert_eq!(code, 250, "{}", relay1.logs());
+        sent.insert(id);
+    }
+    relay1.wait_until(
+        "relay 1 to hold tickets waiting for a worker",
+        Duration::from_secs(10),
+        || {
+            try_api_json(&relay1, "/api/v1/pools").is_some_and(|v| {
+                v.as_array().into_iter().flatten().any(|p| {
+                    p["pool"] == "A"
+                        && p["in_flight"].as_u64() == Some(2)
+                        && p["ready"].as_u64().is_some_and(|r| r >= 4)
+                })
+            })
+        },
+    );
+    relay1.signal("STOP");
+    let fast = Sink::start();
+    let relay2 = relay_on(&cluster, fast.addr());
+    // Relay 1's tickets lapse after 30 s; relay 2 delivers everything
+    // relay 1 had not finished.
+    wait_delivered(&[&slow, &fast], &sent, Duration::from_secs(60), || {
+        relay2.logs()
+    });
+    relay1.signal("CONT");
+    relay1.wait_until(
+        "relay 1 to let go of the tickets it held while frozen",
+        Duration::from_secs(20),
+        || {
+            relay1.log_count("no longer holds its ticket") >= 2
+                || relay1.log_count("let go, another relay delivers it") >= 2
+        },
+    );
+    // What relay 1 was sending at the freeze completes (two workers);
+    // what waited in its scheduler is not sent again.
+    relay1.wait_until(
+        "relay 1's sends in flight at the freeze to end",
+        Duration::from_secs(20),
+        || {
+            try_api_json(&relay1, "/api/v1/pools").is_some_and(|v| {
+                v.as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|p| p["pool"] == "A" && p["in_flight"].as_u64() == Some(0))
+            })
+        },
+    );
+    let counts = id_counts(slow.message_ids().into_iter().chain(fast.message_ids()));
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.len() <= 2,
+        "delivered more than once: {twice:?}\n{}",
+        relay1.logs()
+    );
+}

@@ -372,7 +372,7 @@ async fn delete_all(State(admin): State<Shared>, Path(pool): Path<String>) -> Re
 }
 
 async fn flush_message(State(admin): State<Shared>, Path(id): Path<String>) -> Response {
-    done(admin.relay.flush_message(&id))
+    done(admin.relay.flush_message(&id).await)
 }
 
 async fn delete_message(State(admin): State<Shared>, Path(id): Path<String>) -> Response {

@@ -6,7 +6,7 @@
 //! [`ControlError::Busy`] and the operator tries again.
 
 use poolrelay_spool::{
-    Envelope, QueueId, RecipientState, Reply, SpoolError, format_id, now_ms, parse_id,
+    Envelope, QueueId, RecipientState, Reply, SharedQueue, SpoolError, format_id, now_ms, parse_id,
 };
 use serde::Serialize;
 
@@ -192,7 +192,7 @@ impl Running {
     /// Every pool with its counts: configured pools, plus any left over in the spool.
     pub fn pool_summaries(&self) -> Vec<PoolSummary> {
         let config = self.config();
-        let counts = self.scheduler.counts();
+        let counts = self.counts();
         let mut names: Vec<String> = config.pool_names();
         for name in counts.keys().chain(self.spool().pools().iter()) {
             if !names.contains(name) {
@@ -361,7 +361,7 @@ impl Running {
         self.scheduler.flush(pool);
         if let Some(shared) = self.spool().shared() {
             // The other relays' deferred mail too: fresh tickets, due now.
-            let flushed = shared.flush(pool);
+            let flushed = shared.flush(pool, None);
             let name = pool.to_string();
             tokio::spawn(async move {
                 match flushed.await {
@@ -383,10 +383,37 @@ impl Running {
         }
     }
 
+    /// A message `claim` found in no scheduler here: on a shared spool
+    /// most mail waits in the cluster, not in any relay's scheduler, and
+    /// the operator acts on it there (the envelope and the cluster's
+    /// queue answered). One in this relay's hands is being delivered:
+    /// `busy`, as on fjall.
+    fn waiting_in_cluster(
+        &self,
+        id: QueueId,
+        busy: String,
+    ) -> Result<(Envelope, &dyn SharedQueue), ControlError> {
+        let envelope = self.find(id)?;
+        match self.spool().shared() {
+            Some(shared) if !shared.holds(id) => Ok((envelope, shared)),
+            _ => Err(ControlError::Busy(busy)),
+        }
+    }
+
     /// Retries one message now.
-    pub fn flush_message(&self, id: &str) -> Result<(), ControlError> {
+    pub async fn flush_message(&self, id: &str) -> Result<(), ControlError> {
         let id = id_from(id)?;
-        let envelope = self.claim(id)?;
+        let envelope = match self.claim(id) {
+            Ok(envelope) => envelope,
+            Err(ControlError::Busy(busy)) => {
+                // A fresh ticket, due now, for mail waiting in the cluster.
+                let (envelope, shared) = self.waiting_in_cluster(id, busy)?;
+                let flushed = shared.flush(&envelope.pool, Some(id)).await?;
+                tracing::info!(queue_id = %format_id(id), pool = %envelope.pool, due_already = flushed == 0, "message flushed (in the shared queue)");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         self.queue
             .requeue(id, &envelope.pool, envelope.mt_priority_or_default());
         tracing::info!(queue_id = %format_id(id), "message flushed");
@@ -407,19 +434,12 @@ impl Running {
         let envelope = match self.claim(id) {
             Ok(envelope) => envelope,
             Err(ControlError::Busy(busy)) => {
-                // On a shared spool most mail waits in the cluster, in no
-                // relay's scheduler: it is removed there, at the revision
-                // this relay saw (its ticket then goes stale). One in this
-                // relay's hands is being delivered: busy, as on fjall.
-                let envelope = self.find(id)?;
-                match self.spool().shared() {
-                    Some(shared) if !shared.holds(id) => {
-                        self.queue.remove(id, &envelope.pool).await?;
-                        tracing::info!(queue_id = %format_id(id), pool = %envelope.pool, "message deleted by the operator (in the shared queue)");
-                        return Ok(());
-                    }
-                    _ => return Err(ControlError::Busy(busy)),
-                }
+                // Removed in the cluster at the revision this relay saw
+                // (its ticket then goes stale).
+                let (envelope, _) = self.waiting_in_cluster(id, busy)?;
+                self.queue.remove(id, &envelope.pool).await?;
+                tracing::info!(queue_id = %format_id(id), pool = %envelope.pool, "message deleted by the operator (in the shared queue)");
+                return Ok(());
             }
             Err(e) => return Err(e),
         };
@@ -447,20 +467,15 @@ impl Running {
         let mut envelope = match self.claim(id) {
             Ok(envelope) => envelope,
             Err(ControlError::Busy(busy)) => {
-                // As a delete: mail waiting in the cluster is moved there
-                // (new record and ticket first, then the old key goes).
-                let mut envelope = self.find(id)?;
-                match self.spool().shared() {
-                    Some(shared) if !shared.holds(id) => {
-                        let from = envelope.pool.clone();
-                        envelope.pool = to.to_string();
-                        envelope.next_attempt_ms = 0;
-                        self.spool().update(id, &from, envelope).await?;
-                        tracing::info!(queue_id = %format_id(id), from = %from, to, "message moved by the operator (in the shared queue)");
-                        return Ok(());
-                    }
-                    _ => return Err(ControlError::Busy(busy)),
-                }
+                // Moved in the cluster (new record and ticket first, then
+                // the old key goes).
+                let (mut envelope, _) = self.waiting_in_cluster(id, busy)?;
+                let from = envelope.pool.clone();
+                envelope.pool = to.to_string();
+                envelope.next_attempt_ms = 0;
+                self.spool().update(id, &from, envelope).await?;
+                tracing::info!(queue_id = %format_id(id), from = %from, to, "message moved by the operator (in the shared queue)");
+                return Ok(());
             }
             Err(e) => return Err(e),
         };
@@ -475,7 +490,16 @@ impl Running {
     /// Bounces one message now: a DSN for every pending recipient, then removal.
     pub async fn bounce_message(&self, id: &str) -> Result<(), ControlError> {
         let id = id_from(id)?;
-        let envelope = self.claim(id)?;
+        let envelope = match self.claim(id) {
+            Ok(envelope) => envelope,
+            Err(ControlError::Busy(busy)) => {
+                // The report, then the removal at the revision this relay
+                // saw, as for mail in this relay's scheduler.
+                let (envelope, _) = self.waiting_in_cluster(id, busy)?;
+                return self.bounce_claimed(id, envelope).await;
+            }
+            Err(e) => return Err(e),
+        };
         let (pool, due) = (envelope.pool.clone(), envelope.next_attempt_ms);
         let mt_priority = envelope.mt_priority_or_default();
         let result = self.bounce_claimed(id, envelope).await;

@@ -21,7 +21,7 @@ pub mod signing;
 pub mod upstream;
 pub mod worker;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -37,7 +37,7 @@ use tokio::task::JoinHandle;
 use crate::clock::Clock;
 use crate::limits::{Limits, Membership};
 use crate::listener::{Inbound, Rules};
-use crate::scheduler::Scheduler;
+use crate::scheduler::{PoolCounts, Scheduler};
 use crate::upstream::{Dns, Health};
 use crate::worker::{Generation, Shared};
 
@@ -99,13 +99,35 @@ impl Running {
         self.listeners_bound && self.spool().is_writable() && !*self.stopping.borrow()
     }
 
+    /// Each pool's counts: the scheduler's. On a shared spool most mail
+    /// waits in the cluster, in no relay's scheduler: ready, deferred and
+    /// the oldest then count the cluster's whole queue (ready includes
+    /// what any relay is sending); in flight and delivered stay this
+    /// relay's. A scan of this relay's view of the cluster, per call.
+    pub fn counts(&self) -> HashMap<String, PoolCounts> {
+        let mut counts = self.scheduler.counts();
+        if let Some(shared) = self.spool().shared() {
+            let now = now_ms();
+            for pool in self.spool().pools() {
+                let cluster = shared.counts(&pool, now);
+                let held = self.scheduler.is_held(&pool);
+                let c = counts.entry(pool).or_default();
+                c.ready = (cluster.queued - cluster.deferred).max(c.in_flight);
+                c.deferred = cluster.deferred;
+                c.oldest = cluster.oldest;
+                c.held = held;
+            }
+        }
+        counts
+    }
+
     /// Applies a new config without dropping sessions or queued mail: new
     /// routes at once, new workers (upstreams, windows, limits) after the
     /// old ones finish the message in hand. Refused, with the old config
     /// kept, when it removes a pool that still holds mail or changes listeners.
     pub async fn reload(&self, new: Config) -> Result<String, String> {
         let old = self.config();
-        let counts = self.scheduler.counts();
+        let counts = self.counts();
         let mut orphaned: Vec<String> = counts
             .iter()
             .filter(|(pool, c)| !new.pools.contains_key(*pool) && c.ready + c.deferred > 0)

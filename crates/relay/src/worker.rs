@@ -255,6 +255,14 @@ async fn deliver(
     job: &Job,
 ) {
     let id_text = format_id(job.id);
+    if let Some(queue) = shared.queue.spool().shared()
+        && !queue.holds(job.id)
+    {
+        // Its ticket lapsed while it waited here (this relay was cut off
+        // from the cluster, or frozen): another relay has it now.
+        tracing::warn!(queue_id = %id_text, pool = %job.pool, "not delivered here: this relay no longer holds its ticket");
+        return;
+    }
     let (envelope, body) = match load(shared, job) {
         Ok(Some(found)) => found,
         Ok(None) => {

@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer, kv, stream};
 use bytes::Bytes;
@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::{
-    Body, Durable, Envelope, Inserted, Listed, QueueId, SharedQueue, Spool, SpoolError, format_id,
-    now_ms, parse_id,
+    Body, ClusterCounts, Durable, Envelope, Inserted, Listed, QueueId, SharedQueue, Spool,
+    SpoolError, format_id, now_ms, parse_id,
 };
 
 /// How to reach the cluster and name things in it (`[spool]`).
@@ -60,6 +60,13 @@ const CONSUMER: &str = "relays";
 const TICKET_ACK_WAIT: Duration = Duration::from_secs(30);
 /// How often tickets in hand are kept alive (well within the ack wait).
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// A ticket the server has not confirmed alive for this long (a relay cut
+/// off from the cluster, or frozen) is no longer this relay's: the server
+/// hands it to another relay once its ack wait lapses, so it is not
+/// delivered here (a send already under way still completes).
+const TICKET_LAPSE: Duration = TICKET_ACK_WAIT.saturating_sub(PROGRESS_EVERY);
+/// How long a progress ack waits for the server's confirmation.
+const PROGRESS_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Tickets a pool may have handed out and not acked, deferred ones
 /// included (a nak with a delay keeps the ticket pending): high, so a
 /// long retry queue never stops a pool.
@@ -174,6 +181,16 @@ struct InHand {
     /// The KV revision `record` was read or written at.
     revision: u64,
     body: Body,
+    /// When the server last confirmed the ticket held here (its fetch or
+    /// a progress ack it answered).
+    alive: Instant,
+}
+
+impl InHand {
+    /// Whether the ticket is still this relay's (see [`TICKET_LAPSE`]).
+    fn live(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.alive) < TICKET_LAPSE
+    }
 }
 
 /// The connection once the streams and buckets exist.
@@ -1083,6 +1100,7 @@ impl Inner {
                     .get_mut(&id)
                 {
                     held.msg = msg;
+                    held.alive = Instant::now();
                 }
             } else {
                 let _ = msg.ack().await;
@@ -1151,24 +1169,49 @@ impl Inner {
                     record,
                     revision,
                     body,
+                    alive: Instant::now(),
                 },
             );
         Some((id, envelope))
     }
 
+    /// Progress acks for the tickets in hand, each confirmed by the server;
+    /// a ticket unconfirmed for [`TICKET_LAPSE`] is let go first, before
+    /// any ack could make it look alive again after a freeze.
     async fn keep_tickets_alive(self: Arc<Self>) {
         loop {
             tokio::time::sleep(PROGRESS_EVERY).await;
-            let msgs: Vec<jetstream::Message> = self
-                .in_hand
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .values()
-                .map(|h| h.msg.clone())
-                .collect();
-            for m in msgs {
-                if let Err(e) = m.ack_with(AckKind::Progress).await {
-                    tracing::debug!("replicated spool: progress ack: {e}");
+            let msgs: Vec<(QueueId, jetstream::Message)> = {
+                let mut in_hand = self.in_hand.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                in_hand.retain(|id, h| {
+                    let live = h.live(now);
+                    if !live {
+                        tracing::warn!(queue_id = %format_id(*id), pool = %h.pool, "replicated spool: the cluster has not confirmed this ticket for {TICKET_LAPSE:?}: let go, another relay delivers it");
+                    }
+                    live
+                });
+                in_hand.iter().map(|(id, h)| (*id, h.msg.clone())).collect()
+            };
+            let acks = msgs.into_iter().map(|(id, m)| async move {
+                let acked =
+                    tokio::time::timeout(PROGRESS_ACK_TIMEOUT, m.double_ack_with(AckKind::Progress))
+                        .await;
+                match acked {
+                    Ok(Ok(())) => Some(id),
+                    Ok(Err(e)) => {
+                        tracing::debug!(queue_id = %format_id(id), "replicated spool: progress ack: {e}");
+                        None
+                    }
+                    Err(_) => None,
+                }
+            });
+            let confirmed = futures_util::future::join_all(acks).await;
+            let now = Instant::now();
+            let mut in_hand = self.in_hand.lock().unwrap_or_else(|e| e.into_inner());
+            for id in confirmed.into_iter().flatten() {
+                if let Some(h) = in_hand.get_mut(&id) {
+                    h.alive = now;
                 }
             }
         }
@@ -1387,13 +1430,17 @@ impl Inner {
             .map_err(|_| unavailable("removing a message", "timed out"))?
     }
 
-    /// `queue flush`: per deferred message not in hand, a ticket of the
+    /// `queue flush` (of a pool, or of `only`): per deferred message not in hand, a ticket of the
     /// next generation first, then the record (generation + 1, due now)
     /// at the revision read. A crash between the two leaves an extra
     /// ticket (handed back as not due), never a record whose ticket is
     /// gone; a record changed meanwhile (delivered, removed, in another
     /// relay's hands) is skipped, never overwritten.
-    async fn flush(self: Arc<Self>, pool: String) -> Result<usize, SpoolError> {
+    async fn flush(
+        self: Arc<Self>,
+        pool: String,
+        only: Option<QueueId>,
+    ) -> Result<usize, SpoolError> {
         let conn = self.conn()?;
         let now = now_ms();
         let deferred: Vec<(QueueId, u64, Record)> = self
@@ -1403,6 +1450,7 @@ impl Inner {
             .get(&pool)
             .map(|p| {
                 p.iter()
+                    .filter(|(id, _)| only.is_none_or(|o| o == **id))
                     .filter_map(|(id, c)| {
                         let r = c.record.as_ref().ok()?;
                         (r.env.next_attempt_ms > now + DUE_SLACK_MS)
@@ -1767,6 +1815,25 @@ impl SharedQueue for JetStreamSpool {
         self.run(self.inner.clone().take(pool.to_string(), max, wait))
     }
 
+    fn counts(&self, pool: &str, now_ms: u64) -> ClusterCounts {
+        let cache = self.inner.cache.read().unwrap_or_else(|e| e.into_inner());
+        let Some(messages) = cache.get(pool) else {
+            return ClusterCounts::default();
+        };
+        ClusterCounts {
+            queued: messages.len(),
+            deferred: messages
+                .values()
+                .filter(|c| {
+                    c.record
+                        .as_ref()
+                        .is_ok_and(|r| r.env.next_attempt_ms > now_ms)
+                })
+                .count(),
+            oldest: messages.keys().next().copied(),
+        }
+    }
+
     fn held_tickets(&self, pool: &str) -> usize {
         self.inner
             .in_hand
@@ -1782,7 +1849,8 @@ impl SharedQueue for JetStreamSpool {
             .in_hand
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .contains_key(&id)
+            .get(&id)
+            .is_some_and(|h| h.live(Instant::now()))
     }
 
     fn hand_back(&self, id: QueueId, _pool: &str, due_ms: u64) {
@@ -1819,8 +1887,8 @@ impl SharedQueue for JetStreamSpool {
         })
     }
 
-    fn flush(&self, pool: &str) -> Durable<usize> {
-        self.run(self.inner.clone().flush(pool.to_string()))
+    fn flush(&self, pool: &str, only: Option<QueueId>) -> Durable<usize> {
+        self.run(self.inner.clone().flush(pool.to_string(), only))
     }
 
     fn held_watch(&self) -> watch::Receiver<BTreeSet<String>> {

@@ -266,6 +266,18 @@ pub trait Spool: Send + Sync + 'static {
     }
 }
 
+/// One pool of a shared queue, cluster-wide, as this relay's view of
+/// the cluster's envelopes has it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClusterCounts {
+    /// Every message of the pool (being delivered anywhere included).
+    pub queued: usize,
+    /// Those whose next attempt is still to come.
+    pub deferred: usize,
+    /// The oldest message (ids encode the accept time).
+    pub oldest: Option<QueueId>,
+}
+
 /// A queue shared by several relays: every stored message has one ticket
 /// that one relay at a time holds while it delivers; a ticket handed back
 /// with a delay comes back, to any relay, when the message is due.
@@ -282,10 +294,15 @@ pub trait SharedQueue: Send + Sync {
         wait: std::time::Duration,
     ) -> Durable<Vec<(QueueId, Envelope)>>;
 
+    /// The whole cluster's queue of `pool` at `now_ms`.
+    fn counts(&self, pool: &str, now_ms: u64) -> ClusterCounts;
+
     /// Tickets of `pool` this relay holds now (taken, not yet handed back).
     fn held_tickets(&self, pool: &str) -> usize;
 
-    /// Whether this relay holds the ticket of `id` now.
+    /// Whether this relay holds the live ticket of `id` now: taken, not
+    /// handed back, and confirmed by the cluster recently enough that no
+    /// other relay can have it. A worker delivers only what it holds.
     fn holds(&self, id: QueueId) -> bool;
 
     /// Hands the ticket of `id` back, to come back (to any relay) at
@@ -296,8 +313,9 @@ pub trait SharedQueue: Send + Sync {
     /// so other relays take them without waiting for them to time out.
     fn hand_back_all(&self) -> Durable<()>;
 
-    /// Makes every deferred message of `pool` due now, on every relay.
-    fn flush(&self, pool: &str) -> Durable<usize>;
+    /// Makes every deferred message of `pool` (or only `only`) due now,
+    /// on every relay; how many were made due.
+    fn flush(&self, pool: &str, only: Option<QueueId>) -> Durable<usize>;
 
     /// The held pools as every relay sees them; changes when any relay
     /// holds or releases a pool.
