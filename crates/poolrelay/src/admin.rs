@@ -285,10 +285,17 @@ async fn messages(
     }
 }
 
+/// Reading the body is blocking I/O (a disk read, or a fetch from the
+/// replicated spool's cluster): off the runtime's threads.
 async fn show(State(admin): State<Shared>, Path(id): Path<String>) -> Response {
-    match admin.relay.show_message(&id) {
-        Ok(detail) => Json(detail).into_response(),
-        Err(e) => control_error(e),
+    let relay = admin.relay.clone();
+    match tokio::task::spawn_blocking(move || relay.show_message(&id)).await {
+        Ok(Ok(detail)) => Json(detail).into_response(),
+        Ok(Err(e)) => control_error(e),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("reading the message failed: {e}"),
+        ),
     }
 }
 

@@ -101,7 +101,7 @@ pub const BOUNCED_RECIPIENTS: Metric = metric(
 pub const QUEUE_MESSAGES: Metric = metric(
     "poolrelay_queue_messages",
     Kind::Gauge,
-    "Queued messages by pool and state (ready, deferred, held).",
+    "Queued messages by pool and state (ready, deferred, held); on a replicated spool, the whole cluster's queue.",
     &["pool", "state"],
 );
 /// Age of the oldest queued message of each pool.
