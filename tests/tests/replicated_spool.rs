@@ -934,3 +934,67 @@ fn a_relay_frozen_past_its_tickets_hold_does_not_deliver_what_the_other_took() {
         relay1.logs()
     );
 }
+
+#[test]
+fn two_relays_picking_the_same_ids_lose_nothing_and_mix_no_bodies() {
+    // Ids carry 8 bits of a relay's start tag, which wrap after 256 relay
+    // starts: both relays here get the same bits, so appends in the same
+    // millisecond pick the same id.
+    let cluster = NatsCluster::start(3);
+    let sink = Sink::start();
+    let mut relays = [
+        relay_on(&cluster, sink.addr()),
+        relay_on(&cluster, sink.addr()),
+    ];
+    for r in relays.iter_mut() {
+        r.set_env("POOLRELAY_ID_TAG", "7");
+        r.restart();
+        r.wait_until(
+            "the relay to reach the cluster",
+            Duration::from_secs(20),
+            || http_get(r.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+        );
+    }
+    let [relay1, relay2] = &relays;
+    let (ledger1, ledger2) = (SharedLedger::new(), SharedLedger::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = clients(relay1, "same-id-1", 3, &ledger1, &stop);
+    handles.extend(clients(relay2, "same-id-2", 3, &ledger2, &stop));
+    let collided = || {
+        relay1.log_count("another relay holds this id")
+            + relay2.log_count("another relay holds this id")
+    };
+    relay1.wait_until(
+        "appends of both relays to pick the same id 5 times",
+        Duration::from_secs(60),
+        || collided() >= 5,
+    );
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        let _ = h.join();
+    }
+    let (l1, l2) = (ledger1.take(), ledger2.take());
+    for (l, r) in [(&l1, relay1), (&l2, relay2)] {
+        assert!(
+            l.unexpected_stops().is_empty(),
+            "{:?}\n{}",
+            l.stops,
+            r.logs()
+        );
+    }
+    let acked: BTreeSet<String> = l1.acked.union(&l2.acked).cloned().collect();
+    // Every acknowledged message arrives, each with its own body (its
+    // Message-ID is in it), and once.
+    wait_delivered(&[&sink], &acked, Duration::from_secs(60), || {
+        format!("{}\n{}", relay1.logs(), relay2.logs())
+    });
+    let counts = id_counts(sink.message_ids());
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    eprintln!(
+        "[replicated] same id tag: {} + {} acked, {} ids picked twice",
+        l1.acked.len(),
+        l2.acked.len(),
+        collided()
+    );
+}

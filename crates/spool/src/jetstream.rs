@@ -4,8 +4,10 @@
 //! - bucket `P_env`: one [`Record`] per message, key `<pool>.<id>`: the
 //!   envelope (per-recipient outcomes, attempt count), the generation of
 //!   its live ticket and the number of body chunks;
-//! - stream `P_bodies`: the message bytes, subject `P.body.<id>.<chunk>`,
-//!   chunks below the server's `max_payload`;
+//! - stream `P_bodies`: the message bytes, subject
+//!   `P.body.<id>-<origin>.<chunk>` (`origin`: the writing relay start's
+//!   tag, so bodies of two relays never share a subject), chunks below the
+//!   server's `max_payload`;
 //! - per pool, work-queue stream `P_q_<pool>` of tickets (subject
 //!   `P.q.<pool>`) with one durable pull consumer all relays share: a
 //!   relay holds a message while it holds its ticket (kept alive with
@@ -93,6 +95,8 @@ const AHEAD_RETRY: Duration = Duration::from_secs(1);
 const AHEAD_DELIVERIES: i64 = 5;
 /// How long what a refused append wrote is retried away.
 const TAKE_BACK_TIMEOUT: Duration = Duration::from_secs(600);
+/// Fresh ids an append tries when other relays hold the ones it picked.
+const ID_TRIES: usize = 3;
 /// A whole `queue flush` of a pool gets this long.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -106,6 +110,10 @@ struct Record {
     generation: u64,
     /// Body chunks in `P_bodies`.
     chunks: u32,
+    /// The full tag of the relay start that wrote the body (part of its
+    /// subjects); 0 for bodies under the plain id (imports).
+    #[serde(default)]
+    origin: u64,
 }
 
 /// A message as this relay last saw it in `P_env`.
@@ -133,6 +141,7 @@ fn rebase(held: &Record, ours: &Envelope, current: &Record) -> Option<Record> {
         env: ours.clone(),
         generation: current.generation,
         chunks: current.chunks,
+        origin: current.origin,
     })
 }
 
@@ -221,6 +230,9 @@ struct Inner {
     wanted: Mutex<BTreeSet<String>>,
     held_tx: watch::Sender<BTreeSet<String>>,
     node_tag: AtomicU64,
+    /// The 8 bits of the tag in ids, when `POOLRELAY_ID_TAG` sets them
+    /// (tests of two relays picking the same ids; never set in service).
+    id_tag: Option<u64>,
     /// This relay's key in the nodes bucket.
     node_id: String,
     last_id: Mutex<QueueId>,
@@ -280,6 +292,10 @@ impl JetStreamSpool {
             wanted: Mutex::default(),
             held_tx: watch::channel(BTreeSet::new()).0,
             node_tag: AtomicU64::new(0),
+            id_tag: std::env::var("POOLRELAY_ID_TAG")
+                .ok()
+                .and_then(|v| v.parse::<u8>().ok())
+                .map(u64::from),
             node_id: crate::nodes::node_id(),
             last_id: Mutex::new(0),
             ready: AtomicBool::new(false),
@@ -338,8 +354,54 @@ impl Inner {
         format!("{pool}.{}", format_id(id))
     }
 
-    fn body_subject(&self, id: QueueId, chunk: u32) -> String {
-        format!("{}.body.{}.{chunk}", self.prefix(), format_id(id))
+    /// Where a message's body chunks live: `P.body.<id>-<origin>`, so two
+    /// relays that ever pick the same id (their 8-bit tags wrapped) never
+    /// read, overwrite or purge each other's bytes; `P.body.<id>` for
+    /// origin 0 (imports, whose ids are checked against what is stored).
+    fn body_key(&self, id: QueueId, origin: u64) -> String {
+        if origin == 0 {
+            format!("{}.body.{}", self.prefix(), format_id(id))
+        } else {
+            format!("{}.body.{}-{origin}", self.prefix(), format_id(id))
+        }
+    }
+
+    fn body_subject(&self, id: QueueId, origin: u64, chunk: u32) -> String {
+        format!("{}.{chunk}", self.body_key(id, origin))
+    }
+
+    /// Purges a body (every chunk).
+    async fn purge_body(&self, conn: &Conn, id: QueueId, origin: u64) -> Result<(), SpoolError> {
+        conn.bodies
+            .purge()
+            .filter(format!("{}.>", self.body_key(id, origin)))
+            .await
+            .map(|_| ())
+            .map_err(|e| unavailable("removing a body", e))
+    }
+
+    /// Publishes `message` in chunks under (`id`, `origin`); how many.
+    /// Each chunk's subject is its `Nats-Msg-Id`: a chunk published again
+    /// (a retried write, a resumed import) is a duplicate the server drops.
+    async fn publish_body(
+        &self,
+        conn: &Conn,
+        id: QueueId,
+        origin: u64,
+        message: Vec<u8>,
+    ) -> Result<u32, SpoolError> {
+        let body = Bytes::from(message);
+        let mut chunks = 0u32;
+        for start in (0..body.len()).step_by(conn.chunk) {
+            let chunk = body.slice(start..(start + conn.chunk).min(body.len()));
+            let subject = self.body_subject(id, origin, chunks);
+            retrying("publishing the body", || {
+                publish_acked(&conn.js, subject.clone(), &subject, chunk.clone())
+            })
+            .await?;
+            chunks += 1;
+        }
+        Ok(chunks)
     }
 
     fn ticket_subject(&self, pool: &str) -> String {
@@ -353,7 +415,9 @@ impl Inner {
     /// Ids are `unix_ms << 16 | node << 8 | counter`: the node tag (from
     /// a cluster-wide counter at connect) keeps two relays' ids apart.
     fn next_id(&self) -> QueueId {
-        let tag = self.node_tag.load(Ordering::Relaxed) & 0xff;
+        let tag = self
+            .id_tag
+            .unwrap_or_else(|| self.node_tag.load(Ordering::Relaxed) & 0xff);
         let mut last = self.last_id.lock().unwrap_or_else(|e| e.into_inner());
         let base = (now_ms() << 16) | (tag << 8);
         let id = if base > *last {
@@ -769,19 +833,20 @@ impl Inner {
     }
 
     /// Makes the key `pool`/`id` with `record`; a key already there with
-    /// the same bytes (an earlier try got through) counts as made.
+    /// the same bytes (an earlier try got through) counts as made; `None`:
+    /// another message has it.
     async fn create_record(
         &self,
         conn: &Conn,
         pool: &str,
         id: QueueId,
         record: &Record,
-    ) -> Result<u64, SpoolError> {
+    ) -> Result<Option<u64>, SpoolError> {
         let value = Bytes::from(
             serde_json::to_vec(record)
                 .map_err(|e| SpoolError::Storage(format!("encoding an envelope: {e}")))?,
         );
-        let made = retrying("storing an envelope", || async {
+        retrying("storing an envelope", || async {
             match conn.env.create(Self::key(pool, id), value.clone()).await {
                 Ok(rev) => Ok(Some(rev)),
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
@@ -793,15 +858,31 @@ impl Inner {
                 Err(e) => Err(unavailable("storing an envelope", e)),
             }
         })
-        .await?;
-        let rev = made.ok_or_else(|| {
-            SpoolError::Storage(format!(
-                "{} exists with other contents",
-                Self::key(pool, id)
-            ))
-        })?;
-        self.cache_put(pool, id, rev, Ok(record.clone()));
-        Ok(rev)
+        .await
+        .inspect(|made| {
+            if let Some(rev) = made {
+                self.cache_put(pool, id, *rev, Ok(record.clone()));
+            }
+        })
+    }
+
+    /// [`Inner::create_record`] where an id taken by another message is an
+    /// error.
+    async fn create_record_or_fail(
+        &self,
+        conn: &Conn,
+        pool: &str,
+        id: QueueId,
+        record: &Record,
+    ) -> Result<u64, SpoolError> {
+        self.create_record(conn, pool, id, record)
+            .await?
+            .ok_or_else(|| {
+                SpoolError::Storage(format!(
+                    "{} exists with other contents",
+                    Self::key(pool, id)
+                ))
+            })
     }
 
     async fn append(
@@ -810,34 +891,38 @@ impl Inner {
         message: Vec<u8>,
     ) -> Result<QueueId, SpoolError> {
         let conn = self.conn()?;
-        let id = self.next_id();
         let pool = envelope.pool.clone();
+        let origin = self.node_tag.load(Ordering::Relaxed);
         let started = std::time::Instant::now();
+        let mut id = self.next_id();
         let written = tokio::time::timeout(self.opts.ack_timeout, async {
             retrying("making the pool's ticket stream", || {
                 self.consumer_in(conn, &pool)
             })
             .await?;
-            let body = Bytes::from(message);
-            let mut chunks = 0u32;
-            for start in (0..body.len()).step_by(conn.chunk) {
-                let chunk = body.slice(start..(start + conn.chunk).min(body.len()));
-                let msg_id = format!("{}.{chunks}", format_id(id));
-                let subject = self.body_subject(id, chunks);
-                retrying("publishing the body", || {
-                    publish_acked(&conn.js, subject.clone(), &msg_id, chunk.clone())
-                })
-                .await?;
-                chunks += 1;
-            }
-            let record = Record {
+            let body = message;
+            let mut record = Record {
                 env: envelope,
                 generation: 0,
-                chunks,
+                chunks: 0,
+                origin,
             };
-            // `create` refuses an id another relay holds.
-            self.create_record(conn, &pool, id, &record).await?;
-            self.publish_ticket(conn, &pool, id, 0).await
+            // An id another relay took (8-bit tags wrap after 256 relay
+            // starts) is refused by `create`: the body, under this relay's
+            // own subjects, is taken back and the message stored again
+            // under a fresh id.
+            for _ in 0..ID_TRIES {
+                record.chunks = self.publish_body(conn, id, origin, body.clone()).await?;
+                if self.create_record(conn, &pool, id, &record).await?.is_some() {
+                    return self.publish_ticket(conn, &pool, id, 0).await;
+                }
+                tracing::warn!(queue_id = %format_id(id), pool = %pool, "replicated spool: another relay holds this id; storing the message under a fresh one");
+                tokio::spawn(self.clone().take_back(pool.clone(), id, origin, false));
+                id = self.next_id();
+            }
+            Err(SpoolError::Storage(format!(
+                "{ID_TRIES} ids in a row were taken by other relays"
+            )))
         })
         .await;
         let result = match written {
@@ -855,8 +940,7 @@ impl Inner {
             Err(e) => {
                 // Nothing is claimed: take back whatever was written, so a
                 // ticket that did get through finds no envelope and is dropped.
-                self.cache_remove(&pool, id);
-                tokio::spawn(self.clone().take_back(pool, id));
+                tokio::spawn(self.clone().take_back(pool, id, origin, true));
                 Err(e)
             }
         }
@@ -864,28 +948,40 @@ impl Inner {
 
     /// Takes back what a failed append wrote, retried until the cluster
     /// answers again (the quorum may be what failed): a ticket that got
-    /// through then finds no envelope and is dropped.
-    async fn take_back(self: Arc<Self>, pool: String, id: QueueId) {
+    /// through then finds no envelope and is dropped. The envelope goes
+    /// only when it is this append's (`envelope`, and its origin is this
+    /// relay's): an id another relay holds keeps its message.
+    async fn take_back(self: Arc<Self>, pool: String, id: QueueId, origin: u64, envelope: bool) {
         let Ok(conn) = self.conn() else { return };
         let work = async {
-            let key = Self::key(&pool, id);
-            let _ = retrying("taking back an envelope", || async {
-                conn.env
-                    .delete(&key)
-                    .await
-                    .map_err(|e| unavailable("taking back an envelope", e))
-            })
-            .await;
-            self.clone().purge_marker_later(key);
-            let _ = retrying("taking back a body", || async {
-                conn.bodies
-                    .purge()
-                    .filter(format!("{}.body.{}.>", self.prefix(), format_id(id)))
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| unavailable("taking back a body", e))
-            })
-            .await;
+            if envelope {
+                let ours = retrying("reading an envelope to take back", || {
+                    self.read_record(conn, &pool, id)
+                })
+                .await
+                .ok()
+                .flatten()
+                .filter(|c| c.record.as_ref().is_ok_and(|r| r.origin == origin));
+                if let Some(c) = ours {
+                    let key = Self::key(&pool, id);
+                    let _ = retrying("taking back an envelope", || async {
+                        match conn
+                            .env
+                            .delete_expect_revision(&key, Some(c.revision))
+                            .await
+                        {
+                            Ok(()) => Ok(()),
+                            // Changed since: read again, by the next try.
+                            Err(_) if self.read_record(conn, &pool, id).await?.is_none() => Ok(()),
+                            Err(e) => Err(unavailable("taking back an envelope", e)),
+                        }
+                    })
+                    .await;
+                    self.cache_remove(&pool, id);
+                    self.clone().purge_marker_later(key);
+                }
+            }
+            let _ = retrying("taking back a body", || self.purge_body(conn, id, origin)).await;
         };
         if tokio::time::timeout(TAKE_BACK_TIMEOUT, work).await.is_err() {
             tracing::error!(queue_id = %format_id(id), pool = %pool, "replicated spool: could not take back a refused message within {TAKE_BACK_TIMEOUT:?}; its envelope may remain (listed, and delivered if a ticket got through)");
@@ -915,7 +1011,7 @@ impl Inner {
                 let Ok(mut record) = cached.record else {
                     return Ok(Inserted::Conflict);
                 };
-                if *self.read_body(id, record.chunks).await? != *message.as_slice() {
+                if *self.read_body(id, record.origin, record.chunks).await? != *message.as_slice() {
                     return Ok(Inserted::Conflict);
                 }
                 // The ticket first, as a flush's: the record never names a
@@ -936,26 +1032,16 @@ impl Inner {
                 self.consumer_in(conn, &pool)
             })
             .await?;
-            let body = Bytes::from(message);
-            let mut chunks = 0u32;
-            for start in (0..body.len()).step_by(conn.chunk) {
-                let chunk = body.slice(start..(start + conn.chunk).min(body.len()));
-                // As an append's: a chunk published again by a resumed
-                // import is a duplicate the server drops.
-                let msg_id = format!("{}.{chunks}", format_id(id));
-                let subject = self.body_subject(id, chunks);
-                retrying("publishing the body", || {
-                    publish_acked(&conn.js, subject.clone(), &msg_id, chunk.clone())
-                })
-                .await?;
-                chunks += 1;
-            }
+            // Under the plain id (origin 0): a resumed import publishes the
+            // same subjects again, duplicates the server drops.
+            let chunks = self.publish_body(conn, id, 0, message).await?;
             let record = Record {
                 env: envelope,
                 generation: 0,
                 chunks,
+                origin: 0,
             };
-            self.create_record(conn, &pool, id, &record).await?;
+            self.create_record_or_fail(conn, &pool, id, &record).await?;
             self.publish_ticket(conn, &pool, id, 0).await?;
             Ok(Inserted::Stored)
         })
@@ -980,11 +1066,11 @@ impl Inner {
         Ok(())
     }
 
-    async fn read_body(&self, id: QueueId, chunks: u32) -> Result<Body, SpoolError> {
+    async fn read_body(&self, id: QueueId, origin: u64, chunks: u32) -> Result<Body, SpoolError> {
         let conn = self.conn()?;
         let mut bytes = Vec::new();
         for i in 0..chunks {
-            let subject = self.body_subject(id, i);
+            let subject = self.body_subject(id, origin, i);
             // Any replica answers a direct get, so a stream electing a
             // leader still serves bodies; the leader is asked when a
             // replica lags behind.
@@ -1146,7 +1232,7 @@ impl Inner {
             }
             Verdict::Due(record) => record,
         };
-        let body = match self.read_body(id, record.chunks).await {
+        let body = match self.read_body(id, record.origin, record.chunks).await {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(queue_id = %format_id(id), "replicated spool: {e}; ticket back in 1s");
@@ -1264,6 +1350,7 @@ impl Inner {
                 env: envelope.clone(),
                 generation: previous.generation,
                 chunks: previous.chunks,
+                origin: previous.origin,
             };
             let mut revision = revision;
             let written = loop {
@@ -1324,8 +1411,10 @@ impl Inner {
             env: envelope,
             generation: previous.generation + 1,
             chunks: previous.chunks,
+            origin: previous.origin,
         };
-        self.create_record(conn, &new_pool, id, &record).await?;
+        self.create_record_or_fail(conn, &new_pool, id, &record)
+            .await?;
         self.publish_ticket(conn, &new_pool, id, record.generation)
             .await?;
         retrying("removing the old envelope", || async {
@@ -1368,6 +1457,15 @@ impl Inner {
         let conn = self.conn()?;
         let held = self.held_copy(&pool, id);
         let write = async {
+            // The body's subjects name its writer.
+            let origin = match &held {
+                Some((record, _)) => record.origin,
+                None => self
+                    .read_record(conn, &pool, id)
+                    .await?
+                    .and_then(|c| c.record.ok())
+                    .map_or(0, |r| r.origin),
+            };
             // Deleted only at the revision this relay decided on (or a
             // later one where no recipient was decided elsewhere).
             let mut expect = held.as_ref().map(|(_, rev)| *rev);
@@ -1414,14 +1512,7 @@ impl Inner {
                     let _ = h.msg.double_ack().await;
                 }
             };
-            let purge = retrying("removing a body", || async {
-                conn.bodies
-                    .purge()
-                    .filter(format!("{}.body.{}.>", self.prefix(), format_id(id)))
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| unavailable("removing a body", e))
-            });
+            let purge = retrying("removing a body", || self.purge_body(conn, id, origin));
             let ((), purged) = tokio::join!(ack, purge);
             purged
         };
@@ -1651,18 +1742,18 @@ impl Spool for JetStreamSpool {
             let cache = self.inner.cache.read().unwrap_or_else(|e| e.into_inner());
             match cache.values().find_map(|p| p.get(&id)) {
                 None => None,
-                Some(Cached { record: Ok(r), .. }) => Some(r.chunks),
+                Some(Cached { record: Ok(r), .. }) => Some((r.origin, r.chunks)),
                 Some(Cached {
                     record: Err(reason),
                     ..
                 }) => return Err(corrupt(id, reason)),
             }
         };
-        let Some(chunks) = chunks else {
+        let Some((origin, chunks)) = chunks else {
             return Ok(None);
         };
         let inner = self.inner.clone();
-        self.block(async move { inner.read_body(id, chunks).await })
+        self.block(async move { inner.read_body(id, origin, chunks).await })
             .map(Some)
     }
 
@@ -1939,6 +2030,7 @@ mod tests {
             env,
             generation,
             chunks: 1,
+            origin: 7,
         }
     }
 
@@ -1986,7 +2078,8 @@ mod tests {
             Some(Record {
                 env: ours.clone(),
                 generation: 2,
-                chunks: 1
+                chunks: 1,
+                origin: 7,
             })
         );
         // Another relay delivered the recipient: ours is dropped.
@@ -1996,13 +2089,15 @@ mod tests {
     }
 
     #[test]
-    fn records_round_trip_and_older_ones_without_a_generation_load() {
+    fn records_round_trip_and_older_ones_without_a_generation_or_origin_load() {
         let r = record(3, 5);
         let text = serde_json::to_vec(&r).expect("encode");
         assert_eq!(serde_json::from_slice::<Record>(&text).expect("decode"), r);
         let mut value: serde_json::Value = serde_json::from_slice(&text).expect("json");
-        value.as_object_mut().expect("object").remove("generation");
-        let old: Record = serde_json::from_value(value).expect("decode without generation");
-        assert_eq!(old.generation, 0);
+        let fields = value.as_object_mut().expect("object");
+        fields.remove("generation");
+        fields.remove("origin");
+        let old: Record = serde_json::from_value(value).expect("decode without them");
+        assert_eq!((old.generation, old.origin), (0, 0));
     }
 }
