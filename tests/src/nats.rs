@@ -196,8 +196,9 @@ impl NatsCluster {
 
     /// Publishes `payload` on `subject` through server 0 with the plain
     /// NATS protocol and waits for JetStream's ack (a stream stored it):
-    /// writes what no relay would, such as an undecodable envelope.
-    pub fn publish_acked(&self, subject: &str, payload: &[u8]) {
+    /// writes what no relay would, such as an undecodable envelope. The
+    /// stream sequence it got.
+    pub fn publish_acked(&self, subject: &str, payload: &[u8]) -> u64 {
         let addr = self.servers[0].client;
         let mut conn = std::net::TcpStream::connect(addr)
             .unwrap_or_else(|e| panic!("connect to nats-server at {addr}: {e}"));
@@ -216,8 +217,15 @@ impl NatsCluster {
         let mut buf = [0u8; 4096];
         loop {
             let text = String::from_utf8_lossy(&seen).to_string();
-            if text.contains("\"seq\"") {
-                return;
+            if let Some(at) = text.find("\"seq\":") {
+                let rest = text[at + 6..].trim_start();
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                // Only once the number is whole (followed by more JSON).
+                if rest.len() > digits.len()
+                    && let Ok(seq) = digits.parse()
+                {
+                    return seq;
+                }
             }
             if text.contains("\"error\"") || text.contains("-ERR") {
                 panic!("publishing to {subject} failed: {text}");

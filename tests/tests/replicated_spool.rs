@@ -998,3 +998,40 @@ fn two_relays_picking_the_same_ids_lose_nothing_and_mix_no_bodies() {
         collided()
     );
 }
+
+#[test]
+fn a_relay_starting_passes_over_the_id_tag_bits_a_live_relay_uses() {
+    let cluster = NatsCluster::start(3);
+    let sink = Sink::start();
+    let ready = |r: &Relay| {
+        r.wait_until(
+            "the relay to reach the cluster",
+            Duration::from_secs(20),
+            || http_get(r.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+        );
+    };
+    let tag_bits = |queue_id: &str| {
+        u64::from_str_radix(queue_id, 16)
+            .map(|id| (id >> 8) & 0xff)
+            .unwrap_or_else(|e| panic!("queue id {queue_id:?}: {e}"))
+    };
+    let relay1 = relay_on(&cluster, sink.addr());
+    ready(&relay1);
+    let first = tag_bits(&relay1.send_tagged(FROM, &[TO], "tag-1").queue_id);
+    // Relay starts are counted by the revision of one key; move it on until
+    // the next start would get relay 1's 8 bits again (256 starts later).
+    let mut moved = 0;
+    while (cluster.publish_acked("$KV.poolrelay_held.node.tag", b"0") + 1) & 0xff != first {
+        moved += 1;
+        assert!(moved <= 256, "the tag revision never wrapped to {first}");
+    }
+    let relay2 = relay_on(&cluster, sink.addr());
+    ready(&relay2);
+    let second = tag_bits(&relay2.send_tagged(FROM, &[TO], "tag-2").queue_id);
+    assert_ne!(
+        first,
+        second,
+        "relay 2 took the id tag bits relay 1 uses\n{}",
+        relay2.logs()
+    );
+}

@@ -412,12 +412,16 @@ impl Inner {
         format!("{}_q_{pool}", self.prefix())
     }
 
+    /// The tag bits this relay's ids carry.
+    fn id_tag_bits(&self) -> u64 {
+        self.id_tag
+            .unwrap_or_else(|| self.node_tag.load(Ordering::Relaxed) & 0xff)
+    }
+
     /// Ids are `unix_ms << 16 | node << 8 | counter`: the node tag (from
     /// a cluster-wide counter at connect) keeps two relays' ids apart.
     fn next_id(&self) -> QueueId {
-        let tag = self
-            .id_tag
-            .unwrap_or_else(|| self.node_tag.load(Ordering::Relaxed) & 0xff);
+        let tag = self.id_tag_bits();
         let mut last = self.last_id.lock().unwrap_or_else(|e| e.into_inner());
         let base = (now_ms() << 16) | (tag << 8);
         let id = if base > *last {
@@ -520,11 +524,26 @@ impl Inner {
             })
             .await
             .map_err(|e| format!("bodies stream: {e}"))?;
-        let tag = held
-            .put("node.tag", Bytes::from(now_ms().to_string()))
+        // A revision of `node.tag`, unique per relay start; its low 8 bits
+        // go into ids, so bits a live relay announced are passed over
+        // (they wrap after 256 starts), and claimed at once.
+        let in_use = crate::nodes::tags_in_use(&nodes, &self.node_id)
             .await
-            .map_err(|e| format!("node tag: {e}"))?;
+            .unwrap_or_default();
+        let mut tag = 0;
+        for _ in 0..=in_use.len() {
+            tag = held
+                .put("node.tag", Bytes::from(now_ms().to_string()))
+                .await
+                .map_err(|e| format!("node tag: {e}"))?;
+            if !in_use.contains(&(tag & 0xff)) {
+                break;
+            }
+        }
         self.node_tag.store(tag, Ordering::Relaxed);
+        crate::nodes::announce(&nodes, &self.node_id, &[], self.id_tag_bits())
+            .await
+            .map_err(|e| format!("claiming the id tag: {e}"))?;
         let env_stream = js
             .get_stream(format!("KV_{}_env", self.prefix()))
             .await
@@ -1994,7 +2013,7 @@ impl SharedQueue for JetStreamSpool {
         let inner = self.inner.clone();
         self.run(async move {
             let conn = inner.conn()?;
-            crate::nodes::announce(&conn.nodes, &inner.node_id, &pools)
+            crate::nodes::announce(&conn.nodes, &inner.node_id, &pools, inner.id_tag_bits())
                 .await
                 .map_err(SpoolError::Unavailable)
         })

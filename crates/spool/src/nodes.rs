@@ -22,6 +22,50 @@ pub const NODE_TTL: Duration = Duration::from_secs(5);
 #[derive(Debug, Serialize, Deserialize)]
 struct Entry {
     pools: Vec<String>,
+    /// The 8 bits of its tag its queue ids carry: a relay starting picks
+    /// bits no live relay uses.
+    #[serde(default)]
+    tag: Option<u64>,
+}
+
+/// The id tag bits live relays other than `node` announced.
+pub(crate) async fn tags_in_use(
+    nodes: &kv::Store,
+    node: &str,
+) -> Result<std::collections::BTreeSet<u64>, String> {
+    Ok(entries(nodes, node)
+        .await?
+        .into_iter()
+        .filter_map(|e| e.tag)
+        .collect())
+}
+
+/// Every live relay's entry but `node`'s.
+async fn entries(nodes: &kv::Store, node: &str) -> Result<Vec<Entry>, String> {
+    let mut keys = nodes
+        .keys()
+        .await
+        .map_err(|e| format!("cannot list the nodes bucket: {e}"))?;
+    let mut found = Vec::new();
+    while let Some(key) = keys.next().await {
+        let key = key.map_err(|e| format!("cannot list the nodes bucket: {e}"))?;
+        if key == node {
+            continue;
+        }
+        // Gone between the listing and the read: not alive.
+        let Some(value) = nodes
+            .get(key.as_str())
+            .await
+            .map_err(|e| format!("cannot read relay {key}'s entry: {e}"))?
+        else {
+            continue;
+        };
+        match serde_json::from_slice::<Entry>(&value) {
+            Ok(entry) => found.push(entry),
+            Err(e) => tracing::debug!("relay {key}'s entry in the nodes bucket is unreadable: {e}"),
+        }
+    }
+    Ok(found)
 }
 
 /// The bucket's name.
@@ -98,45 +142,28 @@ pub(crate) fn node_id() -> String {
     format!("{host}-{}-{:x}", std::process::id(), nanos & 0xffff_ffff)
 }
 
-/// Renews `node`'s entry (draining `pools`), then returns the pools of
-/// every other live relay, one entry per relay.
+/// Renews `node`'s entry (draining `pools`, ids tagged `tag`), then
+/// returns the pools of every other live relay, one entry per relay.
 pub(crate) async fn announce(
     nodes: &kv::Store,
     node: &str,
     pools: &[String],
+    tag: u64,
 ) -> Result<Vec<Vec<String>>, String> {
     let entry = serde_json::to_vec(&Entry {
         pools: pools.to_vec(),
+        tag: Some(tag),
     })
     .map_err(|e| format!("cannot encode this relay's entry: {e}"))?;
     nodes
         .put(node, entry.into())
         .await
         .map_err(|e| format!("cannot renew this relay's entry in the nodes bucket: {e}"))?;
-    let mut keys = nodes
-        .keys()
-        .await
-        .map_err(|e| format!("cannot list the nodes bucket: {e}"))?;
-    let mut others = Vec::new();
-    while let Some(key) = keys.next().await {
-        let key = key.map_err(|e| format!("cannot list the nodes bucket: {e}"))?;
-        if key == node {
-            continue;
-        }
-        // Gone between the listing and the read: not alive.
-        let Some(value) = nodes
-            .get(key.as_str())
-            .await
-            .map_err(|e| format!("cannot read relay {key}'s entry: {e}"))?
-        else {
-            continue;
-        };
-        match serde_json::from_slice::<Entry>(&value) {
-            Ok(entry) => others.push(entry.pools),
-            Err(e) => tracing::debug!("relay {key}'s entry in the nodes bucket is unreadable: {e}"),
-        }
-    }
-    Ok(others)
+    Ok(entries(nodes, node)
+        .await?
+        .into_iter()
+        .map(|e| e.pools)
+        .collect())
 }
 
 /// Deletes `node`'s entry: the other relays take its share at their next
@@ -161,6 +188,12 @@ mod tests {
             "{id}"
         );
         assert!(id.contains(&format!("-{}-", std::process::id())), "{id}");
+    }
+
+    #[test]
+    fn an_entry_without_a_tag_still_counts_its_pools() {
+        let old: Entry = serde_json::from_str(r#"{"pools":["A"]}"#).expect("decode");
+        assert_eq!((old.pools, old.tag), (vec!["A".to_string()], None));
     }
 
     #[test]
