@@ -1035,3 +1035,53 @@ fn a_relay_starting_passes_over_the_id_tag_bits_a_live_relay_uses() {
         relay2.logs()
     );
 }
+
+#[test]
+fn a_relay_holds_no_more_message_bodies_than_max_data_memory() {
+    let cluster = NatsCluster::start(3);
+    // Relay 1 sends slowly with four workers: without a bound on the
+    // bodies in its hands it would hold all eight messages (two tickets
+    // per worker) while relay 2 idles.
+    let slow = Sink::start_with(SinkOptions {
+        delay_ms: Some(30_000),
+        ..Default::default()
+    });
+    let servers = cluster.servers_toml();
+    let slow_addr = slow.addr();
+    let relay1 = Relay::start(|s| {
+        format!(
+            "{}{}[defaults]\nlist_pool = \"A\"\n\n[pool.A]\n\n[[upstream]]\nhost = \"{slow_addr}\"\nworkers = 4\n\n\
+             [spool]\nbackend = \"jetstream\"\nservers = {servers}\n",
+            s.head()
+                .replace("[server]\n", "[server]\nmax_data_memory = \"3MB\"\n"),
+            s.listener("")
+        )
+    });
+    relay1.wait_until(
+        "the relay to reach the cluster",
+        Duration::from_secs(20),
+        || http_get(relay1.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+    );
+    let line = format!("{}\n", "x".repeat(75));
+    let body = line.repeat(1_000_000 / line.len());
+    let mut sent = BTreeSet::new();
+    for i in 0..8 {
+        let id = unique_id(&format!("big-{i}"));
+        relay1
+            .client()
+            .send_mail(FROM, &[TO], &message(&id, FROM, TO, "big", &body))
+            .unwrap_or_else(|e| panic!("sending message {i}: {e}\n{}", relay1.logs()));
+        sent.insert(id);
+    }
+    let fast = Sink::start();
+    let relay2 = relay_on(&cluster, fast.addr());
+    // Relay 1 holds three 1 MB bodies at most (3 MB); relay 2 gets the
+    // other five long before relay 1's upstream answers its first.
+    relay2.wait_until(
+        "relay 2 to deliver the five messages relay 1 had no room for",
+        Duration::from_secs(20),
+        || fast.count() >= 5,
+    );
+    let got: BTreeSet<String> = fast.message_ids().into_iter().collect();
+    assert!(got.is_subset(&sent), "{got:?}");
+}

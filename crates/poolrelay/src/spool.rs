@@ -111,6 +111,7 @@ fn open_spool(config: &Config, existing: bool) -> anyhow::Result<Arc<dyn Spool>>
                 ack_timeout: js.ack_timeout,
                 credentials_file: js.credentials_file.clone(),
                 tls_ca_file: js.tls_ca_file.clone(),
+                max_bodies_in_hand: config.server.max_data_memory,
             })
             .context("cannot open the replicated spool")?,
         ),

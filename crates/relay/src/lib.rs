@@ -336,6 +336,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             ack_timeout: js.ack_timeout,
             credentials_file: js.credentials_file.clone(),
             tls_ca_file: js.tls_ca_file.clone(),
+            max_bodies_in_hand: config.server.max_data_memory,
         })?),
     };
     prepare_pools(spool.as_ref(), &config);
@@ -505,7 +506,7 @@ async fn feed(queue: Queue, pool: String, window: usize, mut stop: watch::Receiv
             || queue.spool().held_pools().is_ok_and(|h| h.contains(&pool));
         let pause = if held || !queue.spool().is_writable() {
             Some(Duration::from_millis(200))
-        } else if in_hand >= window {
+        } else if in_hand >= window || shared.bodies_full() {
             Some(Duration::from_millis(20))
         } else {
             None

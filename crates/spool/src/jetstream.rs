@@ -53,6 +53,9 @@ pub struct JetStreamOptions {
     pub credentials_file: Option<PathBuf>,
     /// PEM CA certificates for `tls://` servers.
     pub tls_ca_file: Option<PathBuf>,
+    /// Bytes of message bodies this relay keeps in hand at most (one
+    /// message always fits): `server.max_data_memory`.
+    pub max_bodies_in_hand: u64,
 }
 
 /// The durable consumer every relay pulls a pool's tickets from.
@@ -226,6 +229,9 @@ struct Inner {
     /// (and this relay's own writes at once).
     cache: RwLock<BTreeMap<String, BTreeMap<QueueId, Cached>>>,
     in_hand: Mutex<HashMap<QueueId, InHand>>,
+    /// The size of the last due message handed back for want of room
+    /// ([`JetStreamOptions::max_bodies_in_hand`]); 0 once one fits again.
+    refused_size: AtomicU64,
     /// Pools configured here: their ticket streams are made at connect.
     wanted: Mutex<BTreeSet<String>>,
     held_tx: watch::Sender<BTreeSet<String>>,
@@ -289,6 +295,7 @@ impl JetStreamSpool {
             conn: OnceLock::new(),
             cache: RwLock::default(),
             in_hand: Mutex::default(),
+            refused_size: AtomicU64::new(0),
             wanted: Mutex::default(),
             held_tx: watch::channel(BTreeSet::new()).0,
             node_tag: AtomicU64::new(0),
@@ -1251,6 +1258,21 @@ impl Inner {
             }
             Verdict::Due(record) => record,
         };
+        // Bodies in hand are bounded like content in flight: a message
+        // that does not fit goes back for another relay (or for this one
+        // once bodies leave), and the feed waits (`bodies_full`).
+        let in_hand_bytes = self.bytes_in_hand();
+        if in_hand_bytes > 0
+            && in_hand_bytes.saturating_add(record.env.size) > self.opts.max_bodies_in_hand
+        {
+            self.refused_size
+                .store(record.env.size.max(1), Ordering::Relaxed);
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+            return None;
+        }
+        self.refused_size.store(0, Ordering::Relaxed);
         let body = match self.read_body(id, record.origin, record.chunks).await {
             Ok(b) => b,
             Err(e) => {
@@ -1320,6 +1342,16 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// Bytes of the bodies in this relay's hands.
+    fn bytes_in_hand(&self) -> u64 {
+        self.in_hand
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|h| h.body.len() as u64)
+            .sum()
     }
 
     /// The record a worker's write starts from: its copy in hand, else
@@ -1952,6 +1984,13 @@ impl SharedQueue for JetStreamSpool {
             .values()
             .filter(|h| h.pool == pool)
             .count()
+    }
+
+    fn bodies_full(&self) -> bool {
+        let refused = self.inner.refused_size.load(Ordering::Relaxed);
+        refused > 0
+            && self.inner.bytes_in_hand().saturating_add(refused)
+                > self.inner.opts.max_bodies_in_hand
     }
 
     fn holds(&self, id: QueueId) -> bool {

@@ -300,6 +300,10 @@ pub trait SharedQueue: Send + Sync {
     /// Tickets of `pool` this relay holds now (taken, not yet handed back).
     fn held_tickets(&self, pool: &str) -> usize;
 
+    /// Whether the bodies in this relay's hands leave no room for the
+    /// last message refused for room: take no tickets until some leave.
+    fn bodies_full(&self) -> bool;
+
     /// Whether this relay holds the live ticket of `id` now: taken, not
     /// handed back, and confirmed by the cluster recently enough that no
     /// other relay can have it. A worker delivers only what it holds.
