@@ -1015,16 +1015,20 @@ fn a_relay_starting_passes_over_the_id_tag_bits_a_live_relay_uses() {
             .map(|id| (id >> 8) & 0xff)
             .unwrap_or_else(|e| panic!("queue id {queue_id:?}: {e}"))
     };
-    let relay1 = relay_on(&cluster, sink.addr());
+    // Relay starts are counted by the revision of one key (`node.tag`);
+    // relay 1 announces the bits the next start after its own will get,
+    // as if 256 starts had passed since it began.
+    let mut relay1 = relay_on(&cluster, sink.addr());
     ready(&relay1);
-    let first = tag_bits(&relay1.send_tagged(FROM, &[TO], "tag-1").queue_id);
-    // Relay starts are counted by the revision of one key; move it on until
-    // the next start would get relay 1's 8 bits again (256 starts later).
-    let mut moved = 0;
-    while (cluster.publish_acked("$KV.poolrelay_held.node.tag", b"0") + 1) & 0xff != first {
-        moved += 1;
-        assert!(moved <= 256, "the tag revision never wrapped to {first}");
-    }
+    let seq = cluster.publish_acked("$KV.poolrelay_held.node.tag", b"0");
+    let first = (seq + 2) & 0xff;
+    relay1.set_env("POOLRELAY_ID_TAG", &first.to_string());
+    relay1.restart();
+    ready(&relay1);
+    assert_eq!(
+        tag_bits(&relay1.send_tagged(FROM, &[TO], "tag-1").queue_id),
+        first
+    );
     let relay2 = relay_on(&cluster, sink.addr());
     ready(&relay2);
     let second = tag_bits(&relay2.send_tagged(FROM, &[TO], "tag-2").queue_id);

@@ -99,7 +99,7 @@ const AHEAD_DELIVERIES: i64 = 5;
 /// How long what a refused append wrote is retried away.
 const TAKE_BACK_TIMEOUT: Duration = Duration::from_secs(600);
 /// Fresh ids an append tries when other relays hold the ones it picked.
-const ID_TRIES: usize = 3;
+const ID_TRIES: usize = 8;
 /// A whole `queue flush` of a pool gets this long.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -417,6 +417,19 @@ impl Inner {
 
     fn ticket_stream(&self, pool: &str) -> String {
         format!("{}_q_{pool}", self.prefix())
+    }
+
+    /// Moves this relay's next id `n` further on, within the counter byte
+    /// (past it: the next millisecond), never into the tag bits.
+    fn skip_ids(&self, n: u64) {
+        let tag = self.id_tag_bits();
+        let mut last = self.last_id.lock().unwrap_or_else(|e| e.into_inner());
+        let counter = (*last & 0xff) + n;
+        *last = if counter <= 0xff {
+            (*last & !0xff) | counter
+        } else {
+            (((*last >> 16) + 1) << 16) | (tag << 8)
+        };
     }
 
     /// The tag bits this relay's ids carry.
@@ -944,6 +957,8 @@ impl Inner {
                 }
                 tracing::warn!(queue_id = %format_id(id), pool = %pool, "replicated spool: another relay holds this id; storing the message under a fresh one");
                 tokio::spawn(self.clone().take_back(pool.clone(), id, origin, false));
+                // A random step, so two relays counting in step part ways.
+                self.skip_ids(1 + u64::from(std::process::id() ^ now_nanos()) % 32);
                 id = self.next_id();
             }
             Err(SpoolError::Storage(format!(
@@ -978,31 +993,29 @@ impl Inner {
     /// only when it is this append's (`envelope`, and its origin is this
     /// relay's): an id another relay holds keeps its message.
     async fn take_back(self: Arc<Self>, pool: String, id: QueueId, origin: u64, envelope: bool) {
+        let ours = |c: &Cached| c.record.as_ref().is_ok_and(|r| r.origin == origin);
+        if envelope && self.cached(&pool, id).is_some_and(|c| ours(&c)) {
+            // Not listed here meanwhile; the bucket follows below.
+            self.cache_remove(&pool, id);
+        }
         let Ok(conn) = self.conn() else { return };
         let work = async {
             if envelope {
-                let ours = retrying("reading an envelope to take back", || {
-                    self.read_record(conn, &pool, id)
-                })
-                .await
-                .ok()
-                .flatten()
-                .filter(|c| c.record.as_ref().is_ok_and(|r| r.origin == origin));
-                if let Some(c) = ours {
-                    let key = Self::key(&pool, id);
-                    let _ = retrying("taking back an envelope", || async {
-                        match conn
+                let key = Self::key(&pool, id);
+                let removed = retrying("taking back an envelope", || async {
+                    match self.read_record(conn, &pool, id).await? {
+                        Some(c) if ours(&c) => conn
                             .env
                             .delete_expect_revision(&key, Some(c.revision))
                             .await
-                        {
-                            Ok(()) => Ok(()),
-                            // Changed since: read again, by the next try.
-                            Err(_) if self.read_record(conn, &pool, id).await?.is_none() => Ok(()),
-                            Err(e) => Err(unavailable("taking back an envelope", e)),
-                        }
-                    })
-                    .await;
+                            .map(|()| true)
+                            .map_err(|e| unavailable("taking back an envelope", e)),
+                        // Gone, or another relay's message under this id.
+                        _ => Ok(false),
+                    }
+                })
+                .await;
+                if removed.unwrap_or(false) {
                     self.cache_remove(&pool, id);
                     self.clone().purge_marker_later(key);
                 }
@@ -1373,10 +1386,19 @@ impl Inner {
     /// whoever holds the live one decides.
     fn drop_copy(&self, id: QueueId, pool: &str, what: &str) {
         tracing::warn!(queue_id = %format_id(id), pool = %pool, "replicated spool: the envelope changed under this relay ({what}); its copy is dropped, the stored state stands");
-        self.in_hand
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+        self.release(id, pool);
+    }
+
+    /// Takes `id` out of this relay's hands if what it holds is the
+    /// ticket of `pool`: after a pool move, the feed may already hold the
+    /// new pool's ticket, which must not be acked with the old one.
+    fn release(&self, id: QueueId, pool: &str) -> Option<InHand> {
+        let mut in_hand = self.in_hand.lock().unwrap_or_else(|e| e.into_inner());
+        if in_hand.get(&id).is_some_and(|h| h.pool == pool) {
+            in_hand.remove(&id)
+        } else {
+            None
+        }
     }
 
     async fn update(
@@ -1477,12 +1499,7 @@ impl Inner {
         .await?;
         self.cache_remove(old_pool, id);
         self.clone().purge_marker_later(Self::key(old_pool, id));
-        let old = self
-            .in_hand
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
-        if let Some(old) = old {
+        if let Some(old) = self.release(id, old_pool) {
             let _ = old.msg.ack().await;
         }
         Ok(())
@@ -1553,11 +1570,7 @@ impl Inner {
             self.clone().purge_marker_later(Self::key(&pool, id));
             // The envelope is gone, so the message is: the ticket's ack and
             // the body's purge no longer depend on each other.
-            let held = self
-                .in_hand
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
+            let held = self.release(id, &pool);
             let ack = async {
                 if let Some(h) = held {
                     let _ = h.msg.double_ack().await;
@@ -1643,6 +1656,13 @@ impl Inner {
             )),
         }
     }
+}
+
+/// The sub-second nanoseconds of the clock: a cheap source of jitter.
+fn now_nanos() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
 }
 
 /// Runs `op` until it succeeds: a stream whose leader is being elected
@@ -2002,14 +2022,10 @@ impl SharedQueue for JetStreamSpool {
             .is_some_and(|h| h.live(Instant::now()))
     }
 
-    fn hand_back(&self, id: QueueId, _pool: &str, due_ms: u64) {
-        let held = self
-            .inner
-            .in_hand
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
-        let Some(held) = held else { return };
+    fn hand_back(&self, id: QueueId, pool: &str, due_ms: u64) {
+        let Some(held) = self.inner.release(id, pool) else {
+            return;
+        };
         let now = now_ms();
         let delay = (due_ms > now).then(|| Duration::from_millis(due_ms - now));
         self.inner.rt.spawn(async move {
