@@ -100,6 +100,8 @@ const AHEAD_DELIVERIES: i64 = 5;
 const TAKE_BACK_TIMEOUT: Duration = Duration::from_secs(600);
 /// Fresh ids an append tries when other relays hold the ones it picked.
 const ID_TRIES: usize = 8;
+/// A pool's cluster-wide counts are scanned at most this often.
+const COUNTS_FOR_MS: u64 = 1000;
 /// A whole `queue flush` of a pool gets this long.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -232,6 +234,8 @@ struct Inner {
     /// The size of the last due message handed back for want of room
     /// ([`JetStreamOptions::max_bodies_in_hand`]); 0 once one fits again.
     refused_size: AtomicU64,
+    /// The last [`SharedQueue::counts`] per pool and when it was taken.
+    counted: Mutex<HashMap<String, (u64, ClusterCounts)>>,
     /// Pools configured here: their ticket streams are made at connect.
     wanted: Mutex<BTreeSet<String>>,
     held_tx: watch::Sender<BTreeSet<String>>,
@@ -296,6 +300,7 @@ impl JetStreamSpool {
             cache: RwLock::default(),
             in_hand: Mutex::default(),
             refused_size: AtomicU64::new(0),
+            counted: Mutex::default(),
             wanted: Mutex::default(),
             held_tx: watch::channel(BTreeSet::new()).0,
             node_tag: AtomicU64::new(0),
@@ -1357,6 +1362,26 @@ impl Inner {
         }
     }
 
+    /// [`SharedQueue::counts`] of `pool`, scanned now.
+    fn count_now(&self, pool: &str, now_ms: u64) -> ClusterCounts {
+        let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
+        let Some(messages) = cache.get(pool) else {
+            return ClusterCounts::default();
+        };
+        ClusterCounts {
+            queued: messages.len(),
+            deferred: messages
+                .values()
+                .filter(|c| {
+                    c.record
+                        .as_ref()
+                        .is_ok_and(|r| r.env.next_attempt_ms > now_ms)
+                })
+                .count(),
+            oldest: messages.keys().next().copied(),
+        }
+    }
+
     /// Bytes of the bodies in this relay's hands.
     fn bytes_in_hand(&self) -> u64 {
         self.in_hand
@@ -1978,22 +2003,17 @@ impl SharedQueue for JetStreamSpool {
     }
 
     fn counts(&self, pool: &str, now_ms: u64) -> ClusterCounts {
-        let cache = self.inner.cache.read().unwrap_or_else(|e| e.into_inner());
-        let Some(messages) = cache.get(pool) else {
-            return ClusterCounts::default();
-        };
-        ClusterCounts {
-            queued: messages.len(),
-            deferred: messages
-                .values()
-                .filter(|c| {
-                    c.record
-                        .as_ref()
-                        .is_ok_and(|r| r.env.next_attempt_ms > now_ms)
-                })
-                .count(),
-            oldest: messages.keys().next().copied(),
+        // A scan of the pool's envelopes: at most one per pool and
+        // second, however often `/metrics` or the API is asked.
+        let mut counted = self.inner.counted.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, counts)) = counted.get(pool)
+            && now_ms.wrapping_sub(*at) < COUNTS_FOR_MS
+        {
+            return *counts;
         }
+        let counts = self.inner.count_now(pool, now_ms);
+        counted.insert(pool.to_string(), (now_ms, counts));
+        counts
     }
 
     fn held_tickets(&self, pool: &str) -> usize {
