@@ -31,6 +31,29 @@ fn relay_on(cluster: &NatsCluster, upstream: std::net::SocketAddr) -> Relay {
     })
 }
 
+/// Waits until `relay` reached the cluster (`/readyz` 200).
+fn wait_ready(relay: &Relay) {
+    relay.wait_until(
+        "the relay to reach the cluster",
+        Duration::from_secs(20),
+        || http_get(relay.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
+    );
+}
+
+/// A relay on `cluster` delivering pool A to `upstream`, retrying after
+/// an hour: a deferred message waits in the cluster, in no relay's hands.
+fn relay_retrying_hourly(cluster: &NatsCluster, upstream: std::net::SocketAddr) -> Relay {
+    let servers = cluster.servers_toml();
+    Relay::start(|s| {
+        format!(
+            "{}{}[defaults]\nlist_pool = \"A\"\nretry = [\"1h\"]\n\n[pool.A]\n\n[[upstream]]\nhost = \"{upstream}\"\n\n\
+             [spool]\nbackend = \"jetstream\"\nservers = {servers}\n",
+            s.head(),
+            s.listener("")
+        )
+    })
+}
+
 /// Sends one tagged message through `relay`; its Message-ID and the
 /// reply code to the final dot.
 fn send(relay: &Relay, tag: &str) -> (String, u16) {
@@ -78,11 +101,7 @@ fn two_relays_on_one_cluster_deliver_every_message_exactly_once() {
     let relay1 = relay_on(&cluster, sink1.addr());
     let relay2 = relay_on(&cluster, sink2.addr());
     for r in [&relay1, &relay2] {
-        r.wait_until(
-            "the relay to reach the cluster",
-            Duration::from_secs(20),
-            || http_get(r.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
-        );
+        wait_ready(r);
     }
     let mut sent = BTreeSet::new();
     for i in 0..40 {
@@ -118,11 +137,7 @@ fn a_message_larger_than_the_servers_max_payload_round_trips() {
     let cluster = NatsCluster::start(3);
     let sink = Sink::start();
     let relay = relay_on(&cluster, sink.addr());
-    relay.wait_until(
-        "the relay to reach the cluster",
-        Duration::from_secs(20),
-        || http_get(relay.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
-    );
+    wait_ready(&relay);
     // 2.5 MiB of 100-byte lines: above the servers' 1 MiB max_payload.
     let line = format!("{}\n", "x".repeat(99));
     let body = line.repeat(25 * 1024 * 1024 / 1000);
@@ -145,11 +160,7 @@ fn a_pool_held_through_one_relay_is_held_on_the_other() {
     let relay1 = relay_on(&cluster, sink1.addr());
     let relay2 = relay_on(&cluster, sink2.addr());
     for r in [&relay1, &relay2] {
-        r.wait_until(
-            "the relay to reach the cluster",
-            Duration::from_secs(20),
-            || http_get(r.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
-        );
+        wait_ready(r);
     }
     api_post(&relay1, "/api/v1/pools/A/hold");
     let held_on_2 = || {
@@ -189,11 +200,7 @@ fn a_relay_starting_while_a_pool_is_held_sends_none_of_its_mail() {
     let cluster = NatsCluster::start(3);
     let (sink1, sink2) = (Sink::start(), Sink::start());
     let relay1 = relay_on(&cluster, sink1.addr());
-    relay1.wait_until(
-        "the relay to reach the cluster",
-        Duration::from_secs(20),
-        || http_get(relay1.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
-    );
+    wait_ready(&relay1);
     api_post(&relay1, "/api/v1/pools/A/hold");
     let mut queued = BTreeSet::new();
     for i in 0..5 {
@@ -325,11 +332,7 @@ fn after_a_kill9_of_one_relay_the_other_delivers_everything_it_acknowledged() {
     let mut relay1 = relay_on(&cluster, slow.addr());
     let relay2 = relay_on(&cluster, fast.addr());
     for r in [&relay1, &relay2] {
-        r.wait_until(
-            "the relay to reach the cluster",
-            Duration::from_secs(20),
-            || http_get(r.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
-        );
+        wait_ready(r);
     }
     let (ledger1, ledger2) = (SharedLedger::new(), SharedLedger::new());
     let stop = Arc::new(AtomicBool::new(false));
@@ -384,11 +387,7 @@ fn losing_one_server_keeps_accepting_and_losing_two_answers_451_until_quorum_ret
     let mut cluster = NatsCluster::start(3);
     let sink = Sink::start();
     let relay = relay_on(&cluster, sink.addr());
-    relay.wait_until(
-        "the relay to reach the cluster",
-        Duration::from_secs(20),
-        || http_get(relay.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
-    );
+    wait_ready(&relay);
     let mut acked = BTreeSet::new();
     let (id, code) = send(&relay, "before");
     assert_eq!(code, 250, "{}", relay.logs());
@@ -479,20 +478,8 @@ fn a_flush_makes_a_message_deferred_for_an_hour_due_at_once() {
         ..Default::default()
     });
     let upstream = refusing.addr();
-    let servers = cluster.servers_toml();
-    let relay = Relay::start(|s| {
-        format!(
-            "{}{}[defaults]\nlist_pool = \"A\"\nretry = [\"1h\"]\n\n[pool.A]\n\n[[upstream]]\nhost = \"{upstream}\"\n\n\
-             [spool]\nbackend = \"jetstream\"\nservers = {servers}\n",
-            s.head(),
-            s.listener("")
-        )
-    });
-    relay.wait_until(
-        "the relay to reach the cluster",
-        Duration::from_secs(20),
-        || http_get(relay.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
-    );
+    let relay = relay_retrying_hourly(&cluster, upstream);
+    wait_ready(&relay);
     let sent = relay.send_tagged(FROM, &[TO], "flushed");
     // Deferred for an hour: its ticket is back in the cluster with that delay.
     wait_deferred(&relay, "A", &sent.queue_id, "451", Duration::from_secs(20));
@@ -510,24 +497,10 @@ fn a_message_deferred_in_the_cluster_is_deleted_through_another_relay() {
         ..Default::default()
     });
     let upstream = refusing.addr();
-    let servers = cluster.servers_toml();
-    let start = || {
-        Relay::start(|s| {
-            format!(
-                "{}{}[defaults]\nlist_pool = \"A\"\nretry = [\"1h\"]\n\n[pool.A]\n\n[[upstream]]\nhost = \"{upstream}\"\n\n\
-                 [spool]\nbackend = \"jetstream\"\nservers = {servers}\n",
-                s.head(),
-                s.listener("")
-            )
-        })
-    };
+    let start = || relay_retrying_hourly(&cluster, upstream);
     let (relay1, relay2) = (start(), start());
     for r in [&relay1, &relay2] {
-        r.wait_until(
-            "the relay to reach the cluster",
-            Duration::from_secs(20),
-            || http_get(r.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
-        );
+        wait_ready(r);
     }
     let sent = relay1.send_tagged(FROM, &[TO], "deleted-elsewhere");
     // Deferred for an hour: its ticket waits in the cluster, in no relay's hands.
@@ -561,23 +534,9 @@ fn a_deferral_recorded_after_a_delete_elsewhere_does_not_bring_the_message_back(
         ..Default::default()
     });
     let upstream = slow.addr();
-    let servers = cluster.servers_toml();
-    let start = || {
-        Relay::start(|s| {
-            format!(
-                "{}{}[defaults]\nlist_pool = \"A\"\nretry = [\"1h\"]\n\n[pool.A]\n\n[[upstream]]\nhost = \"{upstream}\"\n\n\
-                 [spool]\nbackend = \"jetstream\"\nservers = {servers}\n",
-                s.head(),
-                s.listener("")
-            )
-        })
-    };
+    let start = || relay_retrying_hourly(&cluster, upstream);
     let relay1 = start();
-    relay1.wait_until(
-        "the relay to reach the cluster",
-        Duration::from_secs(20),
-        || http_get(relay1.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
-    );
+    wait_ready(&relay1);
     // Relay 1 alone takes tickets: the message is in its hands once its
     // worker is connected to the slow upstream.
     let sent = relay1.send_tagged(FROM, &[TO], "deleted-while-held");
@@ -653,11 +612,7 @@ fn a_message_moved_to_another_pool_and_back_in_the_cluster_is_delivered() {
     };
     let (relay1, relay2) = (start(), start());
     for r in [&relay1, &relay2] {
-        r.wait_until(
-            "the relay to reach the cluster",
-            Duration::from_secs(20),
-            || http_get(r.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
-        );
+        wait_ready(r);
     }
     let sent = relay1.send_tagged(FROM, &[TO], "moved-and-back");
     wait_deferred(&relay1, "A", &sent.queue_id, "451", Duration::from_secs(20));
@@ -696,11 +651,7 @@ fn a_relay_stopping_gracefully_hands_its_tickets_to_the_other_at_once() {
         ..Default::default()
     });
     let mut relay1 = relay_on(&cluster, slow.addr());
-    relay1.wait_until(
-        "the relay to reach the cluster",
-        Duration::from_secs(20),
-        || http_get(relay1.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
-    );
+    wait_ready(&relay1);
     let mut sent = BTreeSet::new();
     for i in 0..6 {
         let (id, code) = send(&relay1, &format!("handed-{i}"));
@@ -726,11 +677,7 @@ fn an_undecodable_envelope_is_listed_as_corrupt_and_its_ticket_never_dropped() {
     let cluster = NatsCluster::start(3);
     let sink = Sink::start();
     let relay = relay_on(&cluster, sink.addr());
-    relay.wait_until(
-        "the relay to reach the cluster",
-        Duration::from_secs(20),
-        || http_get(relay.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
-    );
+    wait_ready(&relay);
     // An envelope no relay can decode, and a ticket for it.
     let id = "00000000000000AB";
     cluster.publish_acked(&format!("$KV.poolrelay_env.A.{id}"), b"not json");
@@ -765,24 +712,10 @@ fn a_relay_sees_the_whole_cluster_queue_and_flushes_and_bounces_mail_waiting_the
         ..Default::default()
     });
     let upstream = refusing.addr();
-    let servers = cluster.servers_toml();
-    let start = || {
-        Relay::start(|s| {
-            format!(
-                "{}{}[defaults]\nlist_pool = \"A\"\nretry = [\"1h\"]\n\n[pool.A]\n\n[[upstream]]\nhost = \"{upstream}\"\n\n\
-                 [spool]\nbackend = \"jetstream\"\nservers = {servers}\n",
-                s.head(),
-                s.listener("")
-            )
-        })
-    };
+    let start = || relay_retrying_hourly(&cluster, upstream);
     let (relay1, relay2) = (start(), start());
     for r in [&relay1, &relay2] {
-        r.wait_until(
-            "the relay to reach the cluster",
-            Duration::from_secs(20),
-            || http_get(r.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
-        );
+        wait_ready(r);
     }
     let sent: Vec<_> = (0..3)
         .map(|i| relay1.send_tagged(FROM, &[TO], &format!("cluster-queue-{i}")))
@@ -871,11 +804,7 @@ fn a_relay_frozen_past_its_tickets_hold_does_not_deliver_what_the_other_took() {
             s.listener("")
         )
     });
-    relay1.wait_until(
-        "the relay to reach the cluster",
-        Duration::from_secs(20),
-        || http_get(relay1.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
-    );
+    wait_ready(&relay1);
     let mut sent = BTreeSet::new();
     for i in 0..8 {
         let (id, code) = send(&relay1, &format!("frozen-{i}"));
@@ -949,11 +878,7 @@ fn two_relays_picking_the_same_ids_lose_nothing_and_mix_no_bodies() {
     for r in relays.iter_mut() {
         r.set_env("POOLRELAY_ID_TAG", "7");
         r.restart();
-        r.wait_until(
-            "the relay to reach the cluster",
-            Duration::from_secs(20),
-            || http_get(r.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
-        );
+        wait_ready(r);
     }
     let [relay1, relay2] = &relays;
     let (ledger1, ledger2) = (SharedLedger::new(), SharedLedger::new());
@@ -1003,13 +928,6 @@ fn two_relays_picking_the_same_ids_lose_nothing_and_mix_no_bodies() {
 fn a_relay_starting_passes_over_the_id_tag_bits_a_live_relay_uses() {
     let cluster = NatsCluster::start(3);
     let sink = Sink::start();
-    let ready = |r: &Relay| {
-        r.wait_until(
-            "the relay to reach the cluster",
-            Duration::from_secs(20),
-            || http_get(r.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
-        );
-    };
     let tag_bits = |queue_id: &str| {
         u64::from_str_radix(queue_id, 16)
             .map(|id| (id >> 8) & 0xff)
@@ -1019,18 +937,18 @@ fn a_relay_starting_passes_over_the_id_tag_bits_a_live_relay_uses() {
     // relay 1 announces the bits the next start after its own will get,
     // as if 256 starts had passed since it began.
     let mut relay1 = relay_on(&cluster, sink.addr());
-    ready(&relay1);
+    wait_ready(&relay1);
     let seq = cluster.publish_acked("$KV.poolrelay_held.node.tag", b"0");
     let first = (seq + 2) & 0xff;
     relay1.set_env("POOLRELAY_ID_TAG", &first.to_string());
     relay1.restart();
-    ready(&relay1);
+    wait_ready(&relay1);
     assert_eq!(
         tag_bits(&relay1.send_tagged(FROM, &[TO], "tag-1").queue_id),
         first
     );
     let relay2 = relay_on(&cluster, sink.addr());
-    ready(&relay2);
+    wait_ready(&relay2);
     let second = tag_bits(&relay2.send_tagged(FROM, &[TO], "tag-2").queue_id);
     assert_ne!(
         first,
@@ -1061,11 +979,7 @@ fn a_relay_holds_no_more_message_bodies_than_max_data_memory() {
             s.listener("")
         )
     });
-    relay1.wait_until(
-        "the relay to reach the cluster",
-        Duration::from_secs(20),
-        || http_get(relay1.admin_addr(), "/readyz").is_ok_and(|h| h.status == 200),
-    );
+    wait_ready(&relay1);
     let line = format!("{}\n", "x".repeat(75));
     let body = line.repeat(1_000_000 / line.len());
     let mut sent = BTreeSet::new();

@@ -103,7 +103,7 @@ impl Running {
     /// waits in the cluster, in no relay's scheduler: ready, deferred and
     /// the oldest then count the cluster's whole queue (ready includes
     /// what any relay is sending); in flight and delivered stay this
-    /// relay's. A scan of this relay's view of the cluster, per call.
+    /// relay's (`SharedQueue::counts`: at most one scan per pool and second).
     pub fn counts(&self) -> HashMap<String, PoolCounts> {
         let mut counts = self.scheduler.counts();
         if let Some(shared) = self.spool().shared() {
