@@ -345,3 +345,90 @@ fn operator_moves_apply_to_mail_outside_the_index_window_and_counts_include_it()
     );
     assert_eq!(ready(&relay, "A"), Some(0), "{}", relay.logs());
 }
+
+#[test]
+fn new_mail_past_a_full_window_waits_on_disk_and_is_delivered_once_across_kill9() {
+    // A window of 20 ready ids per pool, the upstream down: of 120 new
+    // messages about 100 wait in the spool only, not in memory.
+    let n = 120;
+    let window = 20.0;
+    let upstream = free_addr();
+    let mut relay = Relay::start(|s| config(s, upstream));
+    stop_after_first_start(&mut relay);
+    relay.set_env(WINDOW, "20");
+    relay.restart();
+    relay.wait_until("the end of the (empty) recovery", DEADLINE, || {
+        recovered_log_lines(&relay) == 2
+    });
+    let send_bulk = |relay: &Relay, tag: &str, n: usize| -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                let id = unique_id(&format!("{tag}-{i}"));
+                let from = "list@lists.test";
+                let r = relay.send(
+                    from,
+                    &["member@example.test"],
+                    &message(&id, from, "member@example.test", tag, "x\n"),
+                );
+                assert_eq!(r.code, 250, "sending {tag} {i}: {r}\n{}", relay.logs());
+                id
+            })
+            .collect()
+    };
+    let ready =
+        |relay: &Relay| pool_entry(&api_json(relay, "/api/v1/pools"), "A")["ready"].as_u64();
+    let check_spilled = |relay: &Relay, queued: usize| {
+        let left = remaining(relay);
+        assert!(
+            left >= queued as f64 - window - 4.0 && left <= queued as f64 - window,
+            "{left} of {queued} messages on disk only with a window of {window}\n{}",
+            relay.logs()
+        );
+        assert_eq!(
+            ready(relay),
+            Some(queued as u64),
+            "counts include mail on disk only\n{}",
+            relay.logs()
+        );
+    };
+
+    // Phase 1: the spill, then the upstream back: all delivered once.
+    let mut expected: BTreeSet<String> = send_bulk(&relay, "spill-1", n).into_iter().collect();
+    check_spilled(&relay, n);
+    relay.wait_until("the spill in the log", DEADLINE, || {
+        relay.log_count("new mail waits in the spool") == 1
+    });
+    let sink = Sink::start_at(upstream);
+    relay.wait_until(&format!("{n} messages at the sink"), DEADLINE, || {
+        sink.count() >= n
+    });
+    relay.wait_until("the spilled mail read back", DEADLINE, || {
+        relay.log_count("all in the index again") == 1 && remaining(&relay) == 0.0
+    });
+    let mut delivered = sink.message_ids();
+    drop(sink);
+
+    // Phase 2: spilled again, kill -9, restarted with the upstream back.
+    expected.extend(send_bulk(&relay, "spill-2", n));
+    check_spilled(&relay, n);
+    relay.kill9();
+    let sink = Sink::start_at(upstream);
+    relay.restart();
+    relay.wait_until(&format!("{n} more messages at the sink"), DEADLINE, || {
+        sink.count() >= n
+    });
+    relay.wait_until("the end of recovery", DEADLINE, || {
+        recovered_log_lines(&relay) == 3
+    });
+    delivered.extend(sink.message_ids());
+    let counts = id_counts(delivered);
+    let got: BTreeSet<String> = counts.keys().cloned().collect();
+    let missing: Vec<_> = expected.difference(&got).take(10).collect();
+    let twice: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).take(10).collect();
+    let unknown: Vec<_> = got.difference(&expected).take(10).collect();
+    assert!(
+        missing.is_empty() && twice.is_empty() && unknown.is_empty(),
+        "missing {missing:?}, delivered twice {twice:?}, unexpected {unknown:?}\n{}",
+        relay.logs()
+    );
+}

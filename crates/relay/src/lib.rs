@@ -21,13 +21,13 @@ pub mod signing;
 pub mod upstream;
 pub mod worker;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use poolrelay_config::{Config, SpoolBackend};
 use poolrelay_spool::{
-    FjallSpool, JetStreamOptions, JetStreamSpool, NODE_HEARTBEAT, QueueId, Spool, now_ms,
+    FjallSpool, JetStreamOptions, JetStreamSpool, NODE_HEARTBEAT, Spool, now_ms,
 };
 
 use crate::queue::Queue;
@@ -356,11 +356,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         // Before anything can append: ids above the bound are new mail, which
         // its append schedules, so the stream must not.
         let pools = recovery_order(&config, spool.pools());
-        let estimate: usize = pools.iter().map(|p| spool.approximate_count(p)).sum();
-        scheduler.begin_recovery(spool.opened_bound(), estimate as u64);
+        let estimates: Vec<(String, u64)> = pools
+            .iter()
+            .map(|p| (p.clone(), spool.approximate_count(p) as u64))
+            .collect();
+        scheduler.begin_recovery(spool.opened_bound(), &estimates);
         tracing::info!(
             spool = %config.server.spool_dir.display(),
-            messages_estimate = estimate,
+            messages_estimate = estimates.iter().map(|(_, n)| n).sum::<u64>(),
             "recovering the queue in the background; listening meanwhile"
         );
         Some(pools)
@@ -392,7 +395,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     });
     let workers = spawn_workers(&shared, &config, &health);
     let recovery = match recovery_pools {
-        Some(pools) => tokio::spawn(recover(
+        Some(pools) => tokio::spawn(stream_backlogs(
             spool.clone(),
             scheduler.clone(),
             pools,
@@ -620,23 +623,24 @@ fn recovery_pause() -> Option<Duration> {
         .map(Duration::from_millis)
 }
 
-/// Streams every queued message with a pending recipient into the
-/// scheduler, pool by pool (highest priority first), oldest first, while
-/// listeners and workers already run; removes records whose recipients
-/// were all done (a crash between the last delivery and the removal leaves
-/// them behind). Reads nothing above the spool's bound at open (new mail),
-/// and hands over nothing the operator took meanwhile
+/// Streams the mail that waits on disk into the scheduler for as long as
+/// the relay runs. First every queued message with a pending recipient
+/// after a start (recovery), pool by pool (highest priority first), oldest
+/// first, while listeners and workers already run; then whatever a pool
+/// spilled later, when its ready window was full as new mail came in
+/// ([`Scheduler::begin_append`]). Removes records whose recipients were
+/// all done (a crash between the last delivery and the removal leaves
+/// them behind), and hands over nothing the operator took meanwhile
 /// ([`Scheduler::recovered`]). A pool whose ready window is full
 /// ([`Scheduler::has_room`]) is passed over until workers have taken half
-/// of it, so memory holds a window per pool however long the backlog; the
-/// stream ends once every pool was read to its end. A pool that cannot be
-/// read (the store reopening after a failed write, a disk error) is tried
-/// again later, from where it stopped, with a growing pause: mail that got
-/// a 250 is never left out until the next start.
-async fn recover(
+/// of it, so memory holds a window per pool however long the backlog. A
+/// pool that cannot be read (the store reopening after a failed write, a
+/// disk error) is tried again later, from where it stopped, with a growing
+/// pause: mail that got a 250 is never left out until the next start.
+async fn stream_backlogs(
     spool: Arc<dyn Spool>,
     scheduler: Arc<Scheduler>,
-    pools: Vec<String>,
+    order: Vec<String>,
     dir: String,
 ) {
     let started = std::time::Instant::now();
@@ -645,92 +649,89 @@ async fn recover(
     // a window and a half of ready ids.
     let chunk = RECOVERY_CHUNK.min(scheduler.window() / 2).max(1);
     let mut tally = RecoveryTally::default();
-    let mut streams: Vec<PoolStream> = pools
-        .into_iter()
-        .map(|pool| PoolStream {
-            pool,
-            after: None,
-            retry_at: None,
-            backoff: RECOVERY_RETRY_FIRST,
-        })
-        .collect();
-    // Counts include what the stream has still to read, from the start.
-    let reader = spool.clone();
-    let names: Vec<String> = streams.iter().map(|s| s.pool.clone()).collect();
-    let estimates = tokio::task::spawn_blocking(move || {
-        names
-            .into_iter()
-            .map(|p| {
-                let n = reader.approximate_count(&p);
-                (p, n)
-            })
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap_or_default();
-    for (pool, n) in estimates {
-        scheduler.expect_unread(&pool, n as u64);
-    }
+    let mut retry: HashMap<String, (tokio::time::Instant, Duration)> = HashMap::new();
+    let mut recovering = true;
     let mut window_reached = false;
-    while !streams.is_empty() {
+    // Pools with a backlog at the last look, to log each spill once.
+    let mut spilled: HashSet<String> = HashSet::new();
+    loop {
         // Registered before looking, so room made meanwhile is not missed.
         let room = scheduler.room().notified();
         tokio::pin!(room);
         room.as_mut().enable();
+        let mut pools = scheduler.backlog_pools();
+        if pools.is_empty() && recovering {
+            recovering = false;
+            tracing::info!(
+                spool = %dir,
+                messages = tally.recovered,
+                finished_removed = tally.finished,
+                read_errors = tally.read_errors,
+                seconds = format_args!("{:.3}", started.elapsed().as_secs_f64()),
+                "spool recovered: recovery finished"
+            );
+        }
+        if !recovering {
+            for pool in pools.iter().filter(|p| !spilled.contains(*p)) {
+                tracing::info!(pool = %pool, window = scheduler.window(), "the pool's ready mail fills its index window; new mail waits in the spool until workers catch up");
+            }
+        }
+        spilled = pools.iter().cloned().collect();
+        let rank = |p: &String| order.iter().position(|o| o == p).unwrap_or(order.len());
+        pools.sort_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.cmp(b)));
+        retry.retain(|p, _| pools.contains(p));
         let now = tokio::time::Instant::now();
-        let next = streams
+        let next = pools
             .iter()
-            .position(|s| s.retry_at.is_none_or(|t| t <= now) && scheduler.has_room(&s.pool));
-        let Some(i) = next else {
-            if !window_reached && streams.iter().all(|s| s.retry_at.is_none()) {
+            .find(|p| retry.get(*p).is_none_or(|&(at, _)| at <= now) && scheduler.has_room(p));
+        let Some(pool) = next else {
+            if recovering && !window_reached && retry.is_empty() {
                 window_reached = true;
                 tracing::info!(
                     spool = %dir,
                     messages = tally.recovered,
-                    pools = streams.len(),
+                    pools = pools.len(),
                     window = scheduler.window(),
                     seconds = format_args!("{:.3}", started.elapsed().as_secs_f64()),
                     "spool recovery reached the index window; the rest is read as workers take mail"
                 );
             }
-            let retry = streams.iter().filter_map(|s| s.retry_at).min();
-            let until = retry.unwrap_or(now + ROOM_RECHECK).min(now + ROOM_RECHECK);
+            let until = retry
+                .values()
+                .map(|&(at, _)| at)
+                .min()
+                .unwrap_or(now + ROOM_RECHECK)
+                .min(now + ROOM_RECHECK);
             tokio::select! {
                 _ = &mut room => {}
                 _ = tokio::time::sleep_until(until) => {}
             }
             continue;
         };
-        let stream = &mut streams[i];
-        match recover_step(&spool, &scheduler, stream, chunk, &mut tally).await {
-            Ok(true) => {
-                scheduler.recovered_pool(&stream.pool);
-                streams.remove(i);
-            }
-            Ok(false) => {
-                stream.retry_at = None;
-                stream.backoff = RECOVERY_RETRY_FIRST;
+        match backlog_step(&spool, &scheduler, pool, chunk, &mut tally).await {
+            Ok(ended) => {
+                retry.remove(pool);
+                if ended && !recovering {
+                    tracing::info!(pool = %pool, "the pool's mail waiting in the spool is all in the index again");
+                }
                 if let Some(p) = pause {
                     tokio::time::sleep(p).await;
                 }
             }
             Err(e) => {
                 tally.read_errors += 1;
-                tracing::error!(pool = %stream.pool, "spool recovery cannot read this pool: {e}; trying again in {:?}", stream.backoff);
-                stream.retry_at = Some(tokio::time::Instant::now() + stream.backoff);
-                stream.backoff = (stream.backoff * 2).min(RECOVERY_RETRY_MAX);
+                let backoff = retry.get(pool).map_or(RECOVERY_RETRY_FIRST, |&(_, b)| b);
+                tracing::error!(pool = %pool, "cannot read the pool's mail from the spool: {e}; trying again in {backoff:?}");
+                retry.insert(
+                    pool.clone(),
+                    (
+                        tokio::time::Instant::now() + backoff,
+                        (backoff * 2).min(RECOVERY_RETRY_MAX),
+                    ),
+                );
             }
         }
     }
-    scheduler.end_recovery();
-    tracing::info!(
-        spool = %dir,
-        messages = tally.recovered,
-        finished_removed = tally.finished,
-        read_errors = tally.read_errors,
-        seconds = format_args!("{:.3}", started.elapsed().as_secs_f64()),
-        "spool recovered: recovery finished"
-    );
 }
 
 /// How often the stream looks again at pools whose window was full, in
@@ -742,7 +743,7 @@ const ROOM_RECHECK: Duration = Duration::from_secs(1);
 const RECOVERY_RETRY_FIRST: Duration = Duration::from_millis(500);
 const RECOVERY_RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// What [`recover`] did, for its closing log line.
+/// What the recovery did, for its closing log line.
 #[derive(Default)]
 struct RecoveryTally {
     recovered: usize,
@@ -750,46 +751,42 @@ struct RecoveryTally {
     read_errors: usize,
 }
 
-/// The stream of one pool: where it stands, and when to try again after a
-/// read error.
-struct PoolStream {
-    pool: String,
-    /// The last id handed over; the next step reads after it.
-    after: Option<QueueId>,
-    retry_at: Option<tokio::time::Instant>,
-    backoff: Duration,
-}
-
-/// Reads one chunk of a pool after `stream.after` and hands it over;
-/// `after` moves with it, so an error leaves it where the next try
-/// starts. True once the pool was read to its end (or the bound at open).
-async fn recover_step(
+/// Reads one chunk of `pool`'s backlog where the scheduler says it stands
+/// and hands it over; the scheduler moves its cursor with each id, so an
+/// error leaves it where the next try starts. True once the pool's
+/// backlog ended (every range read to its end).
+async fn backlog_step(
     spool: &Arc<dyn Spool>,
     scheduler: &Scheduler,
-    stream: &mut PoolStream,
+    pool: &str,
     chunk: usize,
     tally: &mut RecoveryTally,
 ) -> Result<bool, String> {
-    let bound = spool.opened_bound();
-    let pool = stream.pool.as_str();
+    let Some((after, to)) = scheduler.next_read(pool) else {
+        return Ok(true);
+    };
     let reader = spool.clone();
-    let (name, from) = (pool.to_string(), stream.after);
+    let name = pool.to_string();
+    let from = (after > 0).then_some(after);
     let records = tokio::task::spawn_blocking(move || reader.list(&name, from, chunk))
         .await
-        .map_err(|e| format!("recovery task failed: {e}"))?
+        .map_err(|e| format!("spool read task failed: {e}"))?
         .map_err(|e| e.to_string())?;
-    let last = records.len() < chunk;
+    let mut reached_end = records.len() < chunk;
     let now = now_ms();
     let mut finished = Vec::new();
-    let mut reached_bound = false;
     for (id, envelope) in records {
-        if id > bound {
-            reached_bound = true;
+        if id > to {
+            reached_end = true;
             break;
         }
-        stream.after = Some(id);
         match envelope {
-            Ok(env) if env.is_done() => finished.push(id),
+            // Handed over first, so an operator's delete cannot race the removal.
+            Ok(env) if env.is_done() => {
+                if scheduler.recovered_done(id, pool) {
+                    finished.push(id);
+                }
+            }
             Ok(env) => {
                 let due = if env.next_attempt_ms > now {
                     env.next_attempt_ms
@@ -801,22 +798,20 @@ async fn recover_step(
                 }
             }
             // Kept on disk for inspection; never delete what we cannot read.
-            Err(e) => tracing::error!("{e}; left in the spool untouched"),
+            Err(e) => {
+                scheduler.passed(id, pool);
+                tracing::error!("{e}; left in the spool untouched");
+            }
         }
     }
     for id in finished {
-        // Marked as handed over first, so an operator's delete
-        // cannot race the removal.
-        if !scheduler.recovered_done(id, pool) {
-            continue;
-        }
         if let Err(e) = spool.remove(id, pool).await {
             tracing::warn!(queue_id = %poolrelay_spool::format_id(id), "cannot remove a finished message: {e}; removed at the next start");
         } else {
             tally.finished += 1;
         }
     }
-    Ok(last || reached_bound)
+    Ok(reached_end && scheduler.finish_range(pool, to))
 }
 
 #[cfg(test)]
@@ -835,17 +830,24 @@ mod tests {
         // The first read of A fails (a store reopening after a failed write).
         memory.fail_next_lists(1);
         let scheduler = Arc::new(Scheduler::new());
-        scheduler.begin_recovery(spool.opened_bound(), 3);
         let pools = vec!["A".to_string(), "B".to_string()];
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            recover(spool, scheduler.clone(), pools, "mem".into()),
-        )
-        .await
-        .expect("recovery ends once the pool reads again");
+        scheduler.begin_recovery(
+            spool.opened_bound(),
+            &[("A".to_string(), 2), ("B".to_string(), 1)],
+        );
+        let stream = tokio::spawn(stream_backlogs(
+            spool,
+            scheduler.clone(),
+            pools,
+            "mem".into(),
+        ));
+        wait_until("recovery ends once the pool reads again", || {
+            !scheduler.recovering()
+        })
+        .await;
+        stream.abort();
         let counts = scheduler.counts();
         assert_eq!((counts["A"].ready, counts["B"].ready), (2, 1));
-        assert!(!scheduler.recovering());
     }
 
     #[tokio::test]
@@ -857,8 +859,8 @@ mod tests {
             ids.push(spool.append(envelope, b"m".to_vec()).await.expect("append"));
         }
         let scheduler = Arc::new(Scheduler::with_window(8));
-        scheduler.begin_recovery(spool.opened_bound(), 50);
-        let stream = tokio::spawn(recover(
+        scheduler.begin_recovery(spool.opened_bound(), &[("A".to_string(), 50)]);
+        let stream = tokio::spawn(stream_backlogs(
             spool,
             scheduler.clone(),
             vec!["A".to_string()],
@@ -881,10 +883,22 @@ mod tests {
             }
         }
         assert_eq!(taken, ids, "every message once, oldest first");
-        tokio::time::timeout(Duration::from_secs(10), stream)
-            .await
-            .expect("the stream ends once the pool is read")
-            .expect("the stream task");
-        assert!(!scheduler.recovering());
+        wait_until("the backlog ends once the pool is read", || {
+            !scheduler.recovering()
+        })
+        .await;
+        stream.abort();
+    }
+
+    /// Waits up to 10 s for `done`, failing with `what`.
+    async fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: not within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }

@@ -42,8 +42,9 @@ impl Queue {
         &self.scheduler
     }
 
-    /// Stores a new message and makes it ready: resolves with its id once
-    /// it is durable (what a 250 promises).
+    /// Stores a new message and makes it ready (in the index, or on disk
+    /// behind its pool's backlog when the pool's window is full): resolves
+    /// with its id once it is durable (what a 250 promises).
     pub async fn append(
         &self,
         envelope: Envelope,
@@ -52,10 +53,14 @@ impl Queue {
         let pool = envelope.pool.clone();
         let due = envelope.next_attempt_ms;
         let mt_priority = envelope.mt_priority_or_default();
-        let id = self.spool.append(envelope, message).await?;
-        if self.spool.shared().is_none() {
-            self.scheduler.enqueue(id, &pool, due, mt_priority);
+        if self.spool.shared().is_some() {
+            return self.spool.append(envelope, message).await;
         }
+        // Begun before the write: the scheduler then knows whether the
+        // backlog stream may already have brought this id (see `appended`).
+        let appending = self.scheduler.begin_append();
+        let id = self.spool.append(envelope, message).await?;
+        appending.appended(id, &pool, due, mt_priority);
         Ok(id)
     }
 

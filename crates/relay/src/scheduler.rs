@@ -6,25 +6,23 @@
 //! `(due, id, mt_priority)` in an ordered set); envelopes and bodies stay on disk. One mutex
 //! guards the index; it is held only for set operations, never across I/O.
 //!
-//! After a restart the index fills while the relay already runs: recovery
-//! streams the spool into it pool by pool, oldest first ([`Scheduler::recovered`]).
-//! Until it ends, the index also remembers how far the stream got in each
-//! pool, so an operator's move on a message the stream has not reached yet
-//! applies to it (see [`Scheduler::forget`], [`Scheduler::flush`]) and the
-//! stream does not bring it back.
-//!
-//! The index is bounded: per pool the stream reads ready mail only while
-//! the pool's ready lanes hold less than a window ([`DEFAULT_WINDOW`] ids),
-//! pauses there, and reads on once workers took half of it. So a backlog of
-//! ten million costs a window per pool in memory, and the rest of it stays
-//! in the spool, read in key order (oldest first) as the window empties;
-//! the stream, its cursor per pool and its skip set live until every pool
-//! was read to its end. Counts add the mail not yet read (an estimate from
-//! the spool, kept up to date as the stream and the operator take from it).
+//! The index is bounded: a pool keeps at most about a window
+//! ([`DEFAULT_WINDOW`] ids) of ready mail in memory; the rest is its
+//! backlog, id ranges whose mail is in the spool only, which the backlog
+//! stream reads in key order (oldest first) once workers took half of the
+//! window. A backlog comes from a restart (everything queued, read while
+//! the relay already runs: [`Scheduler::begin_recovery`]) or from new mail
+//! appended while the window was full (a spill: [`Scheduler::begin_append`]).
+//! So ten million queued cost a window per pool in memory. The index
+//! remembers how far the stream got in each pool, so an operator's move on
+//! a message the stream has not reached yet applies to it (see
+//! [`Scheduler::forget`], [`Scheduler::flush`]) and the stream does not
+//! bring it back. Counts add the mail in backlogs (an estimate from the
+//! spool after a restart, kept up to date as the stream, appends and the
+//! operator change it).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use poolrelay_spool::{QueueId, now_ms};
@@ -119,6 +117,10 @@ struct PoolQueue {
     oldest_deferred: Option<Option<QueueId>>,
     in_flight: usize,
     held: bool,
+    /// The highest id of this pool the index has held or the stream
+    /// passed: a backlog starts above it, so the stream never brings back
+    /// what the index already had.
+    known_to: QueueId,
     /// Messages finished per second over the last minute, as a ring indexed by second.
     recent: [u32; 60],
     /// The Unix second each ring slot was last written in.
@@ -133,6 +135,7 @@ impl Default for PoolQueue {
             oldest_deferred: Some(None),
             in_flight: 0,
             held: false,
+            known_to: 0,
             recent: [0; 60],
             recent_at: [0; 60],
         }
@@ -233,46 +236,156 @@ pub struct PoolCounts {
     pub delivered_last_minute: u64,
 }
 
-/// Ready ids kept in memory per pool while the stream still has mail of it
-/// to read: about 4 MB of index per pool at most, ten seconds of delivery
-/// at the measured drain rate.
+/// Ready ids kept in memory per pool while mail of it waits on disk (the
+/// recovery after a start, or a spill): about 4 MB of index per pool at
+/// most, ten seconds of delivery at the measured drain rate.
 pub const DEFAULT_WINDOW: usize = 100_000;
 
-/// Where the recovery stream stands, while it runs.
+/// A pool's mail that is in the spool but not in the index: the backlog
+/// stream reads it in key order (oldest first) as the window empties.
 #[derive(Default)]
-struct Recovery {
-    /// The highest id stored when the spool was opened: ids above it were
-    /// appended since (and scheduled by their append), so the stream stops there.
-    bound: QueueId,
-    /// Per pool, the last id the stream handed over (`QueueId::MAX` once the
-    /// pool is done); ids above it are still to come.
-    cursor: HashMap<String, QueueId>,
-    /// Ids the operator took (deleted, moved, bounced, flushed) before or
-    /// while the stream reached them: the stream skips them, in any pool.
-    claimed: HashSet<QueueId>,
-    /// Pools flushed during recovery: what the stream still brings is ready now.
-    flushed: HashSet<String>,
-    /// Per pool, about how many messages the stream has still to read (an
-    /// estimate from the spool; counts add it to the ready ones).
-    unread: HashMap<String, u64>,
-    /// Pools whose window filled: the stream reads them again only once
-    /// their ready lanes are down to half the window.
-    paused: HashSet<String>,
+struct Backlog {
+    /// Id ranges `(after, to]` whose mail of this pool is on disk only,
+    /// oldest first; the stream reads the first. Only the last one grows
+    /// (a spilled append extends it), so they stay ordered and disjoint.
+    ranges: VecDeque<(QueueId, QueueId)>,
+    /// The last id the stream handed over or passed in the first range.
+    cursor: QueueId,
+    /// About how many messages the ranges still hold (an estimate from the
+    /// spool at a start, exact for spilled appends); counts add it.
+    unread: u64,
+    /// The window filled: the stream reads on only once the ready lanes
+    /// are down to half of it.
+    paused: bool,
+    /// Flushed while it waited on disk: what the stream still brings is
+    /// ready now.
+    flushed: bool,
 }
 
-impl Recovery {
-    /// Whether the stream has still to reach `id` of `pool`.
-    fn ahead(&self, id: QueueId, pool: &str) -> bool {
-        id <= self.bound && id > self.cursor.get(pool).copied().unwrap_or(0)
+impl Backlog {
+    /// Whether the stream has still to reach `id` in this pool.
+    fn ahead(&self, id: QueueId) -> bool {
+        self.ranges
+            .iter()
+            .any(|&(after, to)| id > after.max(self.cursor) && id <= to)
+    }
+
+    /// Whether `id` lies in one of the ranges, read already or not.
+    fn covers(&self, id: QueueId) -> bool {
+        self.ranges
+            .iter()
+            .any(|&(after, to)| id > after && id <= to)
     }
 }
 
-/// The index and, after a restart, the recovery stream's progress.
+/// A range the stream finished, kept while an append that began before
+/// it ended is still in progress: such an append's id may lie in it, and
+/// then the stream handed it over already (see [`Scheduler::appended`]).
+struct Closed {
+    after: QueueId,
+    to: QueueId,
+    /// The append epoch the range closed in.
+    epoch: u64,
+}
+
+/// The index and the backlogs the stream still has to read.
 #[derive(Default)]
 struct Index {
     pools: HashMap<String, PoolQueue>,
-    /// `Some` while recovery runs.
-    recovery: Option<Recovery>,
+    /// Per pool, the mail on disk and not in the index. Empty in a relay
+    /// whose queue fits the window.
+    backlogs: HashMap<String, Backlog>,
+    /// Ids the operator took (deleted, moved, bounced, flushed), or put in
+    /// the index, before the stream reached them: the stream skips them, in
+    /// any pool. Dropped when no backlog is left.
+    claimed: HashSet<QueueId>,
+    /// Ranges the stream finished, per pool, while appends that began
+    /// before may still name ids in them.
+    closed: HashMap<String, Vec<Closed>>,
+    /// Appends in progress by the epoch they began in (the epoch steps on
+    /// each time a range closes).
+    appending: BTreeMap<u64, usize>,
+    epoch: u64,
+}
+
+impl Index {
+    /// Inserts `id` into `pool`'s ready lanes or deferred set.
+    fn insert(&mut self, id: QueueId, pool: &str, due_ms: u64, mt_priority: i8) {
+        let q = self.pools.entry(pool.to_string()).or_default();
+        q.known_to = q.known_to.max(id);
+        if due_ms <= now_ms() {
+            q.ready.insert(mt_priority, id);
+        } else {
+            q.defer(due_ms, id, mt_priority);
+        }
+    }
+
+    /// The stream reached `id` of `pool` (handed over, skipped or left).
+    fn passed(&mut self, id: QueueId, pool: &str) {
+        if let Some(b) = self.backlogs.get_mut(pool) {
+            b.cursor = b.cursor.max(id);
+        }
+        let q = self.pools.entry(pool.to_string()).or_default();
+        q.known_to = q.known_to.max(id);
+    }
+
+    /// Whether the stream may hand over `id` of `pool`: it is ahead and the
+    /// operator did not take it. Moves the cursor and the unread count.
+    fn take_from_backlog(&mut self, id: QueueId, pool: &str) -> bool {
+        let ahead = self.backlogs.get(pool).is_some_and(|b| b.ahead(id));
+        self.passed(id, pool);
+        if !ahead || self.claimed.contains(&id) {
+            return false;
+        }
+        if let Some(b) = self.backlogs.get_mut(pool) {
+            b.unread = b.unread.saturating_sub(1);
+        }
+        true
+    }
+
+    /// Drops what only an open backlog needs.
+    fn backlog_ended(&mut self, pool: &str) {
+        self.backlogs.remove(pool);
+        if self.backlogs.is_empty() {
+            self.claimed = HashSet::new();
+        }
+    }
+}
+
+/// An append in progress, from before its write to its scheduling
+/// ([`Scheduler::begin_append`]); dropped unscheduled (a failed write, a
+/// dropped session) it only ends.
+pub struct Appending {
+    scheduler: Arc<Scheduler>,
+    epoch: u64,
+    ended: bool,
+}
+
+impl Appending {
+    /// The write is durable: schedule the message (see [`Scheduler::appended`]).
+    pub fn appended(mut self, id: QueueId, pool: &str, due_ms: u64, mt_priority: i8) {
+        self.ended = true;
+        self.scheduler
+            .appended(self.epoch, id, pool, due_ms, mt_priority);
+    }
+}
+
+impl Drop for Appending {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.scheduler
+                .with_index(|index| end_append(index, self.epoch));
+        }
+    }
+}
+
+fn end_append(index: &mut Index, epoch: u64) {
+    if let Some(n) = index.appending.get_mut(&epoch) {
+        *n -= 1;
+        if *n == 0 {
+            index.appending.remove(&epoch);
+        }
+    }
 }
 
 /// The scheduler shared by the listeners (which add mail) and the workers (which take it).
@@ -281,11 +394,8 @@ pub struct Scheduler {
     wake: Notify,
     /// Signalled when a paused pool's window has room again (the stream waits on it).
     room: Notify,
-    /// Ready ids per pool the stream fills up to.
+    /// Ready ids per pool kept in memory while the pool has a backlog.
     window: usize,
-    /// Messages the recovery stream has still to hand over (an estimate
-    /// from the spool's counts), for the metric; 0 when not recovering.
-    recovery_remaining: AtomicU64,
 }
 
 impl Default for Scheduler {
@@ -300,19 +410,18 @@ impl Scheduler {
         Scheduler::default()
     }
 
-    /// An empty scheduler whose stream keeps at most about `window` ready
-    /// ids per pool in memory (at least 1).
+    /// An empty scheduler that keeps at most about `window` ready ids per
+    /// pool in memory (at least 1); the rest waits on disk.
     pub fn with_window(window: usize) -> Scheduler {
         Scheduler {
             index: Mutex::default(),
             wake: Notify::new(),
             room: Notify::new(),
             window: window.max(1),
-            recovery_remaining: AtomicU64::new(0),
         }
     }
 
-    /// Ready ids per pool the stream fills up to.
+    /// Ready ids per pool the index keeps in memory.
     pub fn window(&self) -> usize {
         self.window
     }
@@ -328,17 +437,17 @@ impl Scheduler {
         let window = self.window;
         self.with_index(|index| {
             let ready = index.pools.get(pool).map_or(0, |q| q.ready.len());
-            let Some(r) = index.recovery.as_mut() else {
+            let Some(b) = index.backlogs.get_mut(pool) else {
                 return true;
             };
-            if r.paused.contains(pool) {
+            if b.paused {
                 if ready > window / 2 {
                     return false;
                 }
-                r.paused.remove(pool);
+                b.paused = false;
                 true
             } else if ready >= window {
-                r.paused.insert(pool.to_string());
+                b.paused = true;
                 false
             } else {
                 true
@@ -353,16 +462,6 @@ impl Scheduler {
         self.with(|pools| pools.get(pool).map_or(0, |q| q.ready.len()))
     }
 
-    /// The stream is about to read `pool`, which holds about `estimate`
-    /// messages: counts include them until the stream hands them over.
-    pub fn expect_unread(&self, pool: &str, estimate: u64) {
-        self.with_index(|index| {
-            if let Some(r) = index.recovery.as_mut() {
-                r.unread.insert(pool.to_string(), estimate);
-            }
-        });
-    }
-
     fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, PoolQueue>) -> T) -> T {
         self.with_index(|index| f(&mut index.pools))
     }
@@ -374,118 +473,199 @@ impl Scheduler {
     }
 
     /// Starts a recovery: the spool held ids up to `bound` when it was
-    /// opened, about `estimate` of them queued.
-    pub fn begin_recovery(&self, bound: QueueId, estimate: u64) {
+    /// opened, about `estimate` of them in each pool. Each pool gets a
+    /// backlog of everything up to the bound; ids above it are new mail.
+    pub fn begin_recovery(&self, bound: QueueId, pools: &[(String, u64)]) {
         self.with_index(|index| {
-            index.recovery = Some(Recovery {
-                bound,
-                ..Recovery::default()
-            })
+            for (pool, estimate) in pools {
+                let b = index.backlogs.entry(pool.clone()).or_default();
+                b.ranges.push_front((0, bound));
+                b.unread += estimate;
+            }
         });
-        self.recovery_remaining.store(estimate, Ordering::Relaxed);
     }
 
-    /// The highest id the recovery stream hands over (ids above it were
-    /// appended since the start), or `None` when not recovering.
-    pub fn recovery_bound(&self) -> Option<QueueId> {
-        self.with_index(|index| index.recovery.as_ref().map(|r| r.bound))
+    /// Pools with mail the stream has still to read, in no order.
+    pub fn backlog_pools(&self) -> Vec<String> {
+        self.with_index(|index| index.backlogs.keys().cloned().collect())
     }
 
-    /// The recovery stream hands over a message it read from the spool:
-    /// scheduled at `due_ms` unless the operator took it meanwhile (then
-    /// false). Records how far the stream got in `pool`.
+    /// Where the stream reads `pool` next: after the first id, up to the
+    /// second (included). `None` when the pool has no backlog.
+    pub fn next_read(&self, pool: &str) -> Option<(QueueId, QueueId)> {
+        self.with_index(|index| {
+            let b = index.backlogs.get(pool)?;
+            let &(after, to) = b.ranges.front()?;
+            Some((after.max(b.cursor), to))
+        })
+    }
+
+    /// The stream read the first range of `pool`, which ended at `to` when
+    /// it began reading, to its end: closes it unless an append extended
+    /// it meanwhile (then false: read on). True when the pool's backlog ended.
+    pub fn finish_range(&self, pool: &str, to: QueueId) -> bool {
+        self.with_index(|index| {
+            let Some(b) = index.backlogs.get_mut(pool) else {
+                return true;
+            };
+            match b.ranges.front() {
+                Some(&(after, end)) if end == to => {
+                    b.ranges.pop_front();
+                    b.cursor = b.cursor.max(to);
+                    let epoch = index.epoch;
+                    index.epoch += 1;
+                    index
+                        .closed
+                        .entry(pool.to_string())
+                        .or_default()
+                        .push(Closed { after, to, epoch });
+                    let q = index.pools.entry(pool.to_string()).or_default();
+                    q.known_to = q.known_to.max(to);
+                }
+                Some(_) => return false,
+                None => {}
+            }
+            let ended = index.backlogs.get(pool).is_none_or(|b| b.ranges.is_empty());
+            if ended {
+                index.backlog_ended(pool);
+            }
+            ended
+        })
+    }
+
+    /// The stream hands over a message it read from the spool: scheduled
+    /// at `due_ms` unless the operator took it meanwhile (then false).
     pub fn recovered(&self, id: QueueId, pool: &str, due_ms: u64, mt_priority: i8) -> bool {
         let scheduled = self.with_index(|index| {
-            let mut due = due_ms;
-            if let Some(r) = index.recovery.as_mut() {
-                let cursor = r.cursor.entry(pool.to_string()).or_default();
-                *cursor = (*cursor).max(id);
-                if r.claimed.contains(&id) {
-                    return false;
-                }
-                if let Some(n) = r.unread.get_mut(pool) {
-                    *n = n.saturating_sub(1);
-                }
-                if r.flushed.contains(pool) {
-                    due = 0;
-                }
+            if !index.take_from_backlog(id, pool) {
+                return false;
             }
-            let q = index.pools.entry(pool.to_string()).or_default();
-            if due <= now_ms() {
-                q.ready.insert(mt_priority, id);
-            } else {
-                q.defer(due, id, mt_priority);
-            }
+            let flushed = index.backlogs.get(pool).is_some_and(|b| b.flushed);
+            index.insert(id, pool, if flushed { 0 } else { due_ms }, mt_priority);
             true
         });
-        let _ = self
-            .recovery_remaining
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                Some(n.saturating_sub(1))
-            });
         if scheduled {
             self.wake.notify_waiters();
         }
         scheduled
     }
 
-    /// The recovery stream read a message whose recipients are all done:
-    /// true when it may remove it (the operator did not take it meanwhile).
+    /// The stream read a message whose recipients are all done: true when
+    /// it may remove it (the operator did not take it meanwhile).
     pub fn recovered_done(&self, id: QueueId, pool: &str) -> bool {
-        self.with_index(|index| match index.recovery.as_mut() {
-            Some(r) => {
-                let cursor = r.cursor.entry(pool.to_string()).or_default();
-                *cursor = (*cursor).max(id);
-                if r.claimed.contains(&id) {
+        self.with_index(|index| index.take_from_backlog(id, pool))
+    }
+
+    /// The stream read a record it cannot decode and leaves it on disk.
+    pub fn passed(&self, id: QueueId, pool: &str) {
+        self.with_index(|index| index.passed(id, pool));
+    }
+
+    /// Whether mail waits on disk for the stream (after a start, or spilled).
+    pub fn recovering(&self) -> bool {
+        self.with_index(|index| !index.backlogs.is_empty())
+    }
+
+    /// Messages on disk the stream has still to read (an estimate), 0 when
+    /// every queued message is in the index.
+    pub fn recovery_remaining(&self) -> u64 {
+        self.with_index(|index| index.backlogs.values().map(|b| b.unread).sum())
+    }
+
+    /// An append is about to write: call before the write, then
+    /// [`Appending::appended`] once it is durable.
+    pub fn begin_append(self: &Arc<Self>) -> Appending {
+        let epoch = self.with_index(|index| {
+            let epoch = index.epoch;
+            *index.appending.entry(epoch).or_default() += 1;
+            epoch
+        });
+        Appending {
+            scheduler: self.clone(),
+            epoch,
+            ended: false,
+        }
+    }
+
+    /// Schedules a new message, durable as `id`, whose append began in
+    /// `epoch`. Into the index while its pool's ready lanes have room and
+    /// nothing of the pool waits on disk; else it is left on disk for the
+    /// stream, behind the older mail there (a spill), so memory holds a
+    /// window per pool however fast mail comes in.
+    ///
+    /// Ids are made durable in order but scheduled in any order: an id in
+    /// a range the stream reads, or closed since this append began, is the
+    /// stream's (it was on disk before the range's last id); one below the
+    /// ids the index already knows goes to memory even past the window.
+    fn appended(&self, epoch: u64, id: QueueId, pool: &str, due_ms: u64, mt_priority: i8) {
+        let window = self.window;
+        let in_memory = self.with_index(|index| {
+            end_append(index, epoch);
+            let oldest_appending = index.appending.keys().next().copied();
+            if let Some(closed) = index.closed.get_mut(pool) {
+                let in_closed = closed.iter().any(|c| id > c.after && id <= c.to);
+                closed.retain(|c| oldest_appending.is_some_and(|e| e <= c.epoch));
+                if closed.is_empty() {
+                    index.closed.remove(pool);
+                }
+                if in_closed {
                     return false;
                 }
-                if let Some(n) = r.unread.get_mut(pool) {
-                    *n = n.saturating_sub(1);
+            }
+            let known_to = index.pools.get(pool).map_or(0, |q| q.known_to);
+            if let Some(b) = index.backlogs.get_mut(pool) {
+                if b.covers(id) {
+                    if b.ahead(id) {
+                        b.unread += 1;
+                    }
+                    return false;
                 }
-                true
-            }
-            None => true,
-        })
-    }
-
-    /// The recovery stream read every message of `pool`.
-    pub fn recovered_pool(&self, pool: &str) {
-        self.with_index(|index| {
-            if let Some(r) = index.recovery.as_mut() {
-                r.cursor.insert(pool.to_string(), QueueId::MAX);
-                r.unread.remove(pool);
-                r.paused.remove(pool);
-            }
-        });
-    }
-
-    /// Recovery ended: the index holds every queued message.
-    pub fn end_recovery(&self) {
-        self.with_index(|index| index.recovery = None);
-        self.recovery_remaining.store(0, Ordering::Relaxed);
-    }
-
-    /// Whether recovery still streams the spool into the index.
-    pub fn recovering(&self) -> bool {
-        self.with_index(|index| index.recovery.is_some())
-    }
-
-    /// Messages recovery has still to hand over (an estimate), 0 when done.
-    pub fn recovery_remaining(&self) -> u64 {
-        self.recovery_remaining.load(Ordering::Relaxed)
-    }
-
-    /// Adds a message, ready at `due_ms` (0 or past = now). Within its
-    /// pool, ready messages of a higher `mt_priority` go first (give 0 for
-    /// a message without MT-PRIORITY), then the oldest.
-    pub fn enqueue(&self, id: QueueId, pool: &str, due_ms: u64, mt_priority: i8) {
-        self.with(|pools| {
-            let q = pools.entry(pool.to_string()).or_default();
-            if due_ms <= now_ms() {
-                q.ready.insert(mt_priority, id);
+                let floor = known_to.max(b.cursor);
+                if id > floor {
+                    match b.ranges.back_mut() {
+                        Some(last) if last.1 >= floor => last.1 = last.1.max(id),
+                        _ => b.ranges.push_back((floor, id)),
+                    }
+                    b.unread += 1;
+                    return false;
+                }
             } else {
-                q.defer(due_ms, id, mt_priority);
+                let ready = index.pools.get(pool).map_or(0, |q| q.ready.len());
+                if ready >= window && id > known_to {
+                    index.backlogs.insert(
+                        pool.to_string(),
+                        Backlog {
+                            ranges: VecDeque::from([(known_to, id)]),
+                            cursor: known_to,
+                            unread: 1,
+                            paused: true,
+                            flushed: false,
+                        },
+                    );
+                    return false;
+                }
             }
+            index.insert(id, pool, due_ms, mt_priority);
+            true
+        });
+        if in_memory {
+            self.wake.notify_waiters();
+        }
+    }
+
+    /// Adds a message the index already knew (a retry, an operator's move
+    /// or put-back), ready at `due_ms` (0 or past = now). Within its pool,
+    /// ready messages of a higher `mt_priority` go first (give 0 for a
+    /// message without MT-PRIORITY), then the oldest. New mail goes
+    /// through [`Scheduler::begin_append`].
+    pub fn enqueue(&self, id: QueueId, pool: &str, due_ms: u64, mt_priority: i8) {
+        self.with_index(|index| {
+            // In memory now: the stream must not bring it again from the
+            // pool's backlog.
+            if index.backlogs.get(pool).is_some_and(|b| b.ahead(id)) {
+                index.claimed.insert(id);
+            }
+            index.insert(id, pool, due_ms, mt_priority);
         });
         self.wake.notify_waiters();
     }
@@ -517,11 +697,11 @@ impl Scheduler {
     }
 
     /// Makes every deferred message of `pool` ready now, including those
-    /// recovery has still to hand over.
+    /// the stream has still to hand over.
     pub fn flush(&self, pool: &str) {
         self.with_index(|index| {
-            if let Some(r) = index.recovery.as_mut() {
-                r.flushed.insert(pool.to_string());
+            if let Some(b) = index.backlogs.get_mut(pool) {
+                b.flushed = true;
             }
             if let Some(q) = index.pools.get_mut(pool) {
                 q.promote(u64::MAX);
@@ -532,8 +712,8 @@ impl Scheduler {
 
     /// Takes a message out of the index (deleted or moved by the operator).
     /// Returns false if it is not queued there or is being delivered.
-    /// During recovery a message the stream has not reached yet can be
-    /// taken too; either way the stream will not hand it over again.
+    /// A message still on disk for the stream can be taken too; the stream
+    /// then skips it.
     pub fn forget(&self, id: QueueId, pool: &str) -> bool {
         self.forget_due(id, pool, None)
     }
@@ -543,28 +723,23 @@ impl Scheduler {
     pub fn forget_due(&self, id: QueueId, pool: &str, due_ms: Option<u64>) -> bool {
         self.with_index(|index| {
             // A message the stream has not reached is in the index only if
-            // an operator's move put it there (then under its due time):
-            // no scan for it, so taking a whole pool during recovery stays
-            // linear.
-            let unread = index.recovery.as_ref().is_some_and(|r| r.ahead(id, pool));
+            // something put it there (then under its due time): no scan for
+            // it, so taking a whole backlog stays linear.
+            let ahead = index.backlogs.get(pool).is_some_and(|b| b.ahead(id));
             let taken = index
                 .pools
                 .get_mut(pool)
-                .is_some_and(|q| q.ready.remove(id) || q.undefer(id, due_ms, !unread));
-            match index.recovery.as_mut() {
-                Some(r) if taken || r.ahead(id, pool) => {
-                    // A move puts it in another pool the stream may not
-                    // have read yet: skip it there too.
-                    if r.claimed.insert(id)
-                        && !taken
-                        && let Some(n) = r.unread.get_mut(pool)
-                    {
-                        *n = n.saturating_sub(1);
-                    }
-                    true
-                }
-                _ => taken,
+                .is_some_and(|q| q.ready.remove(id) || q.undefer(id, due_ms, !ahead));
+            if !ahead {
+                return taken;
             }
+            if index.claimed.insert(id)
+                && !taken
+                && let Some(b) = index.backlogs.get_mut(pool)
+            {
+                b.unread = b.unread.saturating_sub(1);
+            }
+            true
         })
     }
 
@@ -577,13 +752,8 @@ impl Scheduler {
     pub fn counts(&self) -> HashMap<String, PoolCounts> {
         let now = now_ms();
         self.with_index(|index| {
-            let unread = |pool: &str| {
-                index
-                    .recovery
-                    .as_ref()
-                    .and_then(|r| r.unread.get(pool))
-                    .map_or(0, |&n| n as usize)
-            };
+            let backlogs = &index.backlogs;
+            let unread = |pool: &str| backlogs.get(pool).map_or(0, |b| b.unread as usize);
             let mut all = index
                 .pools
                 .iter_mut()
@@ -606,13 +776,11 @@ impl Scheduler {
                 })
                 .collect::<HashMap<_, _>>();
             // A pool the stream has not read anything of yet.
-            if let Some(r) = index.recovery.as_ref() {
-                for (pool, &n) in &r.unread {
-                    all.entry(pool.clone()).or_insert_with(|| PoolCounts {
-                        ready: n as usize,
-                        ..PoolCounts::default()
-                    });
-                }
+            for (pool, b) in backlogs {
+                all.entry(pool.clone()).or_insert_with(|| PoolCounts {
+                    ready: b.unread as usize,
+                    ..PoolCounts::default()
+                });
             }
             all
         })
@@ -655,11 +823,8 @@ impl Scheduler {
                 let q = all.get_mut(&name)?;
                 q.ready.remove_from(mt_priority, id);
                 q.in_flight += 1;
-                let room = q.ready.len() <= half
-                    && index
-                        .recovery
-                        .as_ref()
-                        .is_some_and(|r| r.paused.contains(&name));
+                let room =
+                    q.ready.len() <= half && index.backlogs.get(&name).is_some_and(|b| b.paused);
                 Some((
                     Job {
                         id,
@@ -961,10 +1126,29 @@ mod tests {
         assert!(s.is_held("A"));
     }
 
+    fn backlogs(pools: &[(&str, u64)]) -> Vec<(String, u64)> {
+        pools.iter().map(|(p, n)| (p.to_string(), *n)).collect()
+    }
+
+    /// A new message of `pool`, durable as `id`, scheduled.
+    fn append(s: &Arc<Scheduler>, id: QueueId, pool: &str) {
+        s.begin_append().appended(id, pool, 0, 0);
+    }
+
+    /// Takes every ready message of `pool` it can, in order.
+    fn drain(s: &Scheduler, pool: &str) -> Vec<QueueId> {
+        std::iter::from_fn(|| s.try_take(&pools(&[pool]), &ALL))
+            .map(|job| {
+                s.finished(&job);
+                job.id
+            })
+            .collect()
+    }
+
     #[test]
     fn during_recovery_the_operator_can_take_mail_the_stream_has_not_reached() {
         let s = Scheduler::new();
-        s.begin_recovery(100, 3);
+        s.begin_recovery(100, &backlogs(&[("A", 3), ("B", 0), ("C", 1)]));
         assert!(s.recovered(10, "A", 0, 0));
         // 10 was handed over and is being delivered: busy.
         assert!(s.try_take(&pools(&["A"]), &ALL).is_some());
@@ -979,10 +1163,13 @@ mod tests {
         s.flush("C");
         assert!(s.recovered(60, "C", now_ms() + 3_600_000, 0));
         assert_eq!(s.counts()["C"].ready, 1);
-        s.recovered_pool("A");
+        assert_eq!(s.next_read("A"), Some((10, 100)));
+        assert!(s.finish_range("A", 100), "A had one range");
         assert!(!s.forget(70, "A"), "A is fully recovered: 70 is not queued");
+        assert!(s.finish_range("B", 100));
+        assert!(s.recovering(), "C is still being read");
+        assert!(s.finish_range("C", 100));
         assert_eq!(s.recovery_remaining(), 0);
-        s.end_recovery();
         assert!(!s.recovering());
         assert!(!s.forget(80, "C"));
     }
@@ -990,8 +1177,7 @@ mod tests {
     #[test]
     fn the_stream_fills_a_window_then_waits_for_half_of_it_to_be_taken() {
         let s = Scheduler::with_window(4);
-        s.begin_recovery(100, 10);
-        s.expect_unread("A", 10);
+        s.begin_recovery(100, &backlogs(&[("A", 10)]));
         let mut id = 0;
         while s.has_room("A") {
             id += 1;
@@ -1007,9 +1193,153 @@ mod tests {
         // The operator takes one the stream has not reached: counted at once.
         assert!(s.forget(50, "A"));
         assert_eq!(s.counts()["A"].ready, 9);
-        s.recovered_pool("A");
-        s.end_recovery();
-        assert!(s.has_room("A"), "no stream, no window");
+        assert!(s.finish_range("A", 100));
+        assert!(s.has_room("A"), "no backlog, no window");
+    }
+
+    #[test]
+    fn new_mail_past_a_full_window_waits_on_disk_and_comes_back_oldest_first() {
+        let s = Arc::new(Scheduler::with_window(4));
+        for id in 1..=7 {
+            append(&s, id, "A");
+        }
+        assert_eq!(s.in_memory("A"), 4, "the window, not more");
+        assert!(s.recovering());
+        assert_eq!(s.recovery_remaining(), 3);
+        assert_eq!(
+            s.counts()["A"].ready,
+            7,
+            "counts include what waits on disk"
+        );
+        assert_eq!(s.next_read("A"), Some((4, 7)));
+        assert!(!s.has_room("A"), "the window is full");
+        // Appends behind a backlog join it, even with room in memory:
+        // older mail on disk goes first.
+        assert_eq!(
+            std::iter::from_fn(|| s.try_take(&pools(&["A"]), &ALL))
+                .take(2)
+                .map(|j| j.id)
+                .collect::<Vec<_>>(),
+            [1, 2]
+        );
+        append(&s, 8, "A");
+        assert_eq!(s.in_memory("A"), 2);
+        assert_eq!(s.next_read("A"), Some((4, 8)));
+        assert!(s.has_room("A"), "half of the window taken");
+        for id in 5..=8 {
+            assert!(s.recovered(id, "A", 0, 0));
+        }
+        assert!(s.finish_range("A", 8));
+        assert!(!s.recovering());
+        assert_eq!(s.recovery_remaining(), 0);
+        assert_eq!(drain(&s, "A"), [3, 4, 5, 6, 7, 8]);
+        // Memory again, nothing waits on disk.
+        append(&s, 9, "A");
+        assert!(!s.recovering());
+        assert_eq!(drain(&s, "A"), [9]);
+    }
+
+    #[test]
+    fn an_append_extending_a_range_being_read_keeps_the_range_open() {
+        let s = Arc::new(Scheduler::with_window(2));
+        for id in 1..=3 {
+            append(&s, id, "A");
+        }
+        // The stream reads (2, 3] and finds its end; 4 lands meanwhile.
+        assert_eq!(s.next_read("A"), Some((2, 3)));
+        assert!(s.recovered(3, "A", 0, 0));
+        append(&s, 4, "A");
+        assert!(!s.finish_range("A", 3), "4 is in the range now: read on");
+        assert_eq!(s.next_read("A"), Some((3, 4)));
+        assert!(s.recovered(4, "A", 0, 0));
+        assert!(s.finish_range("A", 4));
+        assert_eq!(drain(&s, "A"), [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn an_append_scheduled_after_the_stream_brought_it_is_not_scheduled_twice() {
+        // Ids become durable in order but their appends finish in any
+        // order: 3 is on disk (the stream reads it) before its append is
+        // scheduled, and the range closes in between.
+        let s = Arc::new(Scheduler::with_window(2));
+        append(&s, 1, "A");
+        append(&s, 2, "A");
+        let three = s.begin_append();
+        append(&s, 4, "A");
+        assert_eq!(s.next_read("A"), Some((2, 4)));
+        assert!(s.recovered(3, "A", 0, 0));
+        assert!(s.recovered(4, "A", 0, 0));
+        assert!(s.finish_range("A", 4));
+        three.appended(3, "A", 0, 0);
+        assert_eq!(drain(&s, "A"), [1, 2, 3, 4], "3 once");
+        // Once no append that began before it is in progress, the closed
+        // range is forgotten.
+        append(&s, 5, "A");
+        assert!(s.with_index(|i| i.closed.is_empty() && i.appending.is_empty()));
+        // A dropped append (a failed write) ends too.
+        drop(s.begin_append());
+        assert!(s.with_index(|i| i.appending.is_empty()));
+    }
+
+    #[test]
+    fn an_append_below_what_the_index_holds_goes_to_memory_past_the_window() {
+        let s = Arc::new(Scheduler::with_window(3));
+        append(&s, 1, "A");
+        append(&s, 2, "A");
+        let three = s.begin_append();
+        append(&s, 4, "A");
+        append(&s, 5, "A");
+        assert_eq!(s.next_read("A"), Some((4, 5)), "the backlog starts above 4");
+        // 3 is below the ids the index holds: the stream will not read it.
+        three.appended(3, "A", 0, 0);
+        assert_eq!(s.in_memory("A"), 4);
+        assert!(s.recovered(5, "A", 0, 0));
+        assert!(s.finish_range("A", 5));
+        assert_eq!(drain(&s, "A"), [1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn mail_moved_into_a_pool_with_a_backlog_is_not_brought_twice() {
+        let s = Arc::new(Scheduler::with_window(2));
+        append(&s, 1, "A");
+        append(&s, 2, "A");
+        append(&s, 3, "B");
+        append(&s, 4, "A");
+        append(&s, 5, "A");
+        assert_eq!(s.next_read("A"), Some((2, 5)));
+        // The operator moves 3 into A: its record is now in A's range.
+        assert!(s.forget(3, "B"));
+        s.enqueue(3, "A", 0, 0);
+        for id in 3..=5 {
+            // The stream reads 3, 4, 5 from A's keyspace: 3 it skips.
+            assert_eq!(s.recovered(id, "A", 0, 0), id != 3, "id {id}");
+        }
+        assert!(s.finish_range("A", 5));
+        assert_eq!(drain(&s, "A"), [1, 2, 3, 4, 5]);
+        // Above what A holds now, a move into A is in memory; a spill
+        // after it starts above it.
+        append(&s, 6, "B");
+        append(&s, 7, "A");
+        append(&s, 8, "A");
+        assert!(s.forget(6, "B"));
+        s.enqueue(6, "A", 0, 0);
+        append(&s, 9, "A");
+        assert_eq!(
+            s.next_read("A"),
+            Some((8, 9)),
+            "6 is in memory: not read again"
+        );
+    }
+
+    #[test]
+    fn a_flush_reaches_deferred_mail_waiting_on_disk() {
+        let s = Arc::new(Scheduler::with_window(1));
+        append(&s, 1, "A");
+        append(&s, 2, "A");
+        s.flush("A");
+        assert!(s.recovered(2, "A", now_ms() + 3_600_000, 0));
+        assert!(s.finish_range("A", 2));
+        assert_eq!(drain(&s, "A"), [1, 2]);
     }
 
     #[tokio::test]
