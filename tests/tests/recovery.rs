@@ -16,7 +16,8 @@ use poolrelay_tests::admin::{api_json, pool_entry, queue_ok};
 use poolrelay_tests::delivery::strip_ansi;
 use poolrelay_tests::ledger::id_counts;
 use poolrelay_tests::{
-    Relay, RelaySetup, Sink, free_addr, http_get, message, metric_sum, parse_metrics, unique_id,
+    Relay, RelaySetup, Sink, SinkOptions, free_addr, http_get, message, metric_sum, parse_metrics,
+    unique_id,
 };
 
 /// Messages read per recovery step (the relay's `RECOVERY_CHUNK`).
@@ -29,8 +30,13 @@ const DEADLINE: Duration = Duration::from_secs(120);
 /// Pools A (bulk, where the load goes), B (priority 1, for mail sent
 /// during recovery), C and D (read last); one upstream serving them all.
 fn config(s: &RelaySetup, upstream: std::net::SocketAddr) -> String {
+    config_retrying(s, upstream, "1s")
+}
+
+/// [`config`] with another retry step.
+fn config_retrying(s: &RelaySetup, upstream: std::net::SocketAddr, retry: &str) -> String {
     format!(
-        "{}{}[defaults]\nlist_pool = \"A\"\nretry = [\"1s\"]\n\n\
+        "{}{}[defaults]\nlist_pool = \"A\"\nretry = [\"{retry}\"]\n\n\
          [pool.A]\n[pool.B]\npriority = 1\n[pool.C]\n[pool.D]\n\n\
          [[upstream]]\nhost = \"{upstream}\"\n\n\
          [[route]]\npool = \"B\"\nsender = \"urgent@*\"\n\n\
@@ -419,6 +425,99 @@ fn new_mail_past_a_full_window_waits_on_disk_and_is_delivered_once_across_kill9(
     });
     relay.wait_until("the end of recovery", DEADLINE, || {
         recovered_log_lines(&relay) == 3
+    });
+    delivered.extend(sink.message_ids());
+    let counts = id_counts(delivered);
+    let got: BTreeSet<String> = counts.keys().cloned().collect();
+    let missing: Vec<_> = expected.difference(&got).take(10).collect();
+    let twice: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).take(10).collect();
+    let unknown: Vec<_> = got.difference(&expected).take(10).collect();
+    assert!(
+        missing.is_empty() && twice.is_empty() && unknown.is_empty(),
+        "missing {missing:?}, delivered twice {twice:?}, unexpected {unknown:?}\n{}",
+        relay.logs()
+    );
+}
+
+#[test]
+fn deferred_mail_past_a_full_window_waits_in_the_due_index_and_is_delivered_once() {
+    // A window of 20 per pool, an upstream answering 451 to everything and
+    // a retry step of an hour: of 120 deferred messages about 100 wait in
+    // the spool's due index only, not in memory.
+    let n = 120;
+    let upstream = free_addr();
+    let refusing = || {
+        Sink::start_with(SinkOptions {
+            addr: Some(upstream),
+            reply: Some(451),
+            ..SinkOptions::default()
+        })
+    };
+    let mut relay = Relay::start(|s| config_retrying(s, upstream, "1h"));
+    stop_after_first_start(&mut relay);
+    relay.set_env(WINDOW, "20");
+    relay.restart();
+    let deferred =
+        |relay: &Relay| pool_entry(&api_json(relay, "/api/v1/pools"), "A")["deferred"].as_u64();
+    let send_deferred = |relay: &Relay, tag: &str| -> Vec<String> {
+        let ids = (0..n)
+            .map(|i| {
+                let id = unique_id(&format!("{tag}-{i}"));
+                let from = "list@lists.test";
+                let r = relay.send(
+                    from,
+                    &["member@example.test"],
+                    &message(&id, from, "member@example.test", tag, "x\n"),
+                );
+                assert_eq!(r.code, 250, "sending {tag} {i}: {r}\n{}", relay.logs());
+                id
+            })
+            .collect();
+        relay.wait_until(&format!("{n} deferred"), DEADLINE, || {
+            deferred(relay) == Some(n as u64)
+        });
+        ids
+    };
+    let check_on_disk = |relay: &Relay| {
+        let left = remaining(relay);
+        assert!(
+            (50.0..=(n as f64 - 20.0)).contains(&left),
+            "{left} of {n} deferred messages in the due index only with a window of 20\n{}",
+            relay.logs()
+        );
+    };
+
+    // Phase 1: deferred past the window, then the upstream back and a flush.
+    let sink = refusing();
+    let mut expected: BTreeSet<String> = send_deferred(&relay, "due-1").into_iter().collect();
+    check_on_disk(&relay);
+    drop(sink);
+    let sink = Sink::start_at(upstream);
+    queue_ok(&relay, &["flush", "--pool", "A"]);
+    relay.wait_until(&format!("{n} messages at the sink"), DEADLINE, || {
+        sink.count() >= n
+    });
+    relay.wait_until("nothing left in the due index", DEADLINE, || {
+        remaining(&relay) == 0.0 && deferred(&relay) == Some(0)
+    });
+    let mut delivered = sink.message_ids();
+    drop(sink);
+
+    // Phase 2: deferred again, kill -9, restarted with the upstream back.
+    let sink = refusing();
+    expected.extend(send_deferred(&relay, "due-2"));
+    check_on_disk(&relay);
+    relay.kill9();
+    drop(sink);
+    let sink = Sink::start_at(upstream);
+    relay.restart();
+    relay.wait_until("the end of recovery", DEADLINE, || {
+        recovered_log_lines(&relay) == 3
+    });
+    check_on_disk(&relay);
+    queue_ok(&relay, &["flush", "--pool", "A"]);
+    relay.wait_until(&format!("{n} more messages at the sink"), DEADLINE, || {
+        sink.count() >= n
     });
     delivered.extend(sink.message_ids());
     let counts = id_counts(delivered);

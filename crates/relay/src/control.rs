@@ -358,7 +358,8 @@ impl Running {
     /// Retries every deferred message of a pool now.
     pub fn flush_pool(&self, pool: &str) -> Result<(), ControlError> {
         self.known_pool(pool)?;
-        self.scheduler.flush(pool);
+        self.scheduler
+            .flush(pool, self.spool().due_last(pool).ok().flatten());
         if let Some(shared) = self.spool().shared() {
             // The other relays' deferred mail too: fresh tickets, due now.
             let flushed = shared.flush(pool, None);

@@ -340,7 +340,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         })?),
     };
     prepare_pools(spool.as_ref(), &config);
-    let scheduler = Arc::new(index_window().map_or_else(Scheduler::new, Scheduler::with_window));
+    let scheduler = Arc::new(
+        index_window()
+            .map_or_else(Scheduler::new, Scheduler::with_window)
+            .with_due_index(spool.has_due_index()),
+    );
     let recovery_pools = if spool.shared().is_some() {
         // The cluster hands out the mail (see `feed`).
         tracing::info!(
@@ -654,11 +658,41 @@ async fn stream_backlogs(
     let mut window_reached = false;
     // Pools with a backlog at the last look, to log each spill once.
     let mut spilled: HashSet<String> = HashSet::new();
+    // Pools whose due index could not be read, and when to try again.
+    let mut due_retry: HashMap<String, tokio::time::Instant> = HashMap::new();
     loop {
         // Registered before looking, so room made meanwhile is not missed.
         let room = scheduler.room().notified();
         tokio::pin!(room);
         room.as_mut().enable();
+        // Deferred mail the due index holds, for pools whose deferred set
+        // in memory is down to half a window.
+        for (pool, from) in scheduler.due_wanted() {
+            if due_retry
+                .get(&pool)
+                .is_some_and(|&at| at > tokio::time::Instant::now())
+            {
+                scheduler.due_read_failed(&pool);
+                continue;
+            }
+            let reader = spool.clone();
+            let name = pool.clone();
+            let read = tokio::task::spawn_blocking(move || reader.due_list(&name, from, chunk))
+                .await
+                .map_err(|e| format!("spool read task failed: {e}"))
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            match read {
+                Ok(items) => {
+                    due_retry.remove(&pool);
+                    scheduler.due_read(&pool, &items, items.len() < chunk);
+                }
+                Err(e) => {
+                    scheduler.due_read_failed(&pool);
+                    tracing::error!(pool = %pool, "cannot read the pool's deferred mail from the spool's due index: {e}; trying again in {RECOVERY_RETRY_FIRST:?}");
+                    due_retry.insert(pool, tokio::time::Instant::now() + RECOVERY_RETRY_FIRST);
+                }
+            }
+        }
         let mut pools = scheduler.backlog_pools();
         if pools.is_empty() && recovering {
             recovering = false;

@@ -198,7 +198,7 @@ pub const READY: Metric = metric(
 pub const RECOVERY_REMAINING: Metric = metric(
     "poolrelay_recovery_remaining_messages",
     Kind::Gauge,
-    "Queued messages on disk only, not yet in the scheduler: what recovery has still to read after a restart, and new mail past a full window (an estimate; 0 when the scheduler holds every queued message).",
+    "Queued messages on disk only, not yet in the scheduler: what recovery has still to read after a restart, new mail past a full window, and deferred mail past a full window in the due-time index (an estimate; 0 when the scheduler holds every queued message).",
     &[],
 );
 /// Relays sharing a pool's rate limits.

@@ -85,7 +85,7 @@ impl Queue {
                 Ok(())
             }
             Err(e) => {
-                self.retry_at(id, old_pool, fallback_due, mt_priority);
+                self.put_back(id, old_pool, fallback_due, mt_priority);
                 Err(e)
             }
         }
@@ -106,10 +106,19 @@ impl Queue {
         }
     }
 
-    /// Schedules a message whose stored envelope is current to be tried
-    /// at `due_ms`; on a shared spool, hands it back to the cluster, which
-    /// gives it to some relay then.
+    /// Schedules a message whose stored envelope (or attempt record) says
+    /// it is due at `due_ms` to be tried then; on a shared spool, hands it
+    /// back to the cluster, which gives it to some relay then.
     pub fn retry_at(&self, id: QueueId, pool: &str, due_ms: u64, mt_priority: i8) {
+        match self.spool.shared() {
+            Some(shared) => shared.hand_back(id, pool, due_ms),
+            None => self.scheduler.retry_recorded(id, pool, due_ms, mt_priority),
+        }
+    }
+
+    /// Schedules a message to be tried at `due_ms`, which the spool does
+    /// not say (its write failed): kept in memory until then.
+    pub fn put_back(&self, id: QueueId, pool: &str, due_ms: u64, mt_priority: i8) {
         match self.spool.shared() {
             Some(shared) => shared.hand_back(id, pool, due_ms),
             None => self.scheduler.enqueue(id, pool, due_ms, mt_priority),

@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use poolrelay_spool::{QueueId, now_ms};
+use poolrelay_spool::{Deferred, QueueId, now_ms};
 use tokio::sync::Notify;
 
 /// A message handed to a worker.
@@ -121,6 +121,24 @@ struct PoolQueue {
     /// passed: a backlog starts above it, so the stream never brings back
     /// what the index already had.
     known_to: QueueId,
+    /// Once the deferred set held a window (and the spool has a due
+    /// index): every deferred message of the pool at or after this (due
+    /// time, id) is in the spool's due index only, not here.
+    disk_from: Option<(u64, QueueId)>,
+    /// How many deferred messages are in the due index only (counted).
+    disk_deferred: u64,
+    /// Ids in memory whose due key may still be at or after `disk_from`
+    /// (deferred while the due stream read, or taken by the operator from
+    /// the due index): the due stream skips them.
+    due_skip: HashSet<QueueId>,
+    /// The due stream is reading this pool's due index now.
+    due_reading: bool,
+    /// Flushed while mail waited in the due index: keys up to this one
+    /// come back ready.
+    due_flushed_to: Option<(u64, QueueId)>,
+    /// Deferred ids put here at a time the spool does not have (its write
+    /// failed, or an operator's put-back): never moved to the due index.
+    unrecorded: HashSet<QueueId>,
     /// Messages finished per second over the last minute, as a ring indexed by second.
     recent: [u32; 60],
     /// The Unix second each ring slot was last written in.
@@ -136,6 +154,12 @@ impl Default for PoolQueue {
             in_flight: 0,
             held: false,
             known_to: 0,
+            disk_from: None,
+            disk_deferred: 0,
+            due_skip: HashSet::new(),
+            due_reading: false,
+            due_flushed_to: None,
+            unrecorded: HashSet::new(),
             recent: [0; 60],
             recent_at: [0; 60],
         }
@@ -289,7 +313,6 @@ struct Closed {
 }
 
 /// The index and the backlogs the stream still has to read.
-#[derive(Default)]
 struct Index {
     pools: HashMap<String, PoolQueue>,
     /// Per pool, the mail on disk and not in the index. Empty in a relay
@@ -306,18 +329,71 @@ struct Index {
     /// each time a range closes).
     appending: BTreeMap<u64, usize>,
     epoch: u64,
+    /// Ready ids (and deferred ones, when `due_index`) per pool in memory.
+    window: usize,
+    /// The spool finds deferred mail by due time: deferred mail past the
+    /// window may wait there only.
+    due_index: bool,
 }
 
 impl Index {
-    /// Inserts `id` into `pool`'s ready lanes or deferred set.
-    fn insert(&mut self, id: QueueId, pool: &str, due_ms: u64, mt_priority: i8) {
+    fn new(window: usize) -> Index {
+        Index {
+            pools: HashMap::new(),
+            backlogs: HashMap::new(),
+            claimed: HashSet::new(),
+            closed: HashMap::new(),
+            appending: BTreeMap::new(),
+            epoch: 0,
+            window,
+            due_index: false,
+        }
+    }
+
+    /// Inserts `id` into `pool`'s ready lanes or deferred set. A deferral
+    /// the spool `recorded` at `due_ms` (so its due index has it there)
+    /// stays on disk only when it is not among the pool's earliest
+    /// window of deferred mail.
+    fn insert(&mut self, id: QueueId, pool: &str, due_ms: u64, mt_priority: i8, recorded: bool) {
+        let (window, due_index) = (self.window, self.due_index);
         let q = self.pools.entry(pool.to_string()).or_default();
         q.known_to = q.known_to.max(id);
         if due_ms <= now_ms() {
             q.ready.insert(mt_priority, id);
-        } else {
-            q.defer(due_ms, id, mt_priority);
+            return;
         }
+        if !recorded {
+            q.unrecorded.insert(id);
+        } else if due_index {
+            q.unrecorded.remove(&id);
+            let key = (due_ms, id);
+            if q.disk_from.is_some_and(|from| key >= from) {
+                if !q.due_reading {
+                    q.disk_deferred += 1;
+                    return;
+                }
+                // The due stream may be bringing it too: it skips it.
+                q.due_skip.insert(id);
+            } else if !q.due_reading && q.deferred.len() >= window {
+                // The window is full: the latest of it and this one waits
+                // on disk, unless that is one the spool does not have there.
+                match q.deferred.last().copied() {
+                    Some((d, i, _)) if (d, i) < key => {
+                        q.disk_from = Some(key);
+                        q.disk_deferred += 1;
+                        return;
+                    }
+                    Some((d, i, p)) if !q.unrecorded.contains(&i) => {
+                        q.deferred.remove(&(d, i, p));
+                        q.left_deferred(i);
+                        q.disk_from = Some((d, i));
+                        q.disk_deferred += 1;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        q.defer(due_ms, id, mt_priority);
     }
 
     /// The stream reached `id` of `pool` (handed over, skipped or left).
@@ -413,12 +489,20 @@ impl Scheduler {
     /// An empty scheduler that keeps at most about `window` ready ids per
     /// pool in memory (at least 1); the rest waits on disk.
     pub fn with_window(window: usize) -> Scheduler {
+        let window = window.max(1);
         Scheduler {
-            index: Mutex::default(),
+            index: Mutex::new(Index::new(window)),
             wake: Notify::new(),
             room: Notify::new(),
-            window: window.max(1),
+            window,
         }
+    }
+
+    /// Lets deferred mail past the window wait in the spool's due index
+    /// only (when the spool has one: [`poolrelay_spool::Spool::has_due_index`]).
+    pub fn with_due_index(self, due_index: bool) -> Scheduler {
+        self.with_index(|index| index.due_index = due_index);
+        self
     }
 
     /// Ready ids per pool the index keeps in memory.
@@ -541,7 +625,14 @@ impl Scheduler {
                 return false;
             }
             let flushed = index.backlogs.get(pool).is_some_and(|b| b.flushed);
-            index.insert(id, pool, if flushed { 0 } else { due_ms }, mt_priority);
+            // Its due time is the envelope's, which the due index has.
+            index.insert(
+                id,
+                pool,
+                if flushed { 0 } else { due_ms },
+                mt_priority,
+                !flushed,
+            );
             true
         });
         if scheduled {
@@ -569,7 +660,10 @@ impl Scheduler {
     /// Messages on disk the stream has still to read (an estimate), 0 when
     /// every queued message is in the index.
     pub fn recovery_remaining(&self) -> u64 {
-        self.with_index(|index| index.backlogs.values().map(|b| b.unread).sum())
+        self.with_index(|index| {
+            index.backlogs.values().map(|b| b.unread).sum::<u64>()
+                + index.pools.values().map(|q| q.disk_deferred).sum::<u64>()
+        })
     }
 
     /// An append is about to write: call before the write, then
@@ -645,7 +739,7 @@ impl Scheduler {
                     return false;
                 }
             }
-            index.insert(id, pool, due_ms, mt_priority);
+            index.insert(id, pool, due_ms, mt_priority, true);
             true
         });
         if in_memory {
@@ -653,21 +747,113 @@ impl Scheduler {
         }
     }
 
-    /// Adds a message the index already knew (a retry, an operator's move
-    /// or put-back), ready at `due_ms` (0 or past = now). Within its pool,
-    /// ready messages of a higher `mt_priority` go first (give 0 for a
-    /// message without MT-PRIORITY), then the oldest. New mail goes
-    /// through [`Scheduler::begin_append`].
+    /// Adds a message the index already knew (an operator's put-back, a
+    /// retry the spool could not record), ready at `due_ms` (0 or past =
+    /// now): always into memory. Within its pool, ready messages of a
+    /// higher `mt_priority` go first (give 0 for a message without
+    /// MT-PRIORITY), then the oldest. New mail goes through
+    /// [`Scheduler::begin_append`], a recorded retry through
+    /// [`Scheduler::retry_recorded`].
     pub fn enqueue(&self, id: QueueId, pool: &str, due_ms: u64, mt_priority: i8) {
+        self.put(id, pool, due_ms, mt_priority, false);
+    }
+
+    /// A retry the spool recorded at `due_ms` (its envelope or attempt
+    /// record, and so its due index, say so): like [`Scheduler::enqueue`],
+    /// except that deferred mail past the pool's earliest window waits in
+    /// the spool's due index only.
+    pub fn retry_recorded(&self, id: QueueId, pool: &str, due_ms: u64, mt_priority: i8) {
+        self.put(id, pool, due_ms, mt_priority, true);
+    }
+
+    fn put(&self, id: QueueId, pool: &str, due_ms: u64, mt_priority: i8, recorded: bool) {
         self.with_index(|index| {
             // In memory now: the stream must not bring it again from the
             // pool's backlog.
             if index.backlogs.get(pool).is_some_and(|b| b.ahead(id)) {
                 index.claimed.insert(id);
             }
-            index.insert(id, pool, due_ms, mt_priority);
+            index.insert(id, pool, due_ms, mt_priority, recorded);
         });
         self.wake.notify_waiters();
+    }
+
+    /// Pools whose deferred mail in memory is down to half a window while
+    /// more waits in the due index (or whose flushed mail waits there),
+    /// with where to read: the due stream reads them now (each marked as
+    /// being read until [`Scheduler::due_read`]).
+    pub fn due_wanted(&self) -> Vec<(String, (u64, QueueId))> {
+        let half = self.window / 2;
+        let window = self.window;
+        self.with_index(|index| {
+            let mut wanted = Vec::new();
+            for (name, q) in index.pools.iter_mut() {
+                let Some(from) = q.disk_from else { continue };
+                let room = q.deferred.len() <= half
+                    || q.due_flushed_to.is_some() && q.ready.len() < window;
+                if room && !q.due_reading {
+                    q.due_reading = true;
+                    wanted.push((name.clone(), from));
+                }
+            }
+            wanted
+        })
+    }
+
+    /// The due stream read `items` of `pool`'s due index from where
+    /// [`Scheduler::due_wanted`] said (`complete`: nothing more there):
+    /// brings them into memory, except those the index has already or the
+    /// recovery stream has still to hand over.
+    pub fn due_read(&self, pool: &str, items: &[Deferred], complete: bool) {
+        let now = now_ms();
+        self.with_index(|index| {
+            let ahead: Vec<bool> = items
+                .iter()
+                .map(|d| index.backlogs.get(pool).is_some_and(|b| b.ahead(d.id)))
+                .collect();
+            let Some(q) = index.pools.get_mut(pool) else {
+                return;
+            };
+            q.due_reading = false;
+            for (d, ahead) in items.iter().zip(ahead) {
+                if q.due_skip.remove(&d.id) || ahead {
+                    continue;
+                }
+                q.disk_deferred = q.disk_deferred.saturating_sub(1);
+                let key = (d.due_ms, d.id);
+                let flushed = q.due_flushed_to.is_some_and(|to| key <= to);
+                if flushed || d.due_ms <= now {
+                    q.ready.insert(d.mt_priority, d.id);
+                } else {
+                    q.defer(d.due_ms, d.id, d.mt_priority);
+                }
+            }
+            let last = items.last().map(|d| (d.due_ms, d.id));
+            if complete {
+                q.disk_from = None;
+                q.disk_deferred = 0;
+                q.due_skip = HashSet::new();
+                q.due_flushed_to = None;
+            } else if let Some((due, id)) = last {
+                q.disk_from = Some(match id.checked_add(1) {
+                    Some(next) => (due, next),
+                    None => (due.saturating_add(1), 0),
+                });
+                if q.due_flushed_to.is_some_and(|to| (due, id) >= to) {
+                    q.due_flushed_to = None;
+                }
+            }
+        });
+        self.wake.notify_waiters();
+    }
+
+    /// The due stream could not read `pool`'s due index: it tries again later.
+    pub fn due_read_failed(&self, pool: &str) {
+        self.with(|pools| {
+            if let Some(q) = pools.get_mut(pool) {
+                q.due_reading = false;
+            }
+        });
     }
 
     /// A worker finished with a job (whatever the outcome; re-enqueue separately).
@@ -697,14 +883,18 @@ impl Scheduler {
     }
 
     /// Makes every deferred message of `pool` ready now, including those
-    /// the stream has still to hand over.
-    pub fn flush(&self, pool: &str) {
+    /// the stream has still to hand over and those in the due index up to
+    /// `due_last` (its latest key when the flush was asked).
+    pub fn flush(&self, pool: &str, due_last: Option<(u64, QueueId)>) {
         self.with_index(|index| {
             if let Some(b) = index.backlogs.get_mut(pool) {
                 b.flushed = true;
             }
             if let Some(q) = index.pools.get_mut(pool) {
                 q.promote(u64::MAX);
+                if q.disk_from.is_some() {
+                    q.due_flushed_to = q.due_flushed_to.max(due_last);
+                }
             }
         });
         self.wake.notify_waiters();
@@ -731,6 +921,15 @@ impl Scheduler {
                 .get_mut(pool)
                 .is_some_and(|q| q.ready.remove(id) || q.undefer(id, due_ms, !ahead));
             if !ahead {
+                // Deferred in the due index only: the due stream skips it.
+                if !taken
+                    && let (Some(q), Some(due)) = (index.pools.get_mut(pool), due_ms)
+                    && q.disk_from.is_some_and(|from| (due, id) >= from)
+                    && q.due_skip.insert(id)
+                {
+                    q.disk_deferred = q.disk_deferred.saturating_sub(1);
+                    return true;
+                }
                 return taken;
             }
             if index.claimed.insert(id)
@@ -766,7 +965,7 @@ impl Scheduler {
                     };
                     let counts = PoolCounts {
                         ready: q.ready.len() + q.in_flight + unread(name),
-                        deferred: q.deferred.len(),
+                        deferred: q.deferred.len() + q.disk_deferred as usize,
                         in_flight: q.in_flight,
                         held: q.held,
                         oldest,
@@ -823,8 +1022,9 @@ impl Scheduler {
                 let q = all.get_mut(&name)?;
                 q.ready.remove_from(mt_priority, id);
                 q.in_flight += 1;
-                let room =
-                    q.ready.len() <= half && index.backlogs.get(&name).is_some_and(|b| b.paused);
+                let room = q.ready.len() <= half
+                    && index.backlogs.get(&name).is_some_and(|b| b.paused)
+                    || q.disk_from.is_some() && q.deferred.len() <= half && !q.due_reading;
                 Some((
                     Job {
                         id,
@@ -1058,7 +1258,7 @@ mod tests {
         assert!(s.forget(1, "A"));
         assert!(!s.forget(1, "A"));
         assert_eq!(s.counts()["A"].oldest, Some(2));
-        s.flush("A");
+        s.flush("A", None);
         assert_eq!(
             s.try_take(&pools(&["A"]), &ALL)
                 .map(|j| (j.id, j.mt_priority)),
@@ -1089,7 +1289,7 @@ mod tests {
         s.enqueue(2, "A", 0, 0);
         assert_eq!(s.try_take(&pools(&["A"]), &ALL).map(|j| j.id), Some(2));
         assert_eq!(s.try_take(&pools(&["A"]), &ALL), None);
-        s.flush("A");
+        s.flush("A", None);
         assert_eq!(s.try_take(&pools(&["A"]), &ALL).map(|j| j.id), Some(1));
     }
 
@@ -1160,7 +1360,7 @@ mod tests {
         // Above the bound: new mail, which its append scheduled.
         assert!(!s.forget(200, "A"));
         // A pool flushed during recovery gets what the stream still brings as ready.
-        s.flush("C");
+        s.flush("C", None);
         assert!(s.recovered(60, "C", now_ms() + 3_600_000, 0));
         assert_eq!(s.counts()["C"].ready, 1);
         assert_eq!(s.next_read("A"), Some((10, 100)));
@@ -1336,10 +1536,136 @@ mod tests {
         let s = Arc::new(Scheduler::with_window(1));
         append(&s, 1, "A");
         append(&s, 2, "A");
-        s.flush("A");
+        s.flush("A", None);
         assert!(s.recovered(2, "A", now_ms() + 3_600_000, 0));
         assert!(s.finish_range("A", 2));
         assert_eq!(drain(&s, "A"), [1, 2]);
+    }
+
+    fn deferred_in_memory(s: &Scheduler, pool: &str) -> usize {
+        s.with(|pools| pools.get(pool).map_or(0, |q| q.deferred.len()))
+    }
+
+    fn deferred(due_ms: u64, id: QueueId) -> Deferred {
+        Deferred {
+            due_ms,
+            id,
+            mt_priority: 0,
+        }
+    }
+
+    #[test]
+    fn deferred_mail_past_a_window_waits_in_the_due_index_and_comes_back() {
+        let s = Scheduler::with_window(4).with_due_index(true);
+        let later = now_ms() + 3_600_000;
+        for id in 1..=10 {
+            s.retry_recorded(id, "A", later + id, 0);
+        }
+        assert_eq!(deferred_in_memory(&s, "A"), 4, "the earliest window");
+        assert_eq!(s.counts()["A"].deferred, 10, "counts include the due index");
+        assert_eq!(s.recovery_remaining(), 6);
+        assert!(s.due_wanted().is_empty(), "the window is full");
+        // A retry the spool could not record stays in memory.
+        s.enqueue(20, "A", later + 20, 0);
+        assert_eq!(deferred_in_memory(&s, "A"), 5);
+        // Down to half a window: the due stream reads from the first on disk.
+        for id in [1, 2, 20] {
+            assert!(s.forget_due(id, "A", Some(later + id)));
+        }
+        assert_eq!(s.due_wanted(), [("A".to_string(), (later + 5, 5))]);
+        assert!(s.due_wanted().is_empty(), "being read");
+        // A deferral recorded while the stream reads: in memory, skipped
+        // if the read brings it too.
+        s.retry_recorded(11, "A", later + 11, 0);
+        let read: Vec<Deferred> = (5..=7).map(|id| deferred(later + id, id)).collect();
+        s.due_read("A", &read, false);
+        assert_eq!(deferred_in_memory(&s, "A"), 6, "3, 4, 5, 6, 7 and 11");
+        // The operator takes one still on disk: the stream skips it.
+        assert!(s.forget_due(9, "A", Some(later + 9)));
+        assert_eq!(s.counts()["A"].deferred, 8);
+        // A flush brings the rest, up to the due index's last key, as ready.
+        s.flush("A", Some((later + 11, 11)));
+        assert_eq!(s.due_wanted(), [("A".to_string(), (later + 7, 8))]);
+        let read: Vec<Deferred> = (8..=11).map(|id| deferred(later + id, id)).collect();
+        s.due_read("A", &read, true);
+        assert_eq!(
+            drain(&s, "A"),
+            [3, 4, 5, 6, 7, 8, 10, 11],
+            "9 taken, 11 once"
+        );
+        assert_eq!(s.recovery_remaining(), 0);
+        assert_eq!(s.counts()["A"].deferred, 0);
+        assert!(s.due_wanted().is_empty(), "nothing left on disk");
+    }
+
+    #[test]
+    fn retry_times_out_of_order_keep_the_earliest_window_in_memory() {
+        let s = Scheduler::with_window(2).with_due_index(true);
+        let later = now_ms() + 3_600_000;
+        s.retry_recorded(1, "A", later + 10, 0);
+        s.retry_recorded(2, "A", later + 30, 0);
+        // Earlier than the latest in memory: 2 goes to disk instead.
+        s.retry_recorded(3, "A", later + 20, 0);
+        // Between memory and disk: to disk, where the disk part now starts.
+        s.retry_recorded(4, "A", later + 25, 0);
+        assert_eq!(deferred_in_memory(&s, "A"), 2);
+        assert_eq!(s.recovery_remaining(), 2);
+        // A time the spool does not have is never moved to disk.
+        s.enqueue(5, "A", later + 5, 0);
+        s.enqueue(6, "A", later + 50, 0);
+        s.retry_recorded(7, "A", later + 1, 0);
+        assert_eq!(deferred_in_memory(&s, "A"), 5, "1, 3, 5, 6, 7: 6 stays");
+        for id in [1, 3, 5, 6, 7] {
+            assert!(s.forget(id, "A"));
+        }
+        assert_eq!(s.due_wanted(), [("A".to_string(), (later + 25, 4))]);
+        s.due_read(
+            "A",
+            &[deferred(later + 25, 4), deferred(later + 30, 2)],
+            true,
+        );
+        s.flush("A", None);
+        assert_eq!(drain(&s, "A"), [2, 4]);
+    }
+
+    #[test]
+    fn without_a_due_index_deferred_mail_stays_in_memory() {
+        let s = Scheduler::with_window(2);
+        let later = now_ms() + 3_600_000;
+        for id in 1..=5 {
+            s.retry_recorded(id, "A", later + id, 0);
+        }
+        assert_eq!(deferred_in_memory(&s, "A"), 5);
+        assert_eq!(s.recovery_remaining(), 0);
+    }
+
+    #[test]
+    fn the_due_stream_leaves_mail_the_recovery_stream_has_still_to_hand_over() {
+        let s = Scheduler::with_window(2).with_due_index(true);
+        s.begin_recovery(100, &backlogs(&[("A", 4)]));
+        let later = now_ms() + 3_600_000;
+        // The recovery stream reads 10, 20, 30 (all deferred): 30 is past
+        // the window of deferred mail, so in the due index only.
+        for id in [10, 20, 30] {
+            assert!(s.recovered(id, "A", later + id, 0));
+        }
+        assert_eq!(deferred_in_memory(&s, "A"), 2);
+        assert!(s.forget_due(10, "A", Some(later + 10)));
+        assert!(s.forget_due(20, "A", Some(later + 20)));
+        assert_eq!(s.due_wanted(), [("A".to_string(), (later + 30, 30))]);
+        // The due index also has 40 (earlier due), which recovery has not
+        // read yet: the due stream leaves it to recovery.
+        s.due_read(
+            "A",
+            &[deferred(later + 30, 30), deferred(later + 35, 40)],
+            true,
+        );
+        assert_eq!(deferred_in_memory(&s, "A"), 1);
+        assert!(s.recovered(40, "A", later + 35, 0));
+        assert!(s.finish_range("A", 100));
+        assert_eq!(deferred_in_memory(&s, "A"), 2, "30 and 40, once each");
+        s.flush("A", None);
+        assert_eq!(drain(&s, "A"), [30, 40]);
     }
 
     #[tokio::test]

@@ -414,10 +414,15 @@ async fn apply(
             .await;
             // Not recorded (stopping): the old envelope is on disk and
             // the message is retried as it was.
-            let due = if recorded { due } else { now_ms() + 60_000 };
-            shared
-                .queue
-                .retry_at(job.id, &job.pool, due, job.mt_priority);
+            if recorded {
+                shared
+                    .queue
+                    .retry_at(job.id, &job.pool, due, job.mt_priority);
+            } else {
+                shared
+                    .queue
+                    .put_back(job.id, &job.pool, now_ms() + 60_000, job.mt_priority);
+            }
         }
     }
 }

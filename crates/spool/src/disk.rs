@@ -15,6 +15,13 @@
 //!   fsynced envelope rewrites. A crash may lose the newest records:
 //!   attempt counts and next attempt times then go back to an earlier
 //!   record (a message is tried a little early), never a recipient outcome.
+//! - keyspace `due`: `pool NUL next-attempt-ms id` -> MT-PRIORITY (one
+//!   byte), one key per deferred message at its current next attempt time,
+//!   written and removed in the same batch as the envelope or attempt
+//!   record that sets the time: the relay keeps only the earliest deferred
+//!   mail in memory and reads the rest from here in due order
+//!   ([`Spool::due_list`]). A spool made before it existed gets it built
+//!   from the envelopes at open.
 //!
 //! One writer thread owns every write. It batches whatever requests are
 //! waiting when it wakes (group commit: while one batch is being fsynced the
@@ -41,7 +48,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, KvSeparationOptions, Pers
 use tokio::sync::oneshot;
 
 use crate::{
-    AttemptRecord, Body, Durable, Envelope, Inserted, Listed, QueueId, Spool, SpoolError,
+    AttemptRecord, Body, Deferred, Durable, Envelope, Inserted, Listed, QueueId, Spool, SpoolError,
     format_id, now_ms,
 };
 
@@ -95,6 +102,8 @@ struct Stores {
     held: Keyspace,
     /// Attempt records: queue id -> [`AttemptRecord`], unsynced.
     attempts: Keyspace,
+    /// Deferred messages by pool and due time: see the module doc.
+    due: Keyspace,
     envelopes: RwLock<HashMap<String, Keyspace>>,
 }
 
@@ -178,6 +187,56 @@ impl Stores {
     /// Decodes a stored envelope and applies its attempt record.
     fn read(&self, id: QueueId, bytes: &[u8]) -> Result<Envelope, SpoolError> {
         self.with_attempt(id, decode(id, bytes)?)
+    }
+
+    /// The next attempt time `id` has in `pool`'s keyspace now (its attempt
+    /// record's, else its envelope's), when it is deferred: where its key
+    /// in `due` is. Unreadable records count as not deferred.
+    fn current_due(&self, id: QueueId, pool: &str, envelopes: &Keyspace) -> Option<u64> {
+        let key = id.to_be_bytes();
+        if let Ok(Some(bytes)) = self.attempts.get(key)
+            && let Ok(record) = serde_json::from_slice::<AttemptRecord>(&bytes)
+        {
+            return Some(record.next_attempt_ms).filter(|&d| d > 0);
+        }
+        // Most removals are of mail never deferred, in pools with nothing
+        // deferred: one seek instead of an envelope read and decode.
+        if !self.any_due(pool) {
+            return None;
+        }
+        let bytes = envelopes.get(key).ok()??;
+        let envelope = decode(id, &bytes).ok()?;
+        Some(envelope.next_attempt_ms).filter(|&d| d > 0)
+    }
+
+    /// Whether `pool` has any key in `due` (an unreadable one counts).
+    fn any_due(&self, pool: &str) -> bool {
+        let mut end = pool.as_bytes().to_vec();
+        end.push(1);
+        self.due.range(due_key(pool, 0, 0)..end).next().is_some()
+    }
+
+    /// Moves `id`'s key in `due` from where it is now in `old` (keyspace of
+    /// `old_pool`) to `to` (pool, next attempt time, MT-PRIORITY), or
+    /// removes it when `to` is `None` or not deferred.
+    fn move_due(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        id: QueueId,
+        old_pool: &str,
+        old: &Keyspace,
+        to: Option<(&str, u64, i8)>,
+    ) {
+        let before = self.current_due(id, old_pool, old);
+        let after = to.filter(|&(_, due, _)| due > 0);
+        if let Some(due) = before
+            && after.is_none_or(|(pool, d, _)| pool != old_pool || d != due)
+        {
+            batch.remove(&self.due, due_key(old_pool, due, id));
+        }
+        if let Some((pool, due, mt_priority)) = after {
+            batch.insert(&self.due, due_key(pool, due, id), [mt_priority as u8]);
+        }
     }
 
     /// The keyspace of `pool` if it exists: reads never create one (a GET
@@ -356,7 +415,7 @@ impl Spool for FjallSpool {
         }
     }
 
-    fn record_attempt(&self, id: QueueId, _pool: &str, record: AttemptRecord) -> Durable<()> {
+    fn record_attempt(&self, id: QueueId, pool: &str, record: AttemptRecord) -> Durable<()> {
         let result = if self.inner.failed.load(Ordering::Relaxed) {
             Err(SpoolError::Storage(
                 "the spool cannot be written (a write failed; retrying)".into(),
@@ -365,10 +424,26 @@ impl Spool for FjallSpool {
             // Serialising numbers and replies cannot fail.
             let value = serde_json::to_vec(&record).unwrap_or_default();
             self.inner.stores().and_then(|stores| {
-                stores
-                    .attempts
-                    .insert(id.to_be_bytes(), value)
-                    .map_err(SpoolError::from)
+                // Unsynced like the record, and in one batch with it, so the
+                // due index and the record never disagree after a crash.
+                let mut batch = stores.db.batch();
+                if let Some(ks) = stores.existing(pool) {
+                    let mt_priority = ks
+                        .get(id.to_be_bytes())
+                        .ok()
+                        .flatten()
+                        .and_then(|bytes| decode(id, &bytes).ok())
+                        .map_or(0, |e| e.mt_priority_or_default());
+                    stores.move_due(
+                        &mut batch,
+                        id,
+                        pool,
+                        &ks,
+                        Some((pool, record.next_attempt_ms, mt_priority)),
+                    );
+                }
+                batch.insert(&stores.attempts, id.to_be_bytes(), value);
+                batch.commit().map_err(SpoolError::from)
             })
         };
         Box::pin(async move { result })
@@ -466,6 +541,47 @@ impl Spool for FjallSpool {
 
     fn is_writable(&self) -> bool {
         !self.inner.failed.load(Ordering::Relaxed) && !self.inner.low_space.load(Ordering::Relaxed)
+    }
+
+    fn has_due_index(&self) -> bool {
+        true
+    }
+
+    fn due_list(
+        &self,
+        pool: &str,
+        from: (u64, QueueId),
+        limit: usize,
+    ) -> Result<Vec<Deferred>, SpoolError> {
+        let stores = self.inner.stores()?;
+        let mut end = pool.as_bytes().to_vec();
+        end.push(1);
+        let mut out = Vec::new();
+        for guard in stores.due.range(due_key(pool, from.0, from.1)..end) {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = guard.into_inner()?;
+            if let Some((due, id)) = parse_due_key(pool, &key) {
+                let mt_priority = value.first().map_or(0, |&b| b as i8);
+                out.push(Deferred {
+                    due_ms: due,
+                    id,
+                    mt_priority,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn due_last(&self, pool: &str) -> Result<Option<(u64, QueueId)>, SpoolError> {
+        let stores = self.inner.stores()?;
+        let mut end = pool.as_bytes().to_vec();
+        end.push(1);
+        match stores.due.range(due_key(pool, 0, 0)..end).next_back() {
+            Some(guard) => Ok(parse_due_key(pool, &guard.key()?)),
+            None => Ok(None),
+        }
     }
 
     fn is_failed(&self) -> bool {
@@ -611,6 +727,7 @@ fn reopen(inner: &Inner, orphans: &mut Vec<(QueueId, String)>) {
         let key = id.to_be_bytes();
         batch.remove(&stores.bodies, key);
         if let Some(ks) = stores.existing(pool) {
+            stores.move_due(&mut batch, *id, pool, &ks, None);
             batch.remove(&ks, key);
         }
     }
@@ -676,6 +793,10 @@ fn open_stores(dir: &Path) -> Result<Stores, SpoolError> {
     let attempts = db.keyspace("attempts", || {
         KeyspaceCreateOptions::default().max_memtable_size(ENVELOPE_MEMTABLE)
     })?;
+    let had_due = db.list_keyspace_names().iter().any(|n| &**n == "due");
+    let due = db.keyspace("due", || {
+        KeyspaceCreateOptions::default().max_memtable_size(ENVELOPE_MEMTABLE)
+    })?;
     let mut envelopes = HashMap::new();
     for name in db.list_keyspace_names() {
         if let Some(pool) = name.strip_prefix("env.") {
@@ -683,13 +804,26 @@ fn open_stores(dir: &Path) -> Result<Stores, SpoolError> {
             envelopes.insert(pool.to_string(), ks);
         }
     }
-    Ok(Stores {
+    let stores = Stores {
         db,
         bodies,
         held,
         attempts,
+        due,
         envelopes: RwLock::new(envelopes),
-    })
+    };
+    if !had_due
+        && !stores
+            .envelopes
+            .read()
+            .map(|m| m.is_empty())
+            .unwrap_or(true)
+    {
+        let started = Instant::now();
+        let n = build_due_index(&stores)?;
+        tracing::info!(spool = %dir.display(), deferred = n, seconds = format_args!("{:.3}", started.elapsed().as_secs_f64()), "spool: built the due-time index of deferred mail (once, for a spool made by an older version)");
+    }
+    Ok(stores)
 }
 
 /// Creates `dir` (mode 0700), or narrows an existing one to 0700: the spool
@@ -715,6 +849,67 @@ fn next_id(last_id: &mut QueueId) -> QueueId {
     let candidate = now_ms() << 16;
     *last_id = candidate.max(*last_id + 1);
     *last_id
+}
+
+/// The key of `id` in the `due` keyspace: pool, NUL, due time, id (big
+/// endian, so keys sort by pool, then due time, then id). Pool names never
+/// hold a NUL ([`is_storable_pool_name`]).
+fn due_key(pool: &str, due: u64, id: QueueId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(pool.len() + 17);
+    key.extend_from_slice(pool.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&due.to_be_bytes());
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
+/// The due time and id of a `due` key of `pool`, if it is one.
+fn parse_due_key(pool: &str, key: &[u8]) -> Option<(u64, QueueId)> {
+    let rest = key.strip_prefix(pool.as_bytes())?.strip_prefix(&[0])?;
+    let due = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+    let id = u64::from_be_bytes(rest.get(8..16)?.try_into().ok()?);
+    (rest.len() == 16).then_some((due, id))
+}
+
+/// Indexes a new message by due time when it is stored deferred.
+fn add_due(stores: &Stores, batch: &mut fjall::OwnedWriteBatch, id: QueueId, envelope: &Envelope) {
+    if envelope.next_attempt_ms > 0 {
+        batch.insert(
+            &stores.due,
+            due_key(&envelope.pool, envelope.next_attempt_ms, id),
+            [envelope.mt_priority_or_default() as u8],
+        );
+    }
+}
+
+/// Builds the `due` keyspace of a spool made before it existed: one key per
+/// deferred message, from the envelopes (and attempt records).
+fn build_due_index(stores: &Stores) -> Result<usize, SpoolError> {
+    let keyspaces: Vec<Keyspace> = stores
+        .envelopes
+        .read()
+        .map(|m| m.values().cloned().collect())
+        .unwrap_or_default();
+    let mut indexed = 0;
+    for ks in keyspaces {
+        let mut batch = stores.db.batch();
+        for guard in ks.iter() {
+            let (key, value) = guard.into_inner()?;
+            let Some(id) = key_to_id(&key) else { continue };
+            if let Ok(envelope) = stores.read(id, &value)
+                && envelope.next_attempt_ms > 0
+            {
+                add_due(stores, &mut batch, id, &envelope);
+                indexed += 1;
+            }
+            if batch.len() >= 10_000 {
+                std::mem::replace(&mut batch, stores.db.batch()).commit()?;
+            }
+        }
+        batch.commit()?;
+    }
+    stores.db.persist(PersistMode::SyncAll)?;
+    Ok(indexed)
 }
 
 /// Removes the attempt record of `key` in `batch`, if there is one (most
@@ -781,6 +976,7 @@ fn commit_batch(
                     let key = id.to_be_bytes();
                     batch.insert(&stores.bodies, key, message);
                     batch.insert(&ks, key, encode(&envelope));
+                    add_due(stores, &mut batch, id, &envelope);
                     appended.push((id, envelope.pool.clone()));
                     done.push(Done::Append(reply, id));
                 }
@@ -804,6 +1000,17 @@ fn commit_batch(
                         if old_pool != envelope.pool {
                             batch.remove(&old, key);
                         }
+                        stores.move_due(
+                            &mut batch,
+                            id,
+                            &old_pool,
+                            &old,
+                            Some((
+                                &envelope.pool,
+                                envelope.next_attempt_ms,
+                                envelope.mt_priority_or_default(),
+                            )),
+                        );
                         // The envelope now carries what the record said.
                         forget_attempt(stores, &mut batch, key);
                         batch.insert(&new, key, encode(&envelope));
@@ -833,6 +1040,7 @@ fn commit_batch(
             } => match stores.envelopes_of(&pool) {
                 Ok(ks) => {
                     let key = id.to_be_bytes();
+                    stores.move_due(&mut batch, id, &pool, &ks, None);
                     batch.remove(&ks, key);
                     batch.remove(&stores.bodies, key);
                     forget_attempt(stores, &mut batch, key);
@@ -901,6 +1109,7 @@ fn insert(
     let body = Body::from(message);
     batch.insert(&stores.bodies, key, body.clone());
     batch.insert(&ks, key, encode(envelope));
+    add_due(stores, batch, id, envelope);
     // A record left by a message once stored under this id must not apply.
     forget_attempt(stores, batch, key);
     inserted.insert(id, body);
@@ -1097,6 +1306,118 @@ mod tests {
         });
         let spool = FjallSpool::open(dir.path()).unwrap();
         assert_eq!(spool.held_pools().unwrap(), vec!["B".to_string()]);
+    }
+
+    fn due_of(spool: &FjallSpool, pool: &str) -> Vec<(u64, QueueId)> {
+        spool
+            .due_list(pool, (0, 0), 100)
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.due_ms, d.id))
+            .collect()
+    }
+
+    fn attempt(attempts: u32, next_attempt_ms: u64) -> AttemptRecord {
+        AttemptRecord {
+            attempts,
+            next_attempt_ms,
+            replies: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_due_index_follows_every_deferral_move_and_removal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = rt().block_on(async {
+            let spool = FjallSpool::open(dir.path()).unwrap();
+            let mut deferred = envelope("A");
+            deferred.next_attempt_ms = 5_000;
+            deferred.mt_priority = Some(3);
+            let a = spool.append(deferred, b"x".to_vec()).await.unwrap();
+            let b = spool.append(envelope("A"), b"y".to_vec()).await.unwrap();
+            assert_eq!(due_of(&spool, "A"), [(5_000, a)]);
+            let listed = spool.due_list("A", (0, 0), 10).unwrap();
+            assert_eq!(listed[0].mt_priority, 3);
+            spool
+                .record_attempt(b, "A", attempt(1, 7_000))
+                .await
+                .unwrap();
+            spool
+                .record_attempt(a, "A", attempt(2, 9_000))
+                .await
+                .unwrap();
+            assert_eq!(due_of(&spool, "A"), [(7_000, b), (9_000, a)]);
+            assert_eq!(
+                due_of(&spool, "A")[1..],
+                spool
+                    .due_list("A", (7_000, b + 1), 10)
+                    .unwrap()
+                    .iter()
+                    .map(|d| (d.due_ms, d.id))
+                    .collect::<Vec<_>>()[..]
+            );
+            // A pool change with a new time moves the key.
+            let mut moved = spool.envelope(b, "A").unwrap().unwrap();
+            moved.pool = "B".into();
+            moved.next_attempt_ms = 8_000;
+            spool.update(b, "A", moved).await.unwrap();
+            assert_eq!(due_of(&spool, "A"), [(9_000, a)]);
+            assert_eq!(due_of(&spool, "B"), [(8_000, b)]);
+            assert_eq!(spool.due_last("B").unwrap(), Some((8_000, b)));
+            spool.remove(a, "A").await.unwrap();
+            assert!(due_of(&spool, "A").is_empty());
+            assert_eq!(spool.due_last("A").unwrap(), None);
+            (a, b)
+        });
+        let spool = FjallSpool::open(dir.path()).unwrap();
+        assert!(due_of(&spool, "A").is_empty(), "{a} is gone");
+        assert_eq!(due_of(&spool, "B"), [(8_000, b)], "kept across a reopen");
+        // Its time is in the envelope only now (the update dropped the record).
+        rt().block_on(spool.remove(b, "B")).unwrap();
+        assert!(due_of(&spool, "B").is_empty());
+    }
+
+    #[test]
+    fn a_spool_made_before_the_due_index_gets_it_built_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = rt().block_on(async {
+            let spool = FjallSpool::open(dir.path()).unwrap();
+            let mut deferred = envelope("A");
+            deferred.next_attempt_ms = 5_000;
+            let a = spool.append(deferred, b"x".to_vec()).await.unwrap();
+            let b = spool.append(envelope("A"), b"y".to_vec()).await.unwrap();
+            spool
+                .record_attempt(b, "A", attempt(1, 7_000))
+                .await
+                .unwrap();
+            spool.sync().unwrap();
+            (a, b)
+        });
+        // Wait for the writer to let go of the store, then drop the index
+        // as an older version never had it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let db = loop {
+            match Database::builder(dir.path()).open() {
+                Ok(db) => break db,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "store still locked: {e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        let due = db.keyspace("due", KeyspaceCreateOptions::default).unwrap();
+        db.delete_keyspace(due).unwrap();
+        drop(db);
+        let spool = loop {
+            match FjallSpool::open(dir.path()) {
+                Ok(spool) => break spool,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "store still locked: {e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        assert_eq!(due_of(&spool, "A"), [(5_000, a), (7_000, b)]);
     }
 
     #[test]

@@ -112,6 +112,17 @@ pub enum Inserted {
     Conflict,
 }
 
+/// A deferred message as the due index has it ([`Spool::due_list`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deferred {
+    /// Its next attempt time, Unix ms.
+    pub due_ms: u64,
+    /// Its queue id.
+    pub id: QueueId,
+    /// Its MT-PRIORITY (0 when it has none).
+    pub mt_priority: i8,
+}
+
 /// One record of a listing: its id and its envelope, or why it cannot be read.
 pub type Listed = (QueueId, Result<Envelope, SpoolError>);
 
@@ -237,6 +248,32 @@ pub trait Spool: Send + Sync + 'static {
                 return Ok(Some(env));
             }
         }
+        Ok(None)
+    }
+
+    /// Whether deferred messages can be found by due time
+    /// ([`Spool::due_list`]): then the relay keeps only the earliest of a
+    /// pool's deferred mail in memory.
+    fn has_due_index(&self) -> bool {
+        false
+    }
+
+    /// Up to `limit` deferred messages of `pool` whose (next attempt time,
+    /// id) is at or after `from`, in that order. Empty for a spool without
+    /// a due index.
+    fn due_list(
+        &self,
+        pool: &str,
+        from: (u64, QueueId),
+        limit: usize,
+    ) -> Result<Vec<Deferred>, SpoolError> {
+        let _ = (pool, from, limit);
+        Ok(Vec::new())
+    }
+
+    /// The latest (next attempt time, id) among `pool`'s deferred messages.
+    fn due_last(&self, pool: &str) -> Result<Option<(u64, QueueId)>, SpoolError> {
+        let _ = pool;
         Ok(None)
     }
 
