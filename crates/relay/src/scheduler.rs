@@ -362,13 +362,15 @@ impl Index {
             q.ready.insert(mt_priority, id);
             return;
         }
-        if !recorded {
+        if due_index && !recorded {
             q.unrecorded.insert(id);
         } else if due_index {
             q.unrecorded.remove(&id);
             let key = (due_ms, id);
             if q.disk_from.is_some_and(|from| key >= from) {
                 if !q.due_reading {
+                    // A skip left from an earlier key of it must not hide this one.
+                    q.due_skip.remove(&id);
                     q.disk_deferred += 1;
                     return;
                 }
@@ -379,6 +381,7 @@ impl Index {
                 // on disk, unless that is one the spool does not have there.
                 match q.deferred.last().copied() {
                     Some((d, i, _)) if (d, i) < key => {
+                        q.due_skip.remove(&id);
                         q.disk_from = Some(key);
                         q.disk_deferred += 1;
                         return;
@@ -386,7 +389,10 @@ impl Index {
                     Some((d, i, p)) if !q.unrecorded.contains(&i) => {
                         q.deferred.remove(&(d, i, p));
                         q.left_deferred(i);
-                        q.disk_from = Some((d, i));
+                        // It may be one deferred while the stream read,
+                        // already past `disk_from`: that stays where it is.
+                        q.due_skip.remove(&i);
+                        q.disk_from = Some(q.disk_from.map_or((d, i), |f| f.min((d, i))));
                         q.disk_deferred += 1;
                     }
                     _ => {}
@@ -1626,6 +1632,24 @@ mod tests {
         );
         s.flush("A", None);
         assert_eq!(drain(&s, "A"), [2, 4]);
+    }
+
+    #[test]
+    fn a_message_taken_from_the_due_index_and_deferred_again_comes_back() {
+        let s = Scheduler::with_window(1).with_due_index(true);
+        let later = now_ms() + 3_600_000;
+        s.retry_recorded(1, "A", later + 1, 0);
+        s.retry_recorded(2, "A", later + 2, 0);
+        // The operator flushes 2 (in the due index only): it is tried now...
+        assert!(s.forget_due(2, "A", Some(later + 2)));
+        s.enqueue(2, "A", 0, 0);
+        assert_eq!(drain(&s, "A"), [2]);
+        // ...and deferred again, to the due index: not skipped there.
+        s.retry_recorded(2, "A", later + 3, 0);
+        assert!(s.forget(1, "A"));
+        assert_eq!(s.due_wanted(), [("A".to_string(), (later + 2, 2))]);
+        s.due_read("A", &[deferred(later + 3, 2)], true);
+        assert_eq!(deferred_in_memory(&s, "A"), 1);
     }
 
     #[test]

@@ -793,7 +793,6 @@ fn open_stores(dir: &Path) -> Result<Stores, SpoolError> {
     let attempts = db.keyspace("attempts", || {
         KeyspaceCreateOptions::default().max_memtable_size(ENVELOPE_MEMTABLE)
     })?;
-    let had_due = db.list_keyspace_names().iter().any(|n| &**n == "due");
     let due = db.keyspace("due", || {
         KeyspaceCreateOptions::default().max_memtable_size(ENVELOPE_MEMTABLE)
     })?;
@@ -812,16 +811,16 @@ fn open_stores(dir: &Path) -> Result<Stores, SpoolError> {
         due,
         envelopes: RwLock::new(envelopes),
     };
-    if !had_due
-        && !stores
-            .envelopes
-            .read()
-            .map(|m| m.is_empty())
-            .unwrap_or(true)
-    {
+    // Built (again, over a build a crash cut short) until its marker says
+    // it is whole; a new spool has nothing to build.
+    if !stores.due.contains_key(DUE_BUILT)? {
         let started = Instant::now();
         let n = build_due_index(&stores)?;
-        tracing::info!(spool = %dir.display(), deferred = n, seconds = format_args!("{:.3}", started.elapsed().as_secs_f64()), "spool: built the due-time index of deferred mail (once, for a spool made by an older version)");
+        stores.due.insert(DUE_BUILT, b"")?;
+        stores.db.persist(PersistMode::SyncAll)?;
+        if n > 0 {
+            tracing::info!(spool = %dir.display(), deferred = n, seconds = format_args!("{:.3}", started.elapsed().as_secs_f64()), "spool: built the due-time index of deferred mail (once, for a spool made by an older version)");
+        }
     }
     Ok(stores)
 }
@@ -850,6 +849,10 @@ fn next_id(last_id: &mut QueueId) -> QueueId {
     *last_id = candidate.max(*last_id + 1);
     *last_id
 }
+
+/// The `due` key saying the index is whole (built at open for a spool made
+/// before it): no pool's keys start with a NUL.
+const DUE_BUILT: &[u8] = b"\0built";
 
 /// The key of `id` in the `due` keyspace: pool, NUL, due time, id (big
 /// endian, so keys sort by pool, then due time, then id). Pool names never
@@ -908,7 +911,6 @@ fn build_due_index(stores: &Stores) -> Result<usize, SpoolError> {
         }
         batch.commit()?;
     }
-    stores.db.persist(PersistMode::SyncAll)?;
     Ok(indexed)
 }
 
@@ -1407,7 +1409,11 @@ mod tests {
         };
         let due = db.keyspace("due", KeyspaceCreateOptions::default).unwrap();
         db.delete_keyspace(due).unwrap();
-        drop(db);
+        // A build cut short by a crash: one key there, no marker.
+        let due = db.keyspace("due", KeyspaceCreateOptions::default).unwrap();
+        due.insert(due_key("A", 5_000, a), [0]).unwrap();
+        db.persist(PersistMode::SyncAll).unwrap();
+        drop((due, db));
         let spool = loop {
             match FjallSpool::open(dir.path()) {
                 Ok(spool) => break spool,
