@@ -192,28 +192,19 @@ impl Stores {
     /// The next attempt time `id` has in `pool`'s keyspace now (its attempt
     /// record's, else its envelope's), when it is deferred: where its key
     /// in `due` is. Unreadable records count as not deferred.
-    fn current_due(&self, id: QueueId, pool: &str, envelopes: &Keyspace) -> Option<u64> {
+    fn current_due(&self, id: QueueId, envelopes: &Keyspace) -> Option<u64> {
         let key = id.to_be_bytes();
         if let Ok(Some(bytes)) = self.attempts.get(key)
             && let Ok(record) = serde_json::from_slice::<AttemptRecord>(&bytes)
         {
             return Some(record.next_attempt_ms).filter(|&d| d > 0);
         }
-        // Most removals are of mail never deferred, in pools with nothing
-        // deferred: one seek instead of an envelope read and decode.
-        if !self.any_due(pool) {
-            return None;
-        }
+        // A point read (of a record the worker has just read, so cached),
+        // not a look at the pool's first due key: that walks over every
+        // key of the pool removed since the last compaction.
         let bytes = envelopes.get(key).ok()??;
         let envelope = decode(id, &bytes).ok()?;
         Some(envelope.next_attempt_ms).filter(|&d| d > 0)
-    }
-
-    /// Whether `pool` has any key in `due` (an unreadable one counts).
-    fn any_due(&self, pool: &str) -> bool {
-        let mut end = pool.as_bytes().to_vec();
-        end.push(1);
-        self.due.range(due_key(pool, 0, 0)..end).next().is_some()
     }
 
     /// Moves `id`'s key in `due` from where it is now in `old` (keyspace of
@@ -227,7 +218,7 @@ impl Stores {
         old: &Keyspace,
         to: Option<(&str, u64, i8)>,
     ) {
-        let before = self.current_due(id, old_pool, old);
+        let before = self.current_due(id, old);
         let after = to.filter(|&(_, due, _)| due > 0);
         if let Some(due) = before
             && after.is_none_or(|(pool, d, _)| pool != old_pool || d != due)
