@@ -92,6 +92,37 @@ fn send_urgent(relay: &Relay, tag: &str) -> String {
     id
 }
 
+/// Sends `n` list messages (pool A), one per session; returns their Message-IDs.
+fn send_list_mail(relay: &Relay, tag: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let id = unique_id(&format!("{tag}-{i}"));
+            let from = "list@lists.test";
+            let r = relay.send(
+                from,
+                &["member@example.test"],
+                &message(&id, from, "member@example.test", tag, "x\n"),
+            );
+            assert_eq!(r.code, 250, "sending {tag} {i}: {r}\n{}", relay.logs());
+            id
+        })
+        .collect()
+}
+
+/// Asserts that the sinks got each `expected` Message-ID exactly once, and nothing else.
+fn assert_each_once(relay: &Relay, expected: &BTreeSet<String>, delivered: Vec<String>) {
+    let counts = id_counts(delivered);
+    let got: BTreeSet<String> = counts.keys().cloned().collect();
+    let missing: Vec<_> = expected.difference(&got).take(10).collect();
+    let twice: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).take(10).collect();
+    let unknown: Vec<_> = got.difference(expected).take(10).collect();
+    assert!(
+        missing.is_empty() && twice.is_empty() && unknown.is_empty(),
+        "missing {missing:?}, delivered twice {twice:?}, unexpected {unknown:?}\n{}",
+        relay.logs()
+    );
+}
+
 #[test]
 fn mail_is_accepted_and_delivered_during_recovery_and_kill9_loses_nothing_nor_doubles() {
     let n = 10 * STEP;
@@ -168,16 +199,7 @@ fn mail_is_accepted_and_delivered_during_recovery_and_kill9_loses_nothing_nor_do
     relay.wait_until("the end of recovery", DEADLINE, || {
         recovered_log_lines(&relay) == ended + 2
     });
-    let counts = id_counts(sink.message_ids());
-    let got: BTreeSet<String> = counts.keys().cloned().collect();
-    let missing: Vec<_> = expected.difference(&got).take(10).collect();
-    let twice: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).take(10).collect();
-    let unknown: Vec<_> = got.difference(&expected).take(10).collect();
-    assert!(
-        missing.is_empty() && twice.is_empty() && unknown.is_empty(),
-        "missing {missing:?}, delivered twice {twice:?}, unexpected {unknown:?}\n{}",
-        relay.logs()
-    );
+    assert_each_once(&relay, &expected, sink.message_ids());
 }
 
 #[test]
@@ -366,21 +388,6 @@ fn new_mail_past_a_full_window_waits_on_disk_and_is_delivered_once_across_kill9(
     relay.wait_until("the end of the (empty) recovery", DEADLINE, || {
         recovered_log_lines(&relay) == 2
     });
-    let send_bulk = |relay: &Relay, tag: &str, n: usize| -> Vec<String> {
-        (0..n)
-            .map(|i| {
-                let id = unique_id(&format!("{tag}-{i}"));
-                let from = "list@lists.test";
-                let r = relay.send(
-                    from,
-                    &["member@example.test"],
-                    &message(&id, from, "member@example.test", tag, "x\n"),
-                );
-                assert_eq!(r.code, 250, "sending {tag} {i}: {r}\n{}", relay.logs());
-                id
-            })
-            .collect()
-    };
     let ready =
         |relay: &Relay| pool_entry(&api_json(relay, "/api/v1/pools"), "A")["ready"].as_u64();
     let check_spilled = |relay: &Relay, queued: usize| {
@@ -399,7 +406,7 @@ fn new_mail_past_a_full_window_waits_on_disk_and_is_delivered_once_across_kill9(
     };
 
     // Phase 1: the spill, then the upstream back: all delivered once.
-    let mut expected: BTreeSet<String> = send_bulk(&relay, "spill-1", n).into_iter().collect();
+    let mut expected: BTreeSet<String> = send_list_mail(&relay, "spill-1", n).into_iter().collect();
     check_spilled(&relay, n);
     relay.wait_until("the spill in the log", DEADLINE, || {
         relay.log_count("new mail waits in the spool") == 1
@@ -415,7 +422,7 @@ fn new_mail_past_a_full_window_waits_on_disk_and_is_delivered_once_across_kill9(
     drop(sink);
 
     // Phase 2: spilled again, kill -9, restarted with the upstream back.
-    expected.extend(send_bulk(&relay, "spill-2", n));
+    expected.extend(send_list_mail(&relay, "spill-2", n));
     check_spilled(&relay, n);
     relay.kill9();
     let sink = Sink::start_at(upstream);
@@ -427,16 +434,7 @@ fn new_mail_past_a_full_window_waits_on_disk_and_is_delivered_once_across_kill9(
         recovered_log_lines(&relay) == 3
     });
     delivered.extend(sink.message_ids());
-    let counts = id_counts(delivered);
-    let got: BTreeSet<String> = counts.keys().cloned().collect();
-    let missing: Vec<_> = expected.difference(&got).take(10).collect();
-    let twice: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).take(10).collect();
-    let unknown: Vec<_> = got.difference(&expected).take(10).collect();
-    assert!(
-        missing.is_empty() && twice.is_empty() && unknown.is_empty(),
-        "missing {missing:?}, delivered twice {twice:?}, unexpected {unknown:?}\n{}",
-        relay.logs()
-    );
+    assert_each_once(&relay, &expected, delivered);
 }
 
 #[test]
@@ -460,19 +458,7 @@ fn deferred_mail_past_a_full_window_waits_in_the_due_index_and_is_delivered_once
     let deferred =
         |relay: &Relay| pool_entry(&api_json(relay, "/api/v1/pools"), "A")["deferred"].as_u64();
     let send_deferred = |relay: &Relay, tag: &str| -> Vec<String> {
-        let ids = (0..n)
-            .map(|i| {
-                let id = unique_id(&format!("{tag}-{i}"));
-                let from = "list@lists.test";
-                let r = relay.send(
-                    from,
-                    &["member@example.test"],
-                    &message(&id, from, "member@example.test", tag, "x\n"),
-                );
-                assert_eq!(r.code, 250, "sending {tag} {i}: {r}\n{}", relay.logs());
-                id
-            })
-            .collect();
+        let ids = send_list_mail(relay, tag, n);
         relay.wait_until(&format!("{n} deferred"), DEADLINE, || {
             deferred(relay) == Some(n as u64)
         });
@@ -520,14 +506,5 @@ fn deferred_mail_past_a_full_window_waits_in_the_due_index_and_is_delivered_once
         sink.count() >= n
     });
     delivered.extend(sink.message_ids());
-    let counts = id_counts(delivered);
-    let got: BTreeSet<String> = counts.keys().cloned().collect();
-    let missing: Vec<_> = expected.difference(&got).take(10).collect();
-    let twice: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).take(10).collect();
-    let unknown: Vec<_> = got.difference(&expected).take(10).collect();
-    assert!(
-        missing.is_empty() && twice.is_empty() && unknown.is_empty(),
-        "missing {missing:?}, delivered twice {twice:?}, unexpected {unknown:?}\n{}",
-        relay.logs()
-    );
+    assert_each_once(&relay, &expected, delivered);
 }
