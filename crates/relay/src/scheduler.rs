@@ -713,13 +713,24 @@ impl Scheduler {
                 }
             }
             let known_to = index.pools.get(pool).map_or(0, |q| q.known_to);
-            if let Some(b) = index.backlogs.get_mut(pool) {
-                if b.covers(id) {
-                    if b.ahead(id) {
-                        b.unread += 1;
-                    }
-                    return false;
+            if let Some(b) = index.backlogs.get(pool)
+                && b.covers(id)
+            {
+                if b.ahead(id)
+                    && let Some(b) = index.backlogs.get_mut(pool)
+                {
+                    b.unread += 1;
                 }
+                return false;
+            }
+            if mt_priority > 0 {
+                // MT-PRIORITY above normal is not made to wait behind the
+                // pool's older mail on disk: into memory, past the window
+                // (a backlog then goes on above it).
+                index.insert(id, pool, due_ms, mt_priority, true);
+                return true;
+            }
+            if let Some(b) = index.backlogs.get_mut(pool) {
                 let floor = known_to.max(b.cursor);
                 if id > floor {
                     match b.ranges.back_mut() {
@@ -1443,6 +1454,24 @@ mod tests {
         append(&s, 9, "A");
         assert!(!s.recovering());
         assert_eq!(drain(&s, "A"), [9]);
+    }
+
+    #[test]
+    fn urgent_mt_priority_is_not_spilled_behind_older_mail() {
+        let s = Arc::new(Scheduler::with_window(2));
+        append(&s, 1, "A");
+        append(&s, 2, "A");
+        append(&s, 3, "A");
+        s.begin_append().appended(4, "A", 0, 5);
+        append(&s, 5, "A");
+        assert_eq!(s.in_memory("A"), 3, "1, 2 and the urgent 4");
+        assert_eq!(s.next_read("A"), Some((2, 3)));
+        assert!(s.recovered(3, "A", 0, 0));
+        assert!(!s.finish_range("A", 3), "5 is still on disk");
+        assert_eq!(s.next_read("A"), Some((4, 5)), "4 is not read again");
+        assert!(s.recovered(5, "A", 0, 0));
+        assert!(s.finish_range("A", 5));
+        assert_eq!(drain(&s, "A"), [4, 1, 2, 3, 5]);
     }
 
     #[test]
