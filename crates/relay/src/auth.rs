@@ -96,7 +96,7 @@ impl Failures {
 
     /// Starts an attempt from `ip`: counts it against the limit before it
     /// is checked. Every `Ok` must be followed by [`Failures::failed`] or
-    /// [`Failures::succeeded`] (see [`Attempt`]).
+    /// [`Failures::succeeded`] (see `Attempt`).
     pub fn begin(&self, ip: IpAddr, now: Instant) -> Result<(), Refusal> {
         let key = client_key(ip);
         let mut map = self.by_client.lock().unwrap_or_else(|e| e.into_inner());

@@ -316,7 +316,7 @@ fn spawn_workers(shared: &Arc<Shared>, config: &Arc<Config>, health: &Health) ->
 
 /// Opens the spool, binds the listeners, starts the workers, and streams
 /// the queued mail into the scheduler in the background: the relay accepts
-/// and delivers new mail while recovery runs (see [`stream_backlogs`]).
+/// and delivers new mail while recovery runs (see `stream_backlogs`).
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let config = Arc::new(config);
     let spool_dir = config.server.spool_dir.clone();

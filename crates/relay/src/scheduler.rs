@@ -444,7 +444,8 @@ pub struct Appending {
 }
 
 impl Appending {
-    /// The write is durable: schedule the message (see [`Scheduler::appended`]).
+    /// The write is durable: schedule the message (in memory, or left on
+    /// disk for the backlog stream when its pool has a backlog or a full window).
     pub fn appended(mut self, id: QueueId, pool: &str, due_ms: u64, mt_priority: i8) {
         self.ended = true;
         self.scheduler
