@@ -358,8 +358,9 @@ impl Running {
     /// Retries every deferred message of a pool now.
     pub fn flush_pool(&self, pool: &str) -> Result<(), ControlError> {
         self.known_pool(pool)?;
-        self.scheduler
-            .flush(pool, self.spool().due_last(pool).ok().flatten());
+        // Deferred mail in the due index up to its last key now comes too.
+        let due_last = self.spool().due_last(pool)?;
+        self.scheduler.flush(pool, due_last);
         if let Some(shared) = self.spool().shared() {
             // The other relays' deferred mail too: fresh tickets, due now.
             let flushed = shared.flush(pool, None);

@@ -653,13 +653,14 @@ async fn stream_backlogs(
     // a window and a half of ready ids.
     let chunk = RECOVERY_CHUNK.min(scheduler.window() / 2).max(1);
     let mut tally = RecoveryTally::default();
-    let mut retry: HashMap<String, (tokio::time::Instant, Duration)> = HashMap::new();
+    // Pools whose backlog (or due index) could not be read: when to try
+    // again, and the pause after that.
+    let mut retry: Retry = HashMap::new();
+    let mut due_retry: Retry = HashMap::new();
     let mut recovering = true;
     let mut window_reached = false;
     // Pools with a backlog at the last look, to log each spill once.
     let mut spilled: HashSet<String> = HashSet::new();
-    // Pools whose due index could not be read, and when to try again.
-    let mut due_retry: HashMap<String, tokio::time::Instant> = HashMap::new();
     loop {
         // Registered before looking, so room made meanwhile is not missed.
         let room = scheduler.room().notified();
@@ -670,7 +671,7 @@ async fn stream_backlogs(
         for (pool, from) in scheduler.due_wanted() {
             if due_retry
                 .get(&pool)
-                .is_some_and(|&at| at > tokio::time::Instant::now())
+                .is_some_and(|&(at, _)| at > tokio::time::Instant::now())
             {
                 scheduler.due_read_failed(&pool);
                 continue;
@@ -688,8 +689,8 @@ async fn stream_backlogs(
                 }
                 Err(e) => {
                     scheduler.due_read_failed(&pool);
-                    tracing::error!(pool = %pool, "cannot read the pool's deferred mail from the spool's due index: {e}; trying again in {RECOVERY_RETRY_FIRST:?}");
-                    due_retry.insert(pool, tokio::time::Instant::now() + RECOVERY_RETRY_FIRST);
+                    let backoff = back_off(&mut due_retry, &pool);
+                    tracing::error!(pool = %pool, "cannot read the pool's deferred mail from the spool's due index: {e}; trying again in {backoff:?}");
                 }
             }
         }
@@ -754,15 +755,8 @@ async fn stream_backlogs(
             }
             Err(e) => {
                 tally.read_errors += 1;
-                let backoff = retry.get(pool).map_or(RECOVERY_RETRY_FIRST, |&(_, b)| b);
+                let backoff = back_off(&mut retry, pool);
                 tracing::error!(pool = %pool, "cannot read the pool's mail from the spool: {e}; trying again in {backoff:?}");
-                retry.insert(
-                    pool.clone(),
-                    (
-                        tokio::time::Instant::now() + backoff,
-                        (backoff * 2).min(RECOVERY_RETRY_MAX),
-                    ),
-                );
             }
         }
     }
@@ -776,6 +770,23 @@ const ROOM_RECHECK: Duration = Duration::from_secs(1);
 /// to [`RECOVERY_RETRY_MAX`].
 const RECOVERY_RETRY_FIRST: Duration = Duration::from_millis(500);
 const RECOVERY_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Per pool, when to read it again after a read error, and the pause after that.
+type Retry = HashMap<String, (tokio::time::Instant, Duration)>;
+
+/// A read of `pool` failed: it waits (0.5 s, doubling up to 30 s per
+/// failure in a row) before the next; returns the wait.
+fn back_off(retry: &mut Retry, pool: &str) -> Duration {
+    let backoff = retry.get(pool).map_or(RECOVERY_RETRY_FIRST, |&(_, b)| b);
+    retry.insert(
+        pool.to_string(),
+        (
+            tokio::time::Instant::now() + backoff,
+            (backoff * 2).min(RECOVERY_RETRY_MAX),
+        ),
+    );
+    backoff
+}
 
 /// What the recovery did, for its closing log line.
 #[derive(Default)]

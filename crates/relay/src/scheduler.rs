@@ -364,7 +364,8 @@ impl Index {
         }
         if due_index && !recorded {
             q.unrecorded.insert(id);
-        } else if due_index {
+        }
+        if due_index && recorded {
             q.unrecorded.remove(&id);
             let key = (due_ms, id);
             if q.disk_from.is_some_and(|from| key >= from) {
@@ -713,13 +714,10 @@ impl Scheduler {
                     return false;
                 }
             }
-            let known_to = index.pools.get(pool).map_or(0, |q| q.known_to);
-            if let Some(b) = index.backlogs.get(pool)
+            if let Some(b) = index.backlogs.get_mut(pool)
                 && b.covers(id)
             {
-                if b.ahead(id)
-                    && let Some(b) = index.backlogs.get_mut(pool)
-                {
+                if b.ahead(id) {
                     b.unread += 1;
                 }
                 return false;
@@ -731,31 +729,29 @@ impl Scheduler {
                 index.insert(id, pool, due_ms, mt_priority, true);
                 return true;
             }
-            if let Some(b) = index.backlogs.get_mut(pool) {
-                let floor = known_to.max(b.cursor);
-                if id > floor {
-                    match b.ranges.back_mut() {
-                        Some(last) if last.1 >= floor => last.1 = last.1.max(id),
-                        _ => b.ranges.push_back((floor, id)),
-                    }
-                    b.unread += 1;
-                    return false;
+            // Behind an open backlog, or past a full window: on disk,
+            // above every id the index knows.
+            let (known_to, ready) = index
+                .pools
+                .get(pool)
+                .map_or((0, 0), |q| (q.known_to, q.ready.len()));
+            let backlog = index.backlogs.get(pool);
+            let floor = backlog.map_or(known_to, |b| known_to.max(b.cursor));
+            if (backlog.is_some() || ready >= window) && id > floor {
+                let b = index
+                    .backlogs
+                    .entry(pool.to_string())
+                    .or_insert_with(|| Backlog {
+                        cursor: known_to,
+                        paused: true,
+                        ..Backlog::default()
+                    });
+                match b.ranges.back_mut() {
+                    Some(last) if last.1 >= floor => last.1 = last.1.max(id),
+                    _ => b.ranges.push_back((floor, id)),
                 }
-            } else {
-                let ready = index.pools.get(pool).map_or(0, |q| q.ready.len());
-                if ready >= window && id > known_to {
-                    index.backlogs.insert(
-                        pool.to_string(),
-                        Backlog {
-                            ranges: VecDeque::from([(known_to, id)]),
-                            cursor: known_to,
-                            unread: 1,
-                            paused: true,
-                            flushed: false,
-                        },
-                    );
-                    return false;
-                }
+                b.unread += 1;
+                return false;
             }
             index.insert(id, pool, due_ms, mt_priority, true);
             true
@@ -825,16 +821,13 @@ impl Scheduler {
     pub fn due_read(&self, pool: &str, items: &[Deferred], complete: bool) {
         let now = now_ms();
         self.with_index(|index| {
-            let ahead: Vec<bool> = items
-                .iter()
-                .map(|d| index.backlogs.get(pool).is_some_and(|b| b.ahead(d.id)))
-                .collect();
+            let backlog = index.backlogs.get(pool);
             let Some(q) = index.pools.get_mut(pool) else {
                 return;
             };
             q.due_reading = false;
-            for (d, ahead) in items.iter().zip(ahead) {
-                if q.due_skip.remove(&d.id) || ahead {
+            for d in items {
+                if q.due_skip.remove(&d.id) || backlog.is_some_and(|b| b.ahead(d.id)) {
                     continue;
                 }
                 q.disk_deferred = q.disk_deferred.saturating_sub(1);

@@ -190,35 +190,43 @@ impl Stores {
     }
 
     /// The next attempt time `id` has in `pool`'s keyspace now (its attempt
-    /// record's, else its envelope's), when it is deferred: where its key
-    /// in `due` is. Unreadable records count as not deferred.
-    fn current_due(&self, id: QueueId, envelopes: &Keyspace) -> Option<u64> {
+    /// record's, else its envelope's `stored` one, read here when not
+    /// given), when it is deferred: where its key in `due` is. Unreadable
+    /// records count as not deferred.
+    fn current_due(
+        &self,
+        id: QueueId,
+        envelopes: &Keyspace,
+        stored: Option<&Envelope>,
+    ) -> Option<u64> {
         let key = id.to_be_bytes();
         if let Ok(Some(bytes)) = self.attempts.get(key)
             && let Ok(record) = serde_json::from_slice::<AttemptRecord>(&bytes)
         {
             return Some(record.next_attempt_ms).filter(|&d| d > 0);
         }
-        // A point read (of a record the worker has just read, so cached),
-        // not a look at the pool's first due key: that walks over every
-        // key of the pool removed since the last compaction.
-        let bytes = envelopes.get(key).ok()??;
-        let envelope = decode(id, &bytes).ok()?;
-        Some(envelope.next_attempt_ms).filter(|&d| d > 0)
+        let due = match stored {
+            Some(envelope) => envelope.next_attempt_ms,
+            // A point read (of a record the worker has just read, so
+            // cached), not a look at the pool's first due key: that walks
+            // over every key of the pool removed since the last compaction.
+            None => decode(id, &envelopes.get(key).ok()??).ok()?.next_attempt_ms,
+        };
+        Some(due).filter(|&d| d > 0)
     }
 
     /// Moves `id`'s key in `due` from where it is now in `old` (keyspace of
-    /// `old_pool`) to `to` (pool, next attempt time, MT-PRIORITY), or
-    /// removes it when `to` is `None` or not deferred.
+    /// `old_pool`, whose envelope of it is `stored` when the caller has
+    /// read it) to `to` (pool, next attempt time, MT-PRIORITY), or removes
+    /// it when `to` is `None` or not deferred.
     fn move_due(
         &self,
         batch: &mut fjall::OwnedWriteBatch,
         id: QueueId,
-        old_pool: &str,
-        old: &Keyspace,
+        (old_pool, old, stored): (&str, &Keyspace, Option<&Envelope>),
         to: Option<(&str, u64, i8)>,
     ) {
-        let before = self.current_due(id, old);
+        let before = self.current_due(id, old, stored);
         let after = to.filter(|&(_, due, _)| due > 0);
         if let Some(due) = before
             && after.is_none_or(|(pool, d, _)| pool != old_pool || d != due)
@@ -419,17 +427,18 @@ impl Spool for FjallSpool {
                 // due index and the record never disagree after a crash.
                 let mut batch = stores.db.batch();
                 if let Some(ks) = stores.existing(pool) {
-                    let mt_priority = ks
+                    // One read of the envelope: its MT-PRIORITY, and its
+                    // time when no attempt record says one.
+                    let stored = ks
                         .get(id.to_be_bytes())
                         .ok()
                         .flatten()
-                        .and_then(|bytes| decode(id, &bytes).ok())
-                        .map_or(0, |e| e.mt_priority_or_default());
+                        .and_then(|bytes| decode(id, &bytes).ok());
+                    let mt_priority = stored.as_ref().map_or(0, |e| e.mt_priority_or_default());
                     stores.move_due(
                         &mut batch,
                         id,
-                        pool,
-                        &ks,
+                        (pool, &ks, stored.as_ref()),
                         Some((pool, record.next_attempt_ms, mt_priority)),
                     );
                 }
@@ -545,10 +554,8 @@ impl Spool for FjallSpool {
         limit: usize,
     ) -> Result<Vec<Deferred>, SpoolError> {
         let stores = self.inner.stores()?;
-        let mut end = pool.as_bytes().to_vec();
-        end.push(1);
         let mut out = Vec::new();
-        for guard in stores.due.range(due_key(pool, from.0, from.1)..end) {
+        for guard in stores.due.range(due_range(pool, from)) {
             if out.len() >= limit {
                 break;
             }
@@ -567,9 +574,7 @@ impl Spool for FjallSpool {
 
     fn due_last(&self, pool: &str) -> Result<Option<(u64, QueueId)>, SpoolError> {
         let stores = self.inner.stores()?;
-        let mut end = pool.as_bytes().to_vec();
-        end.push(1);
-        match stores.due.range(due_key(pool, 0, 0)..end).next_back() {
+        match stores.due.range(due_range(pool, (0, 0))).next_back() {
             Some(guard) => Ok(parse_due_key(pool, &guard.key()?)),
             None => Ok(None),
         }
@@ -718,7 +723,7 @@ fn reopen(inner: &Inner, orphans: &mut Vec<(QueueId, String)>) {
         let key = id.to_be_bytes();
         batch.remove(&stores.bodies, key);
         if let Some(ks) = stores.existing(pool) {
-            stores.move_due(&mut batch, *id, pool, &ks, None);
+            stores.move_due(&mut batch, *id, (pool, &ks, None), None);
             batch.remove(&ks, key);
         }
     }
@@ -855,6 +860,13 @@ fn due_key(pool: &str, due: u64, id: QueueId) -> Vec<u8> {
     key.extend_from_slice(&due.to_be_bytes());
     key.extend_from_slice(&id.to_be_bytes());
     key
+}
+
+/// The keys of `pool` in `due` from (due time, id) `from` on.
+fn due_range(pool: &str, from: (u64, QueueId)) -> std::ops::Range<Vec<u8>> {
+    let mut end = pool.as_bytes().to_vec();
+    end.push(1);
+    due_key(pool, from.0, from.1)..end
 }
 
 /// The due time and id of a `due` key of `pool`, if it is one.
@@ -996,8 +1008,7 @@ fn commit_batch(
                         stores.move_due(
                             &mut batch,
                             id,
-                            &old_pool,
-                            &old,
+                            (&old_pool, &old, None),
                             Some((
                                 &envelope.pool,
                                 envelope.next_attempt_ms,
@@ -1033,7 +1044,7 @@ fn commit_batch(
             } => match stores.envelopes_of(&pool) {
                 Ok(ks) => {
                     let key = id.to_be_bytes();
-                    stores.move_due(&mut batch, id, &pool, &ks, None);
+                    stores.move_due(&mut batch, id, (&pool, &ks, None), None);
                     batch.remove(&ks, key);
                     batch.remove(&stores.bodies, key);
                     forget_attempt(stores, &mut batch, key);
