@@ -273,6 +273,22 @@ impl NatsCluster {
         }
     }
 
+    /// How many messages stream `stream` holds, as its leader reports;
+    /// `None` when no running server leads it.
+    pub fn stream_messages(&self, stream: &str) -> Option<u64> {
+        let leader = self.stream_leader(stream)?;
+        let jsz = self.jsz(leader, "accounts=true&streams=true")?;
+        let accounts = jsz.get("account_details")?.as_array()?;
+        accounts
+            .iter()
+            .filter_map(|a| a.get("stream_detail")?.as_array())
+            .flatten()
+            .find(|s| s.get("name").and_then(|n| n.as_str()) == Some(stream))?
+            .get("state")?
+            .get("messages")?
+            .as_u64()
+    }
+
     /// The index of the server leading stream `stream`, from the running
     /// servers' `/jsz?accounts=true&streams=true`; `None` when none leads it.
     pub fn stream_leader(&self, stream: &str) -> Option<usize> {

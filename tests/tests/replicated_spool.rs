@@ -133,7 +133,8 @@ fn two_relays_on_one_cluster_deliver_every_message_exactly_once() {
 }
 
 #[test]
-fn a_message_larger_than_the_servers_max_payload_round_trips() {
+fn a_message_larger_than_the_servers_max_payload_round_trips_and_delivered_mail_leaves_nothing_stored()
+ {
     let cluster = NatsCluster::start(3);
     let sink = Sink::start();
     let relay = relay_on(&cluster, sink.addr());
@@ -151,6 +152,33 @@ fn a_message_larger_than_the_servers_max_payload_round_trips() {
         got.raw.len(),
         body.len()
     );
+    // Small mail (its body inline in its record) and mid-sized mail (one
+    // chunk in the bodies stream) too.
+    let mut sent = BTreeSet::new();
+    for (i, size) in [10, 2_000, 100_000].into_iter().enumerate() {
+        let id = unique_id(&format!("sized-{i}"));
+        let reply = relay.send(
+            FROM,
+            &[TO],
+            &message(&id, FROM, TO, "sized", &line.repeat(size / 100)),
+        );
+        assert_eq!(reply.code, 250, "{reply}\n{}", relay.logs());
+        sent.insert(id);
+    }
+    wait_delivered(&[&sink], &sent, Duration::from_secs(30), || relay.logs());
+    // Delivered mail is removed: its body chunks, its record and, once
+    // every relay's watch has seen it, the record's delete marker.
+    for stream in ["poolrelay_bodies", "KV_poolrelay_env"] {
+        let empty = poll_until(Duration::from_secs(30), Duration::from_millis(200), || {
+            cluster.stream_messages(stream) == Some(0)
+        });
+        assert!(
+            empty,
+            "{stream} still holds {:?} messages after every message was delivered\n{}",
+            cluster.stream_messages(stream),
+            relay.logs()
+        );
+    }
 }
 
 #[test]

@@ -3,11 +3,12 @@
 //! Layout (prefix `P`, `replicas` copies of everything):
 //! - bucket `P_env`: one [`Record`] per message, key `<pool>.<id>`: the
 //!   envelope (per-recipient outcomes, attempt count), the generation of
-//!   its live ticket and the number of body chunks;
-//! - stream `P_bodies`: the message bytes, subject
+//!   its live ticket and where the body is: up to [`INLINE_MAX`], in the
+//!   same value after the record ([`encode_value`]);
+//! - stream `P_bodies`: larger bodies, subject
 //!   `P.body.<id>-<origin>.<chunk>` (`origin`: the writing relay start's
 //!   tag, so bodies of two relays never share a subject), chunks below the
-//!   server's `max_payload`;
+//!   server's `max_payload`, removed by sequence;
 //! - per pool, work-queue stream `P_q_<pool>` of tickets (subject
 //!   `P.q.<pool>`) with one durable pull consumer all relays share: a
 //!   relay holds a message while it holds its ticket (kept alive with
@@ -119,7 +120,57 @@ struct Record {
     /// subjects); 0 for bodies under the plain id (imports).
     #[serde(default)]
     origin: u64,
+    /// The stream sequence of each chunk, so a removal deletes exactly
+    /// those (a purge by subject scans the whole stream on the server);
+    /// empty for imports and older records, which are purged by subject.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    body_seqs: Vec<u64>,
+    /// The body is in the record's own value, after it (see
+    /// [`encode_value`]), not in `P_bodies`: one replicated write fewer
+    /// per message, and none to remove it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    inline: bool,
 }
+
+/// A `P_env` value: the record's JSON, then, for an inline body, a NUL
+/// byte and the body (JSON never holds a raw NUL, so the first one ends
+/// it). A record names `inline` only with its body: a write without the
+/// body would lose the message.
+fn encode_value(record: &Record, body: Option<&[u8]>) -> Result<Bytes, SpoolError> {
+    let mut value = serde_json::to_vec(record)
+        .map_err(|e| SpoolError::Storage(format!("encoding an envelope: {e}")))?;
+    match (record.inline, body) {
+        (true, Some(body)) => {
+            value.reserve(body.len() + 1);
+            value.push(0);
+            value.extend_from_slice(body);
+        }
+        (true, None) => {
+            return Err(SpoolError::Storage(
+                "an envelope with its body inline was to be written without it".into(),
+            ));
+        }
+        (false, _) => {}
+    }
+    Ok(Bytes::from(value))
+}
+
+/// The record of a `P_env` value, and its inline body if it has one.
+fn decode_value(value: &[u8]) -> Result<(Record, Option<&[u8]>), String> {
+    let (json, body) = match value.iter().position(|b| *b == 0) {
+        Some(at) => (&value[..at], Some(&value[at + 1..])),
+        None => (value, None),
+    };
+    let record = serde_json::from_slice::<Record>(json).map_err(|e| e.to_string())?;
+    match (record.inline, body) {
+        (true, None) => Err("the record says its body is inline, and none follows".into()),
+        (false, Some(_)) => Err("bytes follow a record whose body is not inline".into()),
+        (_, body) => Ok((record, body)),
+    }
+}
+
+/// Bodies up to this size are stored inline in their record.
+const INLINE_MAX: usize = 64 * 1024;
 
 /// A message as this relay last saw it in `P_env`.
 #[derive(Debug, Clone)]
@@ -147,6 +198,8 @@ fn rebase(held: &Record, ours: &Envelope, current: &Record) -> Option<Record> {
         generation: current.generation,
         chunks: current.chunks,
         origin: current.origin,
+        body_seqs: current.body_seqs.clone(),
+        inline: current.inline,
     })
 }
 
@@ -166,7 +219,7 @@ enum Verdict {
     /// Not due yet: hand the ticket back for this long.
     Later(Duration),
     /// Deliver it now.
-    Due(Record),
+    Due(Box<Record>),
 }
 
 /// `delivered`: how often the server handed out this ticket.
@@ -184,7 +237,7 @@ fn verdict(ticket: &Ticket, record: Option<Record>, now_ms: u64, delivered: i64)
         }
         return Verdict::Later(left);
     }
-    Verdict::Due(record)
+    Verdict::Due(Box::new(record))
 }
 
 /// A ticket this relay holds, with what the worker reads from memory.
@@ -212,9 +265,12 @@ struct Conn {
     client: async_nats::Client,
     js: jetstream::Context,
     env: kv::Store,
-    /// The stream under `env`, to purge the delete markers of removed
+    /// The stream under `env`, to remove the delete markers of removed
     /// envelopes.
     env_stream: stream::Stream,
+    /// Whether `env_stream` lets a marker be deleted by its sequence
+    /// (buckets made before it did are purged by subject).
+    markers_by_seq: bool,
     held: kv::Store,
     /// Live relays and the pools they drain (`nodes.rs`).
     nodes: kv::Store,
@@ -392,28 +448,51 @@ impl Inner {
             .map_err(|e| unavailable("removing a body", e))
     }
 
-    /// Publishes `message` in chunks under (`id`, `origin`); how many.
-    /// Each chunk's subject is its `Nats-Msg-Id`: a chunk published again
-    /// (a retried write, a resumed import) is a duplicate the server drops.
+    /// Publishes `message` in chunks under (`id`, `origin`); each chunk's
+    /// stream sequence. Each chunk's subject is its `Nats-Msg-Id`: a chunk
+    /// published again (a retried write, a resumed import) is a duplicate
+    /// the server drops.
     async fn publish_body(
         &self,
         conn: &Conn,
         id: QueueId,
         origin: u64,
         message: Vec<u8>,
-    ) -> Result<u32, SpoolError> {
+    ) -> Result<Vec<u64>, SpoolError> {
         let body = Bytes::from(message);
-        let mut chunks = 0u32;
+        let mut seqs = Vec::new();
         for start in (0..body.len()).step_by(conn.chunk) {
             let chunk = body.slice(start..(start + conn.chunk).min(body.len()));
-            let subject = self.body_subject(id, origin, chunks);
-            retrying("publishing the body", || {
+            let subject = self.body_subject(id, origin, seqs.len() as u32);
+            let seq = retrying("publishing the body", || {
                 publish_acked(&conn.js, subject.clone(), &subject, chunk.clone())
             })
             .await?;
-            chunks += 1;
+            seqs.push(seq);
         }
-        Ok(chunks)
+        Ok(seqs)
+    }
+
+    /// Removes the body of `record`: its chunks by sequence when the
+    /// record names them, else every message under its subjects.
+    async fn remove_body(
+        &self,
+        conn: &Conn,
+        id: QueueId,
+        record: &Record,
+    ) -> Result<(), SpoolError> {
+        if record.inline {
+            // Gone with the record's value.
+            return Ok(());
+        }
+        if record.body_seqs.is_empty() || record.body_seqs.len() != record.chunks as usize {
+            return self.purge_body(conn, id, record.origin).await;
+        }
+        let stream = format!("{}_bodies", self.prefix());
+        for seq in &record.body_seqs {
+            delete_seq(&conn.js, &stream, *seq).await?;
+        }
+        Ok(())
     }
 
     fn ticket_subject(&self, pool: &str) -> String {
@@ -573,11 +652,13 @@ impl Inner {
             .get_stream(format!("KV_{}_env", self.prefix()))
             .await
             .map_err(|e| format!("envelope bucket's stream: {e}"))?;
+        let markers_by_seq = !env_stream.cached_info().config.deny_delete;
         let conn = Conn {
             client,
             js,
             env,
             env_stream,
+            markers_by_seq,
             held,
             nodes,
             bodies,
@@ -701,9 +782,10 @@ impl Inner {
         };
         let Some(id) = parse_id(id) else { return };
         if entry.operation == kv::Operation::Put {
-            let record = serde_json::from_slice::<Record>(&entry.value).map_err(|e| {
+            // The cache keeps records, never bodies.
+            let record = decode_value(&entry.value).map(|(r, _)| r).map_err(|e| {
                 tracing::error!(queue_id = %format_id(id), pool = %pool, "replicated spool: undecodable envelope: {e}; listed as corrupt, its ticket never acked");
-                e.to_string()
+                e
             });
             self.cache_put(pool, id, entry.revision, record);
         } else {
@@ -755,6 +837,16 @@ impl Inner {
         pool: &str,
         id: QueueId,
     ) -> Result<Option<Cached>, SpoolError> {
+        Ok(self.read_value(conn, pool, id).await?.map(|(c, _)| c))
+    }
+
+    /// [`Inner::read_record`], with the inline body when there is one.
+    async fn read_value(
+        &self,
+        conn: &Conn,
+        pool: &str,
+        id: QueueId,
+    ) -> Result<Option<(Cached, Option<Body>)>, SpoolError> {
         let subject = format!("$KV.{}_env.{}", self.prefix(), Self::key(pool, id));
         match conn
             .env_stream
@@ -763,13 +855,77 @@ impl Inner {
         {
             // A delete or purge marker: the message is gone.
             Ok(m) if m.headers.get("KV-Operation").is_some() => Ok(None),
-            Ok(m) => Ok(Some(Cached {
-                revision: m.sequence,
-                record: serde_json::from_slice::<Record>(&m.payload).map_err(|e| e.to_string()),
-            })),
+            Ok(m) => {
+                let (record, body) = match decode_value(&m.payload) {
+                    Ok((r, body)) => (Ok(r), body.map(Body::from)),
+                    Err(e) => (Err(e), None),
+                };
+                Ok(Some((
+                    Cached {
+                        revision: m.sequence,
+                        record,
+                    },
+                    body,
+                )))
+            }
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(unavailable("reading an envelope", e)),
         }
+    }
+
+    /// Whether `key` of `P_env` has any message, a delete marker included.
+    async fn key_has_history(&self, conn: &Conn, key: &str) -> Result<bool, SpoolError> {
+        let subject = format!("$KV.{}_env.{key}", self.prefix());
+        match conn
+            .env_stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(false),
+            Err(e) => Err(unavailable("reading an envelope", e)),
+        }
+    }
+
+    /// The body `record` (of `pool`/`id`) needs written with it: none for
+    /// a body in `P_bodies`, else `known` or the key's stored one (a
+    /// message's body never changes, whatever its revision).
+    async fn inline_body(
+        &self,
+        conn: &Conn,
+        pool: &str,
+        id: QueueId,
+        record: &Record,
+        known: Option<Body>,
+    ) -> Result<Option<Body>, SpoolError> {
+        if !record.inline || known.is_some() {
+            return Ok(known.filter(|_| record.inline));
+        }
+        match self.read_value(conn, pool, id).await? {
+            Some((_, Some(body))) => Ok(Some(body)),
+            _ => Err(SpoolError::Storage(format!(
+                "the inline body of {} is not stored",
+                Self::key(pool, id)
+            ))),
+        }
+    }
+
+    /// The body of `record` (of `pool`/`id`): inline in the key's value,
+    /// or in `P_bodies`.
+    async fn body_of(
+        &self,
+        conn: &Conn,
+        pool: &str,
+        id: QueueId,
+        record: &Record,
+    ) -> Result<Body, SpoolError> {
+        if record.inline {
+            return self
+                .inline_body(conn, pool, id, record, None)
+                .await
+                .map(Option::unwrap_or_default);
+        }
+        self.read_body(id, record.origin, record.chunks).await
     }
 
     /// The pool's ticket stream and consumer, made when missing.
@@ -836,23 +992,31 @@ impl Inner {
             )
         })
         .await
+        .map(|_| ())
     }
 
     /// Writes `record` if the key is still at `revision`: its new revision,
-    /// or `None` when the record moved on (another writer). A retry whose
-    /// first try got through finds its own bytes there: written.
+    /// or `None` when the record moved on (another writer, or gone). A
+    /// retry whose first try got through finds its own bytes there:
+    /// written. An inline body is `body`, or read from the key.
     async fn write_record(
         &self,
         conn: &Conn,
         pool: &str,
         id: QueueId,
         record: &Record,
+        body: Option<Body>,
         revision: u64,
     ) -> Result<Option<u64>, SpoolError> {
-        let value = Bytes::from(
-            serde_json::to_vec(record)
-                .map_err(|e| SpoolError::Storage(format!("encoding an envelope: {e}")))?,
-        );
+        let body = match (record.inline, body) {
+            (false, _) => None,
+            (true, Some(body)) => Some(body),
+            (true, None) => match self.read_value(conn, pool, id).await? {
+                Some((_, Some(body))) => Some(body),
+                _ => return Ok(None),
+            },
+        };
+        let value = encode_value(record, body.as_deref())?;
         let written = retrying("storing an envelope", || async {
             match conn
                 .env
@@ -876,20 +1040,18 @@ impl Inner {
         Ok(written)
     }
 
-    /// Makes the key `pool`/`id` with `record`; a key already there with
-    /// the same bytes (an earlier try got through) counts as made; `None`:
-    /// another message has it.
+    /// Makes the key `pool`/`id` with `record` (and `body`, when inline);
+    /// a key already there with the same record (an earlier try got
+    /// through) counts as made; `None`: another message has it.
     async fn create_record(
         &self,
         conn: &Conn,
         pool: &str,
         id: QueueId,
         record: &Record,
+        body: Option<&[u8]>,
     ) -> Result<Option<u64>, SpoolError> {
-        let value = Bytes::from(
-            serde_json::to_vec(record)
-                .map_err(|e| SpoolError::Storage(format!("encoding an envelope: {e}")))?,
-        );
+        let value = encode_value(record, body)?;
         retrying("storing an envelope", || async {
             match conn.env.create(Self::key(pool, id), value.clone()).await {
                 Ok(rev) => Ok(Some(rev)),
@@ -918,8 +1080,9 @@ impl Inner {
         pool: &str,
         id: QueueId,
         record: &Record,
+        body: Option<&[u8]>,
     ) -> Result<u64, SpoolError> {
-        self.create_record(conn, pool, id, record)
+        self.create_record(conn, pool, id, record, body)
             .await?
             .ok_or_else(|| {
                 SpoolError::Storage(format!(
@@ -939,6 +1102,7 @@ impl Inner {
         let origin = self.node_tag.load(Ordering::Relaxed);
         let started = std::time::Instant::now();
         let mut id = self.next_id();
+        let inline = message.len() <= INLINE_MAX.min(conn.chunk);
         let written = tokio::time::timeout(self.opts.ack_timeout, async {
             retrying("making the pool's ticket stream", || {
                 self.consumer_in(conn, &pool)
@@ -950,18 +1114,30 @@ impl Inner {
                 generation: 0,
                 chunks: 0,
                 origin,
+                body_seqs: Vec::new(),
+                inline,
             };
             // An id another relay took (8-bit tags wrap after 256 relay
-            // starts) is refused by `create`: the body, under this relay's
-            // own subjects, is taken back and the message stored again
-            // under a fresh id.
+            // starts) is refused by `create`: a body in `P_bodies`, under
+            // this relay's own subjects, is taken back and the message
+            // stored again under a fresh id.
             for _ in 0..ID_TRIES {
-                record.chunks = self.publish_body(conn, id, origin, body.clone()).await?;
-                if self.create_record(conn, &pool, id, &record).await?.is_some() {
+                if !inline {
+                    record.body_seqs = self.publish_body(conn, id, origin, body.clone()).await?;
+                    record.chunks = record.body_seqs.len() as u32;
+                }
+                let value = inline.then_some(body.as_slice());
+                if self
+                    .create_record(conn, &pool, id, &record, value)
+                    .await?
+                    .is_some()
+                {
                     return self.publish_ticket(conn, &pool, id, 0).await;
                 }
                 tracing::warn!(queue_id = %format_id(id), pool = %pool, "replicated spool: another relay holds this id; storing the message under a fresh one");
-                tokio::spawn(self.clone().take_back(pool.clone(), id, origin, false));
+                if !inline {
+                    tokio::spawn(self.clone().take_back(pool.clone(), id, origin, false, true));
+                }
                 // A random step, so two relays counting in step part ways.
                 self.skip_ids(1 + u64::from(std::process::id() ^ now_nanos()) % 32);
                 id = self.next_id();
@@ -986,7 +1162,7 @@ impl Inner {
             Err(e) => {
                 // Nothing is claimed: take back whatever was written, so a
                 // ticket that did get through finds no envelope and is dropped.
-                tokio::spawn(self.clone().take_back(pool, id, origin, true));
+                tokio::spawn(self.clone().take_back(pool, id, origin, true, !inline));
                 Err(e)
             }
         }
@@ -997,7 +1173,14 @@ impl Inner {
     /// through then finds no envelope and is dropped. The envelope goes
     /// only when it is this append's (`envelope`, and its origin is this
     /// relay's): an id another relay holds keeps its message.
-    async fn take_back(self: Arc<Self>, pool: String, id: QueueId, origin: u64, envelope: bool) {
+    async fn take_back(
+        self: Arc<Self>,
+        pool: String,
+        id: QueueId,
+        origin: u64,
+        envelope: bool,
+        body: bool,
+    ) {
         let ours = |c: &Cached| c.record.as_ref().is_ok_and(|r| r.origin == origin);
         if envelope && self.cached(&pool, id).is_some_and(|c| ours(&c)) {
             // Not listed here meanwhile; the bucket follows below.
@@ -1009,23 +1192,32 @@ impl Inner {
                 let key = Self::key(&pool, id);
                 let removed = retrying("taking back an envelope", || async {
                     match self.read_record(conn, &pool, id).await? {
-                        Some(c) if ours(&c) => conn
-                            .env
-                            .delete_expect_revision(&key, Some(c.revision))
+                        Some(c) if ours(&c) => self
+                            .delete_key(conn, &key, Some(c.revision))
                             .await
-                            .map(|()| true)
-                            .map_err(|e| unavailable("taking back an envelope", e)),
+                            .map(Some),
+                        // Never written yet: the append's `create` may still
+                        // be on its way (sent before the deadline, applied
+                        // after a leader election). A marker where the key
+                        // has no message at all fences it out (a create
+                        // expects none); one written meanwhile fails this
+                        // and is read again.
+                        None if !self.key_has_history(conn, &key).await? => {
+                            self.delete_key(conn, &key, Some(0)).await.map(Some)
+                        }
                         // Gone, or another relay's message under this id.
-                        _ => Ok(false),
+                        _ => Ok(None),
                     }
                 })
                 .await;
-                if removed.unwrap_or(false) {
+                if let Ok(Some(marker)) = removed {
                     self.cache_remove(&pool, id);
-                    self.clone().purge_marker_later(key);
+                    self.clone().purge_marker_later(key, marker);
                 }
             }
-            let _ = retrying("taking back a body", || self.purge_body(conn, id, origin)).await;
+            if body {
+                let _ = retrying("taking back a body", || self.purge_body(conn, id, origin)).await;
+            }
         };
         if tokio::time::timeout(TAKE_BACK_TIMEOUT, work).await.is_err() {
             tracing::error!(queue_id = %format_id(id), pool = %pool, "replicated spool: could not take back a refused message within {TAKE_BACK_TIMEOUT:?}; its envelope may remain (listed, and delivered if a ticket got through)");
@@ -1055,7 +1247,8 @@ impl Inner {
                 let Ok(mut record) = cached.record else {
                     return Ok(Inserted::Conflict);
                 };
-                if *self.read_body(id, record.origin, record.chunks).await? != *message.as_slice() {
+                let stored = self.body_of(conn, &pool, id, &record).await?;
+                if *stored != *message.as_slice() {
                     return Ok(Inserted::Conflict);
                 }
                 // The ticket first, as a flush's: the record never names a
@@ -1063,7 +1256,7 @@ impl Inner {
                 record.generation += 1;
                 self.publish_ticket(conn, &pool, id, record.generation)
                     .await?;
-                self.write_record(conn, &pool, id, &record, cached.revision)
+                self.write_record(conn, &pool, id, &record, Some(stored), cached.revision)
                     .await?;
                 return Ok(Inserted::AlreadyThere);
             }
@@ -1078,14 +1271,20 @@ impl Inner {
             .await?;
             // Under the plain id (origin 0): a resumed import publishes the
             // same subjects again, duplicates the server drops.
-            let chunks = self.publish_body(conn, id, 0, message).await?;
+            // No sequences kept: a resumed import past the server's
+            // duplicate window may have stored a chunk twice, so its
+            // removal purges by subject.
+            let chunks = self.publish_body(conn, id, 0, message).await?.len() as u32;
             let record = Record {
                 env: envelope,
                 generation: 0,
                 chunks,
                 origin: 0,
+                body_seqs: Vec::new(),
+                inline: false,
             };
-            self.create_record_or_fail(conn, &pool, id, &record).await?;
+            self.create_record_or_fail(conn, &pool, id, &record, None)
+                .await?;
             self.publish_ticket(conn, &pool, id, 0).await?;
             Ok(Inserted::Stored)
         })
@@ -1237,8 +1436,9 @@ impl Inner {
             }
             return None;
         }
-        let cached = match self.read_record(conn, pool, id).await {
-            Ok(c) => c,
+        let (cached, inline) = match self.read_value(conn, pool, id).await {
+            Ok(Some((c, body))) => (Some(c), body),
+            Ok(None) => (None, None),
             Err(e) => {
                 tracing::warn!(queue_id = %format_id(id), "replicated spool: {e}; ticket back in 1s");
                 let _ = msg
@@ -1274,7 +1474,7 @@ impl Inner {
                 let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
                 return None;
             }
-            Verdict::Due(record) => record,
+            Verdict::Due(record) => *record,
         };
         // Bodies in hand are bounded like content in flight: a message
         // that does not fit goes back for another relay (or for this one
@@ -1291,7 +1491,11 @@ impl Inner {
             return None;
         }
         self.refused_size.store(0, Ordering::Relaxed);
-        let body = match self.read_body(id, record.origin, record.chunks).await {
+        let read = match inline {
+            Some(body) => Ok(body),
+            None => self.read_body(id, record.origin, record.chunks).await,
+        };
+        let body = match read {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(queue_id = %format_id(id), "replicated spool: {e}; ticket back in 1s");
@@ -1407,6 +1611,16 @@ impl Inner {
         })
     }
 
+    /// The body of `pool`/`id` if this relay holds its ticket.
+    fn body_in_hand(&self, id: QueueId, pool: &str) -> Option<Body> {
+        self.in_hand
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .filter(|h| h.pool == pool)
+            .map(|h| h.body.clone())
+    }
+
     /// Forgets a copy whose record moved on: its ticket is not acked, so
     /// whoever holds the live one decides.
     fn drop_copy(&self, id: QueueId, pool: &str, what: &str) {
@@ -1446,14 +1660,13 @@ impl Inner {
             }
             let mut record = Record {
                 env: envelope.clone(),
-                generation: previous.generation,
-                chunks: previous.chunks,
-                origin: previous.origin,
+                ..previous.clone()
             };
             let mut revision = revision;
+            let body = self.body_in_hand(id, &old_pool);
             let written = loop {
                 if let Some(rev) = self
-                    .write_record(conn, &new_pool, id, &record, revision)
+                    .write_record(conn, &new_pool, id, &record, body.clone(), revision)
                     .await?
                 {
                     break Some(rev);
@@ -1505,43 +1718,95 @@ impl Inner {
         envelope: Envelope,
     ) -> Result<(), SpoolError> {
         let new_pool = envelope.pool.clone();
+        let body = self
+            .inline_body(
+                conn,
+                old_pool,
+                id,
+                &previous,
+                self.body_in_hand(id, old_pool),
+            )
+            .await?;
         let record = Record {
             env: envelope,
             generation: previous.generation + 1,
-            chunks: previous.chunks,
-            origin: previous.origin,
+            ..previous
         };
-        self.create_record_or_fail(conn, &new_pool, id, &record)
+        self.create_record_or_fail(conn, &new_pool, id, &record, body.as_deref())
             .await?;
         self.publish_ticket(conn, &new_pool, id, record.generation)
             .await?;
-        retrying("removing the old envelope", || async {
-            conn.env
-                .delete(Self::key(old_pool, id))
-                .await
-                .map_err(|e| unavailable("removing the old envelope", e))
+        let old_key = Self::key(old_pool, id);
+        let marker = retrying("removing the old envelope", || {
+            self.delete_key(conn, &old_key, None)
         })
         .await?;
         self.cache_remove(old_pool, id);
-        self.clone().purge_marker_later(Self::key(old_pool, id));
+        self.clone().purge_marker_later(old_key, marker);
         if let Some(old) = self.release(id, old_pool) {
             let _ = old.msg.ack().await;
         }
         Ok(())
     }
 
+    /// Deletes `key` from `P_env` (at revision `expect`, when given): the
+    /// delete marker's sequence. A KV delete is a marker message; made
+    /// here rather than by the bucket's call, which does not say where
+    /// the marker went.
+    async fn delete_key(
+        &self,
+        conn: &Conn,
+        key: &str,
+        expect: Option<u64>,
+    ) -> Result<u64, SpoolError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("KV-Operation", "DEL");
+        if let Some(revision) = expect {
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                revision.to_string().as_str(),
+            );
+        }
+        let ack = conn
+            .js
+            .publish_with_headers(
+                format!("$KV.{}_env.{key}", self.prefix()),
+                headers,
+                Bytes::new(),
+            )
+            .await
+            .map_err(|e| unavailable("removing an envelope", e))?
+            .await
+            .map_err(|e| unavailable("removing an envelope", e))?;
+        Ok(ack.sequence)
+    }
+
     /// A KV delete leaves a marker per key, forever: one per message ever
     /// delivered. Once every relay's watch has seen it (seconds), the
-    /// key's subject is purged, marker and all. A relay whose watch was
-    /// cut meanwhile may keep the envelope in its admin view until it
-    /// restarts; deliveries read the bucket itself, never that view.
-    fn purge_marker_later(self: Arc<Self>, key: String) {
+    /// marker (sequence `marker`) is deleted; in a bucket that refuses
+    /// deletes (made by an older version) the key's subject is purged,
+    /// which the server pays for with a scan of the bucket. A relay whose
+    /// watch was cut meanwhile may keep the envelope in its admin view
+    /// until it restarts; deliveries read the bucket itself, never that
+    /// view.
+    fn purge_marker_later(self: Arc<Self>, key: String, marker: u64) {
         tokio::spawn(async move {
             tokio::time::sleep(MARKER_PURGE_DELAY).await;
             let Ok(conn) = self.conn() else { return };
-            let subject = format!("$KV.{}_env.{key}", self.prefix());
-            if let Err(e) = conn.env_stream.purge().filter(subject).await {
-                tracing::debug!("replicated spool: cannot purge a delete marker: {e}");
+            let removed = if conn.markers_by_seq {
+                let stream = format!("KV_{}_env", self.prefix());
+                delete_seq(&conn.js, &stream, marker).await
+            } else {
+                let subject = format!("$KV.{}_env.{key}", self.prefix());
+                conn.env_stream
+                    .purge()
+                    .filter(subject)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| unavailable("purging", e))
+            };
+            if let Err(e) = removed {
+                tracing::debug!("replicated spool: cannot remove a delete marker: {e}");
             }
         });
     }
@@ -1550,26 +1815,26 @@ impl Inner {
         let conn = self.conn()?;
         let held = self.held_copy(&pool, id);
         let write = async {
-            // The body's subjects name its writer.
-            let origin = match &held {
-                Some((record, _)) => record.origin,
+            // Where the body is (its chunks' sequences, or its subjects,
+            // which name its writer).
+            let body_of = match &held {
+                Some((record, _)) => Some(record.clone()),
                 None => self
                     .read_record(conn, &pool, id)
                     .await?
-                    .and_then(|c| c.record.ok())
-                    .map_or(0, |r| r.origin),
+                    .and_then(|c| c.record.ok()),
             };
             // Deleted only at the revision this relay decided on (or a
             // later one where no recipient was decided elsewhere).
             let mut expect = held.as_ref().map(|(_, rev)| *rev);
-            loop {
-                let key = Self::key(&pool, id);
-                match conn.env.delete_expect_revision(&key, expect).await {
-                    Ok(()) => break,
+            let key = Self::key(&pool, id);
+            let marker = loop {
+                match self.delete_key(conn, &key, expect).await {
+                    Ok(marker) => break Some(marker),
                     Err(e) => {
                         let current = self.read_record(conn, &pool, id).await?;
                         match (current, &held) {
-                            (None, _) => break,
+                            (None, _) => break None,
                             (Some(c), Some((previous, rev))) if c.revision != *rev => {
                                 let same = c
                                     .record
@@ -1590,18 +1855,25 @@ impl Inner {
                         }
                     }
                 }
-            }
+            };
             self.cache_remove(&pool, id);
-            self.clone().purge_marker_later(Self::key(&pool, id));
+            if let Some(marker) = marker {
+                self.clone().purge_marker_later(key, marker);
+            }
             // The envelope is gone, so the message is: the ticket's ack and
-            // the body's purge no longer depend on each other.
+            // the body's removal no longer depend on each other.
             let held = self.release(id, &pool);
             let ack = async {
                 if let Some(h) = held {
                     let _ = h.msg.double_ack().await;
                 }
             };
-            let purge = retrying("removing a body", || self.purge_body(conn, id, origin));
+            let purge = retrying("removing a body", || async {
+                match &body_of {
+                    Some(record) => self.remove_body(conn, id, record).await,
+                    None => self.purge_body(conn, id, 0).await,
+                }
+            });
             let ((), purged) = tokio::join!(ack, purge);
             purged
         };
@@ -1656,7 +1928,7 @@ impl Inner {
                 self.publish_ticket(conn, &pool, id, record.generation)
                     .await?;
                 match self
-                    .write_record(conn, &pool, id, &record, revision)
+                    .write_record(conn, &pool, id, &record, None, revision)
                     .await?
                 {
                     Some(_) => {
@@ -1712,21 +1984,49 @@ where
 }
 
 /// Publishes `payload` to a stream and waits for its ack; `msg_id` lets
-/// the server drop the copy a retry may publish again.
+/// the server drop the copy a retry may publish again (and answer with
+/// the first copy's sequence, which this returns).
 async fn publish_acked(
     js: &jetstream::Context,
     subject: String,
     msg_id: &str,
     payload: Bytes,
-) -> Result<(), SpoolError> {
+) -> Result<u64, SpoolError> {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", msg_id);
-    js.publish_with_headers(subject, headers, payload)
+    let ack = js
+        .publish_with_headers(subject, headers, payload)
         .await
         .map_err(|e| unavailable("publishing", e))?
         .await
         .map_err(|e| unavailable("not acknowledged", e))?;
-    Ok(())
+    Ok(ack.sequence)
+}
+
+/// Deletes message `seq` of stream `stream` (without overwriting its
+/// bytes: they are gone with their block); one already gone counts as
+/// deleted (a retry whose first try got through).
+async fn delete_seq(js: &jetstream::Context, stream: &str, seq: u64) -> Result<(), SpoolError> {
+    use async_nats::jetstream::response::Response;
+    #[derive(Deserialize)]
+    struct Deleted {}
+    let asked: Result<Response<Deleted>, _> = js
+        .request(
+            format!("STREAM.MSG.DELETE.{stream}"),
+            &serde_json::json!({ "seq": seq, "no_erase": true }),
+        )
+        .await;
+    match asked {
+        Ok(Response::Ok(_)) => Ok(()),
+        Ok(Response::Err { error })
+            if error.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND
+                || error.error_code() == jetstream::ErrorCode::STREAM_MESSAGE_DELETE_FAILED =>
+        {
+            Ok(())
+        }
+        Ok(Response::Err { error }) => Err(unavailable("deleting a stored message", error)),
+        Err(e) => Err(unavailable("deleting a stored message", e)),
+    }
 }
 
 /// The bucket `name`, made when missing. Made as its stream (what
@@ -1747,7 +2047,8 @@ async fn ensure_bucket(
             max_messages_per_subject: 1,
             storage: stream::StorageType::File,
             allow_rollup: true,
-            deny_delete: true,
+            // Delete markers are removed by sequence once seen.
+            deny_delete: false,
             allow_direct: true,
             num_replicas: replicas,
             discard: stream::DiscardPolicy::New,
@@ -1834,23 +2135,32 @@ impl Spool for JetStreamSpool {
         {
             return Ok(Some(h.body.clone()));
         }
-        let chunks = {
+        let found = {
             let cache = self.inner.cache.read().unwrap_or_else(|e| e.into_inner());
-            match cache.values().find_map(|p| p.get(&id)) {
+            match cache
+                .iter()
+                .find_map(|(pool, p)| p.get(&id).map(|c| (pool, c)))
+            {
                 None => None,
-                Some(Cached { record: Ok(r), .. }) => Some((r.origin, r.chunks)),
-                Some(Cached {
-                    record: Err(reason),
-                    ..
-                }) => return Err(corrupt(id, reason)),
+                Some((pool, Cached { record: Ok(r), .. })) => Some((pool.clone(), r.clone())),
+                Some((
+                    _,
+                    Cached {
+                        record: Err(reason),
+                        ..
+                    },
+                )) => return Err(corrupt(id, reason)),
             }
         };
-        let Some((origin, chunks)) = chunks else {
+        let Some((pool, record)) = found else {
             return Ok(None);
         };
         let inner = self.inner.clone();
-        self.block(async move { inner.read_body(id, origin, chunks).await })
-            .map(Some)
+        self.block(async move {
+            let conn = inner.conn()?;
+            inner.body_of(conn, &pool, id, &record).await
+        })
+        .map(Some)
     }
 
     fn recover(&self, _visit: &mut dyn FnMut(QueueId, Envelope)) -> Result<(), SpoolError> {
@@ -2125,6 +2435,8 @@ mod tests {
             generation,
             chunks: 1,
             origin: 7,
+            body_seqs: vec![11],
+            inline: false,
         }
     }
 
@@ -2135,7 +2447,7 @@ mod tests {
         assert_eq!(verdict(&t(0), Some(record(1, 0)), 1_000, 1), Verdict::Stale);
         assert_eq!(
             verdict(&t(1), Some(record(1, 0)), 1_000, 1),
-            Verdict::Due(record(1, 0))
+            Verdict::Due(Box::new(record(1, 0)))
         );
         assert_eq!(
             verdict(&t(0), Some(record(0, 61_000)), 1_000, 1),
@@ -2154,7 +2466,7 @@ mod tests {
         // Due within the slack: taken now rather than naked for a few ms.
         assert_eq!(
             verdict(&t(0), Some(record(0, 1_020)), 1_000, 1),
-            Verdict::Due(record(0, 1_020))
+            Verdict::Due(Box::new(record(0, 1_020)))
         );
     }
 
@@ -2174,6 +2486,8 @@ mod tests {
                 generation: 2,
                 chunks: 1,
                 origin: 7,
+                body_seqs: vec![11],
+                inline: false,
             })
         );
         // Another relay delivered the recipient: ours is dropped.
@@ -2191,7 +2505,36 @@ mod tests {
         let fields = value.as_object_mut().expect("object");
         fields.remove("generation");
         fields.remove("origin");
+        fields.remove("body_seqs");
         let old: Record = serde_json::from_value(value).expect("decode without them");
         assert_eq!((old.generation, old.origin), (0, 0));
+        assert!(old.body_seqs.is_empty());
+        assert!(!old.inline);
+    }
+
+    #[test]
+    fn an_inline_body_follows_its_record_and_is_never_written_without_it() {
+        let mut r = record(0, 0);
+        r.inline = true;
+        r.chunks = 0;
+        r.body_seqs.clear();
+        // Bodies are bytes: NULs and all.
+        let body = b"Subject: x\r\n\r\n\0 binary \0\r\n".to_vec();
+        let value = encode_value(&r, Some(&body)).expect("encode");
+        let (back, stored) = decode_value(&value).expect("decode");
+        assert_eq!(back, r);
+        assert_eq!(stored, Some(body.as_slice()));
+        // Written without its body, the message would be lost: refused.
+        assert!(encode_value(&r, None).is_err());
+        // A record whose body is in P_bodies carries nothing after it.
+        let plain = record(0, 0);
+        let value = encode_value(&plain, Some(&body)).expect("encode");
+        assert_eq!(decode_value(&value).expect("decode"), (plain, None));
+        // A value that says one thing and holds another is corrupt.
+        let mut lying = serde_json::to_vec(&r).expect("json");
+        assert!(decode_value(&lying).is_err());
+        lying = serde_json::to_vec(&record(0, 0)).expect("json");
+        lying.extend_from_slice(b"\0stray");
+        assert!(decode_value(&lying).is_err());
     }
 }
