@@ -97,6 +97,11 @@ const AHEAD_RETRY: Duration = Duration::from_secs(1);
 /// ...this many times; then it waits like its record (the write was
 /// skipped or never made, and the older ticket is live).
 const AHEAD_DELIVERIES: i64 = 5;
+/// A first ticket fetched before its record exists comes back this soon...
+const UNBORN_RETRY: Duration = Duration::from_millis(100);
+/// ...while it is younger than the append's deadline and this (then the
+/// append failed, and took its record back or never made it).
+const UNBORN_SLACK: Duration = Duration::from_secs(10);
 /// How long what a refused append wrote is retried away.
 const TAKE_BACK_TIMEOUT: Duration = Duration::from_secs(600);
 /// Fresh ids an append tries when other relays hold the ones it picked.
@@ -208,6 +213,12 @@ fn rebase(held: &Record, ours: &Envelope, current: &Record) -> Option<Record> {
 struct Ticket {
     id: QueueId,
     generation: u64,
+    /// The origin of the record it was published for (0: any, as in
+    /// tickets of older versions): an append's ticket goes out beside its
+    /// `create`, so it exists even when that `create` finds the id taken
+    /// by another relay's message, which it must not deliver.
+    #[serde(default)]
+    origin: u64,
 }
 
 /// What a fetched ticket means, given its message's record as stored now.
@@ -222,12 +233,26 @@ enum Verdict {
     Due(Box<Record>),
 }
 
-/// `delivered`: how often the server handed out this ticket.
-fn verdict(ticket: &Ticket, record: Option<Record>, now_ms: u64, delivered: i64) -> Verdict {
+/// `delivered`: how often the server handed out this ticket; `young`:
+/// stored within an append's deadline (and some slack) of now.
+fn verdict(
+    ticket: &Ticket,
+    record: Option<Record>,
+    now_ms: u64,
+    delivered: i64,
+    young: bool,
+) -> Verdict {
     let Some(record) = record else {
+        // An append publishes its first ticket beside its `create`: the
+        // ticket may be fetched before the record is there.
+        if ticket.generation == 0 && young {
+            return Verdict::Later(UNBORN_RETRY);
+        }
         return Verdict::Stale;
     };
-    if ticket.generation < record.generation {
+    if ticket.generation < record.generation
+        || (ticket.origin != 0 && ticket.origin != record.origin)
+    {
         return Verdict::Stale;
     }
     if record.env.next_attempt_ms > now_ms + DUE_SLACK_MS {
@@ -974,15 +999,23 @@ impl Inner {
         pool: &str,
         id: QueueId,
         generation: u64,
+        origin: u64,
     ) -> Result<(), SpoolError> {
         self.consumer_in(conn, pool).await?;
         let payload = Bytes::from(
-            serde_json::to_vec(&Ticket { id, generation })
-                .map_err(|e| SpoolError::Storage(format!("encoding a ticket: {e}")))?,
+            serde_json::to_vec(&Ticket {
+                id,
+                generation,
+                origin,
+            })
+            .map_err(|e| SpoolError::Storage(format!("encoding a ticket: {e}")))?,
         );
         // The pool is in it: a message moved A -> B -> A within the
-        // server's duplicate window still gets its ticket.
-        let msg_id = format!("{}-{pool}-{generation}", format_id(id));
+        // server's duplicate window still gets its ticket. The origin
+        // too: two relays' appends under one id each publish a ticket
+        // before either knows which `create` won, and the winner's must
+        // not be dropped as a copy of the loser's.
+        let msg_id = format!("{}-{pool}-{generation}-{origin}", format_id(id));
         retrying("publishing a ticket", || {
             publish_acked(
                 &conn.js,
@@ -1127,12 +1160,17 @@ impl Inner {
                     record.chunks = record.body_seqs.len() as u32;
                 }
                 let value = inline.then_some(body.as_slice());
-                if self
-                    .create_record(conn, &pool, id, &record, value)
-                    .await?
-                    .is_some()
-                {
-                    return self.publish_ticket(conn, &pool, id, 0).await;
+                // The ticket beside the envelope, not after it: one round
+                // trip to the quorum per 250 instead of two. A ticket
+                // fetched before its record is there comes back soon
+                // (`verdict`); one whose `create` found the id taken names
+                // this relay's origin, not the record's, and is dropped.
+                let (made, ticket) = tokio::join!(
+                    self.create_record(conn, &pool, id, &record, value),
+                    self.publish_ticket(conn, &pool, id, 0, origin)
+                );
+                if made?.is_some() {
+                    return ticket;
                 }
                 tracing::warn!(queue_id = %format_id(id), pool = %pool, "replicated spool: another relay holds this id; storing the message under a fresh one");
                 if !inline {
@@ -1254,7 +1292,7 @@ impl Inner {
                 // The ticket first, as a flush's: the record never names a
                 // generation no ticket carries.
                 record.generation += 1;
-                self.publish_ticket(conn, &pool, id, record.generation)
+                self.publish_ticket(conn, &pool, id, record.generation, record.origin)
                     .await?;
                 self.write_record(conn, &pool, id, &record, Some(stored), cached.revision)
                     .await?;
@@ -1285,7 +1323,7 @@ impl Inner {
             };
             self.create_record_or_fail(conn, &pool, id, &record, None)
                 .await?;
-            self.publish_ticket(conn, &pool, id, 0).await?;
+            self.publish_ticket(conn, &pool, id, 0, 0).await?;
             Ok(Inserted::Stored)
         })
         .await;
@@ -1464,8 +1502,14 @@ impl Inner {
                 return None;
             }
         };
-        let delivered = msg.info().map_or(1, |i| i.delivered);
-        let record = match verdict(&ticket, record, now_ms(), delivered) {
+        let now = now_ms();
+        let (delivered, stored_ms) = msg.info().map_or((1, 0), |i| {
+            let ms = i.published.unix_timestamp_nanos() / 1_000_000;
+            (i.delivered, u64::try_from(ms).unwrap_or(0))
+        });
+        let young = now.saturating_sub(stored_ms)
+            < (self.opts.ack_timeout + UNBORN_SLACK).as_millis() as u64;
+        let record = match verdict(&ticket, record, now, delivered, young) {
             Verdict::Stale => {
                 let _ = msg.ack().await;
                 return None;
@@ -1734,7 +1778,7 @@ impl Inner {
         };
         self.create_record_or_fail(conn, &new_pool, id, &record, body.as_deref())
             .await?;
-        self.publish_ticket(conn, &new_pool, id, record.generation)
+        self.publish_ticket(conn, &new_pool, id, record.generation, record.origin)
             .await?;
         let old_key = Self::key(old_pool, id);
         let marker = retrying("removing the old envelope", || {
@@ -1925,7 +1969,7 @@ impl Inner {
                 }
                 record.generation += 1;
                 record.env.next_attempt_ms = 0;
-                self.publish_ticket(conn, &pool, id, record.generation)
+                self.publish_ticket(conn, &pool, id, record.generation, record.origin)
                     .await?;
                 match self
                     .write_record(conn, &pool, id, &record, None, revision)
@@ -2442,30 +2486,69 @@ mod tests {
 
     #[test]
     fn a_ticket_is_due_stale_or_handed_back_with_the_time_left() {
-        let t = |generation| Ticket { id: 1, generation };
-        assert_eq!(verdict(&t(0), None, 1_000, 1), Verdict::Stale);
-        assert_eq!(verdict(&t(0), Some(record(1, 0)), 1_000, 1), Verdict::Stale);
+        let t = |generation| Ticket {
+            id: 1,
+            generation,
+            origin: 7,
+        };
+        assert_eq!(verdict(&t(0), None, 1_000, 1, false), Verdict::Stale);
+        // An append's ticket fetched before its record is written: back
+        // soon while the append may still be under way; a flush's never.
         assert_eq!(
-            verdict(&t(1), Some(record(1, 0)), 1_000, 1),
+            verdict(&t(0), None, 1_000, 1, true),
+            Verdict::Later(UNBORN_RETRY)
+        );
+        assert_eq!(verdict(&t(1), None, 1_000, 1, true), Verdict::Stale);
+        // A ticket published for an id another relay's message holds.
+        let foreign = Ticket {
+            id: 1,
+            generation: 0,
+            origin: 8,
+        };
+        assert_eq!(
+            verdict(&foreign, Some(record(0, 0)), 1_000, 1, true),
+            Verdict::Stale
+        );
+        let any = Ticket {
+            id: 1,
+            generation: 0,
+            origin: 0,
+        };
+        assert_eq!(
+            verdict(&any, Some(record(0, 0)), 1_000, 1, false),
+            Verdict::Due(Box::new(record(0, 0)))
+        );
+        assert_eq!(
+            verdict(&t(0), Some(record(1, 0)), 1_000, 1, false),
+            Verdict::Stale
+        );
+        assert_eq!(
+            verdict(&t(1), Some(record(1, 0)), 1_000, 1, false),
             Verdict::Due(Box::new(record(1, 0)))
         );
         assert_eq!(
-            verdict(&t(0), Some(record(0, 61_000)), 1_000, 1),
+            verdict(&t(0), Some(record(0, 61_000)), 1_000, 1, false),
             Verdict::Later(Duration::from_secs(60))
         );
         // A flush's ticket ahead of its record: back soon, to see the
         // record's write; after a few tries, as its record says.
         assert_eq!(
-            verdict(&t(1), Some(record(0, 61_000)), 1_000, 1),
+            verdict(&t(1), Some(record(0, 61_000)), 1_000, 1, false),
             Verdict::Later(Duration::from_secs(1))
         );
         assert_eq!(
-            verdict(&t(1), Some(record(0, 61_000)), 1_000, AHEAD_DELIVERIES),
+            verdict(
+                &t(1),
+                Some(record(0, 61_000)),
+                1_000,
+                AHEAD_DELIVERIES,
+                false
+            ),
             Verdict::Later(Duration::from_secs(60))
         );
         // Due within the slack: taken now rather than naked for a few ms.
         assert_eq!(
-            verdict(&t(0), Some(record(0, 1_020)), 1_000, 1),
+            verdict(&t(0), Some(record(0, 1_020)), 1_000, 1, false),
             Verdict::Due(Box::new(record(0, 1_020)))
         );
     }
