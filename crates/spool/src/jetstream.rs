@@ -97,8 +97,11 @@ const AHEAD_RETRY: Duration = Duration::from_secs(1);
 /// ...this many times; then it waits like its record (the write was
 /// skipped or never made, and the older ticket is live).
 const AHEAD_DELIVERIES: i64 = 5;
-/// A first ticket fetched before its record exists comes back this soon...
-const UNBORN_RETRY: Duration = Duration::from_millis(100);
+/// A first ticket fetched before its record exists: the record is looked
+/// for again after these pauses (ms), then the ticket comes back this
+/// soon...
+const UNBORN_LOOKS_MS: [u64; 3] = [2, 5, 10];
+const UNBORN_RETRY: Duration = Duration::from_millis(20);
 /// ...while it is younger than the append's deadline and this (then the
 /// append failed, and took its record back or never made it).
 const UNBORN_SLACK: Duration = Duration::from_secs(10);
@@ -520,6 +523,11 @@ impl Inner {
         Ok(())
     }
 
+    /// The subject of `key` in `P_env`'s stream.
+    fn env_subject(&self, key: &str) -> String {
+        format!("$KV.{}_env.{key}", self.prefix())
+    }
+
     fn ticket_subject(&self, pool: &str) -> String {
         format!("{}.q.{pool}", self.prefix())
     }
@@ -872,7 +880,7 @@ impl Inner {
         pool: &str,
         id: QueueId,
     ) -> Result<Option<(Cached, Option<Body>)>, SpoolError> {
-        let subject = format!("$KV.{}_env.{}", self.prefix(), Self::key(pool, id));
+        let subject = self.env_subject(&Self::key(pool, id));
         match conn
             .env_stream
             .get_last_raw_message_by_subject(&subject)
@@ -900,7 +908,7 @@ impl Inner {
 
     /// Whether `key` of `P_env` has any message, a delete marker included.
     async fn key_has_history(&self, conn: &Conn, key: &str) -> Result<bool, SpoolError> {
-        let subject = format!("$KV.{}_env.{key}", self.prefix());
+        let subject = self.env_subject(key);
         match conn
             .env_stream
             .get_last_raw_message_by_subject(&subject)
@@ -1474,7 +1482,18 @@ impl Inner {
             }
             return None;
         }
-        let (cached, inline) = match self.read_value(conn, pool, id).await {
+        let mut read = self.read_value(conn, pool, id).await;
+        // An append's ticket can arrive a moment before the record written
+        // beside it: looked for again at once, a few times, rather than
+        // handed back (urgent mail would wait the whole retry).
+        for pause_ms in UNBORN_LOOKS_MS {
+            if ticket.generation != 0 || !matches!(read, Ok(None)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+            read = self.read_value(conn, pool, id).await;
+        }
+        let (cached, inline) = match read {
             Ok(Some((c, body))) => (Some(c), body),
             Ok(None) => (None, None),
             Err(e) => {
@@ -1813,11 +1832,7 @@ impl Inner {
         }
         let ack = conn
             .js
-            .publish_with_headers(
-                format!("$KV.{}_env.{key}", self.prefix()),
-                headers,
-                Bytes::new(),
-            )
+            .publish_with_headers(self.env_subject(key), headers, Bytes::new())
             .await
             .map_err(|e| unavailable("removing an envelope", e))?
             .await
@@ -1841,7 +1856,7 @@ impl Inner {
                 let stream = format!("KV_{}_env", self.prefix());
                 delete_seq(&conn.js, &stream, marker).await
             } else {
-                let subject = format!("$KV.{}_env.{key}", self.prefix());
+                let subject = self.env_subject(&key);
                 conn.env_stream
                     .purge()
                     .filter(subject)
