@@ -516,9 +516,9 @@ impl Inner {
         if record.body_seqs.is_empty() || record.body_seqs.len() != record.chunks as usize {
             return self.purge_body(conn, id, record.origin).await;
         }
-        let stream = format!("{}_bodies", self.prefix());
+        let stream = &conn.bodies.cached_info().config.name;
         for seq in &record.body_seqs {
-            delete_seq(&conn.js, &stream, *seq).await?;
+            delete_seq(&conn.js, stream, *seq).await?;
         }
         Ok(())
     }
@@ -1482,12 +1482,18 @@ impl Inner {
             }
             return None;
         }
+        let (delivered, stored_ms) = msg.info().map_or((1, 0), |i| {
+            let ms = i.published.unix_timestamp_nanos() / 1_000_000;
+            (i.delivered, u64::try_from(ms).unwrap_or(0))
+        });
+        let young = now_ms().saturating_sub(stored_ms)
+            < (self.opts.ack_timeout + UNBORN_SLACK).as_millis() as u64;
         let mut read = self.read_value(conn, pool, id).await;
         // An append's ticket can arrive a moment before the record written
         // beside it: looked for again at once, a few times, rather than
         // handed back (urgent mail would wait the whole retry).
         for pause_ms in UNBORN_LOOKS_MS {
-            if ticket.generation != 0 || !matches!(read, Ok(None)) {
+            if ticket.generation != 0 || !young || !matches!(read, Ok(None)) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(pause_ms)).await;
@@ -1521,14 +1527,7 @@ impl Inner {
                 return None;
             }
         };
-        let now = now_ms();
-        let (delivered, stored_ms) = msg.info().map_or((1, 0), |i| {
-            let ms = i.published.unix_timestamp_nanos() / 1_000_000;
-            (i.delivered, u64::try_from(ms).unwrap_or(0))
-        });
-        let young = now.saturating_sub(stored_ms)
-            < (self.opts.ack_timeout + UNBORN_SLACK).as_millis() as u64;
-        let record = match verdict(&ticket, record, now, delivered, young) {
+        let record = match verdict(&ticket, record, now_ms(), delivered, young) {
             Verdict::Stale => {
                 let _ = msg.ack().await;
                 return None;
@@ -1853,8 +1852,8 @@ impl Inner {
             tokio::time::sleep(MARKER_PURGE_DELAY).await;
             let Ok(conn) = self.conn() else { return };
             let removed = if conn.markers_by_seq {
-                let stream = format!("KV_{}_env", self.prefix());
-                delete_seq(&conn.js, &stream, marker).await
+                let stream = &conn.env_stream.cached_info().config.name;
+                delete_seq(&conn.js, stream, marker).await
             } else {
                 let subject = self.env_subject(&key);
                 conn.env_stream
