@@ -316,6 +316,23 @@ impl NatsCluster {
         None
     }
 
+    /// The names of the clients connected to server `i` (its `/connz`);
+    /// empty when it does not answer.
+    pub fn client_names(&self, i: usize) -> Vec<String> {
+        let Ok(response) = http_get(self.servers[i].monitor, "/connz") else {
+            return Vec::new();
+        };
+        let Ok(connz) = serde_json::from_str::<serde_json::Value>(&response.body) else {
+            return Vec::new();
+        };
+        let connections = connz.get("connections").and_then(|c| c.as_array());
+        connections
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.get("name")?.as_str().map(str::to_string))
+            .collect()
+    }
+
     /// The tail of every server's log, for failure messages.
     pub fn logs(&self) -> String {
         self.servers

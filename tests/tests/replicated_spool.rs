@@ -307,6 +307,47 @@ fn readyz_is_503_while_the_cluster_is_unreachable_and_200_once_it_is() {
     sink.wait_for_message_id(&id, Duration::from_secs(20));
 }
 
+#[test]
+fn relays_connect_to_the_server_leading_the_envelope_bucket() {
+    let cluster = NatsCluster::start(3);
+    let sink = Sink::start();
+    let relays = [
+        relay_on(&cluster, sink.addr()),
+        relay_on(&cluster, sink.addr()),
+    ];
+    for relay in &relays {
+        wait_ready(relay);
+    }
+    let leader = cluster
+        .stream_leader("KV_poolrelay_env")
+        .unwrap_or_else(|| panic!("no server leads the envelope bucket\n{}", cluster.logs()));
+    let placed = || {
+        (0..cluster.len())
+            .map(|i| {
+                let names = cluster.client_names(i);
+                names.iter().filter(|n| *n == "poolrelay").count()
+            })
+            .collect::<Vec<usize>>()
+    };
+    let wanted: Vec<usize> = (0..cluster.len())
+        .map(|i| if i == leader { 2 } else { 0 })
+        .collect();
+    let ok = poll_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        placed() == wanted
+    });
+    assert!(
+        ok,
+        "relays per server {:?}, the leader is server {leader}\n{}",
+        placed(),
+        relays[0].logs()
+    );
+    for (n, relay) in relays.iter().enumerate() {
+        let (id, code) = send(relay, &format!("near-{n}"));
+        assert_eq!(code, 250, "{}", relay.logs());
+        sink.wait_for_message_id(&id, Duration::from_secs(20));
+    }
+}
+
 /// Clients sending `tag`-ged messages to `relay` until `stop`, recording
 /// everything in `ledger`; 451 replies are counted as refused, not acked.
 fn clients(

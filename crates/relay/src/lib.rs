@@ -500,6 +500,9 @@ const FEED_FETCH_WAIT: Duration = Duration::from_secs(1);
 /// (ready or being delivered) and the pool is not held.
 async fn feed(queue: Queue, pool: String, window: usize, mut stop: watch::Receiver<bool>) {
     let mut failing = false;
+    let Some(mut released) = queue.spool().shared().map(|s| s.released_watch()) else {
+        return;
+    };
     loop {
         if *stop.borrow() {
             return;
@@ -511,16 +514,25 @@ async fn feed(queue: Queue, pool: String, window: usize, mut stop: watch::Receiv
         // The spool's held set too: the scheduler follows it a moment later.
         let held = queue.scheduler().is_held(&pool)
             || queue.spool().held_pools().is_ok_and(|h| h.contains(&pool));
+        // Tickets are fetched once half the window is free: one fetch for
+        // several tickets, and the workers still have the other half
+        // meanwhile.
         let pause = if held || !queue.spool().is_writable() {
             Some(Duration::from_millis(200))
-        } else if in_hand >= window || shared.bodies_full() {
+        } else if in_hand > window / 2 || shared.bodies_full() {
             Some(Duration::from_millis(20))
         } else {
             None
         };
         if let Some(d) = pause {
+            released.borrow_and_update();
             tokio::select! {
                 _ = tokio::time::sleep(d) => {}
+                gone = released.changed(), if !held => {
+                    if gone.is_err() {
+                        return;
+                    }
+                }
                 _ = stop.changed() => {}
             }
             continue;

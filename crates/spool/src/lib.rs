@@ -362,6 +362,11 @@ pub trait SharedQueue: Send + Sync {
     /// holds or releases a pool.
     fn held_watch(&self) -> tokio::sync::watch::Receiver<std::collections::BTreeSet<String>>;
 
+    /// Changes whenever a ticket leaves this relay's hands (the message
+    /// removed, handed back, or its hold lapsed): a feed waiting for room
+    /// looks again at once instead of at its next poll.
+    fn released_watch(&self) -> tokio::sync::watch::Receiver<u64>;
+
     /// This relay's name among the relays sharing the queue (in logs).
     fn node_id(&self) -> &str;
 
