@@ -108,6 +108,8 @@ const UNBORN_RETRY: Duration = Duration::from_millis(20);
 const UNBORN_SLACK: Duration = Duration::from_secs(10);
 /// How long what a refused append wrote is retried away.
 const TAKE_BACK_TIMEOUT: Duration = Duration::from_secs(600);
+/// When the ticket of a refused message being taken back comes back.
+const TAKING_BACK_RETRY: Duration = Duration::from_millis(500);
 /// Fresh ids an append tries when other relays hold the ones it picked.
 const ID_TRIES: usize = 8;
 /// How often (100 ms apart) a start asks who leads the envelope bucket.
@@ -334,6 +336,9 @@ struct Inner {
     /// (and this relay's own writes at once).
     cache: RwLock<BTreeMap<String, BTreeMap<QueueId, Cached>>>,
     in_hand: Mutex<HashMap<QueueId, InHand>>,
+    /// Refused appends whose writes are being taken back: a ticket of one
+    /// that got through waits, so the message answered 451 is not sent.
+    taking_back: Mutex<HashSet<QueueId>>,
     /// The size of the last due message handed back for want of room
     /// ([`JetStreamOptions::max_bodies_in_hand`]); 0 once one fits again.
     refused_size: AtomicU64,
@@ -404,6 +409,7 @@ impl JetStreamSpool {
             conn: OnceLock::new(),
             cache: RwLock::default(),
             in_hand: Mutex::default(),
+            taking_back: Mutex::default(),
             refused_size: AtomicU64::new(0),
             counted: Mutex::default(),
             wanted: Mutex::default(),
@@ -1251,6 +1257,13 @@ impl Inner {
             Err(e) => {
                 // Nothing is claimed: take back whatever was written, so a
                 // ticket that did get through finds no envelope and is dropped.
+                // Before the 451: a quorum that comes back may still
+                // commit the writes, and this relay's feed is waiting for
+                // the ticket.
+                self.taking_back
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id);
                 tokio::spawn(self.clone().take_back(pool, id, origin, true, !inline));
                 Err(e)
             }
@@ -1310,6 +1323,12 @@ impl Inner {
         };
         if tokio::time::timeout(TAKE_BACK_TIMEOUT, work).await.is_err() {
             tracing::error!(queue_id = %format_id(id), pool = %pool, "replicated spool: could not take back a refused message within {TAKE_BACK_TIMEOUT:?}; its envelope may remain (listed, and delivered if a ticket got through)");
+        }
+        if envelope {
+            self.taking_back
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
         }
     }
 
@@ -1581,6 +1600,16 @@ impl Inner {
             } else {
                 let _ = msg.ack().await;
             }
+            return None;
+        }
+        if self
+            .taking_back
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&id)
+        {
+            tracing::debug!(queue_id = %format_id(id), "replicated spool: the ticket of a refused message waits for its take-back");
+            let _ = msg.ack_with(AckKind::Nak(Some(TAKING_BACK_RETRY))).await;
             return None;
         }
         let delivered = msg.info().map_or(1, |i| i.delivered);
