@@ -99,9 +99,9 @@ const AHEAD_RETRY: Duration = Duration::from_secs(1);
 /// skipped or never made, and the older ticket is live).
 const AHEAD_DELIVERIES: i64 = 5;
 /// A first ticket fetched before its record exists: the record is looked
-/// for again after these pauses (ms), then the ticket comes back this
-/// soon...
+/// for again after these pauses (ms)...
 const UNBORN_LOOKS_MS: [u64; 3] = [2, 5, 10];
+/// ...then the ticket comes back this soon...
 const UNBORN_RETRY: Duration = Duration::from_millis(20);
 /// ...while it is younger than the append's deadline and this (then the
 /// append failed, and took its record back or never made it).
@@ -112,8 +112,9 @@ const TAKE_BACK_TIMEOUT: Duration = Duration::from_secs(600);
 const TAKING_BACK_RETRY: Duration = Duration::from_millis(500);
 /// Fresh ids an append tries when other relays hold the ones it picked.
 const ID_TRIES: usize = 8;
-/// How often (100 ms apart) a start asks who leads the envelope bucket.
-const LEADER_LOOKS: usize = 20;
+/// How long a start waits to learn who leads the envelope bucket (a new
+/// bucket elects its leader); then it stays where it connected.
+const LEADER_WAIT: Duration = Duration::from_secs(2);
 /// How long a start's connection to ask a server its name (or the close of
 /// one it leaves) may take: a dead server costs this much, once.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -1818,11 +1819,11 @@ impl Inner {
     /// new pool's ticket, which must not be acked with the old one.
     fn release(&self, id: QueueId, pool: &str) -> Option<InHand> {
         let mut in_hand = self.in_hand.lock().unwrap_or_else(|e| e.into_inner());
-        let released = in_hand
-            .get(&id)
-            .is_some_and(|h| h.pool == pool)
-            .then(|| in_hand.remove(&id))
-            .flatten();
+        let released = if in_hand.get(&id).is_some_and(|h| h.pool == pool) {
+            in_hand.remove(&id)
+        } else {
+            None
+        };
         drop(in_hand);
         if released.is_some() {
             self.released_tx.send_modify(|n| *n = n.wrapping_add(1));
@@ -2215,9 +2216,6 @@ async fn delete_seq(js: &jetstream::Context, stream: &str, seq: u64) -> Result<(
     }
 }
 
-/// The bucket `name`, made when missing. Made as its stream (what
-/// async-nats' `create_key_value` makes) because that call first reads the
-/// account info in a shape nats-server 2.9 does not send.
 /// The configured servers with the one leading `bucket`'s stream first,
 /// when the client is not on it already and one of them is it (each other
 /// server asked its name over a connection of its own, closed at once).
@@ -2234,20 +2232,23 @@ async fn leader_first(
     let mut stream = js.get_stream(format!("KV_{bucket}")).await.ok()?;
     // A bucket made a moment ago (by this relay or one starting beside
     // it) may still be electing its leader.
-    let mut leader = None;
-    for _ in 0..LEADER_LOOKS {
-        leader = stream
-            .info()
-            .await
-            .ok()
-            .and_then(|i| i.cluster.as_ref()?.leader.clone())
-            .filter(|l| !l.is_empty());
-        if leader.is_some() {
-            break;
+    let leader = tokio::time::timeout(LEADER_WAIT, async {
+        loop {
+            let leader = stream
+                .info()
+                .await
+                .ok()
+                .and_then(|i| i.cluster.as_ref()?.leader.clone())
+                .filter(|l| !l.is_empty());
+            if leader.is_some() {
+                return leader;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let leader = leader?;
+    })
+    .await
+    .ok()
+    .flatten()?;
     if client.server_info().server_name == leader {
         return None;
     }
@@ -2285,6 +2286,9 @@ fn leader_first_order(
     ordered
 }
 
+/// The bucket `name`, made when missing. Made as its stream (what
+/// async-nats' `create_key_value` makes) because that call first reads the
+/// account info in a shape nats-server 2.9 does not send.
 async fn ensure_bucket(
     js: &jetstream::Context,
     name: &str,
